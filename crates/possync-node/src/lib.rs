@@ -1,1 +1,1 @@
-
+//! The possync node (tokio driver).
