@@ -11,6 +11,7 @@
 //! - [`decimal`]: exact amounts.
 //! - [`change`]: a write as it travels, and its wire form.
 //! - [`merge`]: the merge rules as a pure function.
+//! - [`protocol`]: the peer protocol (messages and the per-connection session state machine).
 //! - [`time`]: timestamp formats.
 
 pub mod change;
@@ -19,6 +20,7 @@ pub mod entity;
 pub mod hlc;
 pub mod ids;
 pub mod merge;
+pub mod protocol;
 pub mod time;
 pub mod vv;
 
