@@ -218,7 +218,8 @@ pub struct ConflictReport {
 /// What merging one remote write did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// Applied: a new record or an edit made after the local version (no conflict).
+    /// Applied: a new record, or a write that clashes with nothing the local record holds (an
+    /// edit made after the local version, or a delete of a record already deleted): no conflict.
     Applied,
     /// Nothing to do: the local state already incorporates this write.
     AlreadySeen,
@@ -254,9 +255,10 @@ pub fn merge_record(
     let mut contested: Vec<&'static str> = Vec::new();
     let mut remote_took = 0usize;
     let mut local_kept = 0usize;
-    let mut decide = |name: &'static str, local_version: Option<&Version>| -> bool {
+    // Decides one register: `concurrent` says whether the local value clashes with the remote
+    // write (then the strategy decides); otherwise the newer version wins.
+    let mut decide = |name: &'static str, local_version: Option<&Version>, concurrent: bool| -> bool {
         let Some(local_version) = local_version else { return true };
-        let concurrent = unseen_by_remote(local_version);
         let remote_newer = remote.version > local_version;
         if !concurrent {
             return remote_newer;
@@ -275,14 +277,17 @@ pub fn merge_record(
         take
     };
 
-    // Existence: every write sets it; a delete sets it to "deleted".
+    // Existence: every write sets it; a delete sets it to "deleted". A delete clashes with a
+    // live record holding any write the deleter had not seen (not only the newest one, which
+    // is the existence version); an update clashes with a tombstone the writer had not seen.
     let remote_deletes = remote.fields.is_none();
-    let existence_contested = before
-        .existence
-        .as_ref()
-        .is_some_and(|version| unseen_by_remote(version) && before.deleted != remote_deletes);
-    let take_existence = if existence_contested {
-        decide("(deleted)", before.existence.as_ref())
+    let delete_clash = if remote_deletes {
+        !before.deleted && before.versions.values().chain(before.existence.iter()).any(unseen_by_remote)
+    } else {
+        before.deleted && before.existence.as_ref().is_some_and(unseen_by_remote)
+    };
+    let take_existence = if delete_clash {
+        decide("(deleted)", before.existence.as_ref(), true)
     } else {
         before.existence.as_ref().is_none_or(|version| remote.version > version)
     };
@@ -291,28 +296,30 @@ pub fn merge_record(
         state.existence = Some(remote.version.clone());
     }
 
-    let mut overlapping_delete = false;
     if let Some(fields) = remote.fields {
         for (name, value) in fields {
-            if decide(name, before.versions.get(name)) {
+            let local_version = before.versions.get(name);
+            if decide(name, local_version, local_version.is_some_and(unseen_by_remote)) {
                 state.values.insert(name, value.clone());
                 state.versions.insert(name, remote.version.clone());
             }
         }
-    } else {
-        // A delete clashes with local field edits the deleter had not seen.
-        overlapping_delete = before.versions.values().any(unseen_by_remote) && !before.deleted;
     }
     state.ctx.merge(remote.ctx);
 
+    // Concurrent contexts alone do not make a conflict: there must be a clash, i.e. a
+    // contested register, or (field merge) the remote edits fields while the local record
+    // holds a field edit the remote had not seen. Two concurrent deletes agree: no conflict.
+    let field_merge = remote.fields.is_some() && before.versions.values().any(unseen_by_remote);
+    let clash = delete_clash || !contested.is_empty() || field_merge;
     let concurrent = local.is_some() && before.ctx.compare(remote.ctx) == Causality::Concurrent;
     let changed = state != *before;
-    if !concurrent {
+    if !concurrent || !clash {
         return MergeOutcome { state, changed, verdict: Verdict::Applied };
     }
 
     let field_contested: Vec<&str> = contested.iter().copied().filter(|name| *name != "(deleted)").collect();
-    let conflict_type = if existence_contested || overlapping_delete {
+    let conflict_type = if delete_clash {
         ConflictType::DeleteConflict
     } else if field_contested.is_empty() {
         ConflictType::FieldMerge
