@@ -1,0 +1,461 @@
+//! The wire messages between two terminals, and the one function that turns a peer's text
+//! frame into one of them.
+//!
+//! Every frame is a JSON envelope `{id, type, action, data, timestamp, sourcePos}`. A frame
+//! is parsed once, here, into a typed [`Message`]: after [`Message::parse`] the session never
+//! looks at raw JSON again except inside a change's `data`, which it carries verbatim as a
+//! [`WireChange`] (the store decodes and validates it with [`crate::Change::from_wire`], and
+//! relays it without re-encoding). Of a change, parsing checks only what the protocol itself
+//! needs: the sync stamps `data.sync.origin` and `data.sync.seq`.
+//!
+//! Everything that can be wrong with a frame is a [`ProtocolError`], and every variant has
+//! the wire `code` sent back to the peer in an `error` frame. Nothing in this module panics
+//! on peer input.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::change::WireChange;
+use crate::entity::EntityKind;
+use crate::ids::{PosId, Seq};
+use crate::vv::VersionVector;
+
+/// The protocol version this node speaks (`protocolVersion` in `hello` and `hello-ack`).
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// Largest frame accepted from a peer, in bytes of text. A batch of 100 large sales is well
+/// under 1 MiB; the limit only stops a peer from making us parse something absurd.
+pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+
+/// Longest piece of peer-supplied text echoed back in an error message or a log row.
+const ECHO_LEN: usize = 64;
+
+/// Why a frame from a peer was refused. Each variant maps to the `code` of the `error`
+/// frame sent back ([`ProtocolError::code`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The frame is not JSON, or not a JSON object (`bad_json`).
+    #[error("malformed JSON: {0}")]
+    BadJson(String),
+    /// The frame is longer than [`MAX_FRAME_LEN`] (`frame_too_large`).
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME_LEN}")]
+    FrameTooLarge(usize),
+    /// `type` names no message of this protocol (`unknown_type`).
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// A field is missing, has the wrong JSON type or an impossible value (`invalid_field`).
+    #[error("invalid field {field}: {reason}")]
+    InvalidField {
+        /// The field's path, such as `data.sync.seq` or `sourcePos`.
+        field: String,
+        /// What is wrong with it, in words.
+        reason: String,
+    },
+    /// The peer speaks another protocol version (`version_mismatch`); fatal.
+    #[error("protocol version {0} is not supported, this node speaks {PROTOCOL_VERSION}")]
+    VersionMismatch(u64),
+    /// A message other than the handshake arrived before the handshake completed
+    /// (`handshake_required`); fatal.
+    #[error("{0:?} received before the handshake completed")]
+    HandshakeRequired(String),
+    /// A well-formed message that makes no sense now: a second hello, a `sync_ack` with no
+    /// batch in flight, a second `sync_batch` before the first was acknowledged
+    /// (`unexpected_message`).
+    #[error("unexpected message: {0}")]
+    UnexpectedMessage(String),
+    /// The peer announced this node's own posId (`self_connection`); fatal.
+    #[error("the peer announced this node's own posId")]
+    SelfConnection,
+    /// The peer broke the protocol too often on this connection (`too_many_errors`); fatal.
+    #[error("{0} protocol errors on this connection, closing")]
+    TooManyErrors(u32),
+}
+
+impl ProtocolError {
+    /// The `code` of the `error` frame that reports this error to the peer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProtocolError::BadJson(_) => "bad_json",
+            ProtocolError::FrameTooLarge(_) => "frame_too_large",
+            ProtocolError::UnknownType(_) => "unknown_type",
+            ProtocolError::InvalidField { .. } => "invalid_field",
+            ProtocolError::VersionMismatch(_) => "version_mismatch",
+            ProtocolError::HandshakeRequired(_) => "handshake_required",
+            ProtocolError::UnexpectedMessage(_) => "unexpected_message",
+            ProtocolError::SelfConnection => "self_connection",
+            ProtocolError::TooManyErrors(_) => "too_many_errors",
+        }
+    }
+
+    /// True when the connection cannot go on after this error, whatever the error budget.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::VersionMismatch(_)
+                | ProtocolError::HandshakeRequired(_)
+                | ProtocolError::SelfConnection
+                | ProtocolError::TooManyErrors(_)
+        )
+    }
+}
+
+/// One parsed frame: the envelope's fields plus its typed body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// `"<sourcePos>-<n>"`, unique per connection and sender; a `pong` quotes the ping's id.
+    pub id: String,
+    /// When the sender sent it (RFC 3339 ms). Informational only: no decision reads it.
+    pub timestamp: String,
+    /// The terminal that sent this frame (not necessarily the origin of a relayed change).
+    pub source_pos: PosId,
+    /// What the message says (`type`, `action` and `data`).
+    pub body: Body,
+}
+
+/// The typed content of a message: one variant per `type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// `hello` / `request`: the initiator introduces itself.
+    Hello(Hello),
+    /// `hello-ack` / `accept`: the responder introduces itself back.
+    HelloAck(Hello),
+    /// `ping` / `heartbeat`: "are you there?".
+    Ping,
+    /// `pong` / `heartbeat`: the answer to a ping.
+    Pong(Pong),
+    /// A live change: `type` is the entity kind, `action` and `data` the [`WireChange`]'s.
+    Change(StampedChange),
+    /// `sync_batch` / `push`: one batch of catch-up.
+    SyncBatch(SyncBatch),
+    /// `sync_ack` / `ack`: the receiver applied a batch.
+    SyncAck(SyncAck),
+    /// `sync_request` / `request`: "send me what I lack since this summary".
+    SyncRequest(SyncRequest),
+    /// `error` / `reject`: the peer refused something we sent.
+    Error(ErrorData),
+}
+
+/// The data of `hello` and `hello-ack`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// The sender's terminal id (must equal the envelope's `sourcePos`).
+    pub pos_id: PosId,
+    /// The sender's display name.
+    pub pos_name: String,
+    /// Always [`PROTOCOL_VERSION`] once parsed (another version is refused while parsing).
+    pub protocol_version: u64,
+    /// The sender's node version vector: the highest seq it holds per origin, so that the
+    /// other side can select exactly what it lacks.
+    pub summary: VersionVector,
+}
+
+/// The data of `pong`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The id of the ping being answered.
+    pub ping: String,
+}
+
+/// A change whose sync stamps were found, with the change itself untouched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampedChange {
+    /// `data.sync.origin`: the terminal that made the write.
+    pub origin: PosId,
+    /// `data.sync.seq`: its position in the origin's log (at least 1).
+    pub seq: Seq,
+    /// The change exactly as received, for the store to decode and the log to keep.
+    pub wire: WireChange,
+}
+
+/// The data of `sync_batch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncBatch {
+    /// The changes, in the sender's log order (causal order).
+    pub changes: Vec<StampedChange>,
+    /// True when more batches follow in this catch-up.
+    pub has_more: bool,
+}
+
+/// The data of `sync_ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncAck {
+    /// How many changes the acknowledged batch held.
+    pub count: u64,
+}
+
+/// The data of `sync_request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// The requester's node version vector: send everything above it.
+    pub summary: VersionVector,
+}
+
+/// The data of `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorData {
+    /// Machine-readable code ([`ProtocolError::code`]).
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// How `sync_batch` looks on the wire, before its changes' stamps are checked.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSyncBatch {
+    /// The changes as sent.
+    changes: Vec<WireChange>,
+    /// More to come.
+    has_more: bool,
+}
+
+/// How `sync_batch` is written, borrowing the changes.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SyncBatchOut<'a> {
+    /// The changes, verbatim.
+    changes: Vec<&'a WireChange>,
+    /// More to come.
+    has_more: bool,
+}
+
+/// The envelope as written, with the data borrowed from the body.
+#[derive(Serialize)]
+struct EnvelopeOut<'a, D: Serialize> {
+    /// Message id.
+    id: &'a str,
+    /// Message type.
+    #[serde(rename = "type")]
+    kind: &'a str,
+    /// Message action.
+    action: &'a str,
+    /// Type-specific data.
+    data: D,
+    /// Send time.
+    timestamp: &'a str,
+    /// The sender.
+    #[serde(rename = "sourcePos")]
+    source_pos: &'a PosId,
+}
+
+impl Message {
+    /// Parses one text frame from a peer. Refuses anything that is not exactly a message of
+    /// this protocol version; never panics.
+    pub fn parse(text: &str) -> Result<Message, ProtocolError> {
+        if text.len() > MAX_FRAME_LEN {
+            return Err(ProtocolError::FrameTooLarge(text.len()));
+        }
+        let value: Value =
+            serde_json::from_str(text).map_err(|err| ProtocolError::BadJson(err.to_string()))?;
+        let Value::Object(mut envelope) = value else {
+            return Err(ProtocolError::BadJson("expected a JSON object".into()));
+        };
+        // `type` first, so that an unknown type is reported as such rather than as whatever
+        // else is wrong with the frame.
+        let kind = take_string(&mut envelope, "type")?;
+        if !is_known_type(&kind) {
+            return Err(ProtocolError::UnknownType(echo(&kind)));
+        }
+        let action = take_string(&mut envelope, "action")?;
+        let id = take_string(&mut envelope, "id")?;
+        let timestamp = take_string(&mut envelope, "timestamp")?;
+        let source_pos = take_string(&mut envelope, "sourcePos")?;
+        let source_pos = PosId::parse(source_pos).map_err(|err| invalid("sourcePos", err))?;
+        let data = match envelope.remove("data") {
+            Some(Value::Object(data)) => data,
+            Some(_) => return Err(invalid("data", "expected an object")),
+            None => return Err(invalid("data", "missing")),
+        };
+        let body = Body::parse(kind, action, data)?;
+        Ok(Message { id, timestamp, source_pos, body })
+    }
+
+    /// The frame's text.
+    pub fn encode(&self) -> String {
+        match &self.body {
+            Body::Hello(hello) | Body::HelloAck(hello) => self.encode_with(hello),
+            Body::Ping => self.encode_with(Map::new()),
+            Body::Pong(pong) => self.encode_with(pong),
+            Body::Change(change) => self.encode_with(&change.wire.data),
+            Body::SyncBatch(batch) => self.encode_with(SyncBatchOut {
+                changes: batch.changes.iter().map(|change| &change.wire).collect(),
+                has_more: batch.has_more,
+            }),
+            Body::SyncAck(ack) => self.encode_with(ack),
+            Body::SyncRequest(request) => self.encode_with(request),
+            Body::Error(error) => self.encode_with(error),
+        }
+    }
+
+    /// The envelope around `data`, as text.
+    fn encode_with<D: Serialize>(&self, data: D) -> String {
+        let envelope = EnvelopeOut {
+            id: &self.id,
+            kind: self.body.kind(),
+            action: self.body.action(),
+            data,
+            timestamp: &self.timestamp,
+            source_pos: &self.source_pos,
+        };
+        // Invariant: serde_json only fails on maps with non-string keys or on failing
+        // Serialize impls; every map here is keyed by strings (posIds, field names) and every
+        // impl is derived or infallible.
+        serde_json::to_string(&envelope).expect("message serialization cannot fail")
+    }
+}
+
+impl Body {
+    /// The envelope's `type`.
+    pub fn kind(&self) -> &str {
+        match self {
+            Body::Hello(_) => "hello",
+            Body::HelloAck(_) => "hello-ack",
+            Body::Ping => "ping",
+            Body::Pong(_) => "pong",
+            Body::Change(change) => &change.wire.entity,
+            Body::SyncBatch(_) => "sync_batch",
+            Body::SyncAck(_) => "sync_ack",
+            Body::SyncRequest(_) => "sync_request",
+            Body::Error(_) => "error",
+        }
+    }
+
+    /// The envelope's `action`.
+    pub fn action(&self) -> &str {
+        match self {
+            Body::Change(change) => &change.wire.action,
+            _ => control_action(self.kind()).unwrap_or_default(),
+        }
+    }
+
+    /// Builds the body of a `kind`/`action` message from its `data`.
+    fn parse(kind: String, action: String, data: Map<String, Value>) -> Result<Body, ProtocolError> {
+        if let Some(expected) = control_action(&kind)
+            && action != expected
+        {
+            return Err(invalid(
+                "action",
+                format!("expected {expected:?} for {kind}, got {:?}", echo(&action)),
+            ));
+        }
+        let body = match kind.as_str() {
+            "hello" => Body::Hello(parse_hello(data)?),
+            "hello-ack" => Body::HelloAck(parse_hello(data)?),
+            "ping" => Body::Ping,
+            "pong" => Body::Pong(decode(data)?),
+            "sync_batch" => {
+                let raw: RawSyncBatch = decode(data)?;
+                let changes = raw
+                    .changes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, wire)| StampedChange::new(wire, &format!("data.changes[{index}]")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Body::SyncBatch(SyncBatch { changes, has_more: raw.has_more })
+            }
+            "sync_ack" => Body::SyncAck(decode(data)?),
+            "sync_request" => Body::SyncRequest(decode(data)?),
+            "error" => Body::Error(decode(data)?),
+            _ => {
+                // Invariant: `parse` only calls this with a known type, and every known type
+                // that is not a control message is an entity kind.
+                let wire = WireChange { entity: kind, action, data: Value::Object(data) };
+                Body::Change(StampedChange::new(wire, "data")?)
+            }
+        };
+        Ok(body)
+    }
+}
+
+impl StampedChange {
+    /// Finds the sync stamps of `wire` (`<path>.sync.origin`, `<path>.sync.seq`); `path` names
+    /// the change in error messages.
+    pub fn new(wire: WireChange, path: &str) -> Result<StampedChange, ProtocolError> {
+        let Some(data) = wire.data.as_object() else {
+            return Err(invalid(path, "expected an object"));
+        };
+        let Some(sync) = data.get("sync").and_then(Value::as_object) else {
+            return Err(invalid(&format!("{path}.sync"), "expected an object with origin and seq"));
+        };
+        let origin = match sync.get("origin") {
+            Some(Value::String(origin)) => {
+                PosId::parse(origin.as_str()).map_err(|err| invalid(&format!("{path}.sync.origin"), err))?
+            }
+            _ => return Err(invalid(&format!("{path}.sync.origin"), "expected a posId string")),
+        };
+        let seq = match sync.get("seq").and_then(Value::as_u64) {
+            Some(seq) if seq >= 1 => Seq(seq),
+            _ => return Err(invalid(&format!("{path}.sync.seq"), "expected an integer of at least 1")),
+        };
+        Ok(StampedChange { origin, seq, wire })
+    }
+}
+
+/// The `type` and `action` of a frame that failed to parse, as far as they can be read (empty
+/// when not), for the violation report. Both are cut to a short length.
+pub fn peek_type_action(text: &str) -> (String, String) {
+    if text.len() > MAX_FRAME_LEN {
+        return (String::new(), String::new());
+    }
+    let Ok(Value::Object(envelope)) = serde_json::from_str::<Value>(text) else {
+        return (String::new(), String::new());
+    };
+    let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(echo).unwrap_or_default();
+    (field("type"), field("action"))
+}
+
+/// The only `action` allowed with a control `type`; `None` for entity kinds (their actions
+/// are the store's to judge) and unknown types.
+fn control_action(kind: &str) -> Option<&'static str> {
+    match kind {
+        "hello" => Some("request"),
+        "hello-ack" => Some("accept"),
+        "ping" | "pong" => Some("heartbeat"),
+        "sync_batch" => Some("push"),
+        "sync_ack" => Some("ack"),
+        "sync_request" => Some("request"),
+        "error" => Some("reject"),
+        _ => None,
+    }
+}
+
+/// True for the control types and the entity kinds.
+fn is_known_type(kind: &str) -> bool {
+    control_action(kind).is_some() || kind.parse::<EntityKind>().is_ok()
+}
+
+/// Parses hello data, checking the protocol version before the rest: a peer of another
+/// version may have changed anything else, and "version mismatch" is the useful answer.
+fn parse_hello(data: Map<String, Value>) -> Result<Hello, ProtocolError> {
+    match data.get("protocolVersion").map(Value::as_u64) {
+        Some(Some(PROTOCOL_VERSION)) => {}
+        Some(Some(theirs)) => return Err(ProtocolError::VersionMismatch(theirs)),
+        Some(None) => return Err(invalid("data.protocolVersion", "expected an integer")),
+        None => return Err(invalid("data.protocolVersion", "missing")),
+    }
+    decode(data)
+}
+
+/// Removes a string field from the envelope.
+fn take_string(envelope: &mut Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
+    match envelope.remove(field) {
+        Some(Value::String(text)) => Ok(text),
+        Some(_) => Err(invalid(field, "expected a string")),
+        None => Err(invalid(field, "missing")),
+    }
+}
+
+/// Decodes a message's data into its typed form.
+fn decode<T: for<'de> Deserialize<'de>>(data: Map<String, Value>) -> Result<T, ProtocolError> {
+    serde_json::from_value(Value::Object(data)).map_err(|err| invalid("data", err))
+}
+
+fn invalid(field: &str, reason: impl ToString) -> ProtocolError {
+    ProtocolError::InvalidField { field: field.to_string(), reason: reason.to_string() }
+}
+
+/// Peer text, cut short enough to echo in an error.
+fn echo(text: &str) -> String {
+    text.chars().take(ECHO_LEN).collect()
+}
