@@ -1,1 +1,409 @@
+//! # possync-store
+//!
+//! The terminal's SQLite database, and the only crate that knows SQL. It owns:
+//!
+//! - the entity tables (SPEC section 1) and their sync metadata ([`meta`]);
+//! - local writes as a library API: records, sales, refunds, stock ([`local`], [`sales`]);
+//! - the merge of remote change batches, one transaction per batch, with the audit rows
+//!   ([`apply`]);
+//! - change selection for catch-up ([`select`]);
+//! - the audit trail, settings and read-only queries ([`audit`], [`settings`], [`reader`]).
+//!
+//! One [`Store`] is the single writer (one connection). Reads go through [`StoreReader`]s,
+//! separate read-only connections, so that queries from the API never wait on a batch being
+//! applied (WAL mode).
+//!
+//! The store reads the wall clock and randomness only through [`Environment`], so a
+//! simulation can run many terminals on a virtual clock and a seeded RNG.
 
+pub mod apply;
+pub mod audit;
+mod error;
+pub mod local;
+mod meta;
+pub mod reader;
+mod records;
+pub mod sales;
+mod schema;
+pub mod select;
+pub mod settings;
+
+use std::path::{Path, PathBuf};
+
+use possync_core::{
+    Change, ChangeBody, EntityId, EntityKind, Hlc, HybridClock, PosId, Seq, VersionVector, WireChange,
+};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use rusqlite::{Connection, OpenFlags, params};
+
+pub use crate::apply::{ApplyReport, PeerRef};
+pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
+pub use crate::error::{Result, StoreError};
+pub use crate::reader::StoreReader;
+pub use crate::sales::{PaymentRequest, RefundLine, SaleLineRequest, SaleRequest};
+pub use crate::select::Selection;
+pub use crate::settings::{SettingRow, Settings};
+
+use crate::meta::Origins;
+
+/// The database file name inside a data directory.
+pub const DB_FILE: &str = "possync.db";
+
+/// Where the store gets time and randomness from.
+pub trait Environment: Send {
+    /// Wall-clock time, Unix milliseconds.
+    fn now_ms(&self) -> u64;
+    /// Ten random bytes (for UUIDv7 ids).
+    fn random_bytes(&mut self) -> [u8; 10];
+}
+
+/// The real environment: system clock and an OS-seeded RNG.
+#[derive(Debug)]
+pub struct SystemEnvironment {
+    rng: StdRng,
+}
+
+impl Default for SystemEnvironment {
+    fn default() -> SystemEnvironment {
+        SystemEnvironment { rng: StdRng::from_os_rng() }
+    }
+}
+
+impl Environment for SystemEnvironment {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn random_bytes(&mut self) -> [u8; 10] {
+        let mut bytes = [0u8; 10];
+        self.rng.fill_bytes(&mut bytes);
+        bytes
+    }
+}
+
+/// A change written to this node's log, to be sent to peers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The change, in wire form.
+    pub change: WireChange,
+    /// The peer it came from (`None` for a local write): never send it back there.
+    pub from_peer: Option<PosId>,
+}
+
+/// This terminal's identity, as stored at init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// The posId.
+    pub pos_id: PosId,
+    /// The human name.
+    pub pos_name: String,
+    /// The prefix of this terminal's ticket numbers.
+    pub ticket_prefix: String,
+}
+
+/// The writer: the one connection that changes the database.
+pub struct Store {
+    /// The writer connection.
+    conn: Connection,
+    /// The database file.
+    path: PathBuf,
+    /// This terminal.
+    identity: NodeIdentity,
+    /// Local numbering of origins (cached).
+    origins: Origins,
+    /// The clock that stamps local writes.
+    clock: HybridClock,
+    /// Time and randomness.
+    env: Box<dyn Environment>,
+    /// What this node holds: every origin's changes 1..=vv[origin].
+    vv: VersionVector,
+    /// Settings, cached.
+    settings: Settings,
+    /// Changes written since the last [`Store::drain_outbox`].
+    outbox: Vec<Outgoing>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    schema::migrations().to_latest(&mut conn)?;
+    Ok(conn)
+}
+
+/// A short ticket prefix derived from the posId: 4 characters of Crockford base32.
+fn ticket_prefix(pos_id: &PosId) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    // FNV-1a: stable across versions and platforms.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in pos_id.as_str().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..4).map(|i| char::from(ALPHABET[((hash >> (i * 5)) & 31) as usize])).collect()
+}
+
+impl Store {
+    /// Creates a new node database at `path` (SPEC `possync init`). Refuses if one exists.
+    pub fn init(
+        path: &Path,
+        pos_id: Option<PosId>,
+        pos_name: &str,
+        mut env: Box<dyn Environment>,
+    ) -> Result<Store> {
+        if path.exists() {
+            let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let initialised: bool = conn
+                .query_row("SELECT 1 FROM sqlite_master WHERE name = 'node_meta'", [], |_| Ok(()))
+                .map(|()| true)
+                .or_else(
+                    |err| if err == rusqlite::Error::QueryReturnedNoRows { Ok(false) } else { Err(err) },
+                )?;
+            if initialised {
+                return Err(StoreError::AlreadyInitialized(path.display().to_string()));
+            }
+        }
+        let pos_id = pos_id.unwrap_or_else(|| PosId::generate(env.now_ms(), env.random_bytes()));
+        let conn = open_writer(path)?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let setup = || -> Result<()> {
+            meta::set_node_value(&conn, "pos_id", pos_id.as_str())?;
+            meta::set_node_value(&conn, "pos_name", pos_name)?;
+            meta::set_node_value(&conn, "ticket_prefix", &ticket_prefix(&pos_id))?;
+            meta::set_node_value(&conn, "ticket_counter", "0")?;
+            settings::insert_defaults(&conn)?;
+            conn.execute("INSERT INTO sync_origins (pos_id) VALUES (?1)", [pos_id.as_str()])?;
+            Ok(())
+        };
+        if let Err(err) = setup() {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(err);
+        }
+        conn.execute_batch("COMMIT")?;
+        drop(conn);
+        Store::open(path, env)
+    }
+
+    /// Opens an existing node database (migrating it if needed).
+    pub fn open(path: &Path, env: Box<dyn Environment>) -> Result<Store> {
+        if !path.exists() {
+            return Err(StoreError::NotInitialized(path.display().to_string()));
+        }
+        let conn = open_writer(path)?;
+        let not_initialised = || StoreError::NotInitialized(path.display().to_string());
+        let pos_id = meta::node_value(&conn, "pos_id")?.ok_or_else(not_initialised)?;
+        let pos_id =
+            PosId::parse(pos_id).map_err(|err| StoreError::Corrupt(format!("node_meta.pos_id: {err}")))?;
+        let identity = NodeIdentity {
+            pos_id,
+            pos_name: meta::node_value(&conn, "pos_name")?.unwrap_or_default(),
+            ticket_prefix: meta::node_value(&conn, "ticket_prefix")?.unwrap_or_default(),
+        };
+        let origins = Origins::load(&conn)?;
+        let vv = reader::load_vv(&conn, &origins)?;
+        let last_hlc: Option<i64> =
+            conn.query_row("SELECT MAX(hlc) FROM sync_changes", [], |row| row.get(0))?;
+        let stored_clock: Option<i64> = meta::node_value(&conn, "clock")?.and_then(|raw| raw.parse().ok());
+        let restored = last_hlc
+            .max(stored_clock)
+            .map(Hlc::from_i64)
+            .transpose()
+            .map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let settings = Settings::load(&conn)?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            identity,
+            origins,
+            clock: HybridClock::new(restored.unwrap_or_default()),
+            env,
+            vv,
+            settings,
+            outbox: Vec::new(),
+        })
+    }
+
+    /// A new read-only connection to the same database.
+    pub fn reader(&self) -> Result<StoreReader> {
+        StoreReader::open(&self.path)
+    }
+
+    /// This terminal's identity.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.identity
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What this node holds: the summary sent to peers at handshake.
+    pub fn summary(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Changes one setting (validated); takes effect at once.
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<Settings> {
+        let mut next = self.settings.clone();
+        next.apply(key, value)?;
+        self.conn.execute("UPDATE settings SET value = ?2 WHERE key = ?1", params![key, value.trim()])?;
+        self.settings = next;
+        Ok(self.settings.clone())
+    }
+
+    /// Takes the changes written since the last call, in log order, for broadcast and relay.
+    pub fn drain_outbox(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Wall-clock now, from the environment.
+    pub fn now_ms(&self) -> u64 {
+        self.env.now_ms()
+    }
+
+    /// Runs `body` in one write transaction. On error everything is rolled back, in the
+    /// database and in the in-memory state (version vector, outbox, origin cache).
+    pub(crate) fn write<T>(
+        &mut self,
+        durable: bool,
+        body: impl FnOnce(&mut Store) -> Result<T>,
+    ) -> Result<T> {
+        if durable {
+            // A sale acknowledged to the till must survive a power cut: fsync this commit.
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let vv_before = self.vv.clone();
+        let outbox_before = self.outbox.len();
+        let result = body(self).and_then(|value| {
+            meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())?;
+            self.conn.execute_batch("COMMIT")?;
+            Ok(value)
+        });
+        if result.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.vv = vv_before;
+            self.outbox.truncate(outbox_before);
+            self.origins = Origins::load(&self.conn)?;
+        }
+        if durable {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        result
+    }
+
+    /// Stamps and logs a local write; returns the change (also queued in the outbox).
+    pub(crate) fn emit_local(
+        &mut self,
+        kind: EntityKind,
+        id: &EntityId,
+        body: ChangeBody,
+        ctx_before: &VersionVector,
+    ) -> Result<Change> {
+        let seq = self.vv.get(&self.identity.pos_id).next();
+        let hlc = self.clock.tick(self.env.now_ms());
+        let mut ctx = ctx_before.clone();
+        ctx.observe(&self.identity.pos_id, seq);
+        let change = Change {
+            origin: self.identity.pos_id.clone(),
+            seq,
+            hlc: Some(hlc),
+            ctx,
+            entity: kind,
+            id: id.clone(),
+            body,
+        };
+        let wire = change.to_wire();
+        self.append_change(&change.origin, seq, change.hlc, kind.as_str(), id.as_str(), &wire, false)?;
+        self.outbox.push(Outgoing { change: wire, from_peer: None });
+        Ok(change)
+    }
+
+    /// Appends a change to the log and advances the version vector.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn append_change(
+        &mut self,
+        origin: &PosId,
+        seq: Seq,
+        hlc: Option<Hlc>,
+        entity_type: &str,
+        entity_id: &str,
+        wire: &WireChange,
+        rejected: bool,
+    ) -> Result<()> {
+        let origin_idx = self.origins.idx(&self.conn, origin)?;
+        let payload = serde_json::to_string(wire).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_changes (origin, seq, hlc, entity_type, entity_id, action, rejected, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                origin_idx,
+                seq.0 as i64,
+                hlc.map(Hlc::to_i64),
+                entity_type,
+                entity_id,
+                wire.action,
+                rejected,
+                payload
+            ])?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_vv (origin, seq) VALUES (?1, ?2)
+                 ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq",
+            )?
+            .execute(params![origin_idx, seq.0 as i64])?;
+        self.vv.observe(origin, seq);
+        Ok(())
+    }
+
+    /// A fresh UUIDv7 id.
+    pub(crate) fn new_id(&mut self) -> EntityId {
+        let now = self.env.now_ms();
+        EntityId::generate(now, self.env.random_bytes())
+    }
+
+    /// Now, as an RFC 3339 timestamp.
+    pub(crate) fn now_rfc3339(&self) -> String {
+        possync_core::time::rfc3339_ms(self.env.now_ms())
+    }
+
+    /// Now, in the audit tables' `YYYY-MM-DD HH:MM:SS` form.
+    pub(crate) fn now_sqlite(&self) -> String {
+        possync_core::time::sqlite_datetime(self.env.now_ms())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_prefix_is_short_and_stable() {
+        let pos = PosId::parse("pos-a").unwrap();
+        assert_eq!(ticket_prefix(&pos).len(), 4);
+        assert_eq!(ticket_prefix(&pos), ticket_prefix(&pos));
+        assert_ne!(ticket_prefix(&pos), ticket_prefix(&PosId::parse("pos-b").unwrap()));
+    }
+}

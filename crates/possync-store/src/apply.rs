@@ -1,0 +1,250 @@
+//! Applying a batch of remote changes: SPEC section 2 (merge), section 5 (one
+//! `p2p_sync_logs` row per change, one `p2p_conflicts` row per conflict) and section 8 (bad
+//! input changes nothing), in one transaction per batch.
+//!
+//! Per change, in order:
+//! 1. Read its origin and seq. Already held: `skipped` (duplicate). Not the next one from that
+//!    origin: `skipped` (gap), and the report asks the session to catch up again. This keeps
+//!    the node's version vector exact (see docs/DESIGN.md).
+//! 2. Decode and validate it. Invalid: `error`, the entity tables are untouched; the change
+//!    still enters the log (marked rejected) so that later changes of its origin are not
+//!    blocked behind it, and every terminal rejects it the same way.
+//! 3. Merge: mutable records through `possync_core::merge_record`; facts (sales, movements)
+//!    inserted once by id.
+
+use possync_core::merge::{RemoteWrite, Verdict};
+use possync_core::{Change, ChangeBody, ChangeError, EntityKind, PosId, Seq, WireChange, merge_record};
+use serde_json::{Value, json};
+
+use crate::Outgoing;
+use crate::Store;
+use crate::audit::{ConflictRow, SyncLog, SyncStatus};
+use crate::error::Result;
+use crate::local::local_version;
+use crate::records;
+use crate::sales::sale_state;
+
+/// Who sent a batch (for the audit rows).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRef<'a> {
+    /// The peer's posId.
+    pub id: &'a str,
+    /// The peer's name.
+    pub name: &'a str,
+}
+
+/// What applying a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Changes applied without conflict.
+    pub applied: u32,
+    /// Changes applied as concurrent edits (conflict rows written).
+    pub conflicts: u32,
+    /// Duplicates and out-of-order changes.
+    pub skipped: u32,
+    /// Invalid changes.
+    pub errors: u32,
+    /// True when a change was refused because an earlier one from its origin is missing:
+    /// the session should ask the peer to catch up again.
+    pub gap: bool,
+}
+
+/// The outcome of one change, for its log row.
+struct Logged {
+    status: SyncStatus,
+    reason: Option<String>,
+    conflict: Option<ConflictRow>,
+}
+
+impl Logged {
+    fn success() -> Logged {
+        Logged { status: SyncStatus::Success, reason: None, conflict: None }
+    }
+
+    fn skipped(reason: impl Into<String>) -> Logged {
+        Logged { status: SyncStatus::Skipped, reason: Some(reason.into()), conflict: None }
+    }
+}
+
+impl Store {
+    /// Applies a batch of remote changes in one transaction, with its audit rows.
+    pub fn apply_batch(&mut self, peer: PeerRef<'_>, changes: &[WireChange]) -> Result<ApplyReport> {
+        self.write(false, |store| {
+            let mut report = ApplyReport::default();
+            for wire in changes {
+                store.apply_one(peer, wire, &mut report)?;
+            }
+            Ok(report)
+        })
+    }
+
+    fn apply_one(&mut self, peer: PeerRef<'_>, wire: &WireChange, report: &mut ApplyReport) -> Result<()> {
+        let entity_type = wire.entity.parse::<EntityKind>().ok();
+        let entity_id =
+            wire.data.get("id").and_then(Value::as_str).map(|id| id.chars().take(64).collect::<String>());
+        let log = SyncLog {
+            peer_id: peer.id,
+            peer_name: peer.name,
+            message_type: &wire.entity,
+            message_action: &wire.action,
+            entity_type,
+            entity_id: entity_id.as_deref(),
+        };
+        let Some((origin, seq)) = stamp_of(wire) else {
+            report.errors += 1;
+            let details = json!({"error": "change without a valid data.sync.origin and data.sync.seq"});
+            return self.log_sync(&log, SyncStatus::Error, None, None, Some(&details));
+        };
+        let held = self.vv.get(&origin);
+        if seq <= held {
+            report.skipped += 1;
+            let details = json!({"origin": origin, "seq": seq});
+            return self.log_sync(
+                &log,
+                SyncStatus::Skipped,
+                Some("duplicate: already applied"),
+                None,
+                Some(&details),
+            );
+        }
+        if seq != held.next() {
+            report.skipped += 1;
+            report.gap = true;
+            let reason = format!("gap: change {seq} of {origin} before change {}", held.next());
+            return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
+        }
+        let decoded = Change::from_wire(wire).and_then(|change| {
+            if change.origin == origin && change.seq == seq {
+                Ok(change)
+            } else {
+                Err(ChangeError::Malformed("data.sync read two ways".into()))
+            }
+        });
+        let change = match decoded {
+            Ok(change) => change,
+            Err(err) => {
+                report.errors += 1;
+                self.append_change(
+                    &origin,
+                    seq,
+                    None,
+                    &wire.entity,
+                    entity_id.as_deref().unwrap_or(""),
+                    wire,
+                    true,
+                )?;
+                let details = json!({"origin": origin, "seq": seq, "error": err.to_string()});
+                return self.log_sync(&log, SyncStatus::Error, Some(&err.to_string()), None, Some(&details));
+            }
+        };
+        if let Some(hlc) = change.hlc {
+            self.clock.observe(hlc, self.env.now_ms());
+        }
+        let outcome = self.merge_change(&change)?;
+        if outcome.reason.as_deref().is_some_and(|reason| reason.starts_with("missing:")) {
+            // A dependency has not arrived (should not happen with causal delivery): treat
+            // it like a gap, do not log the change as held.
+            report.skipped += 1;
+            report.gap = true;
+            return self.log_sync(&log, SyncStatus::Skipped, outcome.reason.as_deref(), None, None);
+        }
+        self.append_change(
+            &origin,
+            seq,
+            change.hlc,
+            change.entity.as_str(),
+            change.id.as_str(),
+            wire,
+            false,
+        )?;
+        self.outbox.push(Outgoing { change: wire.clone(), from_peer: PosId::parse(peer.id).ok() });
+        match outcome.status {
+            SyncStatus::Success => report.applied += 1,
+            SyncStatus::Conflict => report.conflicts += 1,
+            SyncStatus::Skipped => report.skipped += 1,
+            SyncStatus::Error => report.errors += 1,
+        }
+        let strategy = outcome.conflict.as_ref().map(|conflict| conflict.report.strategy.as_str());
+        let details = json!({"origin": origin, "seq": seq});
+        self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
+        if let Some(conflict) = outcome.conflict {
+            self.log_conflict(peer, &conflict)?;
+        }
+        Ok(())
+    }
+
+    /// Merges one decoded change into the entity tables.
+    fn merge_change(&mut self, change: &Change) -> Result<Logged> {
+        let version = local_version(change);
+        match &change.body {
+            ChangeBody::Upsert { fields, .. } => self.merge_fields(change, Some(fields), &version),
+            ChangeBody::Delete => self.merge_fields(change, None, &version),
+            ChangeBody::Sale(sale) => {
+                if self.ticket_exists(&change.id)? {
+                    return Ok(Logged::skipped(format!("ticket {} already recorded", change.id)));
+                }
+                let state = sale_state(sale, version, change.ctx.clone());
+                self.insert_sale(sale, &state)?;
+                Ok(Logged::success())
+            }
+            ChangeBody::TicketStatus { fields, returns, .. } => {
+                if !self.ticket_exists(&change.id)? {
+                    return Ok(Logged::skipped(format!("missing: ticket {} not received yet", change.id)));
+                }
+                let logged = self.merge_fields(change, Some(fields), &version)?;
+                for movement in returns {
+                    self.insert_movement(movement)?;
+                }
+                Ok(logged)
+            }
+            ChangeBody::Movement { movement, .. } => {
+                if self.insert_movement(movement)? {
+                    Ok(Logged::success())
+                } else {
+                    Ok(Logged::skipped(format!("movement {} already recorded", movement.id)))
+                }
+            }
+        }
+    }
+
+    fn merge_fields(
+        &mut self,
+        change: &Change,
+        fields: Option<&possync_core::FieldMap>,
+        version: &possync_core::Version,
+    ) -> Result<Logged> {
+        let kind = change.entity;
+        let local = records::load(&self.conn, &self.origins, kind, &change.id)?;
+        let remote = RemoteWrite { id: &change.id, version, ctx: &change.ctx, fields };
+        let outcome = merge_record(local.as_ref(), remote, self.settings.strategy);
+        if outcome.changed {
+            records::save(&self.conn, &mut self.origins, kind, &change.id, &outcome.state)?;
+            if kind == EntityKind::Product && local.is_none() {
+                let stock = records::sum_movements(&self.conn, &change.id)?;
+                if !stock.is_zero() {
+                    self.conn.execute(
+                        "UPDATE products SET stock = ?2 WHERE id = ?1",
+                        rusqlite::params![change.id.as_str(), possync_core::decimal::to_text(stock)],
+                    )?;
+                }
+            }
+        }
+        Ok(match outcome.verdict {
+            Verdict::Applied => Logged::success(),
+            Verdict::AlreadySeen => Logged::skipped("already incorporated"),
+            Verdict::Conflict(report) => Logged {
+                status: SyncStatus::Conflict,
+                reason: Some(report.conflict_type.as_str().to_string()),
+                conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
+            },
+        })
+    }
+}
+
+/// The origin and seq of a wire change, read even when the rest is invalid.
+fn stamp_of(wire: &WireChange) -> Option<(PosId, Seq)> {
+    let sync = wire.data.get("sync")?;
+    let origin = PosId::parse(sync.get("origin")?.as_str()?).ok()?;
+    let seq = sync.get("seq")?.as_u64().filter(|seq| *seq > 0)?;
+    Some((origin, Seq(seq)))
+}

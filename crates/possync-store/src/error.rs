@@ -1,0 +1,80 @@
+//! The store's errors: one enum, one doc line per variant, mapped to HTTP statuses by the API.
+
+use possync_core::{ChangeError, EntityError, EntityId, EntityKind};
+
+/// Why a store call failed. A failed write leaves nothing behind (its transaction rolls back).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed (disk full, locked, I/O...).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A schema migration failed.
+    #[error("database migration failed: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    /// The database holds something this version cannot read.
+    #[error("database content is corrupt: {0}")]
+    Corrupt(String),
+    /// The data directory already holds a node (`init` refuses to overwrite it).
+    #[error("a possync node already exists at {0}")]
+    AlreadyInitialized(String),
+    /// The database was never initialised with `possync init`.
+    #[error("no possync node at {0}: run `possync init` first")]
+    NotInitialized(String),
+    /// The input is invalid (bad field, negative price, empty sale...).
+    #[error(transparent)]
+    Invalid(#[from] EntityError),
+    /// A remote change could not be decoded.
+    #[error(transparent)]
+    BadChange(#[from] ChangeError),
+    /// The record does not exist (or is deleted).
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// Its kind.
+        kind: EntityKind,
+        /// Its id.
+        id: EntityId,
+    },
+    /// A record with this id already exists.
+    #[error("{kind} {id} already exists")]
+    AlreadyExists {
+        /// Its kind.
+        kind: EntityKind,
+        /// Its id.
+        id: EntityId,
+    },
+    /// Another live product already has this SKU or barcode.
+    #[error("{field} {value:?} is already used by product {other}")]
+    Duplicate {
+        /// sku or barcode.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// The product holding it.
+        other: EntityId,
+    },
+    /// The operation is not allowed in the record's state (refund of a cancelled ticket...).
+    #[error("{0}")]
+    InvalidState(String),
+    /// No conflict with this id.
+    #[error("conflict {0} not found")]
+    ConflictNotFound(i64),
+    /// The conflict was already resolved.
+    #[error("conflict {0} is already resolved")]
+    ConflictResolved(i64),
+    /// Unknown setting, or a value of the wrong type.
+    #[error("{0}")]
+    BadSetting(String),
+}
+
+/// Shorthand for store results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl StoreError {
+    pub(crate) fn not_found(kind: EntityKind, id: &EntityId) -> StoreError {
+        StoreError::NotFound { kind, id: id.clone() }
+    }
+
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> StoreError {
+        StoreError::Invalid(EntityError::InvalidField { field: field.to_string(), reason: reason.into() })
+    }
+}

@@ -1,0 +1,168 @@
+//! Local writes of mutable records: create, partial update, delete of products, categories
+//! and customers. Each is validated first (SPEC section 8), then written with its change in
+//! one transaction; a rejected write leaves nothing behind.
+
+use possync_core::entity::{self, FieldMap};
+use possync_core::{ChangeBody, EntityId, EntityKind, RecordState, Version};
+use rusqlite::OptionalExtension;
+use serde_json::Value;
+
+use crate::Store;
+use crate::error::{Result, StoreError};
+use crate::records;
+
+impl Store {
+    /// Creates a record from a JSON object of fields; `id` may be supplied, else a UUIDv7 is
+    /// made. Returns the record as the API shows it.
+    pub fn create_record(&mut self, kind: EntityKind, body: &Value) -> Result<Value> {
+        check_mutable(kind)?;
+        let id = match body.get("id") {
+            None | Some(Value::Null) => self.new_id(),
+            Some(Value::String(raw)) => {
+                EntityId::parse(raw.as_str()).map_err(|err| StoreError::invalid("id", err.to_string()))?
+            }
+            Some(_) => return Err(StoreError::invalid("id", "expected a string")),
+        };
+        let mut fields = entity::parse_fields(kind, body)?;
+        entity::check_required(kind, &fields)?;
+        fields.entry("createdAt").or_insert_with(|| Value::String(self.now_rfc3339()));
+        for (name, default) in [
+            ("isActive", Value::Bool(true)),
+            ("discountRate", Value::from("0")),
+            ("displayOrder", Value::from(0)),
+        ] {
+            if kind.field(name).is_some() {
+                fields.entry(kind.field(name).map_or(name, |spec| spec.name)).or_insert(default);
+            }
+        }
+        self.write(true, |store| {
+            if records::load(&store.conn, &store.origins, kind, &id)?.is_some() {
+                return Err(StoreError::AlreadyExists { kind, id: id.clone() });
+            }
+            store.check_references(kind, &id, &fields)?;
+            store.write_fields(kind, &id, RecordState::default(), fields, true)
+        })
+    }
+
+    /// Changes some fields of a live record. Returns the record as the API shows it.
+    pub fn update_record(&mut self, kind: EntityKind, id: &EntityId, body: &Value) -> Result<Value> {
+        check_mutable(kind)?;
+        let fields = entity::parse_fields(kind, body)?;
+        if fields.is_empty() {
+            return Err(StoreError::invalid("body", "no field to update"));
+        }
+        self.write(true, |store| {
+            let state = store.live_record(kind, id)?;
+            store.check_references(kind, id, &fields)?;
+            store.write_fields(kind, id, state, fields, false)
+        })
+    }
+
+    /// Deletes a live record (a tombstone that travels to every terminal).
+    pub fn delete_record(&mut self, kind: EntityKind, id: &EntityId) -> Result<()> {
+        check_mutable(kind)?;
+        self.write(true, |store| {
+            let mut state = store.live_record(kind, id)?;
+            let change = store.emit_local(kind, id, ChangeBody::Delete, &state.ctx)?;
+            state.deleted = true;
+            state.existence = Some(local_version(&change));
+            state.ctx = change.ctx;
+            records::save(&store.conn, &mut store.origins, kind, id, &state)
+        })
+    }
+
+    /// The state of a live record, or NotFound.
+    pub(crate) fn live_record(&self, kind: EntityKind, id: &EntityId) -> Result<RecordState> {
+        match records::load(&self.conn, &self.origins, kind, id)? {
+            Some(state) if !state.deleted => Ok(state),
+            _ => Err(StoreError::not_found(kind, id)),
+        }
+    }
+
+    /// Writes local field values over `state` as one change; returns the API form.
+    pub(crate) fn write_fields(
+        &mut self,
+        kind: EntityKind,
+        id: &EntityId,
+        mut state: RecordState,
+        fields: FieldMap,
+        create: bool,
+    ) -> Result<Value> {
+        let change =
+            self.emit_local(kind, id, ChangeBody::Upsert { create, fields: fields.clone() }, &state.ctx)?;
+        let version = local_version(&change);
+        for (name, value) in fields {
+            state.values.insert(name, value);
+            state.versions.insert(name, version.clone());
+        }
+        state.deleted = false;
+        state.existence = Some(version);
+        state.ctx = change.ctx;
+        records::save(&self.conn, &mut self.origins, kind, id, &state)?;
+        let stock = if kind == EntityKind::Product {
+            let stock = records::sum_movements(&self.conn, id)?;
+            if create {
+                self.conn.execute(
+                    "UPDATE products SET stock = ?2 WHERE id = ?1",
+                    rusqlite::params![id.as_str(), possync_core::decimal::to_text(stock)],
+                )?;
+            }
+            Some(stock)
+        } else {
+            None
+        };
+        Ok(records::api_json(kind, id, &state, stock))
+    }
+
+    /// Local writes keep references valid and SKUs/barcodes unique among live products.
+    fn check_references(&self, kind: EntityKind, id: &EntityId, fields: &FieldMap) -> Result<()> {
+        let reference = match kind {
+            EntityKind::Product => {
+                fields.get("categoryId").map(|value| (value, EntityKind::Category, "categoryId"))
+            }
+            EntityKind::Category => {
+                fields.get("parentId").map(|value| (value, EntityKind::Category, "parentId"))
+            }
+            _ => None,
+        };
+        if let Some((Value::String(target), target_kind, field)) = reference {
+            let target = EntityId::parse(target.as_str())
+                .map_err(|err| StoreError::invalid(field, err.to_string()))?;
+            if kind == EntityKind::Category && &target == id {
+                return Err(StoreError::invalid(field, "a category cannot be its own parent"));
+            }
+            if self.live_record(target_kind, &target).is_err() {
+                return Err(StoreError::invalid(field, format!("{target_kind} {target} does not exist")));
+            }
+        }
+        if kind == EntityKind::Product {
+            for field in ["sku", "barcode"] {
+                let Some(Value::String(value)) = fields.get(field) else { continue };
+                let other: Option<String> = self
+                    .conn
+                    .prepare_cached(&format!(
+                        "SELECT id FROM products WHERE {field} = ?1 AND deleted = 0 AND id <> ?2 LIMIT 1"
+                    ))?
+                    .query_row([value.as_str(), id.as_str()], |row| row.get(0))
+                    .optional()?;
+                if let Some(other) = other {
+                    let other = EntityId::parse(other).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+                    return Err(StoreError::Duplicate { field, value: value.clone(), other });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_mutable(kind: EntityKind) -> Result<()> {
+    match kind {
+        EntityKind::Product | EntityKind::Category | EntityKind::Customer => Ok(()),
+        _ => Err(StoreError::InvalidState(format!("{kind} records are not created or edited this way"))),
+    }
+}
+
+/// The version a local change gives the fields it writes.
+pub(crate) fn local_version(change: &possync_core::Change) -> Version {
+    Version { hlc: change.hlc, origin: change.origin.clone(), seq: change.seq }
+}

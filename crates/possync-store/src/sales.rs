@@ -1,0 +1,572 @@
+//! Sales, refunds, cancellations and stock: the facts of the shop.
+//!
+//! A sale is one change carrying the whole ticket (lines, payments) and one `sale` stock
+//! movement per line, written in one transaction: it reaches every terminal whole or not at
+//! all, exactly once. Stock is never written as a number: it is the sum of movements, cached
+//! on the product row and updated in the same transaction as each movement (SPEC rule 4).
+
+use std::collections::BTreeMap;
+
+use possync_core::entity::{
+    FieldMap, MovementType, Payment, PaymentMethod, Sale, StockMovement, TicketLine, TicketStatus,
+};
+use possync_core::{ChangeBody, EntityId, EntityKind, RecordState, TicketAction, decimal};
+use rusqlite::{OptionalExtension, params};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::{Result, StoreError};
+use crate::local::local_version;
+use crate::{Store, meta, records};
+
+/// One line of a sale as the till asks for it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SaleLineRequest {
+    /// The product sold.
+    pub product_id: EntityId,
+    /// How many (positive).
+    #[serde(with = "decimal::json")]
+    pub quantity: Decimal,
+    /// Price per unit; the product's price when absent.
+    #[serde(default, with = "decimal::json_opt")]
+    pub unit_price: Option<Decimal>,
+    /// Discount rate 0..1; the product's when absent.
+    #[serde(default, with = "decimal::json_opt")]
+    pub discount_rate: Option<Decimal>,
+}
+
+/// One payment as the till reports it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PaymentRequest {
+    /// cash, card, transfer, check or other.
+    pub method: PaymentMethod,
+    /// Amount (positive).
+    #[serde(with = "decimal::json")]
+    pub amount: Decimal,
+    /// Card slip, transfer reference...
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// A sale as the till asks for it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SaleRequest {
+    /// Ticket id; a UUIDv7 when absent.
+    #[serde(default)]
+    pub id: Option<EntityId>,
+    /// The customer, if any.
+    #[serde(default)]
+    pub customer_id: Option<EntityId>,
+    /// What is sold.
+    pub lines: Vec<SaleLineRequest>,
+    /// How it is paid; together at least the total.
+    pub payments: Vec<PaymentRequest>,
+    /// Free text.
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// A line to refund: which product, how many.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RefundLine {
+    /// The product.
+    pub product_id: EntityId,
+    /// How many (positive, at most what is left to refund).
+    #[serde(with = "decimal::json")]
+    pub quantity: Decimal,
+}
+
+/// Money is rounded to cents.
+fn money(value: Decimal) -> Decimal {
+    value.round_dp(2).normalize()
+}
+
+impl Store {
+    /// Records a sale: validates it against the catalog, writes the ticket, its lines, its
+    /// payments and its stock movements in one transaction, and returns the ticket.
+    pub fn record_sale(&mut self, request: &SaleRequest) -> Result<Value> {
+        if request.lines.is_empty() {
+            return Err(StoreError::invalid("lines", "a sale needs at least one line"));
+        }
+        if request.payments.is_empty() {
+            return Err(StoreError::invalid("payments", "a sale needs at least one payment"));
+        }
+        if request.notes.as_ref().is_some_and(|notes| notes.chars().count() > 4000) {
+            return Err(StoreError::invalid("notes", "longer than 4000 characters"));
+        }
+        let id = match &request.id {
+            Some(id) => id.clone(),
+            None => self.new_id(),
+        };
+        let created_at = self.now_rfc3339();
+        self.write(true, |store| {
+            if store.ticket_exists(&id)? {
+                return Err(StoreError::AlreadyExists { kind: EntityKind::Ticket, id: id.clone() });
+            }
+            if let Some(customer) = &request.customer_id {
+                store.live_record(EntityKind::Customer, customer).map_err(|_| {
+                    StoreError::invalid("customerId", format!("customer {customer} does not exist"))
+                })?;
+            }
+            let mut lines = Vec::with_capacity(request.lines.len());
+            for line in &request.lines {
+                lines.push(store.price_line(line)?);
+            }
+            let subtotal: Decimal =
+                lines.iter().map(|line: &TicketLine| line.quantity * line.unit_price).sum();
+            let discount: Decimal = lines.iter().map(|line| line.discount_amount).sum();
+            let total = subtotal - discount;
+            let mut payments = Vec::with_capacity(request.payments.len());
+            for payment in &request.payments {
+                if payment.amount <= Decimal::ZERO {
+                    return Err(StoreError::invalid("payments", "amounts must be positive"));
+                }
+                payments.push(Payment {
+                    method: payment.method,
+                    amount: payment.amount,
+                    reference: payment.reference.clone(),
+                });
+            }
+            let paid: Decimal = payments.iter().map(|payment| payment.amount).sum();
+            if paid < total {
+                return Err(StoreError::invalid(
+                    "payments",
+                    format!("payments of {paid} do not cover the total of {total}"),
+                ));
+            }
+            let ticket_number = store.next_ticket_number()?;
+            let mut movements = Vec::with_capacity(lines.len());
+            for line in &lines {
+                movements.push(StockMovement {
+                    id: store.new_id(),
+                    product_id: line.product_id.clone(),
+                    kind: MovementType::Sale,
+                    quantity: -line.quantity,
+                    reference: Some(id.to_string()),
+                    pos_id: store.identity.pos_id.clone(),
+                    created_at: created_at.clone(),
+                });
+            }
+            let sale = Sale {
+                id: id.clone(),
+                ticket_number,
+                pos_id: store.identity.pos_id.clone(),
+                customer_id: request.customer_id.clone(),
+                lines,
+                payments,
+                subtotal,
+                discount_amount: discount,
+                total_amount: total,
+                notes: request.notes.clone(),
+                created_at: created_at.clone(),
+                movements,
+            };
+            sale.validate()?;
+            let change = store.emit_local(
+                EntityKind::Ticket,
+                &id,
+                ChangeBody::Sale(Box::new(sale.clone())),
+                &Default::default(),
+            )?;
+            let state = sale_state(&sale, local_version(&change), change.ctx.clone());
+            store.insert_sale(&sale, &state)?;
+            store.ticket_json(&id)
+        })
+    }
+
+    /// Refunds a ticket: some lines (`lines`) or everything not yet refunded (`None`).
+    /// Stock comes back by `return` movements.
+    pub fn refund_ticket(
+        &mut self,
+        id: &EntityId,
+        lines: Option<&[RefundLine]>,
+        reason: Option<&str>,
+    ) -> Result<Value> {
+        self.change_ticket(id, TicketAction::Refund, lines, reason)
+    }
+
+    /// Cancels (voids) a ticket; all its stock not yet refunded comes back.
+    pub fn cancel_ticket(&mut self, id: &EntityId, reason: Option<&str>) -> Result<Value> {
+        self.change_ticket(id, TicketAction::Cancel, None, reason)
+    }
+
+    fn change_ticket(
+        &mut self,
+        id: &EntityId,
+        action: TicketAction,
+        lines: Option<&[RefundLine]>,
+        reason: Option<&str>,
+    ) -> Result<Value> {
+        if reason.is_some_and(|reason| reason.chars().count() > 4000) {
+            return Err(StoreError::invalid("reason", "longer than 4000 characters"));
+        }
+        let now = self.now_rfc3339();
+        self.write(true, |store| {
+            let state = records::load(&store.conn, &store.origins, EntityKind::Ticket, id)?
+                .ok_or_else(|| StoreError::not_found(EntityKind::Ticket, id))?;
+            let status = state.values.get("status").and_then(Value::as_str).unwrap_or_default().to_string();
+            match (action, status.as_str()) {
+                (_, "completed") | (TicketAction::Refund, "partially_refunded") => {}
+                _ => {
+                    return Err(StoreError::InvalidState(format!(
+                        "ticket {id} is {status}: it cannot be {}ed",
+                        match action {
+                            TicketAction::Refund => "refund",
+                            TicketAction::Cancel => "cancell",
+                        }
+                    )));
+                }
+            }
+            if action == TicketAction::Cancel && status != "completed" {
+                return Err(StoreError::InvalidState(format!("ticket {id} is {status}")));
+            }
+            let remaining = store.refundable(id)?;
+            let wanted: BTreeMap<EntityId, Decimal> = match lines {
+                None => remaining.clone(),
+                Some([]) => return Err(StoreError::invalid("lines", "nothing to refund")),
+                Some(lines) => {
+                    let mut wanted = BTreeMap::new();
+                    for line in lines {
+                        if line.quantity <= Decimal::ZERO {
+                            return Err(StoreError::invalid("quantity", "must be positive"));
+                        }
+                        *wanted.entry(line.product_id.clone()).or_insert(Decimal::ZERO) += line.quantity;
+                    }
+                    for (product, quantity) in &wanted {
+                        let left = remaining.get(product).copied().unwrap_or_default();
+                        if *quantity > left {
+                            return Err(StoreError::invalid(
+                                "quantity",
+                                format!("only {left} of product {product} left to refund on this ticket"),
+                            ));
+                        }
+                    }
+                    wanted
+                }
+            };
+            let wanted: Vec<(EntityId, Decimal)> =
+                wanted.into_iter().filter(|(_, quantity)| !quantity.is_zero()).collect();
+            if wanted.is_empty() && action == TicketAction::Refund {
+                return Err(StoreError::InvalidState(format!("ticket {id} has nothing left to refund")));
+            }
+            let everything_back =
+                wanted.iter().all(|(product, quantity)| remaining.get(product) == Some(quantity))
+                    && remaining.iter().filter(|(_, left)| !left.is_zero()).count() == wanted.len();
+            let new_status = match action {
+                TicketAction::Cancel => TicketStatus::Cancelled,
+                TicketAction::Refund if everything_back => TicketStatus::Refunded,
+                TicketAction::Refund => TicketStatus::PartiallyRefunded,
+            };
+            let mut returns = Vec::with_capacity(wanted.len());
+            for (product, quantity) in wanted {
+                returns.push(StockMovement {
+                    id: store.new_id(),
+                    product_id: product,
+                    kind: MovementType::Return,
+                    quantity,
+                    reference: Some(id.to_string()),
+                    pos_id: store.identity.pos_id.clone(),
+                    created_at: now.clone(),
+                });
+            }
+            let mut fields = FieldMap::new();
+            fields.insert("status", json!(new_status.as_str()));
+            if let Some(reason) = reason {
+                fields.insert("notes", json!(reason));
+            }
+            let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: returns.clone() };
+            let change = store.emit_local(EntityKind::Ticket, id, body, &state.ctx)?;
+            let version = local_version(&change);
+            let mut state = state;
+            for (name, value) in fields {
+                state.values.insert(name, value);
+                state.versions.insert(name, version.clone());
+            }
+            state.ctx = change.ctx;
+            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, id, &state)?;
+            for movement in &returns {
+                store.insert_movement(movement)?;
+            }
+            store.ticket_json(id)
+        })
+    }
+
+    /// Adjusts a product's stock by a signed quantity (`in` > 0, `out` < 0, `adjustment`
+    /// either way). Returns the movement.
+    pub fn adjust_stock(
+        &mut self,
+        product_id: &EntityId,
+        quantity: Decimal,
+        kind: MovementType,
+        reference: Option<&str>,
+    ) -> Result<Value> {
+        match kind {
+            MovementType::In if quantity <= Decimal::ZERO => {
+                return Err(StoreError::invalid("quantity", "an `in` movement must be positive"));
+            }
+            MovementType::Out if quantity >= Decimal::ZERO => {
+                return Err(StoreError::invalid("quantity", "an `out` movement must be negative"));
+            }
+            MovementType::Adjustment if quantity.is_zero() => {
+                return Err(StoreError::invalid("quantity", "must not be zero"));
+            }
+            MovementType::Sale | MovementType::Return => {
+                return Err(StoreError::invalid("type", "sale and return movements come from tickets"));
+            }
+            _ => {}
+        }
+        self.record_movement(product_id, quantity, kind, reference, false)
+    }
+
+    /// Records a stock count: an adjustment of (counted - stock as this terminal sees it).
+    pub fn count_stock(
+        &mut self,
+        product_id: &EntityId,
+        counted: Decimal,
+        reference: Option<&str>,
+    ) -> Result<Value> {
+        if counted.is_sign_negative() && !counted.is_zero() {
+            return Err(StoreError::invalid("counted", "must not be negative"));
+        }
+        let stock = records::product_stock(&self.conn, product_id)?;
+        self.record_movement(product_id, counted - stock, MovementType::Adjustment, reference, true)
+    }
+
+    fn record_movement(
+        &mut self,
+        product_id: &EntityId,
+        quantity: Decimal,
+        kind: MovementType,
+        reference: Option<&str>,
+        count: bool,
+    ) -> Result<Value> {
+        if reference.is_some_and(|reference| reference.chars().count() > 500) {
+            return Err(StoreError::invalid("reference", "longer than 500 characters"));
+        }
+        let quantity = decimal::parse(&quantity.to_string())
+            .map_err(|err| StoreError::invalid("quantity", err.to_string()))?;
+        let created_at = self.now_rfc3339();
+        self.write(true, |store| {
+            store.live_record(EntityKind::Product, product_id)?;
+            let movement = StockMovement {
+                id: store.new_id(),
+                product_id: product_id.clone(),
+                kind,
+                quantity,
+                reference: reference.map(str::to_string),
+                pos_id: store.identity.pos_id.clone(),
+                created_at,
+            };
+            let body = ChangeBody::Movement { count, movement: movement.clone() };
+            store.emit_local(EntityKind::Stock, &movement.id, body, &Default::default())?;
+            store.insert_movement(&movement)?;
+            Ok(movement_json(&movement))
+        })
+    }
+
+    /// Prices one requested line from the catalog.
+    fn price_line(&self, line: &SaleLineRequest) -> Result<TicketLine> {
+        if line.quantity <= Decimal::ZERO {
+            return Err(StoreError::invalid("quantity", "must be positive"));
+        }
+        let product = self.live_record(EntityKind::Product, &line.product_id).map_err(|_| {
+            StoreError::invalid("productId", format!("product {} does not exist", line.product_id))
+        })?;
+        let amount = |name: &str| -> Decimal {
+            product
+                .values
+                .get(name)
+                .and_then(Value::as_str)
+                .and_then(|raw| decimal::parse(raw).ok())
+                .unwrap_or_default()
+        };
+        let text =
+            |name: &str| product.values.get(name).and_then(Value::as_str).unwrap_or_default().to_string();
+        let unit_price = line.unit_price.unwrap_or_else(|| amount("price"));
+        if unit_price.is_sign_negative() && !unit_price.is_zero() {
+            return Err(StoreError::invalid("unitPrice", "must not be negative"));
+        }
+        let discount_rate = line.discount_rate.unwrap_or_else(|| amount("discountRate"));
+        if discount_rate < Decimal::ZERO || discount_rate > Decimal::ONE {
+            return Err(StoreError::invalid("discountRate", "must be between 0 and 1"));
+        }
+        let gross = line.quantity * unit_price;
+        let discount_amount = money(gross * discount_rate);
+        Ok(TicketLine {
+            product_id: line.product_id.clone(),
+            product_name: text("name"),
+            product_sku: text("sku"),
+            quantity: line.quantity.normalize(),
+            unit_price: unit_price.normalize(),
+            discount_rate: discount_rate.normalize(),
+            discount_amount,
+            total_amount: (gross - discount_amount).normalize(),
+        })
+    }
+
+    fn next_ticket_number(&mut self) -> Result<String> {
+        let counter: u64 =
+            meta::node_value(&self.conn, "ticket_counter")?.and_then(|raw| raw.parse().ok()).unwrap_or(0) + 1;
+        meta::set_node_value(&self.conn, "ticket_counter", &counter.to_string())?;
+        Ok(format!("{}-{counter:06}", self.identity.ticket_prefix))
+    }
+
+    pub(crate) fn ticket_exists(&self, id: &EntityId) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM tickets WHERE id = ?1")?
+            .query_row([id.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Quantity sold minus quantity already returned, per product, for a ticket.
+    fn refundable(&self, id: &EntityId) -> Result<BTreeMap<EntityId, Decimal>> {
+        let mut left: BTreeMap<EntityId, Decimal> = BTreeMap::new();
+        let mut statement = self.conn.prepare_cached(
+            "SELECT product_id, quantity FROM stock_movements WHERE reference = ?1 AND type IN ('sale', 'return')",
+        )?;
+        for row in statement
+            .query_map([id.as_str()], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
+        {
+            let (product, quantity) = row?;
+            let product = EntityId::parse(product).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            let quantity = decimal::parse(&quantity).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            // Sale movements are negative, returns positive: what is left is minus the sum.
+            *left.entry(product).or_insert(Decimal::ZERO) -= quantity;
+        }
+        Ok(left)
+    }
+
+    /// Inserts a sale's facts (ticket, lines, payments, movements). The ticket must be new.
+    pub(crate) fn insert_sale(&mut self, sale: &Sale, state: &RecordState) -> Result<()> {
+        let meta = meta::encode(EntityKind::Ticket, state, &mut self.origins, &self.conn)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tickets (id, ticket_number, pos_id, customer_id, subtotal, discount_amount, total_amount,
+                                      status, notes, created_at, updated_at, sync_meta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                sale.id.as_str(),
+                sale.ticket_number,
+                sale.pos_id.as_str(),
+                sale.customer_id.as_ref().map(EntityId::as_str),
+                decimal::to_text(sale.subtotal),
+                decimal::to_text(sale.discount_amount),
+                decimal::to_text(sale.total_amount),
+                state.values.get("status").and_then(Value::as_str).unwrap_or("completed"),
+                state.values.get("notes").and_then(Value::as_str),
+                sale.created_at,
+                state.updated_at(),
+                meta,
+            ])?;
+        for (line_no, line) in sale.lines.iter().enumerate() {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO ticket_lines (ticket_id, line_no, product_id, product_name, product_sku, quantity,
+                                               unit_price, discount_rate, discount_amount, total_amount)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?
+                .execute(params![
+                    sale.id.as_str(),
+                    line_no as i64,
+                    line.product_id.as_str(),
+                    line.product_name,
+                    line.product_sku,
+                    decimal::to_text(line.quantity),
+                    decimal::to_text(line.unit_price),
+                    decimal::to_text(line.discount_rate),
+                    decimal::to_text(line.discount_amount),
+                    decimal::to_text(line.total_amount),
+                ])?;
+        }
+        for (line_no, payment) in sale.payments.iter().enumerate() {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO ticket_payments (ticket_id, line_no, method, amount, reference)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    sale.id.as_str(),
+                    line_no as i64,
+                    payment.method.as_str(),
+                    decimal::to_text(payment.amount),
+                    payment.reference,
+                ])?;
+        }
+        for movement in &sale.movements {
+            self.insert_movement(movement)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a stock movement once (by id) and adds it to the product's cached stock.
+    /// Returns false when it was already there.
+    pub(crate) fn insert_movement(&mut self, movement: &StockMovement) -> Result<bool> {
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO stock_movements (id, product_id, type, quantity, reference, pos_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                movement.id.as_str(),
+                movement.product_id.as_str(),
+                movement.kind.as_str(),
+                decimal::to_text(movement.quantity),
+                movement.reference,
+                movement.pos_id.as_str(),
+                movement.created_at,
+            ])?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let stock: Option<String> = self
+            .conn
+            .prepare_cached("SELECT stock FROM products WHERE id = ?1")?
+            .query_row([movement.product_id.as_str()], |row| row.get(0))
+            .optional()?;
+        if let Some(stock) = stock {
+            let stock = decimal::parse(&stock)
+                .map_err(|err| StoreError::Corrupt(format!("products.stock: {err}")))?;
+            self.conn.prepare_cached("UPDATE products SET stock = ?2 WHERE id = ?1")?.execute(params![
+                movement.product_id.as_str(),
+                decimal::to_text(stock + movement.quantity)
+            ])?;
+        }
+        Ok(true)
+    }
+
+    /// The ticket as the API shows it (from the writer connection).
+    pub(crate) fn ticket_json(&self, id: &EntityId) -> Result<Value> {
+        crate::reader::ticket_json(&self.conn, id)?
+            .ok_or_else(|| StoreError::not_found(EntityKind::Ticket, id))
+    }
+}
+
+/// The mutable part of a freshly sold ticket.
+pub(crate) fn sale_state(
+    sale: &Sale,
+    version: possync_core::Version,
+    ctx: possync_core::VersionVector,
+) -> RecordState {
+    let mut state = RecordState { ctx, existence: Some(version.clone()), ..RecordState::default() };
+    state.values.insert("status", json!(TicketStatus::Completed.as_str()));
+    state.versions.insert("status", version.clone());
+    if let Some(notes) = &sale.notes {
+        state.values.insert("notes", json!(notes));
+        state.versions.insert("notes", version);
+    }
+    state
+}
+
+/// A movement as the API shows it.
+pub(crate) fn movement_json(movement: &StockMovement) -> Value {
+    serde_json::to_value(movement).unwrap_or(Value::Null)
+}

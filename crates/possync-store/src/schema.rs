@@ -1,0 +1,276 @@
+//! The database schema, as versioned migrations (rusqlite_migration, tracked in
+//! `PRAGMA user_version`). A migration is never edited once released: add a new one.
+//!
+//! Table and column names of the audit trail (`p2p_*`), its views and `settings` are fixed by
+//! SPEC section 3 (the seed's migration 007) so that the seed's analysis queries run
+//! unmodified. Money and quantities are TEXT holding exact decimals. `created_at` of the audit
+//! tables is `YYYY-MM-DD HH:MM:SS` UTC, the form `datetime('now', ...)` compares against.
+
+use rusqlite_migration::{M, Migrations};
+
+/// Every migration, in order.
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(V1_INITIAL)])
+}
+
+/// The settings (SPEC section 3): key, default value, type, description.
+pub const DEFAULT_SETTINGS: &[(&str, &str, &str, &str)] = &[
+    ("p2p_enabled", "true", "boolean", "Peer-to-peer sync on or off"),
+    ("p2p_auto_sync", "true", "boolean", "Catch up automatically with every peer on connect"),
+    (
+        "p2p_conflict_resolution",
+        "last_write_wins",
+        "string",
+        "last_write_wins, local_wins, remote_wins or manual (only last_write_wins guarantees identical terminals)",
+    ),
+    (
+        "p2p_heartbeat_interval",
+        "30000",
+        "number",
+        "Milliseconds between pings; silence for interval + 10 s is a dead peer",
+    ),
+    (
+        "p2p_reconnect_max_attempts",
+        "10",
+        "number",
+        "Redials of a lost peer before giving up until it is seen again",
+    ),
+    ("p2p_sync_batch_size", "100", "number", "Changes per catch-up batch"),
+    ("p2p_log_retention_days", "30", "number", "Days of sync logs, conflicts and connection metrics kept"),
+];
+
+const V1_INITIAL: &str = r#"
+-- This terminal's identity and counters.
+CREATE TABLE node_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Terminals that originated changes, numbered locally to keep sync metadata small.
+CREATE TABLE sync_origins (
+    idx    INTEGER PRIMARY KEY,
+    pos_id TEXT NOT NULL UNIQUE
+);
+
+-- Every change this node holds, in the order it applied them (log_id: causal order).
+CREATE TABLE sync_changes (
+    log_id      INTEGER PRIMARY KEY,
+    origin      INTEGER NOT NULL REFERENCES sync_origins(idx),
+    seq         INTEGER NOT NULL,
+    hlc         INTEGER,
+    entity_type TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    rejected    INTEGER NOT NULL DEFAULT 0,
+    payload     TEXT NOT NULL,
+    UNIQUE (origin, seq)
+);
+
+-- The node's version vector: all of origin's changes 1..=seq are in sync_changes.
+CREATE TABLE sync_vv (
+    origin INTEGER PRIMARY KEY REFERENCES sync_origins(idx),
+    seq    INTEGER NOT NULL
+);
+
+CREATE TABLE categories (
+    id            TEXT PRIMARY KEY,
+    name          TEXT,
+    description   TEXT,
+    parent_id     TEXT,
+    display_order INTEGER,
+    is_active     INTEGER,
+    created_at    TEXT,
+    updated_at    TEXT,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    sync_meta     TEXT NOT NULL
+);
+
+CREATE TABLE products (
+    id            TEXT PRIMARY KEY,
+    sku           TEXT,
+    barcode       TEXT,
+    name          TEXT,
+    description   TEXT,
+    category_id   TEXT,
+    price         TEXT,
+    cost          TEXT,
+    discount_rate TEXT,
+    stock         TEXT NOT NULL DEFAULT '0',
+    min_stock     TEXT,
+    max_stock     TEXT,
+    unit          TEXT,
+    is_active     INTEGER,
+    image_url     TEXT,
+    created_at    TEXT,
+    updated_at    TEXT,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    sync_meta     TEXT NOT NULL
+);
+CREATE INDEX products_sku ON products(sku) WHERE deleted = 0;
+CREATE INDEX products_barcode ON products(barcode) WHERE deleted = 0 AND barcode IS NOT NULL;
+CREATE INDEX products_category ON products(category_id);
+
+CREATE TABLE customers (
+    id         TEXT PRIMARY KEY,
+    name       TEXT,
+    email      TEXT,
+    phone      TEXT,
+    notes      TEXT,
+    created_at TEXT,
+    updated_at TEXT,
+    deleted    INTEGER NOT NULL DEFAULT 0,
+    sync_meta  TEXT NOT NULL
+);
+
+CREATE TABLE tickets (
+    id              TEXT PRIMARY KEY,
+    ticket_number   TEXT NOT NULL,
+    pos_id          TEXT NOT NULL,
+    customer_id     TEXT,
+    subtotal        TEXT NOT NULL,
+    discount_amount TEXT NOT NULL,
+    total_amount    TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    notes           TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT,
+    sync_meta       TEXT NOT NULL
+);
+CREATE INDEX tickets_created ON tickets(created_at);
+CREATE INDEX tickets_pos ON tickets(pos_id, created_at);
+
+CREATE TABLE ticket_lines (
+    ticket_id       TEXT NOT NULL REFERENCES tickets(id),
+    line_no         INTEGER NOT NULL,
+    product_id      TEXT NOT NULL,
+    product_name    TEXT NOT NULL,
+    product_sku     TEXT NOT NULL,
+    quantity        TEXT NOT NULL,
+    unit_price      TEXT NOT NULL,
+    discount_rate   TEXT NOT NULL,
+    discount_amount TEXT NOT NULL,
+    total_amount    TEXT NOT NULL,
+    PRIMARY KEY (ticket_id, line_no)
+) WITHOUT ROWID;
+
+CREATE TABLE ticket_payments (
+    ticket_id TEXT NOT NULL REFERENCES tickets(id),
+    line_no   INTEGER NOT NULL,
+    method    TEXT NOT NULL,
+    amount    TEXT NOT NULL,
+    reference TEXT,
+    PRIMARY KEY (ticket_id, line_no)
+) WITHOUT ROWID;
+
+CREATE TABLE stock_movements (
+    id         TEXT PRIMARY KEY,
+    product_id TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    quantity   TEXT NOT NULL,
+    reference  TEXT,
+    pos_id     TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX stock_movements_product ON stock_movements(product_id, created_at);
+CREATE INDEX stock_movements_reference ON stock_movements(reference);
+
+-- The seed's audit trail (migration 007 of POSPlus), plus id and created_at.
+CREATE TABLE p2p_sync_logs (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer_id             TEXT,
+    peer_name           TEXT,
+    message_type        TEXT,
+    message_action      TEXT,
+    entity_type         TEXT CHECK (entity_type IN ('product', 'category', 'customer', 'ticket', 'stock')),
+    entity_id           TEXT,
+    status              TEXT NOT NULL CHECK (status IN ('success', 'conflict', 'error', 'skipped')),
+    conflict_reason     TEXT,
+    resolution_strategy TEXT,
+    details             TEXT,
+    created_at          DATETIME NOT NULL DEFAULT (datetime('now'))
+);
+CREATE INDEX idx_p2p_sync_logs_created ON p2p_sync_logs(created_at);
+CREATE INDEX idx_p2p_sync_logs_peer ON p2p_sync_logs(peer_id, created_at);
+
+CREATE TABLE p2p_conflicts (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer_id             TEXT,
+    peer_name           TEXT,
+    entity_type         TEXT NOT NULL,
+    entity_id           TEXT NOT NULL,
+    conflict_type       TEXT NOT NULL,
+    local_data          TEXT,
+    remote_data         TEXT,
+    local_updated_at    TEXT,
+    remote_updated_at   TEXT,
+    resolution_strategy TEXT NOT NULL,
+    final_data          TEXT,
+    resolved_by         TEXT,
+    resolved_at         DATETIME,
+    notes               TEXT,
+    created_at          DATETIME NOT NULL DEFAULT (datetime('now'))
+);
+CREATE INDEX idx_p2p_conflicts_created ON p2p_conflicts(created_at);
+CREATE INDEX idx_p2p_conflicts_entity ON p2p_conflicts(entity_type, entity_id);
+
+CREATE TABLE p2p_connection_metrics (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer_id           TEXT NOT NULL,
+    peer_name         TEXT,
+    event_type        TEXT NOT NULL CHECK (event_type IN ('connected', 'disconnected', 'reconnected',
+                                                          'heartbeat_timeout', 'sync_completed', 'sync_failed')),
+    messages_sent     INTEGER DEFAULT 0,
+    messages_received INTEGER DEFAULT 0,
+    bytes_sent        INTEGER DEFAULT 0,
+    bytes_received    INTEGER DEFAULT 0,
+    sync_duration_ms  INTEGER,
+    error_message     TEXT,
+    created_at        DATETIME NOT NULL DEFAULT (datetime('now'))
+);
+CREATE INDEX idx_p2p_connection_metrics_created ON p2p_connection_metrics(created_at);
+CREATE INDEX idx_p2p_connection_metrics_peer ON p2p_connection_metrics(peer_id, created_at);
+
+CREATE VIEW v_p2p_recent_activity AS
+SELECT peer_id, peer_name, message_type, message_action, entity_type, status,
+       COUNT(*) AS count, MAX(created_at) AS last_activity
+FROM p2p_sync_logs
+WHERE created_at >= datetime('now', '-1 hour')
+GROUP BY peer_id, peer_name, message_type, message_action, entity_type, status;
+
+CREATE VIEW v_p2p_conflict_summary AS
+SELECT peer_id, peer_name, entity_type, conflict_type, resolution_strategy,
+       COUNT(*) AS conflict_count,
+       SUM(CASE WHEN resolved_by IS NULL THEN 1 ELSE 0 END) AS open_count,
+       MAX(created_at) AS last_conflict
+FROM p2p_conflicts
+WHERE created_at >= datetime('now', '-24 hours')
+GROUP BY peer_id, peer_name, entity_type, conflict_type, resolution_strategy;
+
+CREATE VIEW v_p2p_connection_health AS
+SELECT peer_id, peer_name, event_type,
+       COUNT(*) AS event_count,
+       SUM(messages_sent) AS total_messages_sent,
+       SUM(messages_received) AS total_messages_received,
+       SUM(bytes_sent) AS total_bytes_sent,
+       SUM(bytes_received) AS total_bytes_received,
+       AVG(sync_duration_ms) AS avg_sync_duration_ms,
+       MAX(created_at) AS last_event
+FROM p2p_connection_metrics
+WHERE created_at >= datetime('now', '-1 hour')
+GROUP BY peer_id, peer_name, event_type;
+
+CREATE TABLE settings (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    description TEXT
+);
+"#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_valid() {
+        super::migrations().validate().unwrap();
+    }
+}

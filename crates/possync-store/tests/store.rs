@@ -1,0 +1,290 @@
+//! The store end to end on real SQLite files: local writes, validation, sync between two
+//! terminals, conflicts and their audit rows.
+
+mod common;
+
+use common::{ManualClock, sync, terminal};
+use possync_core::entity::{MovementType, PaymentMethod};
+use possync_core::{EntityId, EntityKind};
+use possync_store::{PaymentRequest, Resolution, SaleLineRequest, SaleRequest, Store, StoreError};
+use rust_decimal::Decimal;
+use serde_json::json;
+
+fn dec(raw: &str) -> Decimal {
+    raw.parse().unwrap()
+}
+
+fn id(raw: &str) -> EntityId {
+    EntityId::parse(raw).unwrap()
+}
+
+fn sale(product: &str, quantity: &str, paid: &str) -> SaleRequest {
+    SaleRequest {
+        id: None,
+        customer_id: None,
+        lines: vec![SaleLineRequest {
+            product_id: id(product),
+            quantity: dec(quantity),
+            unit_price: None,
+            discount_rate: None,
+        }],
+        payments: vec![PaymentRequest { method: PaymentMethod::Cash, amount: dec(paid), reference: None }],
+        notes: None,
+    }
+}
+
+#[test]
+fn init_refuses_to_overwrite_and_open_needs_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let a = terminal(&dir, "a", &clock, 0);
+    let again = Store::init(&a.path, None, "x", common::env(&clock, 0, 1));
+    assert!(matches!(again, Err(StoreError::AlreadyInitialized(_))), "{again:?}");
+    let missing = Store::open(&dir.path().join("none.db"), common::env(&clock, 0, 1));
+    assert!(matches!(missing, Err(StoreError::NotInitialized(_))));
+}
+
+#[test]
+fn local_writes_validate_and_leave_nothing_behind_when_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let tea = a
+        .store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2.5}))
+        .unwrap();
+    assert_eq!(tea["price"], json!(2.5));
+    assert_eq!(tea["stock"], json!(0.0));
+    assert_eq!(tea["isActive"], json!(true));
+    let changes_before = a.count("SELECT COUNT(*) FROM sync_changes");
+
+    let rejected = [
+        a.store
+            .create_record(EntityKind::Product, &json!({"sku": "T1", "name": "Other", "price": 1}))
+            .unwrap_err(),
+        a.store
+            .create_record(EntityKind::Product, &json!({"sku": "T2", "name": "Bad", "price": -1}))
+            .unwrap_err(),
+        a.store
+            .create_record(
+                EntityKind::Product,
+                &json!({"sku": "T3", "name": "Cat", "price": 1, "categoryId": "nope"}),
+            )
+            .unwrap_err(),
+        a.store.record_sale(&sale("unknown", "1", "10")).unwrap_err(),
+        a.store.record_sale(&sale("tea", "1", "1")).unwrap_err(),
+        a.store.record_sale(&SaleRequest { lines: vec![], ..sale("tea", "1", "5") }).unwrap_err(),
+        a.store.update_record(EntityKind::Product, &id("ghost"), &json!({"price": 1})).unwrap_err(),
+        a.store.adjust_stock(&id("tea"), dec("-1"), MovementType::In, None).unwrap_err(),
+    ];
+    assert!(matches!(rejected[0], StoreError::Duplicate { field: "sku", .. }), "{:?}", rejected[0]);
+    assert!(matches!(rejected[1], StoreError::Invalid(_)));
+    assert!(matches!(rejected[6], StoreError::NotFound { .. }));
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), changes_before);
+    assert_eq!(a.count("SELECT COUNT(*) FROM tickets"), 0);
+    assert_eq!(a.count("SELECT COUNT(*) FROM products"), 1);
+}
+
+#[test]
+fn sales_refunds_and_counts_move_stock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    a.store
+        .create_record(
+            EntityKind::Product,
+            &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": "2.50", "discountRate": 0.1}),
+        )
+        .unwrap();
+    a.store.adjust_stock(&id("tea"), dec("10"), MovementType::In, Some("delivery 1")).unwrap();
+    let ticket = a.store.record_sale(&sale("tea", "3", "10")).unwrap();
+    assert_eq!(ticket["subtotal"], json!(7.5));
+    assert_eq!(ticket["discountAmount"], json!(0.75));
+    assert_eq!(ticket["totalAmount"], json!(6.75));
+    assert_eq!(ticket["status"], json!("completed"));
+    let ticket_id = id(ticket["id"].as_str().unwrap());
+    assert!(ticket["ticketNumber"].as_str().unwrap().ends_with("-000001"));
+
+    let stock = |a: &common::Terminal| {
+        a.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap()["stock"].clone()
+    };
+    assert_eq!(stock(&a), json!(7.0));
+    let partial = a
+        .store
+        .refund_ticket(
+            &ticket_id,
+            Some(&[possync_store::RefundLine { product_id: id("tea"), quantity: dec("1") }]),
+            Some("broken"),
+        )
+        .unwrap();
+    assert_eq!(partial["status"], json!("partially_refunded"));
+    assert_eq!(stock(&a), json!(8.0));
+    assert!(
+        a.store
+            .refund_ticket(
+                &ticket_id,
+                Some(&[possync_store::RefundLine { product_id: id("tea"), quantity: dec("3") }]),
+                None
+            )
+            .is_err()
+    );
+    let full = a.store.refund_ticket(&ticket_id, None, None).unwrap();
+    assert_eq!(full["status"], json!("refunded"));
+    assert_eq!(stock(&a), json!(10.0));
+    assert!(a.store.cancel_ticket(&ticket_id, None).is_err());
+
+    let count = a.store.count_stock(&id("tea"), dec("4"), Some("inventory")).unwrap();
+    assert_eq!(count["quantity"], json!(-6.0));
+    assert_eq!(stock(&a), json!(4.0));
+}
+
+#[test]
+fn two_terminals_sync_both_ways_and_end_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 250);
+    a.store.create_record(EntityKind::Category, &json!({"id": "drinks", "name": "Drinks"})).unwrap();
+    a.store
+        .create_record(
+            EntityKind::Product,
+            &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2.5, "categoryId": "drinks"}),
+        )
+        .unwrap();
+    a.store.adjust_stock(&id("tea"), dec("10"), MovementType::In, None).unwrap();
+    let report = sync(&mut a, &mut b, 2);
+    assert_eq!((report.applied, report.conflicts, report.errors), (3, 0, 0));
+
+    // Both sell the same product while apart: both sales count.
+    clock.advance(1000);
+    a.store.record_sale(&sale("tea", "2", "5")).unwrap();
+    b.store.record_sale(&sale("tea", "3", "10")).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(
+        a.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap()["stock"],
+        json!(5.0)
+    );
+    assert_eq!(a.count("SELECT COUNT(*) FROM p2p_conflicts"), 0);
+
+    // Sequential edit: no conflict.
+    clock.advance(1000);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 4})).unwrap();
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.count("SELECT COUNT(*) FROM p2p_conflicts"), 0);
+    assert_eq!(b.count("SELECT COUNT(*) FROM p2p_conflicts"), 0);
+
+    // Concurrent edits of the same field: a conflict row on both sides, same winner.
+    clock.advance(1000);
+    a.store
+        .update_record(EntityKind::Product, &id("tea"), &json!({"price": 5, "name": "Green tea"}))
+        .unwrap();
+    clock.advance(10);
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 6})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    let tea = a.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+    assert_eq!((tea["price"].clone(), tea["name"].clone()), (json!(6.0), json!("Green tea")));
+    for t in [&a, &b] {
+        let rows = t.query("SELECT conflict_type, resolution_strategy, resolved_by, local_data, remote_data, final_data, notes FROM p2p_conflicts");
+        assert_eq!(rows.len(), 1, "{}: {rows:?}", t.name);
+        assert_eq!(rows[0]["conflictType"], json!("update_conflict"));
+        assert_eq!(rows[0]["resolvedBy"], json!("system"));
+        assert_eq!(t.count("SELECT COUNT(*) FROM p2p_sync_logs WHERE status = 'conflict'"), 1);
+    }
+
+    // Duplicate delivery changes nothing and is logged as skipped.
+    let dump = b.dump();
+    let all = a.store.reader().unwrap().select_changes(&Default::default(), 0, 10_000).unwrap();
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, &all.changes).unwrap();
+    assert_eq!(report.applied + report.conflicts, 0);
+    assert_eq!(b.dump(), dump);
+}
+
+#[test]
+fn delete_against_concurrent_update_and_manual_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store.create_record(EntityKind::Customer, &json!({"id": "c1", "name": "Ann"})).unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(100);
+    a.store.delete_record(EntityKind::Customer, &id("c1")).unwrap();
+    clock.advance(100);
+    b.store.update_record(EntityKind::Customer, &id("c1"), &json!({"phone": "555"})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    // The update is newer: the customer lives on, everywhere.
+    assert!(a.store.reader().unwrap().record(EntityKind::Customer, &id("c1")).unwrap().is_some());
+    assert_eq!(a.count("SELECT COUNT(*) FROM p2p_conflicts WHERE conflict_type = 'delete_conflict'"), 1);
+
+    // Manual: the conflict stays open until a person resolves it.
+    b.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    clock.advance(100);
+    a.store.update_record(EntityKind::Customer, &id("c1"), &json!({"name": "Anna"})).unwrap();
+    b.store.update_record(EntityKind::Customer, &id("c1"), &json!({"name": "Annie"})).unwrap();
+    sync(&mut a, &mut b, 100);
+    let open = b.query("SELECT id, resolved_by FROM p2p_conflicts WHERE resolved_by IS NULL");
+    assert_eq!(open.len(), 1);
+    let conflict_id = open[0]["id"].as_i64().unwrap();
+    assert_eq!(
+        b.store.reader().unwrap().record(EntityKind::Customer, &id("c1")).unwrap().unwrap()["name"],
+        json!("Annie")
+    );
+    let resolved = b.store.resolve_conflict(conflict_id, &Resolution::Remote, "manager-7").unwrap();
+    assert_eq!(resolved["resolvedBy"], json!("manager-7"));
+    assert!(matches!(
+        b.store.resolve_conflict(conflict_id, &Resolution::Local, "x"),
+        Err(StoreError::ConflictResolved(_))
+    ));
+    sync(&mut b, &mut a, 100);
+    sync(&mut a, &mut b, 100);
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(
+        a.store.reader().unwrap().record(EntityKind::Customer, &id("c1")).unwrap().unwrap()["name"],
+        json!("Anna")
+    );
+}
+
+#[test]
+fn gaps_are_refused_and_caught_up_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    for i in 0..3 {
+        a.store.create_record(EntityKind::Customer, &json!({"id": format!("c{i}"), "name": "X"})).unwrap();
+    }
+    let all = a.store.reader().unwrap().select_changes(&Default::default(), 0, 100).unwrap();
+    let peer = possync_store::PeerRef { id: "a", name: "a" };
+    let report = b.store.apply_batch(peer, &all.changes[2..]).unwrap();
+    assert!(report.gap);
+    assert_eq!(report.applied, 0);
+    sync(&mut a, &mut b, 100);
+    assert_eq!(a.dump(), b.dump());
+}
+
+#[test]
+fn the_seed_analysis_queries_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let a = terminal(&dir, "a", &clock, 0);
+    for sql in [
+        "SELECT * FROM p2p_conflicts WHERE created_at >= datetime('now', '-24 hours') ORDER BY created_at DESC",
+        "SELECT * FROM v_p2p_connection_health WHERE last_event >= datetime('now', '-1 hour')",
+        "SELECT status, COUNT(*) as count, ROUND(COUNT(*) * 100.0 / SUM(COUNT(*)) OVER(), 2) as percentage FROM p2p_sync_logs WHERE created_at >= datetime('now', '-24 hours') GROUP BY status",
+        "SELECT peer_name, SUM(messages_sent) as total_messages, SUM(bytes_sent) as total_bytes, AVG(sync_duration_ms) as avg_sync_time FROM p2p_connection_metrics WHERE created_at >= datetime('now', '-24 hours') GROUP BY peer_name",
+        "SELECT * FROM v_p2p_recent_activity",
+        "SELECT * FROM v_p2p_conflict_summary",
+    ] {
+        a.query(sql);
+    }
+    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 7);
+}
