@@ -459,3 +459,281 @@ fn invalid(field: &str, reason: impl ToString) -> ProtocolError {
 fn echo(text: &str) -> String {
     text.chars().take(ECHO_LEN).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal::Decimal;
+    use serde_json::json;
+
+    use super::*;
+    use crate::change::{Change, ChangeBody, TicketAction};
+    use crate::entity::{MovementType, Payment, PaymentMethod, Sale, StockMovement, TicketLine};
+    use crate::hlc::Hlc;
+    use crate::ids::EntityId;
+    use crate::protocol::test_util::{change, pos, vv};
+
+    fn message(body: Body) -> Message {
+        Message { id: "a-7".into(), timestamp: "2025-11-23T10:05:00.123Z".into(), source_pos: pos("a"), body }
+    }
+
+    fn envelope(kind: &str, action: &str, data: Value) -> Value {
+        json!({"id": "a-7", "type": kind, "action": action, "data": data,
+               "timestamp": "2025-11-23T10:05:00.123Z", "sourcePos": "a"})
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let stamped = |origin, seq| StampedChange::new(change(origin, seq), "data").unwrap();
+        let hello = Hello {
+            pos_id: pos("a"),
+            pos_name: "Till 1".into(),
+            protocol_version: 1,
+            summary: vv(&[("a", 4)]),
+        };
+        let bodies = [
+            Body::Hello(hello.clone()),
+            Body::HelloAck(hello),
+            Body::Ping,
+            Body::Pong(Pong { ping: "b-3".into() }),
+            Body::Change(stamped("a", 2)),
+            Body::SyncBatch(SyncBatch { changes: vec![stamped("a", 1), stamped("c", 9)], has_more: true }),
+            Body::SyncBatch(SyncBatch { changes: vec![], has_more: false }),
+            Body::SyncAck(SyncAck { count: 2 }),
+            Body::SyncRequest(SyncRequest { summary: vv(&[("a", 1), ("b", 2)]) }),
+            Body::Error(ErrorData { code: "bad_json".into(), message: "oops".into() }),
+        ];
+        for body in bodies {
+            let original = message(body);
+            let text = original.encode();
+            assert_eq!(Message::parse(&text), Ok(original), "{text}");
+            assert!(text.starts_with(r#"{"id":"a-7","type":""#), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_envelope_is_as_documented() {
+        let text = message(Body::Pong(Pong { ping: "b-3".into() })).encode();
+        assert_eq!(
+            text,
+            r#"{"id":"a-7","type":"pong","action":"heartbeat","data":{"ping":"b-3"},"timestamp":"2025-11-23T10:05:00.123Z","sourcePos":"a"}"#
+        );
+        let live = change("b", 5);
+        let text = message(Body::Change(StampedChange::new(live.clone(), "data").unwrap())).encode();
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value, envelope("category", "create", live.data));
+    }
+
+    #[test]
+    fn bad_frames_are_refused_with_the_right_code() {
+        let hello =
+            |version: Value| json!({"posId": "a", "posName": "x", "protocolVersion": version, "summary": {}});
+        let stamped = |sync: Value| json!({"id": "c1", "name": "Tea", "sync": sync});
+        let cases: Vec<(String, &str)> = vec![
+            ("".into(), "bad_json"),
+            ("{\"type\":".into(), "bad_json"),
+            ("[1,2]".into(), "bad_json"),
+            ("\"hello\"".into(), "bad_json"),
+            (" ".repeat(MAX_FRAME_LEN + 1), "frame_too_large"),
+            (envelope("sale", "create", json!({})).to_string(), "unknown_type"),
+            (envelope("HELLO", "request", json!({})).to_string(), "unknown_type"),
+            (json!({"type": 7}).to_string(), "invalid_field"),
+            (json!({"action": "request"}).to_string(), "invalid_field"),
+            (envelope("ping", "pong", json!({})).to_string(), "invalid_field"),
+            (envelope("ping", "heartbeat", json!([])).to_string(), "invalid_field"),
+            (envelope("hello", "request", hello(json!(2))).to_string(), "version_mismatch"),
+            (envelope("hello", "request", hello(json!("1"))).to_string(), "invalid_field"),
+            (envelope("hello", "request", json!({"posId": "a"})).to_string(), "invalid_field"),
+            (envelope("hello", "request", json!({"posId": "a", "posName": "x", "protocolVersion": 1, "summary": {"a": -1}})).to_string(), "invalid_field"),
+            (envelope("hello-ack", "accept", json!({"posId": "a b", "posName": "x", "protocolVersion": 1, "summary": {}})).to_string(), "invalid_field"),
+            (envelope("pong", "heartbeat", json!({"ping": 3})).to_string(), "invalid_field"),
+            (envelope("sync_ack", "ack", json!({"count": "2"})).to_string(), "invalid_field"),
+            (envelope("sync_batch", "push", json!({"changes": [], "hasMore": "no"})).to_string(), "invalid_field"),
+            (envelope("sync_batch", "push", json!({"changes": {}, "hasMore": false})).to_string(), "invalid_field"),
+            (envelope("sync_batch", "push", json!({"changes": [{"type": "category", "action": "create", "data": stamped(json!({"origin": "a"}))}], "hasMore": false})).to_string(), "invalid_field"),
+            (envelope("sync_request", "request", json!({})).to_string(), "invalid_field"),
+            (envelope("error", "reject", json!({"code": 1, "message": "x"})).to_string(), "invalid_field"),
+            (envelope("category", "create", json!({"id": "c1", "name": "Tea"})).to_string(), "invalid_field"),
+            (envelope("category", "create", stamped(json!({"origin": "a", "seq": 0}))).to_string(), "invalid_field"),
+            (envelope("category", "create", stamped(json!({"origin": "a", "seq": -3}))).to_string(), "invalid_field"),
+            (envelope("category", "create", stamped(json!({"origin": "", "seq": 1}))).to_string(), "invalid_field"),
+            (envelope("category", "create", stamped(json!({"origin": 5, "seq": 1}))).to_string(), "invalid_field"),
+            (json!({"id": "a-1", "type": "ping", "action": "heartbeat", "data": {}, "sourcePos": "a"}).to_string(), "invalid_field"),
+        ];
+        for (text, code) in cases {
+            let error = Message::parse(&text).expect_err(&text.chars().take(200).collect::<String>());
+            assert_eq!(error.code(), code, "{error} for {}", text.chars().take(200).collect::<String>());
+        }
+    }
+
+    #[test]
+    fn a_change_action_is_left_to_the_store() {
+        let mut odd = change("a", 1);
+        odd.action = "explode".into();
+        let text = envelope("category", "explode", odd.data.clone()).to_string();
+        let Ok(Message { body: Body::Change(parsed), .. }) = Message::parse(&text) else {
+            panic!("a stamped change parses whatever its action");
+        };
+        assert_eq!((parsed.origin, parsed.seq, parsed.wire), (pos("a"), Seq(1), odd));
+    }
+
+    #[test]
+    fn type_and_action_are_peeked_for_reports() {
+        assert_eq!(peek_type_action(r#"{"type":"ticket","action":7}"#), ("ticket".into(), "".into()));
+        assert_eq!(peek_type_action("nope"), ("".into(), "".into()));
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(500));
+        assert_eq!(peek_type_action(&long).0.len(), ECHO_LEN);
+    }
+
+    /// The examples in `docs/PROTOCOL.md`, from the real encoders. Run with
+    /// `cargo test -p possync-core print_protocol_examples -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "prints the documentation examples"]
+    fn print_protocol_examples() {
+        let ms = 1_763_892_300_123;
+        let hlc = |offset: u64, counter| Some(Hlc::new(ms + offset, counter).unwrap());
+        let id = |raw: &str| EntityId::parse(raw).unwrap();
+        let dec = |raw: &str| raw.parse::<Decimal>().unwrap();
+        let fields =
+            |pairs: Value| crate::entity::parse_fields(crate::entity::EntityKind::Product, &pairs).unwrap();
+        let till1 = pos("till-1");
+        let base = |seq: u64, entity, record: &str, body, offset| Change {
+            origin: till1.clone(),
+            seq: Seq(seq),
+            hlc: hlc(offset, 0),
+            ctx: vv(&[("till-1", seq)]),
+            entity,
+            id: id(record),
+            body,
+        };
+        use crate::entity::EntityKind::*;
+        let movement = |record: &str, kind, quantity: &str, reference: &str| StockMovement {
+            id: id(record),
+            product_id: id("prod-tea"),
+            kind,
+            quantity: dec(quantity),
+            reference: Some(reference.into()),
+            pos_id: till1.clone(),
+            created_at: "2025-11-23T10:05:00.123Z".into(),
+        };
+        let sale = Sale {
+            id: id("tkt-0001"),
+            ticket_number: "T1-000001".into(),
+            pos_id: till1.clone(),
+            customer_id: Some(id("cust-ana")),
+            lines: vec![TicketLine {
+                product_id: id("prod-tea"),
+                product_name: "Green tea".into(),
+                product_sku: "TEA-01".into(),
+                quantity: dec("2"),
+                unit_price: dec("2.5"),
+                discount_rate: dec("0"),
+                discount_amount: dec("0"),
+                total_amount: dec("5"),
+            }],
+            payments: vec![Payment { method: PaymentMethod::Cash, amount: dec("5"), reference: None }],
+            subtotal: dec("5"),
+            discount_amount: dec("0"),
+            total_amount: dec("5"),
+            notes: None,
+            created_at: "2025-11-23T10:05:00.123Z".into(),
+            movements: vec![movement("mov-0001", MovementType::Sale, "-2", "tkt-0001")],
+        };
+        let mut customer_ctx = vv(&[("till-1", 4)]);
+        customer_ctx.observe(&pos("till-2"), Seq(7));
+        let status = |status: &str, notes: &str| {
+            crate::entity::parse_fields(Ticket, &json!({"status": status, "notes": notes})).unwrap()
+        };
+        let changes = [
+            base(
+                1,
+                Product,
+                "prod-tea",
+                ChangeBody::Upsert {
+                    create: true,
+                    fields: fields(
+                        json!({"sku": "TEA-01", "name": "Green tea", "price": 2.5, "categoryId": "cat-drinks", "isActive": true}),
+                    ),
+                },
+                0,
+            ),
+            base(
+                2,
+                Product,
+                "prod-tea",
+                ChangeBody::Upsert { create: false, fields: fields(json!({"price": 2.75})) },
+                1_000,
+            ),
+            base(3, Product, "prod-old", ChangeBody::Delete, 2_000),
+            Change {
+                ctx: customer_ctx,
+                ..base(
+                    4,
+                    Customer,
+                    "cust-ana",
+                    ChangeBody::Upsert {
+                        create: false,
+                        fields: crate::entity::parse_fields(Customer, &json!({"phone": "+34 600 000 000"}))
+                            .unwrap(),
+                    },
+                    3_000,
+                )
+            },
+            base(5, Ticket, "tkt-0001", ChangeBody::Sale(Box::new(sale)), 4_000),
+            base(
+                6,
+                Ticket,
+                "tkt-0001",
+                ChangeBody::TicketStatus {
+                    action: TicketAction::Refund,
+                    fields: status("partially_refunded", "1 tea returned"),
+                    returns: vec![movement("mov-0002", MovementType::Return, "1", "tkt-0001")],
+                },
+                5_000,
+            ),
+            base(
+                7,
+                Ticket,
+                "tkt-0002",
+                ChangeBody::TicketStatus {
+                    action: TicketAction::Cancel,
+                    fields: status("cancelled", "wrong customer"),
+                    returns: vec![],
+                },
+                6_000,
+            ),
+            base(
+                8,
+                Stock,
+                "mov-0003",
+                ChangeBody::Movement {
+                    count: false,
+                    movement: movement("mov-0003", MovementType::In, "24", "delivery 118"),
+                },
+                7_000,
+            ),
+            base(
+                9,
+                Stock,
+                "mov-0004",
+                ChangeBody::Movement {
+                    count: true,
+                    movement: movement("mov-0004", MovementType::Adjustment, "-3", "count 2025-11-23"),
+                },
+                8_000,
+            ),
+        ];
+        for change in &changes {
+            let wire = change.to_wire();
+            assert_eq!(Change::from_wire(&wire).as_ref(), Ok(change), "examples must decode");
+            println!("### {} {}\n", wire.entity, wire.action);
+            print_envelope(&wire.entity, &wire.action, &wire.data);
+        }
+    }
+
+    fn print_envelope(kind: &str, action: &str, data: &Value) {
+        let data = serde_json::to_string_pretty(data).unwrap().replace('\n', "\n  ");
+        println!(
+            "```json\n{{\n  \"id\": \"till-1-42\",\n  \"type\": \"{kind}\",\n  \"action\": \"{action}\",\n  \"data\": {data},\n  \"timestamp\": \"2025-11-23T10:05:09.200Z\",\n  \"sourcePos\": \"till-1\"\n}}\n```\n"
+        );
+    }
+}
