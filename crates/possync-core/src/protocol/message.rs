@@ -584,6 +584,26 @@ mod tests {
         assert_eq!(peek_type_action(&long).0.len(), ECHO_LEN);
     }
 
+    #[test]
+    fn every_example_in_the_protocol_document_parses() {
+        let document = include_str!("../../../../docs/PROTOCOL.md");
+        let blocks: Vec<&str> =
+            document.split("```json\n").skip(1).filter_map(|rest| rest.split("\n```").next()).collect();
+        assert!(blocks.len() >= 18, "found {} examples", blocks.len());
+        for block in blocks {
+            let parsed = Message::parse(block);
+            assert!(parsed.is_ok(), "{parsed:?} for\n{block}");
+            let changes = match parsed {
+                Ok(Message { body: Body::Change(change), .. }) => vec![change],
+                Ok(Message { body: Body::SyncBatch(batch), .. }) => batch.changes,
+                _ => vec![],
+            };
+            for change in changes {
+                assert!(Change::from_wire(&change.wire).is_ok(), "{block}");
+            }
+        }
+    }
+
     /// The examples in `docs/PROTOCOL.md`, from the real encoders. Run with
     /// `cargo test -p possync-core print_protocol_examples -- --ignored --nocapture`.
     #[test]
