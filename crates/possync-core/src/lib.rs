@@ -4,15 +4,15 @@
 //! SQLite, no wall clock: callers pass time and randomness in, so every function here is
 //! deterministic and testable on its own.
 //!
-//! - [`ids`]: terminal, record and sequence identifiers.
-//! - [`hlc`]: the hybrid logical clock that orders writes.
-//! - [`vv`]: version vectors (what a node or a record has seen).
-//! - [`entity`]: the shop's data and its validation rules.
-//! - [`decimal`]: exact amounts.
-//! - [`change`]: a write as it travels, and its wire form.
-//! - [`merge`]: the merge rules as a pure function.
-//! - [`protocol`]: the peer protocol (messages and the per-connection session state machine).
-//! - [`time`]: timestamp formats.
+//! - [`ids`] — terminal, record and sequence identifiers.
+//! - [`hlc`] — the hybrid logical clock that orders writes.
+//! - [`vv`] — version vectors (what a node or a record has seen).
+//! - [`entity`] — the shop's data and its validation rules.
+//! - [`decimal`] — exact amounts.
+//! - [`change`] — a write as it travels, and its wire form.
+//! - [`merge`] — the merge rules as a pure function.
+//! - [`protocol`] — the peer protocol (messages and the per-connection session state machine).
+//! - [`time`] — timestamp formats.
 
 pub mod change;
 pub mod decimal;

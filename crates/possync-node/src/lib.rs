@@ -1,1 +1,30 @@
-//! The possync node (tokio driver).
+//! # possync-node
+//!
+//! The tokio side of a terminal: everything that waits. It drives the sans-IO protocol of
+//! `possync-core` with real sockets and timers, and the `possync-store` database through a
+//! single writer thread.
+//!
+//! - [`node`] — start and stop a node; the state its tasks share.
+//! - [`writer`] — the single database writer, with priority queues.
+//! - [`transport`] — the secure channel (Noise over WebSocket).
+//! - [`connection`] — one task per peer connection, driving a protocol session.
+//! - [`peers`] — what is known about each peer (status, detailed stats).
+//! - [`dialer`] — redialling with backoff.
+//! - [`discovery`] — mDNS.
+//! - [`metrics`] — Prometheus.
+//! - [`api`] — the HTTP API and dashboard.
+//! - [`config`] — `possync.toml`.
+
+pub mod api;
+pub mod config;
+pub mod connection;
+pub mod dialer;
+pub mod discovery;
+pub mod metrics;
+pub mod node;
+pub mod peers;
+pub mod transport;
+pub mod writer;
+
+pub use config::{ConfigFile, NodeConfig};
+pub use node::{Node, NodeShared};

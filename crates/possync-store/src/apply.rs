@@ -47,6 +47,8 @@ pub struct ApplyReport {
     /// True when a change was refused because an earlier one from its origin is missing:
     /// the session should ask the peer to catch up again.
     pub gap: bool,
+    /// (conflict_type, strategy) of each conflict, for the metrics.
+    pub conflict_kinds: Vec<(String, String)>,
 }
 
 /// The outcome of one change, for its log row.
@@ -76,6 +78,28 @@ impl Store {
             }
             Ok(report)
         })
+    }
+
+    /// Logs a frame from a peer that was refused before reaching the merge (malformed
+    /// JSON, unknown type, a protocol violation): one `p2p_sync_logs` row with status error.
+    pub fn log_rejected_message(
+        &mut self,
+        peer_id: &str,
+        peer_name: &str,
+        message_type: &str,
+        message_action: &str,
+        error: &str,
+    ) -> Result<()> {
+        let log = SyncLog {
+            peer_id,
+            peer_name,
+            message_type,
+            message_action,
+            entity_type: message_type.parse::<EntityKind>().ok(),
+            entity_id: None,
+        };
+        let details = json!({"error": error.chars().take(2000).collect::<String>()});
+        self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
     fn apply_one(&mut self, peer: PeerRef<'_>, wire: &WireChange, report: &mut ApplyReport) -> Result<()> {
@@ -168,6 +192,10 @@ impl Store {
         let details = json!({"origin": origin, "seq": seq});
         self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
         if let Some(conflict) = outcome.conflict {
+            report.conflict_kinds.push((
+                conflict.report.conflict_type.as_str().to_string(),
+                conflict.report.strategy.as_str().to_string(),
+            ));
             self.log_conflict(peer, &conflict)?;
         }
         Ok(())

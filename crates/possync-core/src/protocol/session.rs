@@ -520,6 +520,26 @@ impl Session {
         self.send_sync_request(local_summary);
     }
 
+    /// Runs outgoing catch-up again from what the peer is known to hold. The driver calls
+    /// this when it fell behind the node's stream of changes and some never reached
+    /// [`send_change`](Self::send_change): the store still has them.
+    pub fn resync(&mut self) {
+        if self.is_established() {
+            let since = self.peer_known.clone();
+            self.restart_catch_up(since);
+        }
+    }
+
+    /// Applies changed settings to a live session (SPEC: settings take effect without a
+    /// restart): the heartbeat period from the next ping on, the batch size from the next batch.
+    pub fn update_settings(&mut self, heartbeat_interval_ms: u64, batch_size: usize) {
+        self.config.heartbeat_interval_ms = heartbeat_interval_ms;
+        self.config.batch_size = batch_size;
+        if let Some(ping_at) = self.next_ping_ms {
+            self.next_ping_ms = Some(ping_at.min(self.now_ms + self.heartbeat_interval()));
+        }
+    }
+
     /// Ends the session: emits [`Event::Closed`] once. Frames already queued can still be
     /// polled; nothing new is queued.
     pub fn close(&mut self, reason: &str) {

@@ -1,0 +1,193 @@
+//! The node's configuration: the `possync.toml` file written by `possync init`, and the
+//! runtime [`NodeConfig`] built from it plus command-line overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The config file name inside a data directory.
+pub const CONFIG_FILE: &str = "possync.toml";
+/// Default peer port (SPEC section 4).
+pub const DEFAULT_PEER_PORT: u16 = 3030;
+/// Default API port (SPEC section 6).
+pub const DEFAULT_API_PORT: u16 = 3031;
+
+/// What `possync.toml` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// This terminal's posId (informational: the database is the source of truth).
+    pub pos_id: String,
+    /// Display name.
+    pub name: String,
+    /// Peer port.
+    #[serde(default = "default_peer_port")]
+    pub port: u16,
+    /// API port.
+    #[serde(default = "default_api_port")]
+    pub api_port: u16,
+    /// Address the API binds to; anything but loopback requires the API token.
+    #[serde(default = "default_api_bind")]
+    pub api_bind: String,
+    /// Address the peer listener binds to.
+    #[serde(default = "default_peer_bind")]
+    pub peer_bind: String,
+    /// The shop's shared secret (`POSSYNC_SECRET` overrides it).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Bearer token for API calls when bound off loopback.
+    pub api_token: String,
+    /// Find peers by mDNS.
+    #[serde(default = "default_true")]
+    pub discovery: bool,
+    /// Static peers, `host:port`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Most simultaneous peer connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest frame accepted from a peer, in bytes.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+}
+
+fn default_peer_port() -> u16 {
+    DEFAULT_PEER_PORT
+}
+fn default_api_port() -> u16 {
+    DEFAULT_API_PORT
+}
+fn default_api_bind() -> String {
+    "127.0.0.1".into()
+}
+fn default_peer_bind() -> String {
+    "0.0.0.0".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_max_frame_bytes() -> usize {
+    16 * 1024 * 1024
+}
+
+/// Why the configuration could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An address is malformed.
+    #[error("invalid address {0:?}")]
+    Address(String),
+}
+
+impl ConfigFile {
+    /// A fresh configuration with defaults.
+    pub fn new(pos_id: &str, name: &str, api_token: String) -> ConfigFile {
+        ConfigFile {
+            pos_id: pos_id.to_string(),
+            name: name.to_string(),
+            port: DEFAULT_PEER_PORT,
+            api_port: DEFAULT_API_PORT,
+            api_bind: default_api_bind(),
+            peer_bind: default_peer_bind(),
+            secret: None,
+            api_token,
+            discovery: true,
+            peers: Vec::new(),
+            max_connections: default_max_connections(),
+            max_frame_bytes: default_max_frame_bytes(),
+        }
+    }
+
+    /// Reads `DIR/possync.toml`.
+    pub fn load(data_dir: &Path) -> Result<ConfigFile, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+        toml::from_str(&text).map_err(|err| ConfigError::Parse { path, message: err.to_string() })
+    }
+
+    /// Writes `DIR/possync.toml` (readable by its owner only: it holds the secret and token).
+    pub fn save(&self, data_dir: &Path) -> Result<(), ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = toml::to_string_pretty(self)
+            .map_err(|err| ConfigError::Parse { path: path.clone(), message: err.to_string() })?;
+        std::fs::write(&path, text).map_err(|source| ConfigError::Io { path: path.clone(), source })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a running node needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The data directory (database and config file).
+    pub data_dir: PathBuf,
+    /// Where to listen for peers.
+    pub peer_listen: SocketAddr,
+    /// Where to serve the API and dashboard (`None`: no API, as in some tests).
+    pub api_listen: Option<SocketAddr>,
+    /// Peers to dial, `host:port`.
+    pub static_peers: Vec<String>,
+    /// Find peers by mDNS.
+    pub discovery: bool,
+    /// The shop's shared secret.
+    pub secret: String,
+    /// Bearer token required by the API when not bound to loopback.
+    pub api_token: String,
+    /// Most simultaneous peer connections.
+    pub max_connections: usize,
+    /// Largest frame accepted from a peer.
+    pub max_frame_bytes: usize,
+    /// Base of the redial backoff, in ms (5000 per SPEC; tests shorten it).
+    pub backoff_base_ms: u64,
+}
+
+impl NodeConfig {
+    /// Builds the runtime configuration from the file.
+    pub fn from_file(data_dir: &Path, file: &ConfigFile, secret: String) -> Result<NodeConfig, ConfigError> {
+        let address = |host: &str, port: u16| -> Result<SocketAddr, ConfigError> {
+            let text = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+            text.parse().map_err(|_| ConfigError::Address(text))
+        };
+        Ok(NodeConfig {
+            data_dir: data_dir.to_path_buf(),
+            peer_listen: address(&file.peer_bind, file.port)?,
+            api_listen: Some(address(&file.api_bind, file.api_port)?),
+            static_peers: file.peers.clone(),
+            discovery: file.discovery,
+            secret,
+            api_token: file.api_token.clone(),
+            max_connections: file.max_connections.max(1),
+            max_frame_bytes: file.max_frame_bytes.max(64 * 1024),
+            backoff_base_ms: 5_000,
+        })
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join(possync_store::DB_FILE)
+    }
+}

@@ -1,0 +1,396 @@
+//! One task per peer connection: it owns the secure channel and drives the sans-IO
+//! [`Session`] with frames, timer ticks and the node's changes, and carries out what the
+//! session asks (select a batch, apply a batch, log an event).
+//!
+//! The loop, each turn: send every queued frame; handle every session event; publish the
+//! counters; then wait for the first of: a frame from the peer, the session's next deadline,
+//! a change written by this node, a command from the node, shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
+use possync_core::{PosId, WireChange};
+use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::metrics::{ConflictLabels, PeerDirection, Status};
+use crate::node::{NodeShared, now_ms};
+use crate::peers::{ConnectionCommand, Registration};
+use crate::transport::SecureChannel;
+use crate::writer::Priority;
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How a connection ended, for the dialer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// It never completed the protocol handshake (or was a duplicate).
+    BeforeHandshake(String),
+    /// It was established, then closed.
+    AfterHandshake {
+        /// The peer.
+        peer: PosId,
+        /// Why it closed.
+        reason: String,
+    },
+    /// The peer already has a connection to keep.
+    Duplicate(PosId),
+}
+
+/// Runs a connection until it closes.
+pub async fn run(node: Arc<NodeShared>, channel: SecureChannel, role: Role) -> Ended {
+    let address = channel.peer_addr();
+    let span = info_span!("peer", %address, role = ?role, peer = tracing::field::Empty);
+    drive(node, channel, role, address).instrument(span).await
+}
+
+async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, address: SocketAddr) -> Ended {
+    let connection_id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
+    // Subscribe before reading the summary: a change written in between is then both in the
+    // summary and delivered live, and the session drops the copy the peer already has.
+    let mut changes = node.writer.subscribe();
+    let summary = match node.summary().await {
+        Some(summary) => summary,
+        None => return Ended::BeforeHandshake("node stopping".into()),
+    };
+    let settings = node.settings();
+    let mut config = SessionConfig::new(node.identity.pos_id.clone(), node.identity.pos_name.clone());
+    config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
+    config.batch_size = settings.batch_size;
+    let mut session = Session::new(config, role, summary, now_ms());
+    let (mut sender, mut receiver) = channel.into_split();
+    let (commands_tx, mut commands) = mpsc::channel(16);
+    let mut shutdown = node.shutdown.subscribe();
+    let mut peer: Option<(PosId, String)> = None;
+    let mut registered = false;
+    let mut outcome: Option<Ended> = None;
+    let mut close_reason = String::from("closed");
+    let mut counted = protocol::ConnectionStats::default();
+    let mut heard = false;
+
+    loop {
+        while let Some(frame) = session.poll_transmit() {
+            if let Err(err) = sender.send(&frame).await {
+                session.close(&format!("send failed: {err}"));
+            }
+        }
+        let mut progressed = false;
+        while let Some(event) = session.poll_event() {
+            progressed = true;
+            match event {
+                Event::Established { peer: info } => {
+                    tracing::Span::current().record("peer", tracing::field::display(&info.pos_id));
+                    let registration = node.peers.register(
+                        &node.identity.pos_id,
+                        &info.pos_id,
+                        &info.pos_name,
+                        address,
+                        connection_id,
+                        role == Role::Initiator,
+                        commands_tx.clone(),
+                        now_ms(),
+                    );
+                    if info.pos_id == node.identity.pos_id {
+                        session.close("connected to itself");
+                        outcome = Some(Ended::BeforeHandshake("connected to itself".into()));
+                        continue;
+                    }
+                    match registration {
+                        Registration::Duplicate => {
+                            debug!("duplicate connection, closing it");
+                            session.close("duplicate connection");
+                            outcome = Some(Ended::Duplicate(info.pos_id.clone()));
+                        }
+                        Registration::New | Registration::Returning => {
+                            registered = true;
+                            node.metrics.peers_connected.set(node.peers.connected() as i64);
+                            let kind = if registration == Registration::New {
+                                ConnectionEventKind::Connected
+                            } else {
+                                ConnectionEventKind::Reconnected
+                            };
+                            info!(peer_name = %info.pos_name, "peer connected");
+                            node.record_event(event_row(&info.pos_id, &info.pos_name, kind, session.stats()));
+                        }
+                    }
+                    peer = Some((info.pos_id, info.pos_name));
+                }
+                Event::NeedBatch { since, after_cursor, limit } => {
+                    let selection = node.select_changes(since, after_cursor, limit).await;
+                    match selection {
+                        Ok(selection) => session.provide_batch(
+                            selection.changes,
+                            selection.next_cursor,
+                            selection.has_more,
+                        ),
+                        Err(err) => {
+                            warn!(%err, "could not select changes for catch-up");
+                            if let Some((id, name)) = &peer {
+                                let mut row =
+                                    event_row(id, name, ConnectionEventKind::SyncFailed, session.stats());
+                                row.error_message = Some(format!("selecting changes failed: {err}"));
+                                node.record_event(row);
+                            }
+                            session.close("catch-up failed");
+                        }
+                    }
+                }
+                Event::Apply { changes, from_batch } => {
+                    let (id, name) =
+                        peer.clone().unwrap_or_else(|| (node.identity.pos_id.clone(), String::new()));
+                    match apply(&node, &id, &name, changes, from_batch).await {
+                        Some(report) => session.batch_applied(now_ms(), report),
+                        None => session.close("node stopping"),
+                    }
+                }
+                Event::CatchUpCompleted { duration_ms, changes_received } => {
+                    node.metrics.catch_up_seconds.observe(duration_ms as f64 / 1000.0);
+                    if let Some((id, name)) = &peer {
+                        debug!(duration_ms, changes_received, "catch-up completed");
+                        let mut row =
+                            event_row(id, name, ConnectionEventKind::SyncCompleted, session.stats());
+                        row.sync_duration_ms = Some(duration_ms);
+                        node.record_event(row);
+                    }
+                }
+                Event::HeartbeatTimeout => {
+                    if let Some((id, name)) = &peer {
+                        warn!("heartbeat timeout");
+                        node.record_event(event_row(
+                            id,
+                            name,
+                            ConnectionEventKind::HeartbeatTimeout,
+                            session.stats(),
+                        ));
+                    }
+                }
+                Event::ProtocolViolation { code, message, message_type, message_action } => {
+                    node.metrics.protocol_violations.inc();
+                    warn!(%code, %message, "protocol violation");
+                    let (id, name) = match &peer {
+                        Some((id, name)) => (id.to_string(), name.clone()),
+                        None => (address.to_string(), String::new()),
+                    };
+                    let error = format!("{code}: {message}");
+                    let _ = node
+                        .writer
+                        .call(Priority::Sync, move |store| {
+                            store.log_rejected_message(&id, &name, &message_type, &message_action, &error)
+                        })
+                        .await;
+                    if !session.is_established() {
+                        let mut row = event_row_raw(address, ConnectionEventKind::SyncFailed);
+                        row.error_message = Some(format!("{code}: {message}"));
+                        node.record_event(row);
+                    }
+                }
+                Event::PeerError { code, message } => {
+                    warn!(%code, %message, "peer reported an error");
+                }
+                Event::Closed { reason } => {
+                    close_reason = reason;
+                }
+            }
+        }
+        let stats = session.stats().clone();
+        if let Some((id, _)) = &peer {
+            count_frames(&node, id, &counted, &stats);
+            if registered {
+                node.peers.update(id, connection_id, &stats, now_ms(), heard);
+            }
+        }
+        counted = stats;
+        heard = false;
+        if progressed {
+            continue;
+        }
+        if session.is_closed() {
+            break;
+        }
+        let deadline = session.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(at) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(at.saturating_sub(now_ms()))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            frame = receiver.recv() => match frame {
+                Ok(Some(text)) => {
+                    heard = true;
+                    session.handle_frame(now_ms(), &text);
+                }
+                Ok(None) => session.close("peer closed the connection"),
+                Err(err) => session.close(&format!("transport: {err}")),
+            },
+            () = sleep => session.handle_timeout(now_ms()),
+            change = changes.recv() => match change {
+                Ok(change) => session.send_change(&change.change),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    // Too far behind the node's writes: the peer catches up from the store.
+                    warn!(missed, "connection lagged behind local changes; resynchronising");
+                    session.resync();
+                }
+                Err(broadcast::error::RecvError::Closed) => session.close("node stopping"),
+            },
+            Some(command) = commands.recv() => match command {
+                ConnectionCommand::SyncNow => {
+                    if let Some(summary) = node.summary().await {
+                        session.request_sync(summary);
+                    }
+                }
+                ConnectionCommand::Close(reason) => session.close(&reason),
+            },
+            _ = shutdown.changed() => session.close("node shutting down"),
+        }
+    }
+    while let Some(frame) = session.poll_transmit() {
+        if sender.send(&frame).await.is_err() {
+            break;
+        }
+    }
+    sender.close(&close_reason).await;
+    if let Some((id, name)) = &peer
+        && registered
+        && node.peers.unregister(id, connection_id)
+    {
+        node.metrics.peers_connected.set(node.peers.connected() as i64);
+        info!(reason = %close_reason, "peer disconnected");
+        node.record_event(event_row(id, name, ConnectionEventKind::Disconnected, session.stats()));
+    }
+    match (outcome, peer) {
+        (Some(outcome), _) => outcome,
+        (None, Some((peer, _))) => Ended::AfterHandshake { peer, reason: close_reason },
+        (None, None) => Ended::BeforeHandshake(close_reason),
+    }
+}
+
+/// Applies changes from a peer through the writer, with metrics.
+async fn apply(
+    node: &Arc<NodeShared>,
+    peer_id: &PosId,
+    peer_name: &str,
+    changes: Vec<WireChange>,
+    from_batch: bool,
+) -> Option<protocol::ApplyReport> {
+    let id = peer_id.to_string();
+    let name = peer_name.to_string();
+    let live_ages: Vec<u64> =
+        if from_batch { Vec::new() } else { changes.iter().filter_map(change_ms).collect() };
+    let result = node
+        .writer
+        .call(Priority::Sync, move |store| {
+            let report = store.apply_batch(PeerRef { id: &id, name: &name }, &changes);
+            (report, store.summary().clone())
+        })
+        .await
+        .ok()?;
+    let (report, summary) = result;
+    let report = match report {
+        Ok(report) => report,
+        Err(err) => {
+            // A database failure, not bad input: nothing was applied; ask again later.
+            warn!(%err, "applying a batch failed");
+            return Some(protocol::ApplyReport { gap: true, local_summary: summary });
+        }
+    };
+    let now = now_ms();
+    for age in live_ages {
+        node.metrics.propagation_lag_seconds.observe(now.saturating_sub(age) as f64 / 1000.0);
+    }
+    for (status, count) in [
+        ("success", report.applied),
+        ("conflict", report.conflicts),
+        ("skipped", report.skipped),
+        ("error", report.errors),
+    ] {
+        if count > 0 {
+            node.metrics
+                .changes_applied
+                .get_or_create(&Status { status: status.into() })
+                .inc_by(u64::from(count));
+        }
+    }
+    for (conflict_type, strategy) in &report.conflict_kinds {
+        node.metrics
+            .conflicts
+            .get_or_create(&ConflictLabels {
+                conflict_type: conflict_type.clone(),
+                strategy: strategy.clone(),
+            })
+            .inc();
+    }
+    Some(protocol::ApplyReport { gap: report.gap, local_summary: summary })
+}
+
+/// The origin clock time of a wire change, in ms.
+fn change_ms(change: &WireChange) -> Option<u64> {
+    let hlc: possync_core::Hlc = change.data.get("sync")?.get("hlc")?.as_str()?.parse().ok()?;
+    Some(hlc.ms())
+}
+
+fn count_frames(
+    node: &NodeShared,
+    peer: &PosId,
+    before: &protocol::ConnectionStats,
+    after: &protocol::ConnectionStats,
+) {
+    let label = |direction| PeerDirection { peer: peer.to_string(), direction };
+    let sent = after.messages_sent.saturating_sub(before.messages_sent);
+    let received = after.messages_received.saturating_sub(before.messages_received);
+    if sent > 0 {
+        node.metrics.frames.get_or_create(&label("sent")).inc_by(sent);
+        node.metrics
+            .bytes
+            .get_or_create(&label("sent"))
+            .inc_by(after.bytes_sent.saturating_sub(before.bytes_sent));
+    }
+    if received > 0 {
+        node.metrics.frames.get_or_create(&label("received")).inc_by(received);
+        node.metrics
+            .bytes
+            .get_or_create(&label("received"))
+            .inc_by(after.bytes_received.saturating_sub(before.bytes_received));
+    }
+}
+
+fn event_row(
+    peer: &PosId,
+    name: &str,
+    kind: ConnectionEventKind,
+    stats: &protocol::ConnectionStats,
+) -> ConnectionEvent {
+    ConnectionEvent {
+        peer_id: peer.to_string(),
+        peer_name: name.to_string(),
+        kind,
+        messages_sent: stats.messages_sent,
+        messages_received: stats.messages_received,
+        bytes_sent: stats.bytes_sent,
+        bytes_received: stats.bytes_received,
+        sync_duration_ms: None,
+        error_message: None,
+        at_ms: now_ms(),
+    }
+}
+
+/// A connection event about a peer that never said who it is.
+pub(crate) fn event_row_raw(address: SocketAddr, kind: ConnectionEventKind) -> ConnectionEvent {
+    ConnectionEvent {
+        peer_id: address.to_string(),
+        peer_name: String::new(),
+        kind,
+        messages_sent: 0,
+        messages_received: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+        sync_duration_ms: None,
+        error_message: None,
+        at_ms: now_ms(),
+    }
+}

@@ -1,0 +1,137 @@
+//! Redialling a peer: connect, run the connection, and after it ends or fails wait 5, 10, 20,
+//! 40, then 60 s between attempts, up to `p2p_reconnect_max_attempts`; then wait for a manual
+//! reconnect (API) or for discovery to see the peer again, which start the count over.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use possync_core::protocol::Role;
+use possync_store::ConnectionEventKind;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::connection::{self, Ended};
+use crate::node::NodeShared;
+use crate::transport::{self, TransportError};
+
+/// Largest pause between redials (SPEC section 4).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The pause before redial number `attempt` (1-based): base, 2·base, 4·base, 8·base, then
+/// [`MAX_BACKOFF`] (with the SPEC's 5 s base: 5, 10, 20, 40, 60, 60...).
+pub fn backoff_delay(base: Duration, attempt: u32) -> Duration {
+    let exponent = attempt.saturating_sub(1).min(16);
+    base.saturating_mul(1 << exponent).min(MAX_BACKOFF.max(base))
+}
+
+/// Why the dialer is waiting.
+enum Wait {
+    /// The peer is connected through another connection: check again later.
+    Connected,
+    /// Back off before the next attempt.
+    Backoff(Duration),
+    /// Out of attempts: only a manual reconnect or rediscovery wakes us.
+    GaveUp,
+}
+
+/// Dials `target` (`host:port`) for as long as the node runs.
+pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc<Semaphore>) {
+    let mut settings = node.watch_settings();
+    let mut shutdown = node.shutdown.subscribe();
+    let base = Duration::from_millis(node.config.backoff_base_ms);
+    let mut attempts: u32 = 0;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if !settings.borrow_and_update().enabled {
+            tokio::select! {
+                _ = settings.changed() => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+        let wait = match dial_once(&node, &target, &completion).await {
+            Ok(Ended::AfterHandshake { peer, reason }) => {
+                debug!(%peer, %reason, "connection ended; redialling");
+                attempts = 1;
+                Wait::Backoff(backoff_delay(base, attempts))
+            }
+            Ok(Ended::Duplicate(_)) => Wait::Connected,
+            Ok(Ended::BeforeHandshake(reason)) | Err(reason) => {
+                attempts += 1;
+                let max = node.settings().reconnect_max_attempts;
+                debug!(%target, attempts, max, %reason, "dial failed");
+                if attempts > max {
+                    info!(%target, attempts, "giving up on peer until it is seen again or a reconnect is asked");
+                    Wait::GaveUp
+                } else {
+                    Wait::Backoff(backoff_delay(base, attempts))
+                }
+            }
+        };
+        if let Ok(address) = resolve(&target).await {
+            node.peers.note_attempt(address, attempts);
+        }
+        let pause = match wait {
+            Wait::Connected => Some(Duration::from_secs(1)),
+            Wait::Backoff(delay) => Some(delay),
+            Wait::GaveUp => None,
+        };
+        tokio::select! {
+            () = sleep_or_forever(pause) => {}
+            () = node.reconnect.notified() => attempts = 0,
+            _ = shutdown.changed() => return,
+            _ = settings.changed() => {}
+        }
+    }
+}
+
+async fn sleep_or_forever(pause: Option<Duration>) {
+    match pause {
+        Some(pause) => tokio::time::sleep(pause).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    let mut addresses =
+        tokio::net::lookup_host(target).await.map_err(|err| format!("cannot resolve {target}: {err}"))?;
+    addresses.next().ok_or_else(|| format!("{target} resolves to no address"))
+}
+
+/// One attempt: connect, secure, run until closed.
+async fn dial_once(
+    node: &Arc<NodeShared>,
+    target: &str,
+    completion: &Arc<Semaphore>,
+) -> Result<Ended, String> {
+    let address = resolve(target).await?;
+    let channel = match transport::connect(address, &node.channel).await {
+        Ok(channel) => channel,
+        Err(err) => {
+            if matches!(err, TransportError::HandshakeFailed { .. }) {
+                warn!(%address, %err, "peer refused the secure channel (different shop secret?)");
+                let mut row = connection::event_row_raw(address, ConnectionEventKind::SyncFailed);
+                row.error_message = Some(format!("secure channel: {err}"));
+                node.record_event(row);
+            }
+            return Err(err.to_string());
+        }
+    };
+    let _permit = Arc::clone(completion).try_acquire_owned().map_err(|_| "node stopping".to_string())?;
+    Ok(connection::run(Arc::clone(node), channel, Role::Initiator).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_the_spec_schedule() {
+        let base = Duration::from_secs(5);
+        let delays: Vec<u64> = (1..=7).map(|attempt| backoff_delay(base, attempt).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 60, 60, 60]);
+        assert_eq!(backoff_delay(base, u32::MAX), MAX_BACKOFF);
+    }
+}

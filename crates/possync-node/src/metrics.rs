@@ -1,0 +1,158 @@
+//! Prometheus metrics, one registry per node (several nodes share a process in the demo and
+//! the tests, so nothing here is global). Every metric is listed in `docs/metrics.md`, under
+//! the `possync_` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels: one peer, one direction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerDirection {
+    /// The peer's posId.
+    pub peer: String,
+    /// `sent` or `received`.
+    pub direction: &'static str,
+}
+
+/// Label: a status or a kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Status {
+    /// The value.
+    pub status: String,
+}
+
+/// Labels of a conflict.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConflictLabels {
+    /// update_conflict, field_merge, delete_conflict.
+    pub conflict_type: String,
+    /// The strategy that decided it.
+    pub strategy: String,
+}
+
+/// Label: a writer queue.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Queue {
+    /// local, sync, housekeeping, connection_events.
+    pub queue: &'static str,
+}
+
+/// Every metric of one node.
+pub struct Metrics {
+    /// The registry they are in.
+    pub registry: Registry,
+    /// Peers with an established connection.
+    pub peers_connected: Gauge,
+    /// Frames per peer and direction (pings included).
+    pub frames: Family<PeerDirection, Counter>,
+    /// Frame payload bytes per peer and direction.
+    pub bytes: Family<PeerDirection, Counter>,
+    /// Incoming changes by outcome (success, conflict, skipped, error).
+    pub changes_applied: Family<Status, Counter>,
+    /// Local writes (changes originated here).
+    pub local_changes: Counter,
+    /// Conflicts by type and strategy.
+    pub conflicts: Family<ConflictLabels, Counter>,
+    /// Catch-up durations (seconds).
+    pub catch_up_seconds: Histogram,
+    /// Age of a live change when applied here (seconds; clock skew between terminals shows up here).
+    pub propagation_lag_seconds: Histogram,
+    /// Size of the database file with its WAL (bytes).
+    pub database_bytes: Gauge,
+    /// Jobs or events waiting per queue.
+    pub queue_depth: Family<Queue, Gauge>,
+    /// Connection events dropped because their queue was full (sync data is never dropped).
+    pub connection_events_dropped: Counter,
+    /// Connection events by type.
+    pub connection_events: Family<Status, Counter>,
+    /// Protocol violations by peers.
+    pub protocol_violations: Counter,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("possync");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            peers_connected: Gauge::default(),
+            frames: Family::default(),
+            bytes: Family::default(),
+            changes_applied: Family::default(),
+            local_changes: Counter::default(),
+            conflicts: Family::default(),
+            catch_up_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
+            propagation_lag_seconds: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
+            database_bytes: Gauge::default(),
+            queue_depth: Family::default(),
+            connection_events_dropped: Counter::default(),
+            connection_events: Family::default(),
+            protocol_violations: Counter::default(),
+        };
+        registry.register(
+            "peers_connected",
+            "Peers with an established connection",
+            metrics.peers_connected.clone(),
+        );
+        registry.register(
+            "frames",
+            "Frames exchanged, per peer and direction (pings included)",
+            metrics.frames.clone(),
+        );
+        registry.register("bytes", "Frame payload bytes, per peer and direction", metrics.bytes.clone());
+        registry.register("changes_applied", "Incoming changes by outcome", metrics.changes_applied.clone());
+        registry.register("local_changes", "Changes written on this terminal", metrics.local_changes.clone());
+        registry.register("conflicts", "Conflicts by type and strategy", metrics.conflicts.clone());
+        registry.register(
+            "catch_up_duration_seconds",
+            "Duration of completed catch-ups",
+            metrics.catch_up_seconds.clone(),
+        );
+        registry.register(
+            "propagation_lag_seconds",
+            "Age of a live change when applied (origin clock to local clock)",
+            metrics.propagation_lag_seconds.clone(),
+        );
+        registry.register(
+            "database_bytes",
+            "Database file size including its WAL",
+            metrics.database_bytes.clone(),
+        );
+        registry.register("queue_depth", "Items waiting per internal queue", metrics.queue_depth.clone());
+        registry.register(
+            "connection_events_dropped",
+            "Connection events dropped because their queue was full",
+            metrics.connection_events_dropped.clone(),
+        );
+        registry.register(
+            "connection_events",
+            "Connection events by type",
+            metrics.connection_events.clone(),
+        );
+        registry.register(
+            "protocol_violations",
+            "Frames refused as protocol violations",
+            metrics.protocol_violations.clone(),
+        );
+        Metrics { registry, ..metrics }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,421 @@
+//! The node: starts and stops everything a terminal runs (writer, peer listener, dialers,
+//! discovery, event logger, retention job, API), and the state they share.
+//!
+//! Lifecycle (as in mini-redis): one shutdown signal (`watch`) every task listens to, and a
+//! completion count: [`Node::shutdown`] signals, then waits for every connection task to log
+//! its `disconnected` row and for the event queue to be flushed to the database.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use possync_core::protocol::Role;
+use possync_core::{PosId, VersionVector};
+use possync_store::{
+    ConnectionEvent, NodeIdentity, Selection, Settings, Store, StoreError, StoreReader, SystemEnvironment,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::connection::{self, Ended};
+use crate::dialer;
+use crate::metrics::{Metrics, Queue};
+use crate::peers::{ConnectionCommand, PeerTable};
+use crate::transport::{self, ChannelConfig};
+use crate::writer::{Priority, WriterHandle};
+
+/// Unix time in ms, from the system clock (the only place the node reads it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Capacity of the connection-event queue (events beyond it are counted and dropped; they
+/// never share a queue with sync data).
+const EVENT_QUEUE: usize = 4096;
+
+/// Read-only connections shared by the API and the catch-up selection.
+pub struct ReaderPool {
+    /// The database file.
+    path: std::path::PathBuf,
+    /// Idle readers.
+    idle: Mutex<Vec<StoreReader>>,
+}
+
+impl ReaderPool {
+    /// A pool over the database at `path`.
+    pub fn new(path: std::path::PathBuf) -> ReaderPool {
+        ReaderPool { path, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Runs `query` on a reader, off the async threads.
+    pub async fn with<T, F>(self: &Arc<Self>, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = Arc::clone(self);
+        let joined = tokio::task::spawn_blocking(move || {
+            let reader = pool.take()?;
+            let result = query(&reader);
+            pool.give_back(reader);
+            result
+        })
+        .await;
+        joined.unwrap_or_else(|err| Err(StoreError::InvalidState(format!("reader task failed: {err}"))))
+    }
+
+    fn take(&self) -> Result<StoreReader, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        match idle {
+            Some(reader) => Ok(reader),
+            None => StoreReader::open(&self.path),
+        }
+    }
+
+    fn give_back(&self, reader: StoreReader) {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < 8 {
+            idle.push(reader);
+        }
+    }
+}
+
+/// What every task of a node shares.
+pub struct NodeShared {
+    /// This terminal.
+    pub identity: NodeIdentity,
+    /// The runtime configuration.
+    pub config: NodeConfig,
+    /// The single writer.
+    pub writer: WriterHandle,
+    /// Readers for queries.
+    pub readers: Arc<ReaderPool>,
+    /// Known peers and their live counters.
+    pub peers: PeerTable,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// The secure channel's settings.
+    pub channel: ChannelConfig,
+    /// Settings, as last read from the database.
+    settings: watch::Sender<Settings>,
+    /// Shutdown signal (true once shutting down).
+    pub shutdown: watch::Sender<bool>,
+    /// Wakes the dialers for a manual reconnect (attempts start over).
+    pub reconnect: Notify,
+    /// Connection events on their way to the database.
+    events: mpsc::Sender<ConnectionEvent>,
+    /// True while the peer listener runs.
+    listening: watch::Sender<bool>,
+}
+
+impl NodeShared {
+    /// The current settings.
+    pub fn settings(&self) -> Settings {
+        self.settings.borrow().clone()
+    }
+
+    /// Watches the settings.
+    pub fn watch_settings(&self) -> watch::Receiver<Settings> {
+        self.settings.subscribe()
+    }
+
+    /// True while the peer listener runs.
+    pub fn is_listening(&self) -> bool {
+        *self.listening.borrow()
+    }
+
+    /// The node's version vector (what it holds).
+    pub async fn summary(&self) -> Option<VersionVector> {
+        self.writer.call(Priority::Sync, |store| store.summary().clone()).await.ok()
+    }
+
+    /// Selects a catch-up batch for a peer.
+    pub async fn select_changes(
+        &self,
+        since: VersionVector,
+        after: u64,
+        limit: usize,
+    ) -> Result<Selection, StoreError> {
+        self.readers.with(move |reader| reader.select_changes(&since, after, limit)).await
+    }
+
+    /// Queues a connection event for the database (never blocks the caller).
+    pub fn record_event(&self, event: ConnectionEvent) {
+        self.metrics
+            .connection_events
+            .get_or_create(&crate::metrics::Status { status: event.kind.as_str().into() })
+            .inc();
+        if self.events.try_send(event).is_err() {
+            self.metrics.connection_events_dropped.inc();
+        }
+    }
+
+    /// Changes a setting (validated, stored) and applies it at once.
+    pub async fn set_setting(&self, key: String, value: String) -> Result<Settings, StoreError> {
+        let updated = self
+            .writer
+            .call(Priority::Local, move |store| store.set_setting(&key, &value))
+            .await
+            .map_err(|_| StoreError::InvalidState("node stopping".into()))??;
+        self.settings.send_replace(updated.clone());
+        Ok(updated)
+    }
+
+    /// Asks every connected peer for a full catch-up.
+    pub fn sync_now(&self) {
+        self.peers.broadcast(&ConnectionCommand::SyncNow);
+    }
+}
+
+/// A running node.
+pub struct Node {
+    /// The shared state (for the API and for tests).
+    pub shared: Arc<NodeShared>,
+    /// Address the peer listener is bound to.
+    pub peer_addr: Option<SocketAddr>,
+    /// Address the API is bound to.
+    pub api_addr: Option<SocketAddr>,
+    /// Background tasks.
+    tasks: JoinSet<()>,
+    /// Tasks that must finish before the database closes (connections, event logger).
+    completion: Arc<Semaphore>,
+}
+
+/// Most connection tasks alive at once per node (also the accept cap).
+const COMPLETION_PERMITS: u32 = 4096;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A port could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl Node {
+    /// Opens the database and starts every task.
+    pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
+        let store = Store::open(&config.db_path(), Box::new(SystemEnvironment::default()))?;
+        Node::start_with_store(config, store).await
+    }
+
+    /// Starts a node on an already opened store.
+    pub async fn start_with_store(config: NodeConfig, store: Store) -> Result<Node, StartError> {
+        let identity = store.identity().clone();
+        let settings = store.settings().clone();
+        let readers = Arc::new(ReaderPool::new(store.path().to_path_buf()));
+        let writer = WriterHandle::start(store);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let mut channel = ChannelConfig::from_secret(&config.secret);
+        channel.max_frame_bytes = config.max_frame_bytes;
+        let shared = Arc::new(NodeShared {
+            identity,
+            config: config.clone(),
+            writer,
+            readers,
+            peers: PeerTable::default(),
+            metrics: Metrics::new(),
+            channel,
+            settings: watch::Sender::new(settings.clone()),
+            shutdown: watch::Sender::new(false),
+            reconnect: Notify::new(),
+            events: events_tx,
+            listening: watch::Sender::new(false),
+        });
+        let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
+        let mut tasks = JoinSet::new();
+
+        // The peer listener: bound now so the caller learns the port; it serves while
+        // `p2p_enabled` is true.
+        let listener = TcpListener::bind(config.peer_listen)
+            .await
+            .map_err(|source| StartError::Bind { address: config.peer_listen, source })?;
+        let peer_addr = listener.local_addr().ok();
+        tasks.spawn(listen(Arc::clone(&shared), listener, Arc::clone(&completion)));
+
+        let logger_permit = Arc::clone(&completion).acquire_owned().await.ok();
+        tasks.spawn(log_events(Arc::clone(&shared), events_rx, logger_permit));
+        tasks.spawn(housekeeping(Arc::clone(&shared)));
+        for target in &config.static_peers {
+            tasks.spawn(dialer::dial_forever(Arc::clone(&shared), target.clone(), Arc::clone(&completion)));
+        }
+        if config.discovery {
+            tasks.spawn(crate::discovery::run(Arc::clone(&shared), peer_addr, Arc::clone(&completion)));
+        }
+        let api_addr = match config.api_listen {
+            Some(address) => {
+                let listener = TcpListener::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind { address, source })?;
+                let bound = listener.local_addr().ok();
+                tasks.spawn(crate::api::serve(Arc::clone(&shared), listener));
+                bound
+            }
+            None => None,
+        };
+        info!(pos_id = %shared.identity.pos_id, ?peer_addr, ?api_addr, "node started");
+        Ok(Node { shared, peer_addr, api_addr, tasks, completion })
+    }
+
+    /// Stops the node: closes every connection (each logs `disconnected` with its final
+    /// counters), flushes the connection events, stops the writer.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.send_replace(true);
+        // Every connection task and the event logger hold a permit until they finish.
+        let waited =
+            tokio::time::timeout(Duration::from_secs(10), self.completion.acquire_many(COMPLETION_PERMITS))
+                .await;
+        if waited.is_err() {
+            warn!("some connections did not close within 10 s");
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        info!(pos_id = %self.shared.identity.pos_id, "node stopped");
+    }
+
+    /// This terminal's posId.
+    pub fn pos_id(&self) -> &PosId {
+        &self.shared.identity.pos_id
+    }
+}
+
+/// Accepts peers while P2P is enabled; at most `max_connections` at once.
+async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Semaphore>) {
+    let cap = Arc::new(Semaphore::new(node.config.max_connections));
+    let mut settings = node.watch_settings();
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        let enabled = settings.borrow_and_update().enabled;
+        node.listening.send_replace(enabled);
+        if !enabled {
+            node.peers.broadcast(&ConnectionCommand::Close("P2P disabled".into()));
+            tokio::select! {
+                _ = settings.changed() => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, address) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&cap).try_acquire_owned() else {
+                    warn!(%address, "connection cap reached, refusing a peer");
+                    continue;
+                };
+                let Ok(permit) = Arc::clone(&completion).try_acquire_owned() else { continue };
+                let node = Arc::clone(&node);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let _permit = permit;
+                    let _ = stream.set_nodelay(true);
+                    match transport::accept(stream, &node.channel).await {
+                        Ok(channel) => {
+                            let ended = connection::run(Arc::clone(&node), channel, Role::Responder).await;
+                            if let Ended::BeforeHandshake(reason) = ended {
+                                tracing::debug!(%address, %reason, "inbound connection ended before handshake");
+                            }
+                        }
+                        Err(err) => {
+                            warn!(%address, %err, "inbound secure channel failed");
+                            let mut row = connection::event_row_raw(address, possync_store::ConnectionEventKind::SyncFailed);
+                            row.error_message = Some(format!("secure channel: {err}"));
+                            node.record_event(row);
+                        }
+                    }
+                });
+            }
+            _ = settings.changed() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Writes queued connection events in small transactions, off the sync path.
+async fn log_events(
+    node: Arc<NodeShared>,
+    mut events: mpsc::Receiver<ConnectionEvent>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let mut shutdown = node.shutdown.subscribe();
+    let mut batch = Vec::new();
+    loop {
+        let stopping = tokio::select! {
+            received = events.recv_many(&mut batch, 256) => received == 0,
+            _ = shutdown.changed() => true,
+        };
+        if stopping {
+            // Give connections a moment to queue their `disconnected` rows, then drain.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while let Ok(event) = events.try_recv() {
+                batch.push(event);
+            }
+        }
+        node.metrics
+            .queue_depth
+            .get_or_create(&Queue { queue: "connection_events" })
+            .set(events.len() as i64);
+        if !batch.is_empty() {
+            let rows = std::mem::take(&mut batch);
+            let written = node
+                .writer
+                .call(Priority::Housekeeping, move |store| store.log_connection_events(&rows))
+                .await;
+            if let Ok(Err(err)) = written {
+                warn!(%err, "could not write connection events");
+            }
+        }
+        if stopping && *node.shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// Periodic work: queue depths and database size for the metrics, log retention.
+async fn housekeeping(node: Arc<NodeShared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last_cleanup = 0u64;
+    loop {
+        tick.tick().await;
+        let depths = node.writer.depths();
+        for (queue, depth) in
+            [("local", depths.local), ("sync", depths.sync), ("housekeeping", depths.housekeeping)]
+        {
+            node.metrics.queue_depth.get_or_create(&Queue { queue }).set(depth as i64);
+        }
+        let db = node.config.db_path();
+        let size = |suffix: &str| {
+            std::fs::metadata(format!("{}{suffix}", db.display())).map_or(0, |meta| meta.len())
+        };
+        node.metrics.database_bytes.set((size("") + size("-wal")) as i64);
+        if now_ms().saturating_sub(last_cleanup) > 3_600_000 {
+            last_cleanup = now_ms();
+            let days = node.settings().log_retention_days;
+            let removed =
+                node.writer.call(Priority::Housekeeping, move |store| store.cleanup_logs(days)).await;
+            if let Ok(Ok(removed)) = removed
+                && removed > 0
+            {
+                info!(removed, days, "old log rows deleted");
+            }
+        }
+    }
+}

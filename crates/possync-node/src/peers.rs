@@ -1,0 +1,304 @@
+//! What the node knows about its peers, shared between the connection tasks (which update
+//! it), the API (which reads it: status and the seed's detailed stats) and the dialers.
+//!
+//! One connection per pair of terminals: when a second connection to the same peer completes
+//! its handshake (both dialled at once), both sides keep the one initiated by the smaller
+//! posId, so they agree without talking.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use possync_core::PosId;
+use possync_core::protocol::ConnectionStats;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Commands the node sends to one connection task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionCommand {
+    /// Run a full catch-up with this peer now.
+    SyncNow,
+    /// Close the connection with this reason.
+    Close(String),
+}
+
+/// One known peer.
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    /// Display name from its handshake.
+    pub name: String,
+    /// Its address (of the current or last connection).
+    pub address: Option<SocketAddr>,
+    /// Connected now.
+    pub online: bool,
+    /// Last time anything was heard from it (Unix ms).
+    pub last_seen_ms: u64,
+    /// Counters of the current (or last) connection.
+    pub stats: ConnectionStats,
+    /// Redials since the last successful handshake.
+    pub reconnect_attempts: u32,
+    /// The live connection: its id and command channel.
+    connection: Option<(u64, mpsc::Sender<ConnectionCommand>, bool)>,
+}
+
+/// `GET /api/status` (SPEC 6).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The peer listener is running.
+    pub server_running: bool,
+    /// Peers connected now.
+    pub connected_peers: usize,
+    /// Peers known (seen in this run).
+    pub total_peers: usize,
+    /// `p2p_enabled`.
+    pub enabled: bool,
+    /// This terminal.
+    pub pos_id: String,
+    /// This terminal's name.
+    pub pos_name: String,
+    /// Every known peer.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer in [`Status`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// posId.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// `host:port`.
+    pub address: Option<String>,
+    /// Connected now.
+    pub online: bool,
+    /// RFC 3339.
+    pub last_seen: Option<String>,
+}
+
+/// The seed's `getDetailedStats()` object, exactly.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DetailedStats {
+    /// One entry per connected peer.
+    pub connections: Vec<ConnectionDetail>,
+    /// Sums over the connections.
+    pub total_messages_sent: u64,
+    /// Sums over the connections.
+    pub total_messages_received: u64,
+    /// Sums over the connections.
+    pub total_bytes_sent: u64,
+    /// Sums over the connections.
+    pub total_bytes_received: u64,
+}
+
+/// One connection in [`DetailedStats`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionDetail {
+    /// posId.
+    pub peer_id: String,
+    /// Name.
+    pub peer_name: String,
+    /// Frames sent.
+    pub messages_sent: u64,
+    /// Frames received.
+    pub messages_received: u64,
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+    /// RFC 3339 time of the last ping sent, or null.
+    pub last_ping: Option<String>,
+    /// RFC 3339 time of the last pong received, or null.
+    pub last_pong: Option<String>,
+    /// Redials since the last successful handshake.
+    pub reconnect_attempts: u32,
+}
+
+/// The outcome of registering an established connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// First connection to this peer in this run.
+    New,
+    /// A known peer came back.
+    Returning,
+    /// There is already a connection to keep: close this one.
+    Duplicate,
+}
+
+/// The table of known peers.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    peers: Mutex<HashMap<PosId, PeerEntry>>,
+}
+
+fn rfc3339(ms: Option<u64>) -> Option<String> {
+    ms.map(possync_core::time::rfc3339_ms)
+}
+
+impl PeerTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PosId, PeerEntry>> {
+        // A panic while holding this lock leaves plain data behind: keep using it.
+        self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers an established connection. `we_initiated`: this node dialled it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &self,
+        own_id: &PosId,
+        peer: &PosId,
+        name: &str,
+        address: SocketAddr,
+        connection_id: u64,
+        we_initiated: bool,
+        commands: mpsc::Sender<ConnectionCommand>,
+        now_ms: u64,
+    ) -> Registration {
+        let mut peers = self.lock();
+        let known = peers.contains_key(peer);
+        let entry = peers.entry(peer.clone()).or_insert_with(|| PeerEntry {
+            name: name.to_string(),
+            address: Some(address),
+            online: false,
+            last_seen_ms: now_ms,
+            stats: ConnectionStats::default(),
+            reconnect_attempts: 0,
+            connection: None,
+        });
+        if let Some((_, existing, existing_we_initiated)) = &entry.connection {
+            // Keep the connection initiated by the smaller posId; both sides compute the same.
+            let keep_initiated_by_us = own_id < peer;
+            let new_wins = we_initiated == keep_initiated_by_us || we_initiated == *existing_we_initiated;
+            if !new_wins {
+                return Registration::Duplicate;
+            }
+            let _ = existing.try_send(ConnectionCommand::Close("replaced by a newer connection".into()));
+        }
+        entry.name = name.to_string();
+        entry.address = Some(address);
+        entry.online = true;
+        entry.last_seen_ms = now_ms;
+        entry.reconnect_attempts = 0;
+        entry.stats = ConnectionStats::default();
+        entry.connection = Some((connection_id, commands, we_initiated));
+        if known { Registration::Returning } else { Registration::New }
+    }
+
+    /// Updates a connection's counters (only while it is the registered one).
+    pub fn update(
+        &self,
+        peer: &PosId,
+        connection_id: u64,
+        stats: &ConnectionStats,
+        now_ms: u64,
+        heard: bool,
+    ) {
+        let mut peers = self.lock();
+        if let Some(entry) = peers.get_mut(peer)
+            && entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id)
+        {
+            entry.stats = stats.clone();
+            if heard {
+                entry.last_seen_ms = now_ms;
+            }
+        }
+    }
+
+    /// Marks a connection gone; returns false when it had been replaced already.
+    pub fn unregister(&self, peer: &PosId, connection_id: u64) -> bool {
+        let mut peers = self.lock();
+        match peers.get_mut(peer) {
+            Some(entry) if entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id) => {
+                entry.connection = None;
+                entry.online = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Is this peer connected now?
+    pub fn is_connected(&self, peer: &PosId) -> bool {
+        self.lock().get(peer).is_some_and(|entry| entry.connection.is_some())
+    }
+
+    /// Records a redial attempt against the peer last seen at `address`.
+    pub fn note_attempt(&self, address: SocketAddr, attempts: u32) {
+        for entry in self.lock().values_mut() {
+            if entry.address == Some(address) && entry.connection.is_none() {
+                entry.reconnect_attempts = attempts;
+            }
+        }
+    }
+
+    /// Sends a command to every live connection.
+    pub fn broadcast(&self, command: &ConnectionCommand) {
+        for entry in self.lock().values() {
+            if let Some((_, sender, _)) = &entry.connection {
+                let _ = sender.try_send(command.clone());
+            }
+        }
+    }
+
+    /// Number of live connections.
+    pub fn connected(&self) -> usize {
+        self.lock().values().filter(|entry| entry.connection.is_some()).count()
+    }
+
+    /// `GET /api/status`.
+    pub fn status(&self, server_running: bool, enabled: bool, pos_id: &PosId, pos_name: &str) -> Status {
+        let peers = self.lock();
+        let mut list: Vec<PeerStatus> = peers
+            .iter()
+            .map(|(id, entry)| PeerStatus {
+                id: id.to_string(),
+                name: entry.name.clone(),
+                address: entry.address.map(|address| address.to_string()),
+                online: entry.online,
+                last_seen: rfc3339(Some(entry.last_seen_ms)),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        Status {
+            server_running,
+            connected_peers: list.iter().filter(|peer| peer.online).count(),
+            total_peers: list.len(),
+            enabled,
+            pos_id: pos_id.to_string(),
+            pos_name: pos_name.to_string(),
+            peers: list,
+        }
+    }
+
+    /// `GET /api/stats`: the seed's detailed stats over the live connections.
+    pub fn detailed_stats(&self) -> DetailedStats {
+        let peers = self.lock();
+        let mut connections: Vec<ConnectionDetail> = peers
+            .iter()
+            .filter(|(_, entry)| entry.connection.is_some())
+            .map(|(id, entry)| ConnectionDetail {
+                peer_id: id.to_string(),
+                peer_name: entry.name.clone(),
+                messages_sent: entry.stats.messages_sent,
+                messages_received: entry.stats.messages_received,
+                bytes_sent: entry.stats.bytes_sent,
+                bytes_received: entry.stats.bytes_received,
+                last_ping: rfc3339(entry.stats.last_ping),
+                last_pong: rfc3339(entry.stats.last_pong),
+                reconnect_attempts: entry.reconnect_attempts,
+            })
+            .collect();
+        connections.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        DetailedStats {
+            total_messages_sent: connections.iter().map(|c| c.messages_sent).sum(),
+            total_messages_received: connections.iter().map(|c| c.messages_received).sum(),
+            total_bytes_sent: connections.iter().map(|c| c.bytes_sent).sum(),
+            total_bytes_received: connections.iter().map(|c| c.bytes_received).sum(),
+            connections,
+        }
+    }
+}
