@@ -1086,6 +1086,30 @@ mod tests {
     }
 
     #[test]
+    fn resync_runs_outgoing_catch_up_again_from_what_the_peer_holds() {
+        let mut net = Net::pair(3, 0);
+        net.drive();
+        let batches_before = batch_sizes(&net, 0, 0).len();
+        net.links[0].sessions[0].resync();
+        net.drive();
+        // One more (empty: the peer holds everything) catch-up round went out.
+        assert_eq!(batch_sizes(&net, 0, 0).len(), batches_before + 1);
+        assert_eq!(batch_sizes(&net, 0, 0).last(), Some(&(0, false)));
+    }
+
+    #[test]
+    fn settings_apply_to_a_live_session() {
+        let mut session = established();
+        let first_deadline = session.poll_timeout().unwrap();
+        session.update_settings(200, 7);
+        assert!(session.poll_timeout().unwrap() <= T0 + 200, "the next ping moves closer");
+        assert!(session.poll_timeout().unwrap() < first_deadline);
+        session.handle_timeout(T0 + 200);
+        let (frames, _) = drain(&mut session);
+        assert!(frames.iter().any(|frame| frame["type"] == "ping"));
+    }
+
+    #[test]
     fn heartbeat_pings_and_records_pongs() {
         let mut net = Net::pair(0, 0);
         net.drive();
