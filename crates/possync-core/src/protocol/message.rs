@@ -131,6 +131,9 @@ pub enum Body {
     SyncAck(SyncAck),
     /// `sync_request` / `request`: "send me what I lack since this summary".
     SyncRequest(SyncRequest),
+    /// `peers` / `update`: the terminals the sender is directly connected to now, so that
+    /// the receiver does not relay their changes to it (it gets them first-hand).
+    Peers(Peers),
     /// `error` / `reject`: the peer refused something we sent.
     Error(ErrorData),
 }
@@ -189,6 +192,13 @@ pub struct SyncAck {
 pub struct SyncRequest {
     /// The requester's node version vector: send everything above it.
     pub summary: VersionVector,
+}
+
+/// The data of `peers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peers {
+    /// posIds of the sender's live connections.
+    pub connected: Vec<PosId>,
 }
 
 /// The data of `error`.
@@ -284,6 +294,7 @@ impl Message {
             }),
             Body::SyncAck(ack) => self.encode_with(ack),
             Body::SyncRequest(request) => self.encode_with(request),
+            Body::Peers(peers) => self.encode_with(peers),
             Body::Error(error) => self.encode_with(error),
         }
     }
@@ -317,6 +328,7 @@ impl Body {
             Body::SyncBatch(_) => "sync_batch",
             Body::SyncAck(_) => "sync_ack",
             Body::SyncRequest(_) => "sync_request",
+            Body::Peers(_) => "peers",
             Body::Error(_) => "error",
         }
     }
@@ -356,6 +368,7 @@ impl Body {
             }
             "sync_ack" => Body::SyncAck(decode(data)?),
             "sync_request" => Body::SyncRequest(decode(data)?),
+            "peers" => Body::Peers(decode(data)?),
             "error" => Body::Error(decode(data)?),
             _ => {
                 // Invariant: `parse` only calls this with a known type, and every known type
@@ -415,6 +428,7 @@ fn control_action(kind: &str) -> Option<&'static str> {
         "sync_batch" => Some("push"),
         "sync_ack" => Some("ack"),
         "sync_request" => Some("request"),
+        "peers" => Some("update"),
         "error" => Some("reject"),
         _ => None,
     }

@@ -8,7 +8,7 @@
 //! same outputs, which is what lets the tests run two sessions against each other on a
 //! virtual clock. See the [module docs](super) for the run loop a driver follows.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ use crate::time::rfc3339_ms;
 use crate::vv::VersionVector;
 
 use super::message::{
-    Body, ErrorData, Hello, Message, PROTOCOL_VERSION, Pong, ProtocolError, StampedChange, SyncAck,
+    Body, ErrorData, Hello, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck,
     SyncBatch, SyncRequest, peek_type_action,
 };
 
@@ -212,6 +212,13 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Counters.
     stats: ConnectionStats,
+    /// Our own live connections (other than this one), as last told by the driver.
+    local_neighbors: BTreeSet<PosId>,
+    /// The neighbour list last sent to the peer.
+    neighbors_sent: Option<BTreeSet<PosId>>,
+    /// The peer's live connections, as it last told us: changes from those terminals reach
+    /// it first-hand, so they are not relayed to it.
+    peer_neighbors: BTreeSet<PosId>,
 }
 
 /// The connection's lifecycle.
@@ -332,6 +339,9 @@ impl Session {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: ConnectionStats::default(),
+            local_neighbors: BTreeSet::new(),
+            neighbors_sent: None,
+            peer_neighbors: BTreeSet::new(),
         };
         if role == Role::Initiator {
             let hello = session.hello();
@@ -520,6 +530,14 @@ impl Session {
         self.send_sync_request(local_summary);
     }
 
+    /// Tells the session which terminals this node is directly connected to (other than
+    /// this peer); the peer is told when the set changes, so that it does not relay their
+    /// changes to us.
+    pub fn set_neighbors(&mut self, neighbors: BTreeSet<PosId>) {
+        self.local_neighbors = neighbors;
+        self.send_neighbors();
+    }
+
     /// Runs outgoing catch-up again from what the peer is known to hold. The driver calls
     /// this when it fell behind the node's stream of changes and some never reached
     /// [`send_change`](Self::send_change): the store still has them.
@@ -620,6 +638,7 @@ impl Session {
         self.peer = Some(peer.clone());
         let since = peer.summary.clone();
         self.events.push_back(Event::Established { peer });
+        self.send_neighbors();
         self.begin_catch_up(since);
     }
 
@@ -670,6 +689,16 @@ impl Session {
             }
             Body::SyncAck(_) => self.handle_sync_ack(kind, action),
             Body::SyncRequest(request) => self.restart_catch_up(request.summary),
+            Body::Peers(peers) => {
+                let connected: BTreeSet<PosId> = peers.connected.into_iter().collect();
+                let lost_one = self.peer_neighbors.difference(&connected).next().is_some();
+                self.peer_neighbors = connected;
+                if lost_one {
+                    // Changes not relayed while the peer was connected to their origin may
+                    // never have reached it: send whatever it lacks.
+                    self.resync();
+                }
+            }
             Body::Error(error) => {
                 self.events.push_back(Event::PeerError { code: error.code, message: error.message });
             }
@@ -739,11 +768,36 @@ impl Session {
         if self.peer_known.get(&change.origin) >= change.seq {
             return;
         }
+        if change.origin != self.config.pos_id && self.peer_neighbors.contains(&change.origin) {
+            // The peer is connected to the change's origin and gets it from there.
+            return;
+        }
         self.peer_known.observe(&change.origin, change.seq);
         self.queue(Body::Change(change));
     }
 
     // ----- incoming catch-up -----
+
+    /// Sends our neighbour list when established and changed since last sent (an empty
+    /// list is only sent to replace a non-empty one).
+    fn send_neighbors(&mut self) {
+        if !self.is_established() {
+            return;
+        }
+        let mut neighbors = self.local_neighbors.clone();
+        if let Some(peer) = &self.peer {
+            neighbors.remove(&peer.pos_id);
+        }
+        let unchanged = match &self.neighbors_sent {
+            Some(sent) => *sent == neighbors,
+            None => neighbors.is_empty(),
+        };
+        if unchanged {
+            return;
+        }
+        self.queue(Body::Peers(Peers { connected: neighbors.iter().cloned().collect() }));
+        self.neighbors_sent = Some(neighbors);
+    }
 
     fn send_sync_request(&mut self, summary: VersionVector) {
         self.incoming.request_outstanding = true;
@@ -1095,6 +1149,52 @@ mod tests {
         // One more (empty: the peer holds everything) catch-up round went out.
         assert_eq!(batch_sizes(&net, 0, 0).len(), batches_before + 1);
         assert_eq!(batch_sizes(&net, 0, 0).last(), Some(&(0, false)));
+    }
+
+    #[test]
+    fn changes_are_not_relayed_to_a_peer_connected_to_their_origin() {
+        let mut session = established();
+        // b now lives: a drained hello-ack; pretend its outgoing catch-up is over.
+        session.handle_frame(T0, &frame("peers", "update", json!({"connected": ["c"]}), "a"));
+        let sent_types = |session: &mut Session| -> Vec<String> {
+            drain(session)
+                .0
+                .iter()
+                .map(|frame| frame["type"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        sent_types(&mut session);
+        session.send_change(&change("c", 1));
+        session.send_change(&change("d", 1));
+        session.send_change(&change("b", 1));
+        // Still in catch-up: live changes wait; finish it so they flush.
+        session.provide_batch(Vec::new(), 0, false);
+        session.handle_frame(T0, &frame("sync_ack", "ack", json!({"count": 0}), "a"));
+        let frames = drain(&mut session).0;
+        let origins: Vec<&str> =
+            frames.iter().filter_map(|frame| frame["data"]["sync"]["origin"].as_str()).collect();
+        assert_eq!(origins, ["d", "b"], "c's change is left to the c-a link");
+
+        // a loses its link to c: b runs a catch-up round so that a gets what it missed.
+        session.handle_frame(T0, &frame("peers", "update", json!({"connected": []}), "a"));
+        let (_, events) = drain(&mut session);
+        assert!(events.iter().any(|event| matches!(event, Event::NeedBatch { .. })), "{events:?}");
+    }
+
+    #[test]
+    fn neighbours_are_announced_when_they_change() {
+        let mut session = established();
+        session.set_neighbors([pos("a"), pos("c")].into_iter().collect());
+        let frames = drain(&mut session).0;
+        let peers: Vec<&Value> = frames.iter().filter(|frame| frame["type"] == "peers").collect();
+        assert_eq!(peers.len(), 1);
+        // The peer itself is left out of the list it is sent.
+        assert_eq!(peers[0]["data"]["connected"], json!(["c"]));
+        session.set_neighbors([pos("c")].into_iter().collect());
+        assert!(
+            drain(&mut session).0.iter().all(|frame| frame["type"] != "peers"),
+            "unchanged: not sent again"
+        );
     }
 
     #[test]
