@@ -91,10 +91,15 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own summary; node logs would drown it unless asked for.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "possync=info,possync_node=warn",
+        _ => "possync=info,possync_node=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POSSYNC_LOG")
-                .unwrap_or_else(|_| "possync=info,possync_node=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
