@@ -346,3 +346,351 @@ pub(crate) fn rows_json<P: Params>(conn: &Connection, sql: &str, params: P) -> R
     let rows = statement.query_map(params, to_object)?.collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
+
+// The HTTP API's dashboard (docs/DASHBOARD.md) and its live conflict feed.
+
+/// The rows behind `GET /api/dashboard`: each query of docs/DASHBOARD.md, run as written
+/// with `:now` and `:since` bound from the node's clock. The API composes the answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DashboardRows {
+    /// `uptime_by_peer`, last 24 h: connected and observed seconds per peer.
+    pub uptime_by_peer: Vec<Value>,
+    /// `avg_reconnect`, last 24 h: one row.
+    pub avg_reconnect: Value,
+    /// `sync_success_rate`, last 24 h: one row.
+    pub sync_success_rate: Value,
+    /// `conflicts_per_hour`, last 24 h: one row.
+    pub conflicts_per_hour: Value,
+    /// `daily_volume`: 14 rows, oldest first.
+    pub daily_volume: Vec<Value>,
+    /// `peer_reliability`, last 7 days, least reliable first.
+    pub peer_reliability: Vec<Value>,
+    /// `alert_slow_sync`: peers whose syncs got slower than usual.
+    pub alert_slow_sync: Vec<Value>,
+    /// `alert_sync_errors`: peers whose changes fail more than usual.
+    pub alert_sync_errors: Vec<Value>,
+}
+
+impl StoreReader {
+    /// Runs every dashboard query at `now_ms` (Unix ms).
+    pub fn dashboard_rows(&self, now_ms: u64) -> Result<DashboardRows> {
+        let now = possync_core::time::sqlite_datetime(now_ms);
+        let day = possync_core::time::sqlite_datetime(now_ms.saturating_sub(86_400_000));
+        let week = possync_core::time::sqlite_datetime(now_ms.saturating_sub(7 * 86_400_000));
+        let day_window = [(":now", now.as_str()), (":since", day.as_str())];
+        let week_window = [(":now", now.as_str()), (":since", week.as_str())];
+        let one = |sql: &str| -> Result<Value> {
+            Ok(rows_json_named(&self.conn, sql, &day_window)?.into_iter().next().unwrap_or(Value::Null))
+        };
+        Ok(DashboardRows {
+            uptime_by_peer: rows_json_named(&self.conn, UPTIME_BY_PEER_SQL, &day_window)?,
+            avg_reconnect: one(AVG_RECONNECT_SQL)?,
+            sync_success_rate: one(SYNC_SUCCESS_RATE_SQL)?,
+            conflicts_per_hour: one(CONFLICTS_PER_HOUR_SQL)?,
+            daily_volume: rows_json_named(&self.conn, DAILY_VOLUME_SQL, &day_window)?,
+            peer_reliability: rows_json_named(&self.conn, PEER_RELIABILITY_SQL, &week_window)?,
+            alert_slow_sync: rows_json_named(&self.conn, ALERT_SLOW_SYNC_SQL, &day_window)?,
+            alert_sync_errors: rows_json_named(&self.conn, ALERT_SYNC_ERRORS_SQL, &day_window)?,
+        })
+    }
+
+    /// Conflict rows with an id above `after_id`, oldest first (the live feed of new rows).
+    pub fn conflicts_after(&self, after_id: i64, limit: u32) -> Result<Vec<Value>> {
+        rows_json(
+            &self.conn,
+            "SELECT * FROM p2p_conflicts WHERE id > ?1 ORDER BY id LIMIT ?2",
+            rusqlite::params![after_id, i64::from(limit)],
+        )
+    }
+
+    /// The highest conflict id so far (0 when there is none).
+    pub fn last_conflict_id(&self) -> Result<i64> {
+        Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM p2p_conflicts", [], |row| row.get(0))?)
+    }
+
+    /// Does a setting with this key exist?
+    pub fn has_setting(&self, key: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM settings WHERE key = ?1)", [key], |row| row.get(0))?)
+    }
+}
+
+/// Like [`rows_json`], with named text parameters; a name the query does not use is skipped.
+fn rows_json_named(conn: &Connection, sql: &str, bindings: &[(&str, &str)]) -> Result<Vec<Value>> {
+    let mut statement = conn.prepare_cached(sql)?;
+    for (name, value) in bindings {
+        if let Some(index) = statement.parameter_index(name)? {
+            statement.raw_bind_parameter(index, value)?;
+        }
+    }
+    let names: Vec<String> = statement.column_names().iter().map(|name| camel_case(name)).collect();
+    let mut rows = statement.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let mut object = Map::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            object.insert(name.clone(), cell(row.get_ref(i)?));
+        }
+        out.push(Value::Object(object));
+    }
+    Ok(out)
+}
+
+/// `uptime_by_peer` of docs/DASHBOARD.md.
+const UPTIME_BY_PEER_SQL: &str = r#"WITH state_events AS (
+  SELECT id, peer_id, peer_name, created_at,
+         CASE WHEN event_type IN ('connected', 'reconnected') THEN 1 ELSE 0 END AS up
+  FROM p2p_connection_metrics
+  WHERE event_type IN ('connected', 'reconnected', 'disconnected', 'heartbeat_timeout')
+    AND created_at <= :now
+),
+opening AS (
+  -- each peer's state when the window opens: its last state event before it
+  SELECT id, peer_id, peer_name, :since AS created_at, up, 0 AS in_window
+  FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY peer_id ORDER BY created_at DESC, id DESC) AS rn
+        FROM state_events WHERE created_at < :since)
+  WHERE rn = 1
+),
+timeline AS (
+  SELECT id, peer_id, peer_name, created_at, up, in_window FROM opening
+  UNION ALL
+  SELECT id, peer_id, peer_name, created_at, up, 1 FROM state_events WHERE created_at >= :since
+),
+intervals AS (
+  SELECT peer_id, up, in_window, created_at AS start_at,
+         COALESCE(LEAD(created_at) OVER (PARTITION BY peer_id ORDER BY created_at, id), :now) AS end_at,
+         FIRST_VALUE(peer_name) OVER (PARTITION BY peer_id ORDER BY created_at DESC, id DESC) AS peer_name
+  FROM timeline
+)
+SELECT peer_id,
+       MAX(peer_name) AS peer_name,
+       SUM(CASE WHEN up = 1 THEN julianday(end_at) - julianday(start_at) ELSE 0 END) * 86400.0 AS connected_seconds,
+       SUM(julianday(end_at) - julianday(start_at)) * 86400.0 AS observed_seconds
+FROM intervals
+GROUP BY peer_id
+HAVING MAX(in_window) = 1 OR SUM(up) > 0
+ORDER BY peer_id;"#;
+
+/// `avg_reconnect` of docs/DASHBOARD.md.
+const AVG_RECONNECT_SQL: &str = r#"WITH state_events AS (
+  SELECT id, peer_id, created_at,
+         CASE WHEN event_type IN ('connected', 'reconnected') THEN 1 ELSE 0 END AS up
+  FROM p2p_connection_metrics
+  WHERE event_type IN ('connected', 'reconnected', 'disconnected', 'heartbeat_timeout')
+    AND created_at <= :now
+),
+flagged AS (
+  SELECT *, LAG(up) OVER (PARTITION BY peer_id ORDER BY created_at, id) AS previous_up
+  FROM state_events
+),
+outages AS (
+  SELECT d.peer_id, d.created_at AS down_at,
+         (SELECT MIN(u.created_at) FROM state_events u
+           WHERE u.peer_id = d.peer_id AND u.up = 1
+             AND (u.created_at > d.created_at OR (u.created_at = d.created_at AND u.id > d.id))) AS up_at
+  FROM flagged d
+  WHERE d.up = 0 AND COALESCE(d.previous_up, 1) = 1 AND d.created_at >= :since
+)
+SELECT CAST(ROUND(AVG((julianday(up_at) - julianday(down_at)) * 86400000.0)) AS INTEGER) AS avg_reconnect_ms,
+       COUNT(up_at) AS ended_outages,
+       COUNT(*) - COUNT(up_at) AS ongoing_outages
+FROM outages;"#;
+
+/// `sync_success_rate` of docs/DASHBOARD.md.
+const SYNC_SUCCESS_RATE_SQL: &str = r#"SELECT CASE WHEN COUNT(*) = 0 THEN NULL
+            ELSE ROUND(100.0 * SUM(status IN ('success', 'conflict', 'skipped')) / COUNT(*), 2)
+       END AS sync_success_rate,
+       COUNT(*) AS changes,
+       COALESCE(SUM(status = 'error'), 0) AS errors
+FROM p2p_sync_logs
+WHERE created_at >= :since AND created_at <= :now;"#;
+
+/// `conflicts_per_hour` of docs/DASHBOARD.md.
+const CONFLICTS_PER_HOUR_SQL: &str = r#"SELECT CASE
+         WHEN NOT EXISTS (SELECT 1 FROM p2p_sync_logs WHERE created_at >= :since AND created_at <= :now)
+          AND NOT EXISTS (SELECT 1 FROM p2p_conflicts WHERE created_at >= :since AND created_at <= :now)
+          AND NOT EXISTS (SELECT 1 FROM p2p_connection_metrics WHERE created_at >= :since AND created_at <= :now)
+         THEN NULL
+         ELSE ROUND((SELECT COUNT(*) FROM p2p_conflicts WHERE created_at >= :since AND created_at <= :now)
+                    / ((julianday(:now) - julianday(:since)) * 24.0), 2)
+       END AS conflicts_per_hour;"#;
+
+/// `daily_volume` of docs/DASHBOARD.md.
+const DAILY_VOLUME_SQL: &str = r#"WITH RECURSIVE days(day) AS (
+  SELECT date(:now, '-13 days')
+  UNION ALL
+  SELECT date(day, '+1 day') FROM days WHERE day < date(:now)
+),
+logs AS (
+  SELECT date(created_at) AS day, COUNT(*) AS changes, SUM(status = 'error') AS errors
+  FROM p2p_sync_logs
+  WHERE created_at >= date(:now, '-13 days') AND created_at <= :now
+  GROUP BY date(created_at)
+),
+conflicts AS (
+  SELECT date(created_at) AS day, COUNT(*) AS conflicts
+  FROM p2p_conflicts
+  WHERE created_at >= date(:now, '-13 days') AND created_at <= :now
+  GROUP BY date(created_at)
+)
+SELECT days.day,
+       COALESCE(logs.changes, 0) AS changes,
+       COALESCE(conflicts.conflicts, 0) AS conflicts,
+       COALESCE(logs.errors, 0) AS errors
+FROM days
+LEFT JOIN logs ON logs.day = days.day
+LEFT JOIN conflicts ON conflicts.day = days.day
+ORDER BY days.day;"#;
+
+/// `peer_reliability` of docs/DASHBOARD.md.
+const PEER_RELIABILITY_SQL: &str = r#"WITH state_events AS (
+  SELECT id, peer_id, peer_name, created_at,
+         CASE WHEN event_type IN ('connected', 'reconnected') THEN 1 ELSE 0 END AS up
+  FROM p2p_connection_metrics
+  WHERE event_type IN ('connected', 'reconnected', 'disconnected', 'heartbeat_timeout')
+    AND created_at <= :now
+),
+opening AS (
+  SELECT id, peer_id, peer_name, :since AS created_at, up, 0 AS in_window
+  FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY peer_id ORDER BY created_at DESC, id DESC) AS rn
+        FROM state_events WHERE created_at < :since)
+  WHERE rn = 1
+),
+timeline AS (
+  SELECT id, peer_id, peer_name, created_at, up, in_window FROM opening
+  UNION ALL
+  SELECT id, peer_id, peer_name, created_at, up, 1 FROM state_events WHERE created_at >= :since
+),
+intervals AS (
+  SELECT peer_id, up, in_window, created_at AS start_at,
+         COALESCE(LEAD(created_at) OVER (PARTITION BY peer_id ORDER BY created_at, id), :now) AS end_at
+  FROM timeline
+),
+uptime AS (
+  SELECT peer_id,
+         100.0 * SUM(CASE WHEN up = 1 THEN julianday(end_at) - julianday(start_at) ELSE 0 END)
+               / NULLIF(SUM(julianday(end_at) - julianday(start_at)), 0) AS u
+  FROM intervals
+  GROUP BY peer_id
+  HAVING MAX(in_window) = 1 OR SUM(up) > 0
+),
+sync AS (
+  SELECT peer_id, 100.0 * SUM(status IN ('success', 'conflict', 'skipped')) / COUNT(*) AS s
+  FROM p2p_sync_logs
+  WHERE created_at >= :since AND created_at <= :now AND peer_id IS NOT NULL
+  GROUP BY peer_id
+),
+events AS (
+  SELECT peer_id,
+         SUM(event_type IN ('heartbeat_timeout', 'sync_failed')) AS failures,
+         100.0 * SUM(event_type = 'sync_failed')
+               / NULLIF(SUM(event_type IN ('sync_completed', 'sync_failed')), 0) AS f
+  FROM p2p_connection_metrics
+  WHERE created_at >= :since AND created_at <= :now
+  GROUP BY peer_id
+),
+peers AS (
+  SELECT peer_id FROM uptime
+  UNION SELECT peer_id FROM sync
+  UNION SELECT peer_id FROM events
+),
+names AS (
+  SELECT peer_id, peer_name FROM (
+    SELECT peer_id, peer_name,
+           ROW_NUMBER() OVER (PARTITION BY peer_id ORDER BY created_at DESC, source) AS rn
+    FROM (SELECT peer_id, peer_name, created_at, 0 AS source FROM p2p_connection_metrics
+          WHERE peer_name IS NOT NULL AND created_at <= :now
+          UNION ALL
+          SELECT peer_id, peer_name, created_at, 1 FROM p2p_sync_logs
+          WHERE peer_name IS NOT NULL AND created_at <= :now))
+  WHERE rn = 1
+)
+SELECT peers.peer_id,
+       names.peer_name,
+       CAST(ROUND((0.5 * COALESCE(uptime.u, 0) + 0.3 * COALESCE(sync.s, 0) + 0.2 * COALESCE(100 - events.f, 0))
+                  / NULLIF(0.5 * (uptime.u IS NOT NULL) + 0.3 * (sync.s IS NOT NULL) + 0.2 * (events.f IS NOT NULL), 0))
+            AS INTEGER) AS reliability,
+       ROUND(uptime.u, 2) AS uptime_percent,
+       COALESCE(events.failures, 0) AS failures
+FROM peers
+LEFT JOIN names USING (peer_id)
+LEFT JOIN uptime USING (peer_id)
+LEFT JOIN sync USING (peer_id)
+LEFT JOIN events USING (peer_id)
+ORDER BY reliability IS NULL, reliability, peer_id;"#;
+
+/// `alert_slow_sync` of docs/DASHBOARD.md.
+const ALERT_SLOW_SYNC_SQL: &str = r#"WITH durations AS (
+  SELECT id, peer_id, peer_name, sync_duration_ms AS ms, created_at
+  FROM p2p_connection_metrics
+  WHERE event_type = 'sync_completed' AND sync_duration_ms IS NOT NULL
+    AND created_at >= datetime(:now, '-7 days') AND created_at <= :now
+),
+baseline AS (
+  SELECT peer_id, ms,
+         ROW_NUMBER() OVER (PARTITION BY peer_id ORDER BY ms) AS rn,
+         COUNT(*) OVER (PARTITION BY peer_id) AS n
+  FROM durations
+  WHERE created_at < datetime(:now, '-1 hour')
+),
+median AS (
+  SELECT peer_id, AVG(ms) AS baseline_median, MAX(n) AS baseline_count
+  FROM baseline
+  WHERE rn IN ((n + 1) / 2, (n + 2) / 2)
+  GROUP BY peer_id
+),
+recent AS (
+  SELECT peer_id, AVG(ms) AS recent_mean, COUNT(*) AS recent_count,
+         (SELECT d2.peer_name FROM durations d2 WHERE d2.peer_id = d.peer_id
+           ORDER BY d2.created_at DESC, d2.id DESC LIMIT 1) AS peer_name
+  FROM durations d
+  WHERE created_at >= datetime(:now, '-1 hour')
+  GROUP BY peer_id
+)
+SELECT recent.peer_id, COALESCE(recent.peer_name, recent.peer_id) AS peer,
+       CASE WHEN recent.recent_mean > 4 * median.baseline_median THEN 'critical' ELSE 'warning' END AS level,
+       ROUND(recent.recent_mean) AS recent_mean_ms, recent.recent_count,
+       ROUND(median.baseline_median) AS baseline_median_ms, median.baseline_count,
+       ROUND(recent.recent_mean / median.baseline_median, 1) AS ratio
+FROM recent JOIN median USING (peer_id)
+WHERE recent.recent_count >= 3 AND median.baseline_count >= 10 AND median.baseline_median > 0
+  AND recent.recent_mean > 2 * median.baseline_median
+  AND recent.recent_mean - median.baseline_median >= 100
+ORDER BY level = 'warning', peer;"#;
+
+/// `alert_sync_errors` of docs/DASHBOARD.md.
+const ALERT_SYNC_ERRORS_SQL: &str = r#"WITH logs AS (
+  SELECT id, peer_id, peer_name, status, created_at
+  FROM p2p_sync_logs
+  WHERE created_at >= datetime(:now, '-7 days') AND created_at <= :now
+),
+recent AS (
+  SELECT peer_id, COUNT(*) AS n, SUM(status = 'error') AS errors,
+         (SELECT l2.peer_name FROM logs l2 WHERE l2.peer_id IS l.peer_id
+           ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1) AS peer_name
+  FROM logs l
+  WHERE created_at >= datetime(:now, '-1 hour')
+  GROUP BY peer_id
+),
+baseline AS (
+  SELECT peer_id, COUNT(*) AS n, SUM(status = 'error') AS errors
+  FROM logs
+  WHERE created_at < datetime(:now, '-1 hour')
+  GROUP BY peer_id
+),
+shares AS (
+  SELECT recent.peer_id, COALESCE(recent.peer_name, recent.peer_id, 'an unknown peer') AS peer,
+         recent.n AS recent_rows, recent.errors AS recent_errors,
+         1.0 * recent.errors / recent.n AS recent_share,
+         COALESCE(1.0 * baseline.errors / NULLIF(baseline.n, 0), 0) AS baseline_share
+  FROM recent LEFT JOIN baseline ON baseline.peer_id IS recent.peer_id
+)
+SELECT peer_id, peer,
+       CASE WHEN recent_share > MAX(0.20, 4 * baseline_share) THEN 'critical' ELSE 'warning' END AS level,
+       recent_rows, recent_errors,
+       ROUND(100 * recent_share, 1) AS recent_share_percent,
+       ROUND(100 * baseline_share, 1) AS baseline_share_percent
+FROM shares
+WHERE recent_rows >= 10 AND recent_share > MAX(0.05, 2 * baseline_share)
+ORDER BY level = 'warning', peer;"#;

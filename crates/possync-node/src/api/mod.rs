@@ -1,15 +1,52 @@
-//! The local HTTP API (axum): status, stats, logs, control, entities, Prometheus metrics and
-//! the dashboard. Only this module knows HTTP.
+//! The local HTTP API (axum): status, stats, logs, control, entities, sales, Prometheus
+//! metrics, the dashboard and its event stream. Only this module knows HTTP.
+//!
+//! - [`routes`] is the one route table: the router and the OpenAPI document
+//!   (`GET /api/openapi.json`) are both built from it, so they list the same routes.
+//! - Every write goes through the single writer's local queue ([`write_change`]), which also
+//!   publishes the change to the peers; reads use the reader pool.
+//! - Every error, axum's own rejections included, is `{"error": {"code", "message"}}`
+//!   ([`error`]). Access: open on loopback, a bearer token elsewhere ([`auth`]).
+//!
+//! Modules: [`error`], [`auth`], `entities` (products, categories, customers), `sales`
+//! (tickets, stock), `sync` (status, stats, audit lists, control, settings, cleanup,
+//! metrics), `events` (SSE), `dashboard` (assets and indicators), [`openapi`].
+
+pub mod auth;
+mod dashboard;
+mod entities;
+pub mod error;
+mod events;
+pub mod openapi;
+mod sales;
+mod sync;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::http::{Method as HttpMethod, Uri};
+use possync_store::{Store, StoreError, StoreReader};
+use rust_decimal::Decimal;
+use serde_json::Value;
 use tokio::net::TcpListener;
 
+pub use self::auth::AuthPolicy;
+pub use self::error::ApiError;
+use self::openapi::{Method, Route};
 use crate::node::NodeShared;
+use crate::writer::Priority;
+
+/// What every handler shares.
+pub struct ApiState {
+    /// The node.
+    pub node: Arc<NodeShared>,
+    /// Who may call.
+    pub auth: AuthPolicy,
+    /// The OpenAPI document (built once, from the route table).
+    openapi: Value,
+    /// The SSE fan-out.
+    hub: events::Hub,
+}
 
 /// Serves the API on `listener` until the node shuts down.
 pub async fn serve(node: Arc<NodeShared>, listener: TcpListener) {
@@ -25,29 +62,107 @@ pub async fn serve(node: Arc<NodeShared>, listener: TcpListener) {
     }
 }
 
-/// Every route.
+/// Every route, with the access policy of the configured bind address.
 pub fn router(node: Arc<NodeShared>) -> Router {
-    Router::new()
-        .route("/api/status", get(status))
-        .route("/api/stats", get(stats))
-        .route("/metrics", get(metrics))
-        .with_state(node)
+    let auth = AuthPolicy::for_bind(node.config.api_listen, &node.config.api_token);
+    router_with(node, auth)
 }
 
-async fn status(State(node): State<Arc<NodeShared>>) -> impl IntoResponse {
-    let settings = node.settings();
-    axum::Json(node.peers.status(
-        node.is_listening(),
-        settings.enabled,
-        &node.identity.pos_id,
-        &node.identity.pos_name,
-    ))
+/// Every route, with the given access policy.
+pub fn router_with(node: Arc<NodeShared>, auth: AuthPolicy) -> Router {
+    let table = routes();
+    let state =
+        Arc::new(ApiState { node, auth, openapi: openapi::document(&table), hub: events::Hub::default() });
+    let mut router = Router::new();
+    for route in table {
+        router = router.route(route.path, route.handler);
+    }
+    router
+        .method_not_allowed_fallback(wrong_method)
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::require_token))
+        .with_state(state)
 }
 
-async fn stats(State(node): State<Arc<NodeShared>>) -> impl IntoResponse {
-    axum::Json(node.peers.detailed_stats())
+/// The route table: everything the API serves.
+pub fn routes() -> Vec<Route> {
+    let mut table = sync::routes();
+    table.extend(entities::routes());
+    table.extend(sales::routes());
+    table.extend(events::routes());
+    table.extend(dashboard::routes());
+    table
 }
 
-async fn metrics(State(node): State<Arc<NodeShared>>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], node.metrics.encode())
+/// Every (method, path) of the route table.
+pub fn route_list() -> Vec<(Method, &'static str)> {
+    routes().iter().map(|route| (route.method, route.path)).collect()
+}
+
+/// The OpenAPI document of the route table (what `GET /api/openapi.json` answers).
+pub fn routes_document() -> Value {
+    openapi::document(&routes())
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::new(axum::http::StatusCode::NOT_FOUND, "route_not_found", format!("no route {}", uri.path()))
+}
+
+async fn wrong_method(method: HttpMethod, uri: Uri) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Runs a till write on the writer's local queue (it goes before sync and housekeeping).
+async fn write<T, F>(node: &NodeShared, job: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+{
+    Ok(node.writer.call(Priority::Local, job).await??)
+}
+
+/// A write that makes one change (published to the peers by the writer); counted in
+/// `possync_local_changes_total`.
+async fn write_change<T, F>(node: &NodeShared, job: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let written = write(node, job).await?;
+    node.metrics.local_changes.inc();
+    Ok(written)
+}
+
+/// Runs a query on a reader, off the async threads.
+async fn read<T, F>(node: &NodeShared, query: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
+{
+    Ok(node.readers.with(query).await?)
+}
+
+/// `limit` is 1..=max when given.
+fn check_paging(limit: Option<u32>, max: u32) -> Result<(), ApiError> {
+    match limit {
+        Some(limit) if limit == 0 || limit > max => {
+            Err(ApiError::bad_request(format!("limit must be from 1 to {max}, not {limit}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Largest amount or quantity the API takes (a trillion): sums and products of such values
+/// stay far inside what the store's decimal arithmetic holds.
+const MAX_AMOUNT: i64 = 1_000_000_000_000;
+
+fn check_amount(field: &str, amount: Decimal) -> Result<(), ApiError> {
+    if amount.abs() > Decimal::from(MAX_AMOUNT) {
+        return Err(ApiError::unprocessable(format!("invalid {field}: larger than {MAX_AMOUNT}")));
+    }
+    Ok(())
 }

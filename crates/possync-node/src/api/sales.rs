@@ -1,0 +1,295 @@
+//! Tickets (sell, list, get, refund, cancel) and stock (adjust, count), SPEC 6.2. A sale is
+//! written whole, with its stock movements, in one transaction by the store, and travels to
+//! the peers as one change.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use possync_core::EntityKind;
+use possync_core::entity::MovementType;
+use possync_store::reader::TicketQuery;
+use possync_store::{RefundLine, SaleRequest};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::entities::path_id;
+use super::error::{ApiError, ApiJson, ApiQuery, OptionalJson, PathParam};
+use super::openapi::{Method, Route, array_of, schema_ref};
+use super::{ApiState, check_amount, check_paging, read, write_change};
+
+/// Filters of `GET /api/tickets`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TicketParams {
+    /// `YYYY-MM-DD` (UTC).
+    day: Option<String>,
+    /// Tickets of one terminal.
+    pos_id: Option<String>,
+    /// At most this many (1..=1000, default 100).
+    limit: Option<u32>,
+    /// Skip this many.
+    offset: Option<u32>,
+}
+
+/// `POST /api/tickets/{id}/refund`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RefundBody {
+    /// The lines to refund; everything left when absent.
+    #[serde(default)]
+    lines: Option<Vec<RefundLine>>,
+    /// Why.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /api/tickets/{id}/cancel`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CancelBody {
+    /// Why.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The movement types a person may record (sale and return come from tickets).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdjustType {
+    /// Goods received (quantity > 0).
+    In,
+    /// Goods out (quantity < 0).
+    Out,
+    /// A correction, either way.
+    Adjustment,
+}
+
+/// `POST /api/stock/adjust`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdjustBody {
+    /// The product.
+    product_id: String,
+    /// Signed quantity.
+    #[serde(with = "possync_core::decimal::json")]
+    quantity: Decimal,
+    /// in, out or adjustment.
+    #[serde(rename = "type")]
+    kind: AdjustType,
+    /// Delivery note, reason...
+    #[serde(default)]
+    reference: Option<String>,
+}
+
+/// `POST /api/stock/count`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CountBody {
+    /// The product.
+    product_id: String,
+    /// How many are on the shelf.
+    #[serde(with = "possync_core::decimal::json")]
+    counted: Decimal,
+    /// Free text.
+    #[serde(default)]
+    reference: Option<String>,
+}
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::Post, "/api/tickets", "createTicket", create_ticket)
+            .summary("Sell: the ticket with its lines, payments and stock movements")
+            .tag("tickets")
+            .body(schema_ref("Sale"))
+            .reply(201, "The ticket", schema_ref("Ticket"))
+            .errors(&[400, 409, 415, 422, 503]),
+        Route::new(Method::Get, "/api/tickets", "listTickets", list_tickets)
+            .summary("Tickets, newest first")
+            .tag("tickets")
+            .query(
+                "day",
+                json!({"type": "string", "format": "date"}),
+                "Tickets of this UTC day (YYYY-MM-DD).",
+            )
+            .query("posId", json!({"type": "string"}), "Tickets of this terminal.")
+            .paging(100, 1000)
+            .reply(200, "The tickets", array_of("Ticket"))
+            .errors(&[400]),
+        Route::new(Method::Get, "/api/tickets/{id}", "getTicket", get_ticket)
+            .summary("One ticket")
+            .tag("tickets")
+            .reply(200, "The ticket", schema_ref("Ticket"))
+            .errors(&[404]),
+        Route::new(Method::Post, "/api/tickets/{id}/refund", "refundTicket", refund)
+            .summary("Refund some lines, or everything left (stock comes back)")
+            .tag("tickets")
+            .optional_body(schema_ref("Refund"))
+            .reply(200, "The ticket", schema_ref("Ticket"))
+            .errors(&[400, 404, 415, 422, 503]),
+        Route::new(Method::Post, "/api/tickets/{id}/cancel", "cancelTicket", cancel)
+            .summary("Cancel (void) a ticket (stock comes back)")
+            .tag("tickets")
+            .optional_body(schema_ref("Cancel"))
+            .reply(200, "The ticket", schema_ref("Ticket"))
+            .errors(&[400, 404, 415, 422, 503]),
+        Route::new(Method::Post, "/api/stock/adjust", "adjustStock", adjust)
+            .summary("Record a stock movement (in > 0, out < 0, adjustment either way)")
+            .tag("stock")
+            .body(schema_ref("StockAdjust"))
+            .reply(201, "The movement", schema_ref("Movement"))
+            .errors(&[400, 415, 422, 503]),
+        Route::new(Method::Post, "/api/stock/count", "countStock", count)
+            .summary("Record a stock count (an adjustment to the counted quantity)")
+            .tag("stock")
+            .body(schema_ref("StockCount"))
+            .reply(201, "The movement", schema_ref("Movement"))
+            .errors(&[400, 415, 422, 503]),
+    ]
+}
+
+async fn create_ticket(
+    State(api): State<Arc<ApiState>>,
+    ApiJson(sale): ApiJson<SaleRequest>,
+) -> Result<Response, ApiError> {
+    for line in &sale.lines {
+        check_amount("quantity", line.quantity)?;
+        if let Some(price) = line.unit_price {
+            check_amount("unitPrice", price)?;
+        }
+    }
+    for payment in &sale.payments {
+        check_amount("amount", payment.amount)?;
+    }
+    let ticket = write_change(&api.node, move |store| store.record_sale(&sale)).await?;
+    Ok((StatusCode::CREATED, Json(ticket)).into_response())
+}
+
+fn is_day(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 10
+        && bytes
+            .iter()
+            .enumerate()
+            .all(|(i, byte)| if i == 4 || i == 7 { *byte == b'-' } else { byte.is_ascii_digit() })
+}
+
+async fn list_tickets(
+    State(api): State<Arc<ApiState>>,
+    ApiQuery(params): ApiQuery<TicketParams>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    check_paging(params.limit, 1000)?;
+    if let Some(day) = &params.day
+        && !is_day(day)
+    {
+        return Err(ApiError::bad_request(format!("day must be YYYY-MM-DD, not {day:?}")));
+    }
+    let query =
+        TicketQuery { day: params.day, pos_id: params.pos_id, limit: params.limit, offset: params.offset };
+    Ok(Json(read(&api.node, move |reader| reader.list_tickets(&query)).await?))
+}
+
+async fn get_ticket(
+    State(api): State<Arc<ApiState>>,
+    PathParam(id): PathParam,
+) -> Result<Json<Value>, ApiError> {
+    let id = path_id(EntityKind::Ticket, &id)?;
+    let wanted = id.clone();
+    read(&api.node, move |reader| reader.ticket(&wanted))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("ticket {id} not found")))
+}
+
+async fn refund(
+    State(api): State<Arc<ApiState>>,
+    PathParam(id): PathParam,
+    OptionalJson(body): OptionalJson<RefundBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = path_id(EntityKind::Ticket, &id)?;
+    for line in body.lines.iter().flatten() {
+        check_amount("quantity", line.quantity)?;
+    }
+    let ticket = write_change(&api.node, move |store| {
+        store.refund_ticket(&id, body.lines.as_deref(), body.reason.as_deref())
+    })
+    .await?;
+    Ok(Json(ticket))
+}
+
+async fn cancel(
+    State(api): State<Arc<ApiState>>,
+    PathParam(id): PathParam,
+    OptionalJson(body): OptionalJson<CancelBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = path_id(EntityKind::Ticket, &id)?;
+    let ticket =
+        write_change(&api.node, move |store| store.cancel_ticket(&id, body.reason.as_deref())).await?;
+    Ok(Json(ticket))
+}
+
+/// A product named in a body that does not exist is an invalid body (422), not a missing
+/// resource: the URL itself exists.
+fn product_in_body(err: ApiError) -> ApiError {
+    if err.code == "not_found" {
+        ApiError::unprocessable(format!("invalid productId: {}", err.message))
+    } else {
+        err
+    }
+}
+
+fn body_product(raw: &str) -> Result<possync_core::EntityId, ApiError> {
+    possync_core::EntityId::parse(raw)
+        .map_err(|err| ApiError::unprocessable(format!("invalid productId: {err}")))
+}
+
+async fn adjust(
+    State(api): State<Arc<ApiState>>,
+    ApiJson(body): ApiJson<AdjustBody>,
+) -> Result<Response, ApiError> {
+    let product = body_product(&body.product_id)?;
+    check_amount("quantity", body.quantity)?;
+    let kind = match body.kind {
+        AdjustType::In => MovementType::In,
+        AdjustType::Out => MovementType::Out,
+        AdjustType::Adjustment => MovementType::Adjustment,
+    };
+    let movement = write_change(&api.node, move |store| {
+        store.adjust_stock(&product, body.quantity, kind, body.reference.as_deref())
+    })
+    .await
+    .map_err(product_in_body)?;
+    Ok((StatusCode::CREATED, Json(movement)).into_response())
+}
+
+async fn count(
+    State(api): State<Arc<ApiState>>,
+    ApiJson(body): ApiJson<CountBody>,
+) -> Result<Response, ApiError> {
+    let product = body_product(&body.product_id)?;
+    check_amount("counted", body.counted)?;
+    let movement = write_change(&api.node, move |store| {
+        // The count is relative to the stock this terminal sees: a product it does not
+        // know is refused before the store computes anything.
+        store.count_stock(&product, body.counted, body.reference.as_deref())
+    })
+    .await
+    .map_err(product_in_body)?;
+    Ok((StatusCode::CREATED, Json(movement)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days() {
+        assert!(is_day("2026-11-25"));
+        for bad in ["2026-1-25", "2026/11/25", "", "2026-11-25T", "abcd-ef-gh"] {
+            assert!(!is_day(bad), "{bad}");
+        }
+    }
+}
