@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::metrics::{ConflictLabels, PeerDirection, Status};
 use crate::node::{NodeShared, now_ms};
 use crate::peers::{ConnectionCommand, Registration};
-use crate::transport::SecureChannel;
+use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
@@ -56,7 +56,11 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
         Some(summary) => summary,
         None => return Ended::BeforeHandshake("node stopping".into()),
     };
-    let settings = node.settings();
+    let mut settings_watch = node.watch_settings();
+    let settings = settings_watch.borrow_and_update().clone();
+    if !settings.enabled {
+        return Ended::BeforeHandshake("P2P disabled".into());
+    }
     let mut config = SessionConfig::new(node.identity.pos_id.clone(), node.identity.pos_name.clone());
     config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
     config.batch_size = settings.batch_size;
@@ -226,6 +230,17 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                     session.handle_frame(now_ms(), &text);
                 }
                 Ok(None) => session.close("peer closed the connection"),
+                Err(err @ TransportError::NotUtf8(_)) => {
+                    // The channel goes on; the frame is refused like malformed JSON.
+                    node.metrics.protocol_violations.inc();
+                    log_rejected(&node, peer.as_ref(), address, format!("bad_json: {err}")).await;
+                }
+                Err(err @ TransportError::FrameTooLarge { .. }) => {
+                    // The secure channel refused it and is closed: record why (SPEC 8).
+                    node.metrics.protocol_violations.inc();
+                    log_rejected(&node, peer.as_ref(), address, format!("frame_too_large: {err}")).await;
+                    session.close(&format!("transport: {err}"));
+                }
                 Err(err) => session.close(&format!("transport: {err}")),
             },
             () = sleep => session.handle_timeout(now_ms()),
@@ -247,6 +262,20 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                 ConnectionCommand::Close(reason) => session.close(&reason),
             },
             _ = shutdown.changed() => session.close("node shutting down"),
+            changed = settings_watch.changed() => {
+                if changed.is_err() {
+                    session.close("node stopping");
+                } else {
+                    // Settings take effect on live connections (SPEC): P2P off closes them;
+                    // the heartbeat period and batch size apply from the next ping or batch.
+                    let settings = settings_watch.borrow_and_update().clone();
+                    if settings.enabled {
+                        session.update_settings(settings.heartbeat_interval_ms, settings.batch_size);
+                    } else {
+                        session.close("P2P disabled");
+                    }
+                }
+            }
         }
     }
     while let Some(frame) = session.poll_transmit() {
@@ -267,6 +296,26 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
         (Some(outcome), _) => outcome,
         (None, Some((peer, _))) => Ended::AfterHandshake { peer, reason: close_reason },
         (None, None) => Ended::BeforeHandshake(close_reason),
+    }
+}
+
+/// Records a frame refused by the secure channel: one `p2p_sync_logs` error row.
+async fn log_rejected(
+    node: &Arc<NodeShared>,
+    peer: Option<&(PosId, String)>,
+    address: SocketAddr,
+    error: String,
+) {
+    let (id, name) = match peer {
+        Some((id, name)) => (id.to_string(), name.clone()),
+        None => (address.to_string(), String::new()),
+    };
+    let logged = node
+        .writer
+        .call(Priority::Sync, move |store| store.log_rejected_message(&id, &name, "", "", &error))
+        .await;
+    if let Ok(Err(err)) = logged {
+        warn!(%err, "could not log a refused frame");
     }
 }
 

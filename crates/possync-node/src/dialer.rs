@@ -27,8 +27,8 @@ pub fn backoff_delay(base: Duration, attempt: u32) -> Duration {
 
 /// Why the dialer is waiting.
 enum Wait {
-    /// The peer is connected through another connection: check again later.
-    Connected,
+    /// The peer is connected through another connection: wait until that one ends.
+    Connected(possync_core::PosId),
     /// Back off before the next attempt.
     Backoff(Duration),
     /// Out of attempts: only a manual reconnect or rediscovery wakes us.
@@ -51,15 +51,19 @@ pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc
                 _ = shutdown.changed() => return,
             }
         }
+        node.peers.note_dial(&target, attempts);
         let wait = match dial_once(&node, &target, &completion).await {
             Ok(Ended::AfterHandshake { peer, reason }) => {
                 debug!(%peer, %reason, "connection ended; redialling");
                 attempts = 1;
                 Wait::Backoff(backoff_delay(base, attempts))
             }
-            Ok(Ended::Duplicate(_)) => Wait::Connected,
+            Ok(Ended::Duplicate(peer)) => {
+                attempts = 0;
+                Wait::Connected(peer)
+            }
             Ok(Ended::BeforeHandshake(reason)) | Err(reason) => {
-                attempts += 1;
+                attempts = attempts.saturating_add(1);
                 let max = node.settings().reconnect_max_attempts;
                 debug!(%target, attempts, max, %reason, "dial failed");
                 if attempts > max {
@@ -70,27 +74,49 @@ pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc
                 }
             }
         };
+        node.peers.note_dial_outcome(&target, attempts, matches!(wait, Wait::GaveUp));
         if let Ok(address) = resolve(&target).await {
             node.peers.note_attempt(address, attempts);
         }
-        let pause = match wait {
-            Wait::Connected => Some(Duration::from_secs(1)),
-            Wait::Backoff(delay) => Some(delay),
-            Wait::GaveUp => None,
-        };
-        tokio::select! {
-            () = sleep_or_forever(pause) => {}
-            () = node.reconnect.notified() => attempts = 0,
-            _ = shutdown.changed() => return,
-            _ = settings.changed() => {}
+        // Registered before waiting so that a reconnect asked meanwhile is not lost.
+        let reconnect = node.reconnect.notified();
+        tokio::pin!(reconnect);
+        reconnect.as_mut().enable();
+        let enabled_before = settings.borrow_and_update().enabled;
+        let pause = pause(&node, &wait);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                () = &mut reconnect => {
+                    attempts = 0;
+                    node.peers.note_dial_outcome(&target, attempts, false);
+                    break;
+                }
+                _ = shutdown.changed() => return,
+                changed = settings.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Only switching P2P on or off matters here; other settings do not cut
+                    // a backoff short.
+                    if settings.borrow_and_update().enabled != enabled_before {
+                        break;
+                    }
+                }
+            }
         }
     }
 }
 
-async fn sleep_or_forever(pause: Option<Duration>) {
-    match pause {
-        Some(pause) => tokio::time::sleep(pause).await,
-        None => std::future::pending().await,
+/// Sleeps as long as `wait` says.
+async fn pause(node: &NodeShared, wait: &Wait) {
+    match wait {
+        // The other connection may be replaced by this dialer's next one: redial once it ends
+        // rather than every second (a handshake each time) while it lives.
+        Wait::Connected(peer) => node.peers.wait_disconnected(peer).await,
+        Wait::Backoff(delay) => tokio::time::sleep(*delay).await,
+        Wait::GaveUp => std::future::pending().await,
     }
 }
 

@@ -302,9 +302,18 @@ async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Se
         node.listening.send_replace(enabled);
         if !enabled {
             node.peers.broadcast(&ConnectionCommand::Close("P2P disabled".into()));
+            // Keep the port (rebinding later could fail) but turn peers away at once: left
+            // in the backlog, a dialer would wait for its handshake timeout on every attempt.
             tokio::select! {
                 _ = settings.changed() => continue,
                 _ = shutdown.changed() => return,
+                accepted = listener.accept() => {
+                    if let Ok((stream, address)) = accepted {
+                        tracing::debug!(%address, "P2P disabled: refusing a peer");
+                        drop(stream);
+                    }
+                    continue;
+                }
             }
         }
         tokio::select! {

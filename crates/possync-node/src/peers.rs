@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use possync_core::PosId;
 use possync_core::protocol::ConnectionStats;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// Commands the node sends to one connection task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,10 +129,27 @@ pub enum Registration {
     Duplicate,
 }
 
+/// What a dialer is doing about one target (`host:port`), for status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DialState {
+    /// Failed attempts in a row (the backoff position); 0 after a successful handshake or a
+    /// manual reconnect.
+    pub attempts: u32,
+    /// Dials started since the node started (every attempt, successful or not).
+    pub dials: u64,
+    /// Out of attempts: waiting for a manual reconnect or rediscovery.
+    pub gave_up: bool,
+}
+
 /// The table of known peers.
 #[derive(Debug, Default)]
 pub struct PeerTable {
     peers: Mutex<HashMap<PosId, PeerEntry>>,
+    /// Dial targets and their attempts.
+    dialers: Mutex<HashMap<String, DialState>>,
+    /// Woken whenever a connection is registered or unregistered.
+    changed: Notify,
 }
 
 fn rfc3339(ms: Option<u64>) -> Option<String> {
@@ -185,6 +202,8 @@ impl PeerTable {
         entry.reconnect_attempts = 0;
         entry.stats = ConnectionStats::default();
         entry.connection = Some((connection_id, commands, we_initiated));
+        drop(peers);
+        self.changed.notify_waiters();
         if known { Registration::Returning } else { Registration::New }
     }
 
@@ -215,10 +234,48 @@ impl PeerTable {
             Some(entry) if entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id) => {
                 entry.connection = None;
                 entry.online = false;
+                drop(peers);
+                self.changed.notify_waiters();
                 true
             }
             _ => false,
         }
+    }
+
+    /// Waits until `peer` has no live connection (returns at once when it has none).
+    pub async fn wait_disconnected(&self, peer: &PosId) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before checking, so a change in between is not missed.
+            notified.as_mut().enable();
+            if !self.is_connected(peer) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records the start of a dial to `target`; `attempts` failed before it.
+    pub fn note_dial(&self, target: &str, attempts: u32) {
+        let mut dialers = self.dialers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = dialers.entry(target.to_string()).or_default();
+        state.dials += 1;
+        state.attempts = attempts;
+        state.gave_up = false;
+    }
+
+    /// Records a dialer's backoff position after an attempt.
+    pub fn note_dial_outcome(&self, target: &str, attempts: u32, gave_up: bool) {
+        let mut dialers = self.dialers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = dialers.entry(target.to_string()).or_default();
+        state.attempts = attempts;
+        state.gave_up = gave_up;
+    }
+
+    /// What the dialer of `target` is doing, if there is one.
+    pub fn dial_state(&self, target: &str) -> Option<DialState> {
+        self.dialers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(target).cloned()
     }
 
     /// Is this peer connected now?
