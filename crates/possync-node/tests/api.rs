@@ -1,0 +1,842 @@
+//! The HTTP API over real HTTP on 127.0.0.1: a real [`Node`] (its own database in a temp
+//! directory, discovery off, every port chosen by the OS) and a blocking client. Every route
+//! is called; every refusal is checked for its status, its `{"error": {"code", "message"}}`
+//! shape, and for having written nothing.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use possync_core::{EntityId, EntityKind, PosId};
+use possync_node::api::{AuthPolicy, route_list, router_with};
+use possync_node::config::NodeConfig;
+use possync_node::{Node, NodeShared};
+use possync_store::{PeerRef, Store, SystemEnvironment};
+use serde_json::{Value, json};
+
+const SECRET: &str = "api-test-shop-secret-3b9e1d";
+const TOKEN: &str = "api-test-token-7c2f";
+
+/// What the API answered.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+    headers: ureq::http::HeaderMap,
+}
+
+impl Reply {
+    /// Asserts an error answer: status, code, and the documented shape.
+    #[track_caller]
+    fn error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        assert_eq!(self.body["error"]["code"], code, "{:?}", self.body);
+        assert!(self.body["error"]["message"].as_str().is_some_and(|message| !message.is_empty()));
+        assert_eq!(self.body.as_object().map(|object| object.len()), Some(1), "{:?}", self.body);
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|value| value.to_str().ok()).unwrap_or("")
+    }
+}
+
+/// A blocking client of one base URL.
+struct Client {
+    base: String,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(address: SocketAddr) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Client { base: format!("http://{address}"), agent, token: None }
+    }
+
+    /// Sends `body` as raw text with a content type.
+    fn raw(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Reply {
+        let mut request = ureq::http::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let response = match body {
+            Some((content_type, text)) => {
+                self.agent.run(request.header("Content-Type", content_type).body(text.to_string()).unwrap())
+            }
+            None => self.agent.run(request.body(()).unwrap()),
+        };
+        let mut response = response.unwrap_or_else(|err| panic!("{method} {path}: {err}"));
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply { status, body, headers }
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        self.raw("GET", path, None)
+    }
+
+    fn send(&self, method: &str, path: &str, body: &Value) -> Reply {
+        self.raw(method, path, Some(("application/json", &body.to_string())))
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send("POST", path, body)
+    }
+
+    /// A GET that must succeed.
+    #[track_caller]
+    fn ok(&self, path: &str) -> Value {
+        let reply = self.get(path);
+        assert_eq!(reply.status, 200, "GET {path}: {:?}", reply.body);
+        reply.body
+    }
+
+    /// How many rows a list answers (at most 1000).
+    #[track_caller]
+    fn count(&self, path: &str) -> usize {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        self.ok(&format!("{path}{separator}limit=500")).as_array().map_or(0, Vec::len)
+    }
+}
+
+/// A node with its runtime, data directory and client.
+struct TestNode {
+    runtime: tokio::runtime::Runtime,
+    node: Option<Node>,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+fn config(dir: &std::path::Path, peers: Vec<String>) -> NodeConfig {
+    NodeConfig {
+        data_dir: dir.to_path_buf(),
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        api_listen: Some("127.0.0.1:0".parse().unwrap()),
+        static_peers: peers,
+        discovery: false,
+        secret: SECRET.into(),
+        api_token: TOKEN.into(),
+        max_connections: 16,
+        max_frame_bytes: 1024 * 1024,
+        backoff_base_ms: 50,
+    }
+}
+
+fn new_store(dir: &std::path::Path, pos: &str) -> Store {
+    let pos = PosId::parse(pos).unwrap();
+    Store::init(&dir.join(possync_store::DB_FILE), Some(pos), "Till", Box::new(SystemEnvironment::default()))
+        .unwrap()
+}
+
+impl TestNode {
+    fn start() -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        let store = new_store(dir.path(), "pos-api-test");
+        TestNode::with_store(dir, store, Vec::new())
+    }
+
+    fn with_store(dir: tempfile::TempDir, store: Store, peers: Vec<String>) -> TestNode {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let node = runtime.block_on(Node::start_with_store(config(dir.path(), peers), store)).unwrap();
+        let client = Client::new(node.api_addr.unwrap());
+        TestNode { runtime, node: Some(node), client, _dir: dir }
+    }
+
+    fn named(pos: &str, peers: Vec<String>) -> TestNode {
+        let dir = tempfile::tempdir().unwrap();
+        let store = new_store(dir.path(), pos);
+        TestNode::with_store(dir, store, peers)
+    }
+
+    fn shared(&self) -> &Arc<NodeShared> {
+        &self.node.as_ref().unwrap().shared
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            self.runtime.block_on(node.shutdown());
+        }
+    }
+}
+
+/// Waits for a condition (never a fixed sleep where a condition can be waited for).
+#[track_caller]
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn category_and_product(api: &Client) -> (String, String) {
+    let category = api.post("/api/categories", &json!({"name": "Drinks"}));
+    assert_eq!(category.status, 201, "{:?}", category.body);
+    let category_id = category.body["id"].as_str().unwrap().to_string();
+    let product = api.post(
+        "/api/products",
+        &json!({"sku": "OJ-33", "name": "Orange juice 33 cl", "price": "2.50", "categoryId": category_id}),
+    );
+    assert_eq!(product.status, 201, "{:?}", product.body);
+    (category_id, product.body["id"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn records_are_created_read_updated_and_deleted() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (category_id, product_id) = category_and_product(api);
+
+    let product = api.ok(&format!("/api/products/{product_id}"));
+    assert_eq!(product["name"], "Orange juice 33 cl");
+    assert_eq!(product["price"].as_f64(), Some(2.5));
+    assert_eq!(product["stock"].as_f64(), Some(0.0));
+    assert_eq!(product["categoryId"], category_id.as_str());
+
+    let patched = api.send("PATCH", &format!("/api/products/{product_id}"), &json!({"price": 2.8}));
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    assert_eq!(patched.body["price"].as_f64(), Some(2.8));
+    assert_eq!(patched.body["name"], "Orange juice 33 cl");
+
+    let other =
+        api.post("/api/products", &json!({"id": "apple-1", "sku": "AP-1", "name": "Apple", "price": 0.4}));
+    assert_eq!(other.status, 201);
+    assert_eq!(other.body["id"], "apple-1");
+    assert_eq!(api.count("/api/products"), 2);
+    let found = api.ok("/api/products?search=orange");
+    assert_eq!(found.as_array().unwrap().len(), 1);
+    assert_eq!(found[0]["id"], product_id.as_str());
+    assert_eq!(api.ok(&format!("/api/products?categoryId={category_id}")).as_array().unwrap().len(), 1);
+    assert_eq!(api.ok("/api/products?limit=1&offset=1").as_array().unwrap().len(), 1);
+
+    let customer = api.post("/api/customers", &json!({"name": "Ada", "email": "ada@example.invalid"}));
+    assert_eq!(customer.status, 201, "{:?}", customer.body);
+    let customer_id = customer.body["id"].as_str().unwrap();
+    assert_eq!(api.ok(&format!("/api/customers/{customer_id}"))["email"], "ada@example.invalid");
+    assert_eq!(api.count("/api/customers"), 1);
+    assert_eq!(api.count("/api/categories"), 1);
+
+    let deleted = api.raw("DELETE", "/api/products/apple-1", None);
+    assert_eq!(deleted.status, 204);
+    assert_eq!(deleted.body, Value::Null);
+    api.get("/api/products/apple-1").error(404, "not_found");
+    assert_eq!(api.count("/api/products"), 1);
+    let deleted = api.raw("DELETE", &format!("/api/customers/{customer_id}"), None);
+    assert_eq!(deleted.status, 204);
+    // The local writes are counted in the metrics.
+    let metrics = api.get("/metrics");
+    assert!(metrics.body.as_str().unwrap().contains("possync_local_changes_total 7"), "{:?}", metrics.body);
+}
+
+#[test]
+fn refused_record_writes_change_nothing() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    let snapshot = |api: &Client| {
+        (
+            api.ok("/api/products"),
+            api.ok("/api/categories"),
+            api.ok("/api/customers"),
+            api.count("/api/sync-logs"),
+        )
+    };
+    let before = snapshot(api);
+    let product_path = format!("/api/products/{product_id}");
+
+    api.post("/api/products", &json!({"sku": "OJ-33", "name": "Copy", "price": 1})).error(409, "duplicate");
+    api.post("/api/products", &json!({"id": product_id, "sku": "NEW", "name": "Copy", "price": 1}))
+        .error(409, "already_exists");
+    api.post("/api/products", &json!({"sku": "N1", "name": "Negative", "price": -1}))
+        .error(422, "invalid_entity");
+    api.post("/api/products", &json!({"sku": "N2", "name": "No price"})).error(422, "invalid_entity");
+    api.post("/api/products", &json!({"sku": "N3", "name": "X", "price": 1, "colour": "red"}))
+        .error(422, "invalid_entity");
+    api.post("/api/products", &json!({"sku": "N4", "name": "X", "price": 1, "categoryId": "nope"}))
+        .error(422, "invalid_entity");
+    api.post("/api/products", &json!({"sku": "N5", "name": "X", "price": "1e40"}))
+        .error(422, "invalid_entity");
+    api.post("/api/products", &json!({"sku": 12, "name": "X", "price": 1})).error(422, "invalid_entity");
+    api.post("/api/products", &json!(["not", "an", "object"])).error(400, "invalid_request");
+    api.raw("POST", "/api/products", Some(("application/json", "{\"sku\": \"N6\", ")))
+        .error(400, "invalid_json");
+    api.raw("POST", "/api/products", Some(("text/plain", "{\"sku\":\"N7\",\"name\":\"X\",\"price\":1}")))
+        .error(415, "unsupported_media_type");
+    api.raw("POST", "/api/products", None).error(400, "invalid_request");
+    api.send("PATCH", &product_path, &json!({})).error(422, "invalid_entity");
+    api.send("PATCH", &product_path, &json!({"price": "abc"})).error(422, "invalid_entity");
+    api.send("PATCH", "/api/products/unknown", &json!({"price": 1})).error(404, "not_found");
+    api.raw("DELETE", "/api/products/unknown", None).error(404, "not_found");
+    api.get("/api/customers/unknown").error(404, "not_found");
+    api.get("/api/products?limit=0").error(400, "invalid_request");
+    api.get("/api/products?limit=abc").error(400, "invalid_request");
+    api.get("/api/products?offset=-1").error(400, "invalid_request");
+    api.post("/api/categories", &json!({"name": ""})).error(422, "invalid_entity");
+    api.post("/api/customers", &json!({"name": "X", "email": 7})).error(422, "invalid_entity");
+
+    assert_eq!(snapshot(api), before);
+    assert_eq!(api.ok(&product_path)["price"].as_f64(), Some(2.5));
+}
+
+#[test]
+fn sales_refunds_cancels_and_stock() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    let stock = |api: &Client| api.ok(&format!("/api/products/{product_id}"))["stock"].as_f64().unwrap();
+
+    let received = api.post(
+        "/api/stock/adjust",
+        &json!({"productId": product_id, "quantity": 10, "type": "in", "reference": "DN-1"}),
+    );
+    assert_eq!(received.status, 201, "{:?}", received.body);
+    assert_eq!(received.body["type"], "in");
+    assert_eq!(stock(api), 10.0);
+
+    let sale = api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 2}], "payments": [{"method": "cash", "amount": 5}],
+                "notes": "table 4"}),
+    );
+    assert_eq!(sale.status, 201, "{:?}", sale.body);
+    let ticket_id = sale.body["id"].as_str().unwrap().to_string();
+    assert_eq!(sale.body["status"], "completed");
+    assert_eq!(sale.body["totalAmount"].as_f64(), Some(5.0));
+    assert_eq!(sale.body["lines"][0]["productId"], product_id.as_str());
+    assert_eq!(sale.body["payments"][0]["method"], "cash");
+    assert_eq!(stock(api), 8.0);
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket_id}"))["ticketNumber"], sale.body["ticketNumber"]);
+
+    let day = &sale.body["createdAt"].as_str().unwrap()[..10];
+    let pos = sale.body["posId"].as_str().unwrap();
+    assert_eq!(api.count(&format!("/api/tickets?day={day}&posId={pos}")), 1);
+    assert_eq!(api.count("/api/tickets?day=1999-01-01"), 0);
+    api.get("/api/tickets?day=yesterday").error(400, "invalid_request");
+    api.get("/api/tickets/unknown").error(404, "not_found");
+
+    let refund = api.post(
+        &format!("/api/tickets/{ticket_id}/refund"),
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "reason": "spilt"}),
+    );
+    assert_eq!(refund.status, 200, "{:?}", refund.body);
+    assert_eq!(refund.body["status"], "partially_refunded");
+    assert_eq!(stock(api), 9.0);
+    api.post(&format!("/api/tickets/{ticket_id}/cancel"), &json!({})).error(422, "invalid_state");
+    api.post(
+        &format!("/api/tickets/{ticket_id}/refund"),
+        &json!({"lines": [{"productId": product_id, "quantity": 5}]}),
+    )
+    .error(422, "invalid_entity");
+    let rest = api.raw("POST", &format!("/api/tickets/{ticket_id}/refund"), None);
+    assert_eq!(rest.status, 200, "{:?}", rest.body);
+    assert_eq!(rest.body["status"], "refunded");
+    assert_eq!(stock(api), 10.0);
+    api.post(&format!("/api/tickets/{ticket_id}/refund"), &json!({})).error(422, "invalid_state");
+    api.post("/api/tickets/unknown/refund", &json!({})).error(404, "not_found");
+
+    let second = api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": "3", "unitPrice": "1.00"}],
+                "payments": [{"method": "card", "amount": "3", "reference": "slip 9"}]}),
+    );
+    assert_eq!(second.status, 201, "{:?}", second.body);
+    assert_eq!(stock(api), 7.0);
+    let cancelled = api.post(
+        &format!("/api/tickets/{}/cancel", second.body["id"].as_str().unwrap()),
+        &json!({"reason": "void"}),
+    );
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    assert_eq!(cancelled.body["status"], "cancelled");
+    assert_eq!(stock(api), 10.0);
+
+    let counted = api.post("/api/stock/count", &json!({"productId": product_id, "counted": 12}));
+    assert_eq!(counted.status, 201, "{:?}", counted.body);
+    assert_eq!(counted.body["quantity"].as_f64(), Some(2.0));
+    assert_eq!(counted.body["type"], "adjustment");
+    assert_eq!(stock(api), 12.0);
+    let movements = api.ok(&format!("/api/products/{product_id}/movements"));
+    assert_eq!(movements.as_array().unwrap().len(), 7, "{movements:?}");
+    api.get("/api/products/unknown/movements").error(404, "not_found");
+    assert_eq!(api.count("/api/tickets"), 2);
+}
+
+#[test]
+fn refused_sales_and_stock_moves_change_nothing() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    api.post("/api/stock/adjust", &json!({"productId": product_id, "quantity": 5, "type": "in"}));
+    let movements_path = format!("/api/products/{product_id}/movements");
+    let snapshot = |api: &Client| {
+        (
+            api.ok("/api/tickets"),
+            api.ok(&movements_path),
+            api.ok(&format!("/api/products/{product_id}")),
+            api.count("/api/sync-logs"),
+        )
+    };
+    let before = snapshot(api);
+    let cash = json!([{"method": "cash", "amount": 100}]);
+    let line = json!([{"productId": product_id, "quantity": 1}]);
+
+    // A sale of an unknown product.
+    api.post("/api/tickets", &json!({"lines": [{"productId": "ghost", "quantity": 1}], "payments": cash}))
+        .error(422, "invalid_entity");
+    // A bad payment method.
+    api.post("/api/tickets", &json!({"lines": line, "payments": [{"method": "bitcoin", "amount": 5}]}))
+        .error(400, "invalid_request");
+    // An empty sale.
+    api.post("/api/tickets", &json!({"lines": [], "payments": cash})).error(422, "invalid_entity");
+    api.post("/api/tickets", &json!({"lines": line, "payments": []})).error(422, "invalid_entity");
+    // Payments short of the total.
+    api.post("/api/tickets", &json!({"lines": line, "payments": [{"method": "cash", "amount": 1}]}))
+        .error(422, "invalid_entity");
+    // Malformed JSON and wrong field types.
+    api.raw("POST", "/api/tickets", Some(("application/json", "{\"lines\": [}"))).error(400, "invalid_json");
+    api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": true}], "payments": cash}),
+    )
+    .error(400, "invalid_request");
+    api.post("/api/tickets", &json!({"lines": "all of it", "payments": cash})).error(400, "invalid_request");
+    api.post("/api/tickets", &json!({"lines": line})).error(400, "invalid_request");
+    api.post("/api/tickets", &json!({"lines": line, "payments": cash, "tip": 3}))
+        .error(400, "invalid_request");
+    api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": -1}], "payments": cash}),
+    )
+    .error(422, "invalid_entity");
+    api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": "999999999999999"}], "payments": cash}),
+    )
+    .error(422, "invalid_entity");
+    api.post("/api/tickets", &json!({"lines": line, "payments": cash, "customerId": "nobody"}))
+        .error(422, "invalid_entity");
+    // Stock moves.
+    api.post("/api/stock/adjust", &json!({"productId": product_id, "quantity": 3, "type": "out"}))
+        .error(422, "invalid_entity");
+    api.post("/api/stock/adjust", &json!({"productId": product_id, "quantity": 3, "type": "sale"}))
+        .error(400, "invalid_request");
+    api.post("/api/stock/adjust", &json!({"productId": "ghost", "quantity": 3, "type": "in"}))
+        .error(422, "invalid_entity");
+    api.post("/api/stock/adjust", &json!({"productId": product_id, "quantity": "three", "type": "in"}))
+        .error(400, "invalid_request");
+    api.post("/api/stock/count", &json!({"productId": product_id, "counted": -2}))
+        .error(422, "invalid_entity");
+    api.post("/api/stock/count", &json!({"productId": product_id})).error(400, "invalid_request");
+
+    assert_eq!(snapshot(api), before);
+}
+
+#[test]
+fn audit_lists_control_settings_and_cleanup() {
+    let test = TestNode::start();
+    let api = &test.client;
+    for path in ["/api/sync-logs", "/api/conflicts", "/api/connection-metrics"] {
+        assert!(api.ok(path).is_array(), "{path}");
+        assert!(api.ok(&format!("{path}?limit=500&offset=3")).is_array(), "{path}");
+        api.get(&format!("{path}?limit=0")).error(400, "invalid_request");
+        api.get(&format!("{path}?limit=501")).error(400, "invalid_request");
+        api.get(&format!("{path}?offset=x")).error(400, "invalid_request");
+    }
+    let accepted = api.raw("POST", "/api/sync-now", None);
+    assert_eq!((accepted.status, &accepted.body["accepted"]), (202, &json!(true)));
+    assert_eq!(api.raw("POST", "/api/reconnect", None).status, 202);
+
+    let settings = api.ok("/api/settings");
+    let keys: BTreeSet<&str> =
+        settings.as_array().unwrap().iter().filter_map(|row| row["key"].as_str()).collect();
+    assert!(keys.contains("p2p_sync_batch_size") && keys.contains("p2p_log_retention_days"), "{keys:?}");
+    let changed = api.send("PUT", "/api/settings/p2p_sync_batch_size", &json!({"value": 50}));
+    assert_eq!(changed.status, 200, "{:?}", changed.body);
+    let row =
+        changed.body.as_array().unwrap().iter().find(|row| row["key"] == "p2p_sync_batch_size").unwrap();
+    assert_eq!(row["value"], "50");
+    assert_eq!(test.shared().settings().batch_size, 50);
+    let changed = api.send("PUT", "/api/settings/p2p_auto_sync", &json!({"value": false}));
+    assert_eq!(changed.status, 200, "{:?}", changed.body);
+    assert!(!test.shared().settings().auto_sync);
+    api.send("PUT", "/api/settings/p2p_colour", &json!({"value": "red"})).error(404, "not_found");
+    api.send("PUT", "/api/settings/p2p_sync_batch_size", &json!({"value": 0})).error(422, "invalid_setting");
+    api.send("PUT", "/api/settings/p2p_sync_batch_size", &json!({"value": {"n": 1}}))
+        .error(400, "invalid_request");
+    api.send("PUT", "/api/settings/p2p_sync_batch_size", &json!({})).error(400, "invalid_request");
+    assert_eq!(test.shared().settings().batch_size, 50);
+
+    assert_eq!(api.ok("/api/status")["serverRunning"], true);
+    let off = api.post("/api/p2p/toggle", &json!({"enabled": false}));
+    assert_eq!(off.status, 200, "{:?}", off.body);
+    assert_eq!((&off.body["enabled"], &off.body["serverRunning"]), (&json!(false), &json!(false)));
+    let status = api.ok("/api/status");
+    assert_eq!((&status["enabled"], &status["serverRunning"]), (&json!(false), &json!(false)));
+    assert!(!test.shared().settings().enabled);
+    let on = api.post("/api/p2p/toggle", &json!({"enabled": true}));
+    assert_eq!(on.body["serverRunning"], true);
+    assert_eq!(api.ok("/api/status")["serverRunning"], true);
+    api.post("/api/p2p/toggle", &json!({"enabled": "yes"})).error(400, "invalid_request");
+    api.post("/api/p2p/toggle", &json!({})).error(400, "invalid_request");
+
+    let cleaned = api.post("/api/cleanup", &json!({}));
+    assert_eq!(cleaned.status, 200, "{:?}", cleaned.body);
+    assert_eq!(cleaned.body, json!({"deleted": 0, "olderThanDays": 30}));
+    assert_eq!(api.post("/api/cleanup", &json!({"olderThanDays": 7})).body["olderThanDays"], 7);
+    assert_eq!(api.raw("POST", "/api/cleanup", None).body["olderThanDays"], 30);
+    assert_eq!(api.post("/api/cleanup", &json!({"olderThanDays": null})).body["olderThanDays"], 30);
+    api.post("/api/cleanup", &json!({"olderThanDays": -1})).error(400, "invalid_request");
+    api.post("/api/cleanup", &json!({"olderThanDays": 99999})).error(400, "invalid_request");
+}
+
+#[test]
+fn unknown_routes_and_methods_answer_json_errors() {
+    let test = TestNode::start();
+    let api = &test.client;
+    api.get("/api/nothing-here").error(404, "route_not_found");
+    api.get("/favicon.ico").error(404, "route_not_found");
+    api.raw("DELETE", "/api/status", None).error(405, "method_not_allowed");
+    api.raw("PUT", "/api/products", None).error(405, "method_not_allowed");
+    api.get("/api/conflicts/1/resolve").error(405, "method_not_allowed");
+}
+
+/// Two nodes linked on 127.0.0.1: a record written through one API shows in the other's,
+/// and the stats object has exactly the seed's keys, per connection too.
+#[test]
+fn writes_reach_a_peer_and_stats_have_the_seed_keys() {
+    let b = TestNode::named("pos-b", Vec::new());
+    let b_peer = b.node.as_ref().unwrap().peer_addr.unwrap();
+    let a = TestNode::named("pos-a", vec![b_peer.to_string()]);
+    eventually("a connection", || {
+        a.client.ok("/api/stats")["connections"].as_array().is_some_and(|c| c.len() == 1)
+    });
+
+    let stats = a.client.ok("/api/stats");
+    let keys: BTreeSet<&str> = stats.as_object().unwrap().keys().map(String::as_str).collect();
+    let seed: BTreeSet<&str> =
+        ["connections", "totalMessagesSent", "totalMessagesReceived", "totalBytesSent", "totalBytesReceived"]
+            .into();
+    assert_eq!(keys, seed);
+    let connection: BTreeSet<&str> =
+        stats["connections"][0].as_object().unwrap().keys().map(String::as_str).collect();
+    let seed_connection: BTreeSet<&str> = [
+        "peerId",
+        "peerName",
+        "messagesSent",
+        "messagesReceived",
+        "bytesSent",
+        "bytesReceived",
+        "lastPing",
+        "lastPong",
+        "reconnectAttempts",
+    ]
+    .into();
+    assert_eq!(connection, seed_connection);
+    assert_eq!(stats["connections"][0]["peerId"], "pos-b");
+
+    let created = a.client.post("/api/categories", &json!({"name": "Bakery"}));
+    assert_eq!(created.status, 201);
+    let path = format!("/api/categories/{}", created.body["id"].as_str().unwrap());
+    eventually("the category on the peer", || b.client.get(&path).status == 200);
+    assert_eq!(b.client.ok(&path)["name"], "Bakery");
+    let status = b.client.ok("/api/status");
+    assert_eq!(status["connectedPeers"], 1);
+    assert_eq!(status["peers"][0]["id"], "pos-a");
+    assert_eq!(status["peers"][0]["online"], true);
+    assert!(b.client.count("/api/sync-logs") >= 1);
+
+    // P2P off closes the connection and stops the listener.
+    let off = b.client.post("/api/p2p/toggle", &json!({"enabled": false}));
+    assert_eq!(off.body["serverRunning"], false);
+    eventually("the connection closed", || b.client.ok("/api/status")["connectedPeers"] == 0);
+    eventually("a sees it", || {
+        a.client.ok("/api/stats")["connections"].as_array().is_some_and(Vec::is_empty)
+    });
+}
+
+/// A node whose database holds an open (manual) conflict on product `p1`.
+fn node_with_open_conflict() -> TestNode {
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut a = new_store(dir_a.path(), "pos-a");
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = new_store(dir.path(), "pos-b");
+    b.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    let from_a = PeerRef { id: "pos-a", name: "Till A" };
+    let sync = |a: &Store, b: &mut Store| {
+        let selection = a.reader().unwrap().select_changes(&b.summary().clone(), 0, 1000).unwrap();
+        b.apply_batch(from_a, &selection.changes).unwrap();
+    };
+    a.create_record(EntityKind::Product, &json!({"id": "p1", "sku": "P1", "name": "Tea", "price": 3}))
+        .unwrap();
+    sync(&a, &mut b);
+    a.update_record(EntityKind::Product, &EntityId::parse("p1").unwrap(), &json!({"name": "Green tea"}))
+        .unwrap();
+    b.update_record(EntityKind::Product, &EntityId::parse("p1").unwrap(), &json!({"name": "Black tea"}))
+        .unwrap();
+    sync(&a, &mut b);
+    drop(a);
+    TestNode::with_store(dir, b, Vec::new())
+}
+
+#[test]
+fn conflicts_are_listed_and_resolved_once() {
+    let test = node_with_open_conflict();
+    let api = &test.client;
+    let rows = api.ok("/api/conflicts?limit=50&offset=0");
+    let open =
+        rows.as_array().unwrap().iter().find(|row| row["resolvedBy"].is_null()).expect("an open conflict");
+    let id = open["id"].as_i64().unwrap();
+    assert_eq!(open["entityId"], "p1");
+    assert!(open["localData"].is_string() && open["remoteData"].is_string());
+
+    // The event stream carries the resolution.
+    let events = open_events(&api.base);
+
+    let path = format!("/api/conflicts/{id}/resolve");
+    api.post(&path, &json!({"choice": "theirs", "resolvedBy": "dashboard"})).error(400, "invalid_request");
+    api.post(&path, &json!({"choice": "local"})).error(400, "invalid_request");
+    api.post(&path, &json!({"choice": "local", "resolvedBy": "  "})).error(400, "invalid_request");
+    api.post(&path, &json!({"choice": "merged", "resolvedBy": "ann"})).error(400, "invalid_request");
+    api.post(&path, &json!({"choice": "merged", "data": {"price": -4}, "resolvedBy": "ann"}))
+        .error(422, "invalid_entity");
+    api.post("/api/conflicts/999999/resolve", &json!({"choice": "local", "resolvedBy": "x"}))
+        .error(404, "not_found");
+    api.post("/api/conflicts/abc/resolve", &json!({"choice": "local", "resolvedBy": "x"}))
+        .error(404, "not_found");
+    assert_eq!(api.ok("/api/products/p1")["name"], "Black tea");
+
+    let resolved = api.post(&path, &json!({"choice": "remote", "resolvedBy": "dashboard"}));
+    assert_eq!(resolved.status, 200, "{:?}", resolved.body);
+    assert_eq!(resolved.body["id"], id);
+    assert_eq!(resolved.body["resolvedBy"], "dashboard");
+    assert_eq!(api.ok("/api/products/p1")["name"], "Green tea");
+    api.post(&path, &json!({"choice": "local", "resolvedBy": "dashboard"})).error(409, "already_resolved");
+
+    let conflict = events.wait_for("conflict");
+    assert_eq!(conflict["id"], id);
+    assert_eq!(conflict["resolvedBy"], "dashboard");
+}
+
+/// Lines of an open `/api/events` stream, read on a thread.
+struct Events {
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn open_events(base: &str) -> Events {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let response = agent.get(format!("{base}/api/events")).call().unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let header =
+        |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert!(header("content-type").starts_with("text/event-stream"), "{}", header("content-type"));
+    assert_eq!(header("cache-control"), "no-store");
+    let (sender, lines) = std::sync::mpsc::channel();
+    let reader = BufReader::new(response.into_body().into_reader());
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    Events { lines }
+}
+
+impl Events {
+    /// The data of the next event of this kind.
+    #[track_caller]
+    fn wait_for(&self, kind: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut current = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no `{kind}` event"));
+            if let Some(event) = line.strip_prefix("event: ") {
+                current = event.to_string();
+            } else if let Some(data) = line.strip_prefix("data: ")
+                && current == kind
+            {
+                return serde_json::from_str(data).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn the_event_stream_sends_stats_every_second() {
+    let test = TestNode::start();
+    let events = open_events(&test.client.base);
+    let first = events.wait_for("stats");
+    let keys: BTreeSet<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["now", "stats", "status"].into());
+    assert_eq!(first["status"]["posId"], "pos-api-test");
+    assert!(first["stats"]["connections"].is_array());
+    let second = events.wait_for("stats");
+    assert!(second["now"].as_u64() > first["now"].as_u64());
+}
+
+#[test]
+fn the_dashboard_page_and_its_indicators() {
+    let test = TestNode::start();
+    let api = &test.client;
+    for (path, content_type) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/dashboard/app.js", "text/javascript; charset=utf-8"),
+        ("/dashboard/style.css", "text/css; charset=utf-8"),
+    ] {
+        let reply = api.get(path);
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.header("content-type"), content_type);
+        assert!(reply.header("content-security-policy").starts_with("default-src 'none'; script-src 'self'"));
+        assert_eq!(reply.header("x-content-type-options"), "nosniff");
+        assert_eq!(reply.header("cache-control"), "no-cache");
+    }
+    assert!(api.get("/").body.as_str().unwrap().contains("/dashboard/app.js"));
+
+    let dashboard = api.ok("/api/dashboard");
+    assert_eq!(
+        dashboard["health"],
+        json!({"uptimePercent": null, "avgReconnectMs": null, "syncSuccessRate": null, "conflictsPerHour": null})
+    );
+    let daily = dashboard["history"]["daily"].as_array().unwrap();
+    assert_eq!(daily.len(), 14);
+    assert!(daily.iter().all(|day| day["changes"] == 0 && day["conflicts"] == 0 && day["errors"] == 0));
+    assert_eq!(dashboard["history"]["peers"], json!([]));
+    assert_eq!(dashboard["alerts"], json!([]));
+}
+
+#[test]
+fn the_dashboard_counts_conflicts() {
+    let test = node_with_open_conflict();
+    let dashboard = test.client.ok("/api/dashboard");
+    assert!(dashboard["health"]["conflictsPerHour"].as_f64().unwrap() > 0.0, "{dashboard:?}");
+    assert!(dashboard["health"]["syncSuccessRate"].as_f64().is_some(), "{dashboard:?}");
+    let today = dashboard["history"]["daily"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        today["changes"].as_u64().unwrap() >= 2 && today["conflicts"].as_u64().unwrap() >= 1,
+        "{today:?}"
+    );
+    assert_eq!(dashboard["history"]["peers"][0]["peerId"], "pos-a");
+}
+
+/// The token is required exactly when the configured bind address is not loopback. The
+/// router is built for `0.0.0.0:0` but served on 127.0.0.1 (no traffic leaves loopback).
+#[test]
+fn a_token_is_required_off_loopback() {
+    let test = TestNode::start();
+    let policy = AuthPolicy::for_bind(Some("0.0.0.0:0".parse().unwrap()), TOKEN);
+    assert_eq!(policy, AuthPolicy::Token(TOKEN.into()));
+    let app = router_with(Arc::clone(test.shared()), policy);
+    let listener = test.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let address = listener.local_addr().unwrap();
+    test.runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut api = Client::new(address);
+
+    api.get("/api/status").error(401, "unauthorized");
+    assert_eq!(api.get("/api/status").header("www-authenticate"), "Bearer");
+    api.get("/api/nothing").error(401, "unauthorized");
+    api.get("/metrics").error(401, "unauthorized");
+    api.post("/api/categories", &json!({"name": "Sneaky"})).error(401, "unauthorized");
+    api.get(&format!("/api/status?token={TOKEN}x")).error(401, "unauthorized");
+    assert_eq!(api.get(&format!("/api/status?token={TOKEN}")).status, 200);
+    // The static files of the dashboard hold no data and cannot carry the token.
+    assert_eq!(api.get("/").status, 200);
+    assert_eq!(api.get("/dashboard/app.js").status, 200);
+
+    api.token = Some(format!("{TOKEN}x"));
+    api.get("/api/status").error(401, "unauthorized");
+    api.token = Some(TOKEN.into());
+    assert_eq!(api.get("/api/status").status, 200);
+    assert_eq!(api.post("/api/categories", &json!({"name": "Allowed"})).status, 201);
+    api.get("/api/nothing").error(404, "route_not_found");
+    // Nothing was written by the refused calls.
+    assert_eq!(test.client.count("/api/categories"), 1);
+
+    // The node itself is bound to 127.0.0.1: no token there.
+    assert_eq!(AuthPolicy::for_bind(test.shared().config.api_listen, TOKEN), AuthPolicy::Open);
+    assert_eq!(test.client.get("/api/status").status, 200);
+}
+
+/// The OpenAPI document and the router list the same routes: every documented operation is
+/// served (never `route_not_found` or `method_not_allowed`), and the document lists every
+/// route of the table the router is built from.
+#[test]
+fn openapi_documents_every_route() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let document = api.ok("/api/openapi.json");
+    assert_eq!(document["openapi"], "3.0.3");
+    let mut documented = BTreeSet::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let table: BTreeSet<(String, String)> = route_list()
+        .into_iter()
+        .map(|(method, path)| (method.as_str().to_uppercase(), path.to_string()))
+        .collect();
+    assert_eq!(documented, table);
+    assert!(documented.len() >= 40, "{documented:?}");
+    for (method, path) in &documented {
+        let concrete = path.replace("{id}", "nonexistent").replace("{key}", "no_such_setting");
+        if concrete == "/api/events" {
+            drop(open_events(&api.base));
+            continue;
+        }
+        let reply = api.raw(method, &concrete, None);
+        let code = reply.body["error"]["code"].as_str().unwrap_or("");
+        assert!(
+            code != "route_not_found" && code != "method_not_allowed" && reply.status < 500,
+            "{method} {path}: {} {:?}",
+            reply.status,
+            reply.body
+        );
+    }
+}
+
+/// Every metric family of the exposition is listed in docs/metrics.md, with the name a
+/// scraper sees (`_total` for counters).
+#[test]
+fn every_metric_is_documented() {
+    // Two linked nodes and one synced write, so that the labelled families have children
+    // (a family without any is not exposed).
+    let b = TestNode::named("pos-b", Vec::new());
+    let a = TestNode::named("pos-a", vec![b.node.as_ref().unwrap().peer_addr.unwrap().to_string()]);
+    eventually("a connection", || a.client.ok("/api/status")["connectedPeers"] == 1);
+    let created = a.client.post("/api/categories", &json!({"name": "Bakery"}));
+    let path = format!("/api/categories/{}", created.body["id"].as_str().unwrap());
+    eventually("the category on the peer", || b.client.get(&path).status == 200);
+    let exposition = b.client.get("/metrics");
+    assert_eq!(exposition.status, 200);
+    assert!(exposition.header("content-type").starts_with("text/plain"));
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md")).unwrap();
+    let mut families = 0;
+    for line in exposition.body.as_str().unwrap().lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let mut parts = rest.split_whitespace();
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        let scraped = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
+        assert!(doc.contains(&format!("`{scraped}`")), "docs/metrics.md does not list `{scraped}` ({kind})");
+        assert!(name.starts_with("possync_"), "{name}");
+        families += 1;
+    }
+    assert!(families >= 10, "{families} families");
+}
