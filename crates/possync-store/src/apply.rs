@@ -9,6 +9,9 @@
 //! 2. Decode and validate it. Invalid: `error`, the entity tables are untouched; the change
 //!    still enters the log (marked rejected) so that later changes of its origin are not
 //!    blocked behind it, and every terminal rejects it the same way.
+//!    Its causal context names a write this node does not hold yet (an update that overtook
+//!    the create it was made on, via another peer): `skipped` (gap) as well, so that a
+//!    record's context never claims a write whose fields it lacks.
 //! 3. Merge: mutable records through `possync_core::merge_record`; facts (sales, movements)
 //!    inserted once by id.
 
@@ -161,6 +164,22 @@ impl Store {
                 return self.log_sync(&log, SyncStatus::Error, Some(&err.to_string()), None, Some(&details));
             }
         };
+        // Causal delivery: the writes to this record that its writer had seen (its context)
+        // must be held first. Changes of different origins travel on different paths, so an
+        // update can overtake the create it was made on; merging it first would make the
+        // record's context claim a write whose fields it lacks, and that write would then be
+        // dropped as already seen. Refuse it like a gap: the sender holds the missing writes
+        // and sends them first in catch-up (its log order is causal).
+        if let Some((missing, missing_seq)) =
+            change.ctx.iter().find(|(pos, needed)| **pos != origin && self.vv.get(pos) < *needed)
+        {
+            report.skipped += 1;
+            report.gap = true;
+            let reason = format!(
+                "gap: change {seq} of {origin} depends on change {missing_seq} of {missing}, not held yet"
+            );
+            return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
+        }
         if let Some(hlc) = change.hlc {
             self.clock.observe(hlc, self.env.now_ms());
         }
