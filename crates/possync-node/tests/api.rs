@@ -441,6 +441,18 @@ fn refused_sales_and_stock_moves_change_nothing() {
     api.post("/api/stock/count", &json!({"productId": product_id, "counted": -2}))
         .error(422, "invalid_entity");
     api.post("/api/stock/count", &json!({"productId": product_id})).error(400, "invalid_request");
+    // Quantities are whole thousandths up to a billion, so that stock sums stay exact.
+    api.post("/api/stock/adjust", &json!({"productId": product_id, "quantity": "0.0001", "type": "in"}))
+        .error(422, "invalid_entity");
+    api.post("/api/stock/adjust", &json!({"productId": product_id, "quantity": 2_000_000_000, "type": "in"}))
+        .error(422, "invalid_entity");
+    api.post("/api/stock/count", &json!({"productId": product_id, "counted": "1.2345"}))
+        .error(422, "invalid_entity");
+    api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 0.5555}], "payments": cash}),
+    )
+    .error(422, "invalid_entity");
 
     assert_eq!(snapshot(api), before);
 }

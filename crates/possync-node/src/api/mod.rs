@@ -166,3 +166,22 @@ fn check_amount(field: &str, amount: Decimal) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// Largest quantity of goods in one line or movement.
+const MAX_QUANTITY: i64 = 1_000_000_000;
+/// Most decimals of a quantity (grams of a kilo, millilitres of a litre).
+const QUANTITY_DECIMALS: u32 = 3;
+
+/// Quantities move stock, a running sum the store keeps as exact text of at most 15
+/// significant digits: whole thousandths up to a billion keep every sum within it.
+fn check_quantity(field: &str, quantity: Decimal) -> Result<(), ApiError> {
+    if quantity.abs() > Decimal::from(MAX_QUANTITY) {
+        return Err(ApiError::unprocessable(format!("invalid {field}: larger than {MAX_QUANTITY}")));
+    }
+    if quantity.normalize().scale() > QUANTITY_DECIMALS {
+        return Err(ApiError::unprocessable(format!(
+            "invalid {field}: at most {QUANTITY_DECIMALS} decimals"
+        )));
+    }
+    Ok(())
+}

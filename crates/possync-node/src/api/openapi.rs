@@ -288,6 +288,13 @@ fn amount_input() -> Value {
     json!({"oneOf": [{"type": "number"}, {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"}]})
 }
 
+/// A quantity of goods: at most 3 decimals, at most a billion either way.
+fn quantity_input() -> Value {
+    json!({"description": "At most 3 decimals and 1000000000 in magnitude", "oneOf": [
+        {"type": "number", "minimum": -1_000_000_000, "maximum": 1_000_000_000},
+        {"type": "string", "pattern": "^-?[0-9]{1,10}(\\.[0-9]{1,3})?$"}]})
+}
+
 /// The schema of one field, for answers (`input`: false) or requests.
 fn field_schema(ty: FieldType, input: bool) -> Value {
     let amount = |minimum_one: bool| {
@@ -408,14 +415,14 @@ fn schemas() -> Value {
         "Accepted": {"type": "object", "properties": {"accepted": {"type": "boolean"}, "connectedPeers": int}},
         "Setting": {"type": "object", "properties": {"key": string, "value": string, "type": string, "description": string}},
         "SettingValue": {"type": "object", "required": ["value"], "additionalProperties": false,
-            "properties": {"value": {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}}},
+            "properties": {"value": {"description": "The new value: text, a number or a boolean"}}},
         "Cleanup": {"type": "object", "additionalProperties": false,
             "properties": {"olderThanDays": nullable(json!({"type": "integer", "minimum": 0, "maximum": 36500}))}},
         "CleanupResult": {"type": "object", "required": ["deleted", "olderThanDays"],
             "properties": {"deleted": int, "olderThanDays": int}},
         "SaleLine": {
             "type": "object", "required": ["productId", "quantity"], "additionalProperties": false,
-            "properties": {"productId": id, "quantity": amount_input(), "unitPrice": amount_input(),
+            "properties": {"productId": id, "quantity": quantity_input(), "unitPrice": amount_input(),
                 "discountRate": amount_input()},
         },
         "Payment": {
@@ -439,19 +446,19 @@ fn schemas() -> Value {
             "type": "object", "additionalProperties": false,
             "properties": {
                 "lines": nullable(json!({"type": "array", "items": {"type": "object", "required": ["productId", "quantity"],
-                    "additionalProperties": false, "properties": {"productId": id, "quantity": amount_input()}}})),
+                    "additionalProperties": false, "properties": {"productId": id, "quantity": quantity_input()}}})),
                 "reason": nullable(text(4000)),
             },
         },
         "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": nullable(text(4000))}},
         "StockAdjust": {
             "type": "object", "required": ["productId", "quantity", "type"], "additionalProperties": false,
-            "properties": {"productId": id, "quantity": amount_input(),
+            "properties": {"productId": id, "quantity": quantity_input(),
                 "type": {"type": "string", "enum": ["in", "out", "adjustment"]}, "reference": nullable(text(500))},
         },
         "StockCount": {
             "type": "object", "required": ["productId", "counted"], "additionalProperties": false,
-            "properties": {"productId": id, "counted": amount_input(), "reference": nullable(text(500))},
+            "properties": {"productId": id, "counted": quantity_input(), "reference": nullable(text(500))},
         },
         "Movement": {"type": "object", "properties": {
             "id": string, "productId": string, "type": string, "quantity": {"type": "number"},

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use super::entities::path_id;
 use super::error::{ApiError, ApiJson, ApiQuery, OptionalJson, PathParam};
 use super::openapi::{Method, Route, array_of, schema_ref};
-use super::{ApiState, check_amount, check_paging, read, write_change};
+use super::{ApiState, check_amount, check_paging, check_quantity, read, write_change};
 
 /// Filters of `GET /api/tickets`.
 #[derive(Debug, Default, Deserialize)]
@@ -156,7 +156,7 @@ async fn create_ticket(
     ApiJson(sale): ApiJson<SaleRequest>,
 ) -> Result<Response, ApiError> {
     for line in &sale.lines {
-        check_amount("quantity", line.quantity)?;
+        check_quantity("quantity", line.quantity)?;
         if let Some(price) = line.unit_price {
             check_amount("unitPrice", price)?;
         }
@@ -211,7 +211,7 @@ async fn refund(
 ) -> Result<Json<Value>, ApiError> {
     let id = path_id(EntityKind::Ticket, &id)?;
     for line in body.lines.iter().flatten() {
-        check_amount("quantity", line.quantity)?;
+        check_quantity("quantity", line.quantity)?;
     }
     let ticket = write_change(&api.node, move |store| {
         store.refund_ticket(&id, body.lines.as_deref(), body.reason.as_deref())
@@ -251,7 +251,7 @@ async fn adjust(
     ApiJson(body): ApiJson<AdjustBody>,
 ) -> Result<Response, ApiError> {
     let product = body_product(&body.product_id)?;
-    check_amount("quantity", body.quantity)?;
+    check_quantity("quantity", body.quantity)?;
     let kind = match body.kind {
         AdjustType::In => MovementType::In,
         AdjustType::Out => MovementType::Out,
@@ -270,7 +270,7 @@ async fn count(
     ApiJson(body): ApiJson<CountBody>,
 ) -> Result<Response, ApiError> {
     let product = body_product(&body.product_id)?;
-    check_amount("counted", body.counted)?;
+    check_quantity("counted", body.counted)?;
     let movement = write_change(&api.node, move |store| {
         // The count is relative to the stock this terminal sees: a product it does not
         // know is refused before the store computes anything.
