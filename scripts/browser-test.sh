@@ -57,6 +57,7 @@ PIDS=()
 OK=0
 cleanup() {
   local status=$?
+  set +e
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   if [ "$OK" != 1 ]; then
@@ -72,6 +73,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+trap '' PIPE # a reader gone (| head): writes fail and the clean-up still runs to its end
 
 # Four distinct free ports on 127.0.0.1 (all bound at once, then released).
 read -r PA QA PB QB < <(python3 -c '
