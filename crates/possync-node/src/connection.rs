@@ -57,6 +57,8 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
         None => return Ended::BeforeHandshake("node stopping".into()),
     };
     let mut settings_watch = node.watch_settings();
+    // This node's other connections, told to the peer so it does not relay their changes.
+    let mut neighbors = node.peers.watch_connected();
     let settings = settings_watch.borrow_and_update().clone();
     if !settings.enabled {
         return Ended::BeforeHandshake("P2P disabled".into());
@@ -110,6 +112,7 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                         }
                         Registration::New | Registration::Returning => {
                             registered = true;
+                            session.set_neighbors(neighbors.borrow_and_update().clone());
                             node.metrics.peers_connected.set(node.peers.connected() as i64);
                             let kind = if registration == Registration::New {
                                 ConnectionEventKind::Connected
@@ -262,6 +265,11 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                 ConnectionCommand::Close(reason) => session.close(&reason),
             },
             _ = shutdown.changed() => session.close("node shutting down"),
+            changed = neighbors.changed(), if registered => {
+                if changed.is_ok() {
+                    session.set_neighbors(neighbors.borrow_and_update().clone());
+                }
+            }
             changed = settings_watch.changed() => {
                 if changed.is_err() {
                     session.close("node stopping");
@@ -345,7 +353,7 @@ async fn apply(
         Err(err) => {
             // A database failure, not bad input: nothing was applied; ask again later.
             warn!(%err, "applying a batch failed");
-            return Some(protocol::ApplyReport { gap: true, local_summary: summary });
+            return Some(protocol::ApplyReport { gap: true, local_summary: summary, rejections: Vec::new() });
         }
     };
     let now = now_ms();
@@ -374,7 +382,7 @@ async fn apply(
             })
             .inc();
     }
-    Some(protocol::ApplyReport { gap: report.gap, local_summary: summary })
+    Some(protocol::ApplyReport { gap: report.gap, local_summary: summary, rejections: report.rejections })
 }
 
 /// The origin clock time of a wire change, in ms.

@@ -5,14 +5,14 @@
 //! its handshake (both dialled at once), both sides keep the one initiated by the smaller
 //! posId, so they agree without talking.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use possync_core::PosId;
 use possync_core::protocol::ConnectionStats;
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// Commands the node sends to one connection task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +150,8 @@ pub struct PeerTable {
     dialers: Mutex<HashMap<String, DialState>>,
     /// Woken whenever a connection is registered or unregistered.
     changed: Notify,
+    /// The posIds with a live connection, for the sessions' `peers` messages.
+    connected_ids: watch::Sender<BTreeSet<PosId>>,
 }
 
 fn rfc3339(ms: Option<u64>) -> Option<String> {
@@ -202,6 +204,7 @@ impl PeerTable {
         entry.reconnect_attempts = 0;
         entry.stats = ConnectionStats::default();
         entry.connection = Some((connection_id, commands, we_initiated));
+        self.publish_connected(&peers);
         drop(peers);
         self.changed.notify_waiters();
         if known { Registration::Returning } else { Registration::New }
@@ -227,6 +230,21 @@ impl PeerTable {
         }
     }
 
+    /// Watches the set of peers with a live connection.
+    pub fn watch_connected(&self) -> watch::Receiver<BTreeSet<PosId>> {
+        self.connected_ids.subscribe()
+    }
+
+    fn publish_connected(&self, peers: &HashMap<PosId, PeerEntry>) {
+        let ids: BTreeSet<PosId> =
+            peers.iter().filter(|(_, entry)| entry.connection.is_some()).map(|(id, _)| id.clone()).collect();
+        self.connected_ids.send_if_modified(|current| {
+            let modified = *current != ids;
+            *current = ids;
+            modified
+        });
+    }
+
     /// Marks a connection gone; returns false when it had been replaced already.
     pub fn unregister(&self, peer: &PosId, connection_id: u64) -> bool {
         let mut peers = self.lock();
@@ -234,6 +252,7 @@ impl PeerTable {
             Some(entry) if entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id) => {
                 entry.connection = None;
                 entry.online = false;
+                self.publish_connected(&peers);
                 drop(peers);
                 self.changed.notify_waiters();
                 true

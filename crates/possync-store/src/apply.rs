@@ -52,6 +52,9 @@ pub struct ApplyReport {
     pub gap: bool,
     /// (conflict_type, strategy) of each conflict, for the metrics.
     pub conflict_kinds: Vec<(String, String)>,
+    /// Why each invalid change was refused (`<type>/<action> <id>: <reason>`), so that the
+    /// sender can be told with an `error` frame.
+    pub rejections: Vec<String>,
 }
 
 /// The outcome of one change, for its log row.
@@ -119,6 +122,10 @@ impl Store {
         };
         let Some((origin, seq)) = stamp_of(wire) else {
             report.errors += 1;
+            report.rejections.push(format!(
+                "{}/{}: change without a valid data.sync.origin and data.sync.seq",
+                log.message_type, log.message_action
+            ));
             let details = json!({"error": "change without a valid data.sync.origin and data.sync.seq"});
             return self.log_sync(&log, SyncStatus::Error, None, None, Some(&details));
         };
@@ -151,6 +158,12 @@ impl Store {
             Ok(change) => change,
             Err(err) => {
                 report.errors += 1;
+                report.rejections.push(format!(
+                    "{}/{} {}: {err}",
+                    log.message_type,
+                    log.message_action,
+                    entity_id.as_deref().unwrap_or("?")
+                ));
                 self.append_change(
                     &origin,
                     seq,

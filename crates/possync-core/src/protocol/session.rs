@@ -76,7 +76,14 @@ pub struct ApplyReport {
     pub gap: bool,
     /// The node version vector after applying, sent in that request.
     pub local_summary: VersionVector,
+    /// Changes the store refused as invalid (negative price, unknown product...), in words:
+    /// each is reported to the peer with an `invalid_entity` error frame (SPEC 8). The peer
+    /// is not disconnected for them: the change is valid protocol, only its content is bad.
+    pub rejections: Vec<String>,
 }
+
+/// Most `invalid_entity` error frames sent for one applied batch.
+pub const MAX_REJECTIONS_REPORTED: usize = 10;
 
 /// Per-connection counters (SPEC 5). Every frame counts, pings and malformed ones included;
 /// bytes are the frame's text bytes (the plaintext, before the secure channel).
@@ -515,6 +522,10 @@ impl Session {
                 self.incoming.round_changes = 0;
                 self.incoming.request_outstanding = false;
             }
+        }
+        for rejection in report.rejections.iter().take(MAX_REJECTIONS_REPORTED) {
+            let message: String = rejection.chars().take(500).collect();
+            self.queue(Body::Error(ErrorData { code: "invalid_entity".into(), message }));
         }
         if report.gap && !self.incoming.request_outstanding {
             self.send_sync_request(report.local_summary);
@@ -1198,6 +1209,21 @@ mod tests {
     }
 
     #[test]
+    fn refused_entities_are_reported_to_the_peer_without_closing() {
+        let mut session = established();
+        session.handle_frame(T0, &frame("product", "update", change("a", 1).data, "a"));
+        drain(&mut session);
+        let rejections = vec!["product/update p1: invalid price: must not be negative".to_string()];
+        session.batch_applied(T0, ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections });
+        let (frames, events) = drain(&mut session);
+        let errors: Vec<&Value> = frames.iter().filter(|frame| frame["type"] == "error").collect();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0]["data"]["code"], "invalid_entity");
+        assert!(errors[0]["data"]["message"].as_str().unwrap().contains("must not be negative"));
+        assert!(!session.is_closed() && closed_count(&events) == 0);
+    }
+
+    #[test]
     fn settings_apply_to_a_live_session() {
         let mut session = established();
         let first_deadline = session.poll_timeout().unwrap();
@@ -1385,7 +1411,10 @@ mod tests {
         let (_, events) = drain(&mut session);
         assert_eq!(events, [Event::Apply { changes: vec![live.clone()], from_batch: false }]);
         assert_eq!(session.peer_known(), &vv(&[("a", 1)]));
-        session.batch_applied(T0, ApplyReport { gap: false, local_summary: vv(&[("a", 1)]) });
+        session.batch_applied(
+            T0,
+            ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections: Vec::new() },
+        );
         assert_eq!(drain(&mut session).0, Vec::<Value>::new());
     }
 
@@ -1402,7 +1431,10 @@ mod tests {
         session.request_sync(VersionVector::new());
         session.handle_timeout(T0 + 1_000_000);
         session.provide_batch(vec![], 0, false);
-        session.batch_applied(T0, ApplyReport { gap: true, local_summary: VersionVector::new() });
+        session.batch_applied(
+            T0,
+            ApplyReport { gap: true, local_summary: VersionVector::new(), rejections: Vec::new() },
+        );
         assert_eq!(drain(&mut session), (vec![], vec![]));
         assert_eq!(session.stats().messages_received, received);
         assert_eq!(session.poll_timeout(), None);

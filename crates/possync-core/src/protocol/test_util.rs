@@ -350,7 +350,11 @@ impl Net {
                     }
                     Event::Apply { changes, .. } => {
                         let (applied, gap) = self.nodes[node].store.apply(changes);
-                        let report = ApplyReport { gap, local_summary: self.nodes[node].store.vv.clone() };
+                        let report = ApplyReport {
+                            gap,
+                            local_summary: self.nodes[node].store.vv.clone(),
+                            rejections: Vec::new(),
+                        };
                         self.links[link_index].sessions[end].batch_applied(self.now, report);
                         self.relay(node, &applied);
                     }
