@@ -38,6 +38,12 @@ pub fn parse(raw: &str) -> Result<Decimal, DecimalError> {
     Ok(value)
 }
 
+/// Parses an amount this program stored itself (a cached stock, a sum): no limit on the
+/// number of digits, since sums of valid amounts can be longer than any one input.
+pub fn parse_stored(raw: &str) -> Result<Decimal, DecimalError> {
+    Decimal::from_str(raw.trim()).map(|value| value.normalize()).map_err(|_| DecimalError::NotANumber)
+}
+
 /// Parses an amount from a JSON value (number or string).
 pub fn from_json(value: &serde_json::Value) -> Result<Decimal, DecimalError> {
     match value {

@@ -501,13 +501,14 @@ impl Sale {
             if line.unit_price.is_sign_negative() && !line.unit_price.is_zero() {
                 return Err(invalid("unitPrice", "must not be negative"));
             }
-            subtotal += line.quantity * line.unit_price;
-            discount += line.discount_amount;
+            // A peer can send any amounts: overflow is an invalid sale, never a panic.
+            let too_large = || invalid("lines", "amounts too large");
+            let gross = line.quantity.checked_mul(line.unit_price).ok_or_else(too_large)?;
+            subtotal = subtotal.checked_add(gross).ok_or_else(too_large)?;
+            discount = discount.checked_add(line.discount_amount).ok_or_else(too_large)?;
         }
-        if subtotal != self.subtotal
-            || discount != self.discount_amount
-            || subtotal - discount != self.total_amount
-        {
+        let total = subtotal.checked_sub(discount).ok_or_else(|| invalid("lines", "amounts too large"))?;
+        if subtotal != self.subtotal || discount != self.discount_amount || total != self.total_amount {
             return Err(invalid("totalAmount", "does not match the lines"));
         }
         if self.payments.iter().any(|payment| payment.amount <= Decimal::ZERO) {

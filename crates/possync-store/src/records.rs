@@ -160,7 +160,7 @@ pub(crate) fn product_stock(conn: &Connection, id: &EntityId) -> Result<Decimal>
         .optional()?;
     match stock {
         Some(stock) => {
-            decimal::parse(&stock).map_err(|err| StoreError::Corrupt(format!("products.stock: {err}")))
+            decimal::parse_stored(&stock).map_err(|err| StoreError::Corrupt(format!("products.stock: {err}")))
         }
         None => sum_movements(conn, id),
     }
@@ -172,8 +172,11 @@ pub(crate) fn sum_movements(conn: &Connection, id: &EntityId) -> Result<Decimal>
     let mut total = Decimal::ZERO;
     for quantity in statement.query_map([id.as_str()], |row| row.get::<_, String>(0))? {
         let quantity = quantity?;
-        total += decimal::parse(&quantity)
+        let quantity = decimal::parse_stored(&quantity)
             .map_err(|err| StoreError::Corrupt(format!("movement quantity: {err}")))?;
+        total = total
+            .checked_add(quantity)
+            .ok_or_else(|| StoreError::Corrupt(format!("stock of {id} overflows")))?;
     }
     Ok(total)
 }

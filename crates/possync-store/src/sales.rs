@@ -81,6 +81,11 @@ pub struct RefundLine {
     pub quantity: Decimal,
 }
 
+/// An arithmetic result, or a clear error instead of an overflow panic.
+fn checked(value: Option<Decimal>) -> Result<Decimal> {
+    value.ok_or_else(|| StoreError::invalid("amount", "too large"))
+}
+
 /// Money is rounded to cents.
 fn money(value: Decimal) -> Decimal {
     value.round_dp(2).normalize()
@@ -117,10 +122,19 @@ impl Store {
             for line in &request.lines {
                 lines.push(store.price_line(line)?);
             }
-            let subtotal: Decimal =
-                lines.iter().map(|line: &TicketLine| line.quantity * line.unit_price).sum();
-            let discount: Decimal = lines.iter().map(|line| line.discount_amount).sum();
-            let total = subtotal - discount;
+            let mut subtotal = Decimal::ZERO;
+            let mut discount = Decimal::ZERO;
+            for line in &lines {
+                subtotal = checked(subtotal.checked_add(line.quantity * line.unit_price))?;
+                discount = checked(discount.checked_add(line.discount_amount))?;
+            }
+            let total = checked(subtotal.checked_sub(discount))?;
+            for amount in [subtotal, discount, total] {
+                // Amounts travel as JSON numbers: they must stay exact (15 significant digits).
+                decimal::parse(&amount.to_string()).map_err(|err| {
+                    StoreError::invalid("totalAmount", format!("total not representable: {err}"))
+                })?;
+            }
             let mut payments = Vec::with_capacity(request.payments.len());
             for payment in &request.payments {
                 if payment.amount <= Decimal::ZERO {
@@ -132,7 +146,10 @@ impl Store {
                     reference: payment.reference.clone(),
                 });
             }
-            let paid: Decimal = payments.iter().map(|payment| payment.amount).sum();
+            let mut paid = Decimal::ZERO;
+            for payment in &payments {
+                paid = checked(paid.checked_add(payment.amount))?;
+            }
             if paid < total {
                 return Err(StoreError::invalid(
                     "payments",
@@ -395,8 +412,8 @@ impl Store {
         if discount_rate < Decimal::ZERO || discount_rate > Decimal::ONE {
             return Err(StoreError::invalid("discountRate", "must be between 0 and 1"));
         }
-        let gross = line.quantity * unit_price;
-        let discount_amount = money(gross * discount_rate);
+        let gross = checked(line.quantity.checked_mul(unit_price))?;
+        let discount_amount = money(checked(gross.checked_mul(discount_rate))?);
         Ok(TicketLine {
             product_id: line.product_id.clone(),
             product_name: text("name"),
@@ -436,7 +453,8 @@ impl Store {
         {
             let (product, quantity) = row?;
             let product = EntityId::parse(product).map_err(|err| StoreError::Corrupt(err.to_string()))?;
-            let quantity = decimal::parse(&quantity).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            let quantity =
+                decimal::parse_stored(&quantity).map_err(|err| StoreError::Corrupt(err.to_string()))?;
             // Sale movements are negative, returns positive: what is left is minus the sum.
             *left.entry(product).or_insert(Decimal::ZERO) -= quantity;
         }
@@ -533,11 +551,11 @@ impl Store {
             .query_row([movement.product_id.as_str()], |row| row.get(0))
             .optional()?;
         if let Some(stock) = stock {
-            let stock = decimal::parse(&stock)
+            let stock = decimal::parse_stored(&stock)
                 .map_err(|err| StoreError::Corrupt(format!("products.stock: {err}")))?;
             self.conn.prepare_cached("UPDATE products SET stock = ?2 WHERE id = ?1")?.execute(params![
                 movement.product_id.as_str(),
-                decimal::to_text(stock + movement.quantity)
+                decimal::to_text(checked(stock.checked_add(movement.quantity))?)
             ])?;
         }
         Ok(true)

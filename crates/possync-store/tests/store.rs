@@ -288,3 +288,26 @@ fn the_seed_analysis_queries_run() {
     }
     assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 7);
 }
+
+#[test]
+fn a_peer_sale_with_overflowing_amounts_is_refused_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2.5}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    a.store.record_sale(&sale("tea", "1", "5")).unwrap();
+    let mut changes = a.store.reader().unwrap().select_changes(b.store.summary(), 0, 100).unwrap().changes;
+    assert_eq!(changes.len(), 1);
+    let huge = json!(999_999_999_999_999u64);
+    changes[0].data["lines"][0]["quantity"] = huge.clone();
+    changes[0].data["lines"][0]["unitPrice"] = huge;
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, &changes).unwrap();
+    assert_eq!((report.applied, report.errors), (0, 1));
+    assert!(report.rejections[0].contains("too large"), "{:?}", report.rejections);
+    assert_eq!(b.count("SELECT COUNT(*) FROM tickets"), 0);
+    assert_eq!(b.count("SELECT COUNT(*) FROM p2p_sync_logs WHERE status = 'error'"), 1);
+}
