@@ -807,7 +807,7 @@
       level: function (v) { return v >= 99 ? ["ok", "Good"] : v >= 95 ? ["warn", "Fair"] : ["bad", "Poor"]; },
     },
     conflictsPerHour: {
-      format: function (v) { return fmtDecimal(v, v < 10 ? 1 : 0); },
+      format: function (v) { return fmtDecimal(v, v > 0 && v < 0.1 ? 2 : v < 10 ? 1 : 0); },
       level: function (v) { return v <= 5 ? ["ok", "Low"] : v <= 20 ? ["warn", "Moderate"] : ["bad", "High"]; },
     },
   };
