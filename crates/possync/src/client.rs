@@ -195,16 +195,9 @@ pub fn stats(args: &ClientArgs) -> Result<()> {
 
 /// `possync conflicts`.
 pub fn conflicts(args: &ListArgs) -> Result<()> {
-    let rows = Api::new(&args.node)?.call(
-        "GET",
-        &format!("/api/conflicts?limit={}&offset={}", args.limit, args.offset),
-        None,
-    )?;
-    if args.node.json {
-        return print_json(&rows);
-    }
-    table(
-        rows.as_array().map_or(&[][..], Vec::as_slice),
+    list(
+        args,
+        "/api/conflicts",
         &[
             ("id", "ID"),
             ("createdAt", "AT"),
@@ -215,22 +208,14 @@ pub fn conflicts(args: &ListArgs) -> Result<()> {
             ("resolutionStrategy", "STRATEGY"),
             ("resolvedBy", "RESOLVED BY"),
         ],
-    );
-    Ok(())
+    )
 }
 
 /// `possync logs`.
 pub fn logs(args: &ListArgs) -> Result<()> {
-    let rows = Api::new(&args.node)?.call(
-        "GET",
-        &format!("/api/sync-logs?limit={}&offset={}", args.limit, args.offset),
-        None,
-    )?;
-    if args.node.json {
-        return print_json(&rows);
-    }
-    table(
-        rows.as_array().map_or(&[][..], Vec::as_slice),
+    list(
+        args,
+        "/api/sync-logs",
         &[
             ("id", "ID"),
             ("createdAt", "AT"),
@@ -241,7 +226,20 @@ pub fn logs(args: &ListArgs) -> Result<()> {
             ("status", "STATUS"),
             ("conflictReason", "REASON"),
         ],
-    );
+    )
+}
+
+/// Fetches a page of an audit list and prints it as JSON or as a table of `columns`.
+fn list(args: &ListArgs, path: &str, columns: &[(&str, &str)]) -> Result<()> {
+    let rows = Api::new(&args.node)?.call(
+        "GET",
+        &format!("{path}?limit={}&offset={}", args.limit, args.offset),
+        None,
+    )?;
+    if args.node.json {
+        return print_json(&rows);
+    }
+    table(rows.as_array().map_or(&[][..], Vec::as_slice), columns);
     Ok(())
 }
 
