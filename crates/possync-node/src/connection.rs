@@ -416,20 +416,25 @@ fn count_frames(
     }
 }
 
+/// A connection event about a known peer. Only `disconnected` carries the counters (the
+/// connection's final totals), so that summing a column over the table (as the seed's
+/// "peer performance" query does) counts every connection's traffic exactly once.
 fn event_row(
     peer: &PosId,
     name: &str,
     kind: ConnectionEventKind,
     stats: &protocol::ConnectionStats,
 ) -> ConnectionEvent {
+    let final_counters = kind == ConnectionEventKind::Disconnected;
+    let counter = |value: u64| if final_counters { value } else { 0 };
     ConnectionEvent {
         peer_id: peer.to_string(),
         peer_name: name.to_string(),
         kind,
-        messages_sent: stats.messages_sent,
-        messages_received: stats.messages_received,
-        bytes_sent: stats.bytes_sent,
-        bytes_received: stats.bytes_received,
+        messages_sent: counter(stats.messages_sent),
+        messages_received: counter(stats.messages_received),
+        bytes_sent: counter(stats.bytes_sent),
+        bytes_received: counter(stats.bytes_received),
         sync_duration_ms: None,
         error_message: None,
         at_ms: now_ms(),
