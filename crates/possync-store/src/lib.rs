@@ -124,6 +124,11 @@ pub struct Store {
     settings: Settings,
     /// Changes written since the last [`Store::drain_outbox`].
     outbox: Vec<Outgoing>,
+    /// `sync_vv` rows advanced by the open transaction, written once each before it commits
+    /// (origin number, seq).
+    vv_dirty: Vec<(i64, Seq)>,
+    /// The last audit timestamp formatted: (Unix second, `YYYY-MM-DD HH:MM:SS`).
+    sqlite_now: (u64, String),
 }
 
 impl std::fmt::Debug for Store {
@@ -234,6 +239,8 @@ impl Store {
             vv,
             settings,
             outbox: Vec::new(),
+            vv_dirty: Vec::new(),
+            sqlite_now: (u64::MAX, String::new()),
         })
     }
 
@@ -295,13 +302,16 @@ impl Store {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let vv_before = self.vv.clone();
         let outbox_before = self.outbox.len();
+        self.vv_dirty.clear();
         let result = body(self).and_then(|value| {
+            self.flush_vv()?;
             meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())?;
             self.conn.execute_batch("COMMIT")?;
             Ok(value)
         });
         if result.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.vv_dirty.clear();
             self.vv = vv_before;
             self.outbox.truncate(outbox_before);
             self.origins = Origins::load(&self.conn)?;
@@ -339,7 +349,8 @@ impl Store {
         Ok(change)
     }
 
-    /// Appends a change to the log and advances the version vector.
+    /// Appends a change to the log and advances the version vector (its `sync_vv` row is
+    /// written once per transaction, by [`Store::flush_vv`] before the commit).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn append_change(
         &mut self,
@@ -352,7 +363,9 @@ impl Store {
         rejected: bool,
     ) -> Result<()> {
         let origin_idx = self.origins.idx(&self.conn, origin)?;
-        let payload = serde_json::to_string(wire).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let mut payload = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut payload, wire).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let payload = String::from_utf8(payload).map_err(|err| StoreError::Corrupt(err.to_string()))?;
         self.conn
             .prepare_cached(
                 "INSERT INTO sync_changes (origin, seq, hlc, entity_type, entity_id, action, rejected, payload)
@@ -368,13 +381,23 @@ impl Store {
                 rejected,
                 payload
             ])?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO sync_vv (origin, seq) VALUES (?1, ?2)
-                 ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq",
-            )?
-            .execute(params![origin_idx, seq.0 as i64])?;
+        match self.vv_dirty.iter_mut().find(|(idx, _)| *idx == origin_idx) {
+            Some((_, held)) => *held = (*held).max(seq),
+            None => self.vv_dirty.push((origin_idx, seq)),
+        }
         self.vv.observe(origin, seq);
+        Ok(())
+    }
+
+    /// Writes the `sync_vv` rows the open transaction advanced (inside it, before COMMIT).
+    fn flush_vv(&mut self) -> Result<()> {
+        let mut upsert = self.conn.prepare_cached(
+            "INSERT INTO sync_vv (origin, seq) VALUES (?1, ?2)
+             ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq",
+        )?;
+        for (origin_idx, seq) in self.vv_dirty.drain(..) {
+            upsert.execute(params![origin_idx, seq.0 as i64])?;
+        }
         Ok(())
     }
 
@@ -390,8 +413,13 @@ impl Store {
     }
 
     /// Now, in the audit tables' `YYYY-MM-DD HH:MM:SS` form.
-    pub(crate) fn now_sqlite(&self) -> String {
-        possync_core::time::sqlite_datetime(self.env.now_ms())
+    /// (Formatted once per second: every audit row of a batch would otherwise pay for it.)
+    pub(crate) fn now_sqlite(&mut self) -> String {
+        let second = self.env.now_ms() / 1000;
+        if self.sqlite_now.0 != second {
+            self.sqlite_now = (second, possync_core::time::sqlite_datetime(second * 1000));
+        }
+        self.sqlite_now.1.clone()
     }
 }
 
