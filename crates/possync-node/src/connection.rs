@@ -6,10 +6,12 @@
 //! counters; then wait for the first of: a frame from the peer, the session's next deadline,
 //! a change written by this node, a command from the node, shutdown.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use futures_util::FutureExt;
 use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
 use possync_core::{PosId, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
@@ -23,6 +25,9 @@ use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Most frames read in one turn of the loop (a burst of live changes).
+const MAX_FRAMES_PER_TURN: usize = 256;
 
 /// How a connection ended, for the dialer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +81,8 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
     let mut close_reason = String::from("closed");
     let mut counted = protocol::ConnectionStats::default();
     let mut heard = false;
+    // A read result taken while draining a burst, handled at the next turn.
+    let mut carried: Option<Result<Option<String>, TransportError>> = None;
 
     loop {
         while let Some(frame) = session.poll_transmit() {
@@ -84,7 +91,8 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
             }
         }
         let mut progressed = false;
-        while let Some(event) = session.poll_event() {
+        let mut events: VecDeque<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+        while let Some(event) = events.pop_front() {
             progressed = true;
             match event {
                 Event::Established { peer: info } => {
@@ -145,11 +153,31 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                         }
                     }
                 }
-                Event::Apply { changes, from_batch } => {
+                Event::Apply { mut changes, from_batch } => {
+                    // Live changes already received go to the writer together: one
+                    // transaction for the run instead of one per change.
+                    let mut answers = 1;
+                    while !from_batch
+                        && matches!(events.front(), Some(Event::Apply { from_batch: false, .. }))
+                    {
+                        if let Some(Event::Apply { changes: more, .. }) = events.pop_front() {
+                            changes.extend(more);
+                            answers += 1;
+                        }
+                    }
                     let (id, name) =
                         peer.clone().unwrap_or_else(|| (node.identity.pos_id.clone(), String::new()));
                     match apply(&node, &id, &name, changes, from_batch).await {
-                        Some(report) => session.batch_applied(now_ms(), report),
+                        Some(report) => {
+                            // The session expects one answer per `Apply`, in order; the
+                            // refusals are reported once.
+                            for _ in 1..answers {
+                                let quiet =
+                                    protocol::ApplyReport { rejections: Vec::new(), ..report.clone() };
+                                session.batch_applied(now_ms(), quiet);
+                            }
+                            session.batch_applied(now_ms(), report);
+                        }
                         None => session.close("node stopping"),
                     }
                 }
@@ -226,11 +254,30 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                 None => std::future::pending().await,
             }
         };
+        let next_frame = async {
+            match carried.take() {
+                Some(frame) => frame,
+                None => receiver.recv().await,
+            }
+        };
         tokio::select! {
-            frame = receiver.recv() => match frame {
+            frame = next_frame => match frame {
                 Ok(Some(text)) => {
                     heard = true;
                     session.handle_frame(now_ms(), &text);
+                    // Take the frames already waiting too (`recv` is cancel-safe), so that a
+                    // burst of live changes is applied in one transaction. Anything else
+                    // than a frame is carried to the next turn and handled there.
+                    for _ in 0..MAX_FRAMES_PER_TURN {
+                        match receiver.recv().now_or_never() {
+                            Some(Ok(Some(text))) => session.handle_frame(now_ms(), &text),
+                            Some(other) => {
+                                carried = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                 }
                 Ok(None) => session.close("peer closed the connection"),
                 Err(err @ TransportError::NotUtf8(_)) => {

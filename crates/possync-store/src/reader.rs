@@ -59,6 +59,9 @@ impl StoreReader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Readers are pooled and mostly scan (catch-up, lists): a small page cache each
+        // keeps a node's memory flat however many peers it serves (SQLite's default is 2 MB).
+        conn.pragma_update(None, "cache_size", -512)?;
         Ok(StoreReader { conn })
     }
 
