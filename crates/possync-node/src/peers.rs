@@ -201,7 +201,8 @@ impl PeerTable {
         entry.address = Some(address);
         entry.online = true;
         entry.last_seen_ms = now_ms;
-        entry.reconnect_attempts = 0;
+        // `reconnect_attempts` keeps the redials this connection took (the dialer counts them
+        // while the peer is away): a flaky peer shows it while connected.
         entry.stats = ConnectionStats::default();
         entry.connection = Some((connection_id, commands, we_initiated));
         self.publish_connected(&peers);
