@@ -138,12 +138,48 @@ fn run(
                 Some(job) = housekeeping.recv() => job,
                 else => return,
             };
-            // Jobs block this thread on SQLite, which is what the thread is for.
-            job(&mut store);
+            // Jobs block this thread on SQLite, which is what the thread is for. A job that
+            // panics (a bug) must not take every later write down with it: its caller sees
+            // its reply channel closed, and the store goes back to its last commit.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut store)));
+            if outcome.is_err() {
+                tracing::error!("a database job panicked; rolling back and carrying on");
+                if let Err(err) = store.recover() {
+                    tracing::error!(%err, "could not recover the database after a panic; stopping the writer");
+                    return;
+                }
+                continue;
+            }
             for change in store.drain_outbox() {
                 // No subscriber is fine: nobody is connected.
                 let _ = publish.send(Arc::new(change));
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use possync_core::EntityKind;
+    use possync_store::SystemEnvironment;
+    use serde_json::json;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_job_does_not_stop_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
+        let writer = WriterHandle::start(store);
+        let failed = writer.call(Priority::Local, |_store| -> u32 { panic!("a bug in a job") }).await;
+        assert_eq!(failed, Err(WriterStopped));
+        let created = writer
+            .call(Priority::Local, |store| {
+                store.create_record(EntityKind::Category, &json!({"id": "c1", "name": "After the panic"}))
+            })
+            .await
+            .unwrap();
+        assert_eq!(created.unwrap()["name"], "After the panic");
+    }
 }

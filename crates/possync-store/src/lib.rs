@@ -288,6 +288,23 @@ impl Store {
         self.env.now_ms()
     }
 
+    /// Brings the store back to its last committed state after a write was interrupted by a
+    /// panic (a bug): rolls back any open transaction and reloads the in-memory state from
+    /// the database. The node's writer thread calls it so that one bad job cannot stop every
+    /// later write.
+    pub fn recover(&mut self) -> Result<()> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.origins = Origins::load(&self.conn)?;
+        self.vv = reader::load_vv(&self.conn, &self.origins)?;
+        self.vv_dirty.clear();
+        self.outbox.clear();
+        self.settings = Settings::load(&self.conn)?;
+        Ok(())
+    }
+
     /// Runs `body` in one write transaction. On error everything is rolled back, in the
     /// database and in the in-memory state (version vector, outbox, origin cache).
     pub(crate) fn write<T>(
