@@ -440,8 +440,12 @@ fn rows_json_named(conn: &Connection, sql: &str, bindings: &[(&str, &str)]) -> R
     Ok(out)
 }
 
-/// `uptime_by_peer` of docs/DASHBOARD.md.
-const UPTIME_BY_PEER_SQL: &str = r#"WITH state_events AS (
+/// The CTEs shared by the per-peer uptime queries of docs/DASHBOARD.md: every state event
+/// (up or down) of each peer, each peer's state when the window opens, and the timeline of
+/// the window. A macro, so that the queries stay `&'static str` built by `concat!`.
+macro_rules! peer_state_timeline_ctes {
+    () => {
+        r#"WITH state_events AS (
   SELECT id, peer_id, peer_name, created_at,
          CASE WHEN event_type IN ('connected', 'reconnected') THEN 1 ELSE 0 END AS up
   FROM p2p_connection_metrics
@@ -449,7 +453,6 @@ const UPTIME_BY_PEER_SQL: &str = r#"WITH state_events AS (
     AND created_at <= :now
 ),
 opening AS (
-  -- each peer's state when the window opens: its last state event before it
   SELECT id, peer_id, peer_name, :since AS created_at, up, 0 AS in_window
   FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY peer_id ORDER BY created_at DESC, id DESC) AS rn
         FROM state_events WHERE created_at < :since)
@@ -460,7 +463,14 @@ timeline AS (
   UNION ALL
   SELECT id, peer_id, peer_name, created_at, up, 1 FROM state_events WHERE created_at >= :since
 ),
-intervals AS (
+"#
+    };
+}
+
+/// `uptime_by_peer` of docs/DASHBOARD.md.
+const UPTIME_BY_PEER_SQL: &str = concat!(
+    peer_state_timeline_ctes!(),
+    r#"intervals AS (
   SELECT peer_id, up, in_window, created_at AS start_at,
          COALESCE(LEAD(created_at) OVER (PARTITION BY peer_id ORDER BY created_at, id), :now) AS end_at,
          FIRST_VALUE(peer_name) OVER (PARTITION BY peer_id ORDER BY created_at DESC, id DESC) AS peer_name
@@ -473,7 +483,8 @@ SELECT peer_id,
 FROM intervals
 GROUP BY peer_id
 HAVING MAX(in_window) = 1 OR SUM(up) > 0
-ORDER BY peer_id;"#;
+ORDER BY peer_id;"#
+);
 
 /// `avg_reconnect` of docs/DASHBOARD.md.
 const AVG_RECONNECT_SQL: &str = r#"WITH state_events AS (
@@ -547,25 +558,9 @@ LEFT JOIN conflicts ON conflicts.day = days.day
 ORDER BY days.day;"#;
 
 /// `peer_reliability` of docs/DASHBOARD.md.
-const PEER_RELIABILITY_SQL: &str = r#"WITH state_events AS (
-  SELECT id, peer_id, peer_name, created_at,
-         CASE WHEN event_type IN ('connected', 'reconnected') THEN 1 ELSE 0 END AS up
-  FROM p2p_connection_metrics
-  WHERE event_type IN ('connected', 'reconnected', 'disconnected', 'heartbeat_timeout')
-    AND created_at <= :now
-),
-opening AS (
-  SELECT id, peer_id, peer_name, :since AS created_at, up, 0 AS in_window
-  FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY peer_id ORDER BY created_at DESC, id DESC) AS rn
-        FROM state_events WHERE created_at < :since)
-  WHERE rn = 1
-),
-timeline AS (
-  SELECT id, peer_id, peer_name, created_at, up, in_window FROM opening
-  UNION ALL
-  SELECT id, peer_id, peer_name, created_at, up, 1 FROM state_events WHERE created_at >= :since
-),
-intervals AS (
+const PEER_RELIABILITY_SQL: &str = concat!(
+    peer_state_timeline_ctes!(),
+    r#"intervals AS (
   SELECT peer_id, up, in_window, created_at AS start_at,
          COALESCE(LEAD(created_at) OVER (PARTITION BY peer_id ORDER BY created_at, id), :now) AS end_at
   FROM timeline
@@ -621,7 +616,8 @@ LEFT JOIN names USING (peer_id)
 LEFT JOIN uptime USING (peer_id)
 LEFT JOIN sync USING (peer_id)
 LEFT JOIN events USING (peer_id)
-ORDER BY reliability IS NULL, reliability, peer_id;"#;
+ORDER BY reliability IS NULL, reliability, peer_id;"#
+);
 
 /// `alert_slow_sync` of docs/DASHBOARD.md.
 const ALERT_SLOW_SYNC_SQL: &str = r#"WITH durations AS (
