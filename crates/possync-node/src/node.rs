@@ -44,12 +44,22 @@ pub struct ReaderPool {
     path: std::path::PathBuf,
     /// Idle readers.
     idle: Mutex<Vec<StoreReader>>,
+    /// Queries running at once. Without a bound, 200 peers connecting together would start
+    /// 200 blocking threads for their catch-up selections (each leaving memory behind).
+    running: tokio::sync::Semaphore,
 }
+
+/// Reader queries running at once.
+const MAX_CONCURRENT_QUERIES: usize = 4;
 
 impl ReaderPool {
     /// A pool over the database at `path`.
     pub fn new(path: std::path::PathBuf) -> ReaderPool {
-        ReaderPool { path, idle: Mutex::new(Vec::new()) }
+        ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            running: tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES),
+        }
     }
 
     /// Runs `query` on a reader, off the async threads.
@@ -58,6 +68,11 @@ impl ReaderPool {
         T: Send + 'static,
         F: FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
     {
+        let _running = self
+            .running
+            .acquire()
+            .await
+            .map_err(|_| StoreError::InvalidState("the reader pool is closed".into()))?;
         let pool = Arc::clone(self);
         let joined = tokio::task::spawn_blocking(move || {
             let reader = pool.take()?;
