@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use possync_core::PosId;
 use possync_core::protocol::ConnectionStats;
@@ -151,7 +151,7 @@ pub struct PeerTable {
     /// Woken whenever a connection is registered or unregistered.
     changed: Notify,
     /// The posIds with a live connection, for the sessions' `peers` messages.
-    connected_ids: watch::Sender<BTreeSet<PosId>>,
+    connected_ids: watch::Sender<Arc<BTreeSet<PosId>>>,
 }
 
 fn rfc3339(ms: Option<u64>) -> Option<String> {
@@ -232,7 +232,7 @@ impl PeerTable {
     }
 
     /// Watches the set of peers with a live connection.
-    pub fn watch_connected(&self) -> watch::Receiver<BTreeSet<PosId>> {
+    pub fn watch_connected(&self) -> watch::Receiver<Arc<BTreeSet<PosId>>> {
         self.connected_ids.subscribe()
     }
 
@@ -240,8 +240,10 @@ impl PeerTable {
         let ids: BTreeSet<PosId> =
             peers.iter().filter(|(_, entry)| entry.connection.is_some()).map(|(id, _)| id.clone()).collect();
         self.connected_ids.send_if_modified(|current| {
-            let modified = *current != ids;
-            *current = ids;
+            let modified = **current != ids;
+            if modified {
+                *current = Arc::new(ids);
+            }
             modified
         });
     }

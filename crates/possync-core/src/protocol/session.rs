@@ -9,6 +9,8 @@
 //! virtual clock. See the [module docs](super) for the run loop a driver follows.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -219,10 +221,11 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Counters.
     stats: ConnectionStats,
-    /// Our own live connections (other than this one), as last told by the driver.
-    local_neighbors: BTreeSet<PosId>,
-    /// The neighbour list last sent to the peer.
-    neighbors_sent: Option<BTreeSet<PosId>>,
+    /// Our own live connections, as last told by the driver (shared by every session).
+    local_neighbors: Arc<BTreeSet<PosId>>,
+    /// A digest of the neighbour list last sent to the peer (a node with many peers must not
+    /// keep a copy of the list per connection).
+    neighbors_sent: Option<u64>,
     /// The peer's live connections, as it last told us: changes from those terminals reach
     /// it first-hand, so they are not relayed to it.
     peer_neighbors: BTreeSet<PosId>,
@@ -346,7 +349,7 @@ impl Session {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: ConnectionStats::default(),
-            local_neighbors: BTreeSet::new(),
+            local_neighbors: Arc::default(),
             neighbors_sent: None,
             peer_neighbors: BTreeSet::new(),
         };
@@ -544,7 +547,7 @@ impl Session {
     /// Tells the session which terminals this node is directly connected to (other than
     /// this peer); the peer is told when the set changes, so that it does not relay their
     /// changes to us.
-    pub fn set_neighbors(&mut self, neighbors: BTreeSet<PosId>) {
+    pub fn set_neighbors(&mut self, neighbors: Arc<BTreeSet<PosId>>) {
         self.local_neighbors = neighbors;
         self.send_neighbors();
     }
@@ -795,19 +798,21 @@ impl Session {
         if !self.is_established() {
             return;
         }
-        let mut neighbors = self.local_neighbors.clone();
-        if let Some(peer) = &self.peer {
-            neighbors.remove(&peer.pos_id);
-        }
-        let unchanged = match &self.neighbors_sent {
-            Some(sent) => *sent == neighbors,
-            None => neighbors.is_empty(),
+        let peer = self.peer.as_ref().map(|peer| &peer.pos_id);
+        let neighbors = || self.local_neighbors.iter().filter(|id| Some(*id) != peer);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        neighbors().for_each(|id| id.hash(&mut hasher));
+        let digest = hasher.finish();
+        let unchanged = match self.neighbors_sent {
+            Some(sent) => sent == digest,
+            None => neighbors().next().is_none(),
         };
         if unchanged {
             return;
         }
-        self.queue(Body::Peers(Peers { connected: neighbors.iter().cloned().collect() }));
-        self.neighbors_sent = Some(neighbors);
+        let connected = neighbors().cloned().collect();
+        self.queue(Body::Peers(Peers { connected }));
+        self.neighbors_sent = Some(digest);
     }
 
     fn send_sync_request(&mut self, summary: VersionVector) {
@@ -1195,13 +1200,13 @@ mod tests {
     #[test]
     fn neighbours_are_announced_when_they_change() {
         let mut session = established();
-        session.set_neighbors([pos("a"), pos("c")].into_iter().collect());
+        session.set_neighbors(Arc::new([pos("a"), pos("c")].into_iter().collect()));
         let frames = drain(&mut session).0;
         let peers: Vec<&Value> = frames.iter().filter(|frame| frame["type"] == "peers").collect();
         assert_eq!(peers.len(), 1);
         // The peer itself is left out of the list it is sent.
         assert_eq!(peers[0]["data"]["connected"], json!(["c"]));
-        session.set_neighbors([pos("c")].into_iter().collect());
+        session.set_neighbors(Arc::new([pos("c")].into_iter().collect()));
         assert!(
             drain(&mut session).0.iter().all(|frame| frame["type"] != "peers"),
             "unchanged: not sent again"
