@@ -264,6 +264,7 @@ impl Node {
         let logger_permit = Arc::clone(&completion).acquire_owned().await.ok();
         tasks.spawn(log_events(Arc::clone(&shared), events_rx, logger_permit));
         tasks.spawn(housekeeping(Arc::clone(&shared)));
+        tasks.spawn(checkpoints(Arc::clone(&shared)));
         for target in &config.static_peers {
             tasks.spawn(dialer::dial_forever(Arc::clone(&shared), target.clone(), Arc::clone(&completion)));
         }
@@ -409,6 +410,37 @@ async fn log_events(
         }
         if stopping && *node.shutdown.borrow() {
             return;
+        }
+    }
+}
+
+/// Checkpoints the WAL every second from a connection of its own (see
+/// [`possync_store::Checkpointer`]), so that the writer's commits never pay for them.
+async fn checkpoints(node: Arc<NodeShared>) {
+    let path = node.config.db_path();
+    let checkpointer =
+        match tokio::task::spawn_blocking(move || possync_store::Checkpointer::open(&path)).await {
+            Ok(Ok(checkpointer)) => Arc::new(Mutex::new(checkpointer)),
+            Ok(Err(err)) => {
+                warn!(%err, "no checkpoint connection; the writer checkpoints by itself");
+                return;
+            }
+            Err(_) => return,
+        };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let checkpointer = Arc::clone(&checkpointer);
+        let done = tokio::task::spawn_blocking(move || {
+            checkpointer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).run()
+        })
+        .await;
+        if let Ok(Err(err)) = done {
+            tracing::debug!(%err, "checkpoint failed; trying again in a second");
         }
     }
 }
