@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
 use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
-use possync_core::{PosId, WireChange};
+use possync_core::{PosId, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -390,7 +390,13 @@ async fn apply(
         .writer
         .call(Priority::Sync, move |store| {
             let report = store.apply_batch(PeerRef { id: &id, name: &name }, &changes);
-            (report, store.summary().clone())
+            // The session only reads the summary to ask for what a gap is missing: copy it
+            // only then (or when the batch failed, which is answered like a gap).
+            let summary = match &report {
+                Ok(report) if !report.gap => VersionVector::new(),
+                _ => store.summary().clone(),
+            };
+            (report, summary)
         })
         .await
         .ok()?;

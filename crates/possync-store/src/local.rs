@@ -31,8 +31,8 @@ impl Store {
             ("discountRate", Value::from("0")),
             ("displayOrder", Value::from(0)),
         ] {
-            if kind.field(name).is_some() {
-                fields.entry(kind.field(name).map_or(name, |spec| spec.name)).or_insert(default);
+            if let Some(spec) = kind.field(name) {
+                fields.entry(spec.name).or_insert(default);
             }
         }
         self.write(true, |store| {

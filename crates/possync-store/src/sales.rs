@@ -230,17 +230,14 @@ impl Store {
             match (action, status.as_str()) {
                 (_, "completed") | (TicketAction::Refund, "partially_refunded") => {}
                 _ => {
+                    let verb = match action {
+                        TicketAction::Refund => "refunded",
+                        TicketAction::Cancel => "cancelled",
+                    };
                     return Err(StoreError::InvalidState(format!(
-                        "ticket {id} is {status}: it cannot be {}ed",
-                        match action {
-                            TicketAction::Refund => "refund",
-                            TicketAction::Cancel => "cancell",
-                        }
+                        "ticket {id} is {status}: it cannot be {verb}"
                     )));
                 }
-            }
-            if action == TicketAction::Cancel && status != "completed" {
-                return Err(StoreError::InvalidState(format!("ticket {id} is {status}")));
             }
             let remaining = store.refundable(id)?;
             let wanted: BTreeMap<EntityId, Decimal> = match lines {
