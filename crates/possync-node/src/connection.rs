@@ -389,7 +389,7 @@ async fn apply(
     let result = node
         .writer
         .call(Priority::Sync, move |store| {
-            let report = store.apply_batch(PeerRef { id: &id, name: &name }, &changes);
+            let report = store.apply_batch(PeerRef { id: &id, name: &name }, changes);
             // The session only reads the summary to ask for what a gap is missing: copy it
             // only then (or when the batch failed, which is answered like a gap).
             let summary = match &report {

@@ -590,7 +590,7 @@ fn node_with_open_conflict() -> TestNode {
     let from_a = PeerRef { id: "pos-a", name: "Till A" };
     let sync = |a: &Store, b: &mut Store| {
         let selection = a.reader().unwrap().select_changes(&b.summary().clone(), 0, 1000).unwrap();
-        b.apply_batch(from_a, &selection.changes).unwrap();
+        b.apply_batch(from_a, selection.changes).unwrap();
     };
     a.create_record(EntityKind::Product, &json!({"id": "p1", "sku": "P1", "name": "Tea", "price": 3}))
         .unwrap();

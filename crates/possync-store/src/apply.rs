@@ -76,7 +76,10 @@ impl Logged {
 
 impl Store {
     /// Applies a batch of remote changes in one transaction, with its audit rows.
-    pub fn apply_batch(&mut self, peer: PeerRef<'_>, changes: &[WireChange]) -> Result<ApplyReport> {
+    ///
+    /// Takes the changes by value: each one applied moves on to the outbox for relay, so the
+    /// batch a connection decoded is never copied.
+    pub fn apply_batch(&mut self, peer: PeerRef<'_>, changes: Vec<WireChange>) -> Result<ApplyReport> {
         self.write(false, |store| {
             let mut report = ApplyReport::default();
             for wire in changes {
@@ -104,11 +107,11 @@ impl Store {
             entity_type: message_type.parse::<EntityKind>().ok(),
             entity_id: None,
         };
-        let details = json!({"error": error.chars().take(2000).collect::<String>()});
+        let details = json!({"error": error.chars().take(2000).collect::<String>()}).to_string();
         self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
-    fn apply_one(&mut self, peer: PeerRef<'_>, wire: &WireChange, report: &mut ApplyReport) -> Result<()> {
+    fn apply_one(&mut self, peer: PeerRef<'_>, wire: WireChange, report: &mut ApplyReport) -> Result<()> {
         let entity_type = wire.entity.parse::<EntityKind>().ok();
         let entity_id =
             wire.data.get("id").and_then(Value::as_str).map(|id| id.chars().take(64).collect::<String>());
@@ -120,19 +123,20 @@ impl Store {
             entity_type,
             entity_id: entity_id.as_deref(),
         };
-        let Some((origin, seq)) = stamp_of(wire) else {
+        let Some((origin, seq)) = stamp_of(&wire) else {
             report.errors += 1;
             report.rejections.push(format!(
                 "{}/{}: change without a valid data.sync.origin and data.sync.seq",
                 log.message_type, log.message_action
             ));
-            let details = json!({"error": "change without a valid data.sync.origin and data.sync.seq"});
+            let details =
+                json!({"error": "change without a valid data.sync.origin and data.sync.seq"}).to_string();
             return self.log_sync(&log, SyncStatus::Error, None, None, Some(&details));
         };
         let held = self.vv.get(&origin);
         if seq <= held {
             report.skipped += 1;
-            let details = json!({"origin": origin, "seq": seq});
+            let details = stamp_details(&origin, seq);
             return self.log_sync(
                 &log,
                 SyncStatus::Skipped,
@@ -147,7 +151,7 @@ impl Store {
             let reason = format!("gap: change {seq} of {origin} before change {}", held.next());
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
-        let decoded = Change::from_wire(wire).and_then(|change| {
+        let decoded = Change::from_wire(&wire).and_then(|change| {
             if change.origin == origin && change.seq == seq {
                 Ok(change)
             } else {
@@ -170,10 +174,10 @@ impl Store {
                     None,
                     &wire.entity,
                     entity_id.as_deref().unwrap_or(""),
-                    wire,
+                    &wire,
                     true,
                 )?;
-                let details = json!({"origin": origin, "seq": seq, "error": err.to_string()});
+                let details = json!({"origin": origin, "seq": seq, "error": err.to_string()}).to_string();
                 return self.log_sync(&log, SyncStatus::Error, Some(&err.to_string()), None, Some(&details));
             }
         };
@@ -210,10 +214,9 @@ impl Store {
             change.hlc,
             change.entity.as_str(),
             change.id.as_str(),
-            wire,
+            &wire,
             false,
         )?;
-        self.outbox.push(Outgoing { change: wire.clone(), from_peer: PosId::parse(peer.id).ok() });
         match outcome.status {
             SyncStatus::Success => report.applied += 1,
             SyncStatus::Conflict => report.conflicts += 1,
@@ -221,7 +224,7 @@ impl Store {
             SyncStatus::Error => report.errors += 1,
         }
         let strategy = outcome.conflict.as_ref().map(|conflict| conflict.report.strategy.as_str());
-        let details = json!({"origin": origin, "seq": seq});
+        let details = stamp_details(&origin, seq);
         self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
         if let Some(conflict) = outcome.conflict {
             report.conflict_kinds.push((
@@ -230,6 +233,7 @@ impl Store {
             ));
             self.log_conflict(peer, &conflict)?;
         }
+        self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())
     }
 
@@ -301,10 +305,33 @@ impl Store {
     }
 }
 
+/// The `details` of a change's log row: `{"origin": ..., "seq": ...}`, serialized without
+/// building a `serde_json::Value` (one per change applied).
+fn stamp_details(origin: &PosId, seq: Seq) -> String {
+    #[derive(serde::Serialize)]
+    struct Stamp<'a> {
+        origin: &'a PosId,
+        seq: Seq,
+    }
+    // Invariant: a struct of a string and an integer always serializes.
+    serde_json::to_string(&Stamp { origin, seq }).expect("serializing a stamp")
+}
+
 /// The origin and seq of a wire change, read even when the rest is invalid.
 fn stamp_of(wire: &WireChange) -> Option<(PosId, Seq)> {
     let sync = wire.data.get("sync")?;
     let origin = PosId::parse(sync.get("origin")?.as_str()?).ok()?;
     let seq = sync.get("seq")?.as_u64().filter(|seq| *seq > 0)?;
     Some((origin, Seq(seq)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_details_is_the_json_object() {
+        let origin = PosId::parse("pos-a").unwrap();
+        assert_eq!(stamp_details(&origin, Seq(42)), json!({"origin": origin, "seq": 42}).to_string());
+    }
 }

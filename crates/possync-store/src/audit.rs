@@ -134,7 +134,7 @@ impl Store {
         status: SyncStatus,
         reason: Option<&str>,
         strategy: Option<&str>,
-        details: Option<&Value>,
+        details: Option<&str>,
     ) -> Result<()> {
         let now = self.now_sqlite();
         self.conn
@@ -153,7 +153,7 @@ impl Store {
                 status.as_str(),
                 reason,
                 strategy,
-                details.map(Value::to_string),
+                details,
                 now,
             ])?;
         Ok(())

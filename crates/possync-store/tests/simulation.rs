@@ -544,7 +544,7 @@ impl Simulation {
         let mirror = std::mem::replace(&mut self.replicas[to].held, before);
         let report = self
             .store(to)
-            .apply_batch(PeerRef { id: &peer, name: &peer }, changes)
+            .apply_batch(PeerRef { id: &peer, name: &peer }, changes.to_vec())
             .map_err(|e| format!("apply_batch on {}: {e}", self.replicas[to].name))?;
         self.replicas[to].deliveries += changes.len() as u64;
         self.stats.deliveries += changes.len() as u64;

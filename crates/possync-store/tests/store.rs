@@ -201,7 +201,7 @@ fn two_terminals_sync_both_ways_and_end_identical() {
     // Duplicate delivery changes nothing and is logged as skipped.
     let dump = b.dump();
     let all = a.store.reader().unwrap().select_changes(&Default::default(), 0, 10_000).unwrap();
-    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, &all.changes).unwrap();
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, all.changes).unwrap();
     assert_eq!(report.applied + report.conflicts, 0);
     assert_eq!(b.dump(), dump);
 }
@@ -264,7 +264,7 @@ fn gaps_are_refused_and_caught_up_later() {
     }
     let all = a.store.reader().unwrap().select_changes(&Default::default(), 0, 100).unwrap();
     let peer = possync_store::PeerRef { id: "a", name: "a" };
-    let report = b.store.apply_batch(peer, &all.changes[2..]).unwrap();
+    let report = b.store.apply_batch(peer, all.changes[2..].to_vec()).unwrap();
     assert!(report.gap);
     assert_eq!(report.applied, 0);
     sync(&mut a, &mut b, 100);
@@ -305,7 +305,7 @@ fn a_peer_sale_with_overflowing_amounts_is_refused_not_a_panic() {
     let huge = json!(999_999_999_999_999u64);
     changes[0].data["lines"][0]["quantity"] = huge.clone();
     changes[0].data["lines"][0]["unitPrice"] = huge;
-    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, &changes).unwrap();
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, changes).unwrap();
     assert_eq!((report.applied, report.errors), (0, 1));
     assert!(report.rejections[0].contains("too large"), "{:?}", report.rejections);
     assert_eq!(b.count("SELECT COUNT(*) FROM tickets"), 0);

@@ -91,7 +91,7 @@ pub fn sync(from: &mut Terminal, to: &mut Terminal, batch: usize) -> ApplyReport
     loop {
         let selection = reader.select_changes(&since, cursor, batch).unwrap();
         let peer = PeerRef { id: from.name.as_str(), name: from.name.as_str() };
-        let report = to.store.apply_batch(peer, &selection.changes).unwrap();
+        let report = to.store.apply_batch(peer, selection.changes).unwrap();
         total.applied += report.applied;
         total.conflicts += report.conflicts;
         total.skipped += report.skipped;
