@@ -7,9 +7,13 @@
 //!
 //! This module also owns the wire form of a change (`{type, action, data}` with the entity in
 //! `data` and the stamps in `data.sync`), used both in live messages and in catch-up batches,
-//! and stored verbatim in the change log so that relaying never re-encodes.
+//! and stored verbatim in the change log so that relaying never re-encodes. `data` is kept
+//! as JSON text ([`RawValue`]): it is written once, by the origin, and from then on moves from
+//! a sender's log into a frame, out of the frame and into the receiver's log as the same
+//! bytes. Only the store's merge parses it ([`Change::from_wire`]), once per change applied.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::entity::{self, EntityError, EntityKind, FieldMap, Sale, StockMovement};
@@ -111,15 +115,85 @@ struct WireStamp {
 }
 
 /// The wire form of a change: `{type, action, data}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireChange {
     /// The entity kind.
     #[serde(rename = "type")]
     pub entity: String,
     /// create, update, delete, refund, cancel, adjust, count.
     pub action: String,
-    /// The entity (or the fields written) plus `sync` stamps.
-    pub data: Value,
+    /// The entity (or the fields written) plus `sync` stamps, as the origin wrote it: JSON
+    /// text, not checked to be an object until it is decoded.
+    pub data: Box<RawValue>,
+}
+
+/// Two wire changes are equal when they say the same thing in the same bytes.
+impl PartialEq for WireChange {
+    fn eq(&self, other: &WireChange) -> bool {
+        self.entity == other.entity && self.action == other.action && self.data.get() == other.data.get()
+    }
+}
+
+/// The stamps of a wire change as far as they can be read without decoding the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampPeek {
+    /// `data.sync.origin`.
+    pub origin: PosId,
+    /// `data.sync.seq`, at least 1.
+    pub seq: Seq,
+    /// `data.sync.hlc`, when present and well formed.
+    pub hlc: Option<Hlc>,
+}
+
+impl WireChange {
+    /// A wire change whose `data` is the text of `data`.
+    pub fn new(entity: impl Into<String>, action: impl Into<String>, data: &Value) -> WireChange {
+        WireChange { entity: entity.into(), action: action.into(), data: raw_json(data) }
+    }
+
+    /// `data` parsed into a JSON object (the form [`Change::decode`] takes).
+    pub fn data_object(&self) -> Result<Map<String, Value>, ChangeError> {
+        match serde_json::from_str(self.data.get()) {
+            Ok(Value::Object(data)) => Ok(data),
+            Ok(_) => Err(ChangeError::Malformed("data is not an object".into())),
+            Err(err) => Err(ChangeError::Malformed(format!("data: {err}"))),
+        }
+    }
+
+    /// Rewrites `data` through `edit` (for tests and benches that forge changes).
+    pub fn edit_data(&mut self, edit: impl FnOnce(&mut Value)) {
+        let mut data = serde_json::from_str(self.data.get()).unwrap_or(Value::Null);
+        edit(&mut data);
+        self.data = raw_json(&data);
+    }
+
+    /// Reads `data.sync.origin`, `data.sync.seq` and `data.sync.hlc` without building the
+    /// rest of `data` (its other fields are skipped over, not parsed into values). `None`
+    /// when `data` is not an object, or origin or seq is missing or invalid.
+    pub fn peek_stamp(&self) -> Option<StampPeek> {
+        #[derive(Deserialize)]
+        struct Data {
+            sync: Option<Sync>,
+        }
+        #[derive(Deserialize)]
+        struct Sync {
+            origin: Option<Value>,
+            seq: Option<Value>,
+            hlc: Option<Value>,
+        }
+        let sync = serde_json::from_str::<Data>(self.data.get()).ok()?.sync?;
+        let origin = PosId::parse(sync.origin?.as_str()?).ok()?;
+        let seq = sync.seq?.as_u64().filter(|seq| *seq > 0)?;
+        let hlc = sync.hlc.and_then(|hlc| hlc.as_str()?.parse().ok());
+        Some(StampPeek { origin, seq: Seq(seq), hlc })
+    }
+}
+
+/// The JSON text of `value`.
+fn raw_json(value: &Value) -> Box<RawValue> {
+    // Invariant: a `Value` always serializes (its map keys are strings), and serde_json's
+    // output is valid JSON, which is all `RawValue` checks.
+    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
 }
 
 impl Change {
@@ -161,26 +235,23 @@ impl Change {
         let stamp =
             WireStamp { origin: self.origin.clone(), seq: self.seq, hlc: self.hlc, ctx: self.ctx.clone() };
         data.insert("sync".into(), json!(stamp));
-        WireChange {
-            entity: self.entity.as_str().to_string(),
-            action: self.action().to_string(),
-            data: Value::Object(data),
-        }
+        WireChange::new(self.entity.as_str(), self.action(), &Value::Object(data))
     }
 
     /// Decodes and validates a wire change. Nothing unchecked gets through: the entity's
     /// fields pass their rules, sales add up, the id and stamps are well formed.
     pub fn from_wire(wire: &WireChange) -> Result<Change, ChangeError> {
+        Change::decode(&wire.entity, &wire.action, wire.data_object()?)
+    }
+
+    /// [`Change::from_wire`] on a change whose `data` is already parsed
+    /// ([`WireChange::data_object`]), taking it by value.
+    pub fn decode(entity: &str, action: &str, mut data: Map<String, Value>) -> Result<Change, ChangeError> {
         let unsupported = || ChangeError::Unsupported {
-            entity: wire.entity.chars().take(40).collect(),
-            action: wire.action.chars().take(40).collect(),
+            entity: entity.chars().take(40).collect(),
+            action: action.chars().take(40).collect(),
         };
-        let entity: EntityKind = wire.entity.parse().map_err(|_| unsupported())?;
-        let mut data = wire
-            .data
-            .as_object()
-            .cloned()
-            .ok_or_else(|| ChangeError::Malformed("data is not an object".into()))?;
+        let kind: EntityKind = entity.parse().map_err(|_| unsupported())?;
         let stamp =
             data.remove("sync").ok_or_else(|| ChangeError::Malformed("data.sync is missing".into()))?;
         let stamp: WireStamp = serde_json::from_value(stamp)
@@ -193,12 +264,12 @@ impl Change {
         if stamp.seq.0 == 0 {
             return Err(ChangeError::Malformed("data.sync.seq must be at least 1".into()));
         }
-        let body = match (entity, wire.action.as_str()) {
+        let body = match (kind, action) {
             (EntityKind::Product | EntityKind::Category | EntityKind::Customer, "create" | "update") => {
                 data.remove("sync");
                 ChangeBody::Upsert {
-                    create: wire.action == "create",
-                    fields: entity::parse_fields(entity, &Value::Object(data))?,
+                    create: action == "create",
+                    fields: entity::parse_fields(kind, &Value::Object(data))?,
                 }
             }
             (EntityKind::Product | EntityKind::Category | EntityKind::Customer, "delete") => {
@@ -217,10 +288,9 @@ impl Change {
                     Some(returns) => decode(returns)?,
                     None => Vec::new(),
                 };
-                let fields = entity::parse_fields(entity, &Value::Object(data))?;
-                entity::check_required(entity, &fields)?;
-                let action =
-                    if wire.action == "refund" { TicketAction::Refund } else { TicketAction::Cancel };
+                let fields = entity::parse_fields(kind, &Value::Object(data))?;
+                entity::check_required(kind, &fields)?;
+                let action = if action == "refund" { TicketAction::Refund } else { TicketAction::Cancel };
                 ChangeBody::TicketStatus { action, fields, returns }
             }
             (EntityKind::Stock, "adjust" | "count") => {
@@ -228,11 +298,19 @@ impl Change {
                 if movement.id != id {
                     return Err(ChangeError::Malformed("movement id differs from data.id".into()));
                 }
-                ChangeBody::Movement { count: wire.action == "count", movement }
+                ChangeBody::Movement { count: action == "count", movement }
             }
             _ => return Err(unsupported()),
         };
-        Ok(Change { origin: stamp.origin, seq: stamp.seq, hlc: stamp.hlc, ctx: stamp.ctx, entity, id, body })
+        Ok(Change {
+            origin: stamp.origin,
+            seq: stamp.seq,
+            hlc: stamp.hlc,
+            ctx: stamp.ctx,
+            entity: kind,
+            id,
+            body,
+        })
     }
 }
 
@@ -256,4 +334,80 @@ fn decode<T: for<'de> Deserialize<'de>>(data: impl Into<Value>) -> Result<T, Cha
         map.remove("status");
     }
     serde_json::from_value(value).map_err(|err| ChangeError::Malformed(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn category(origin: &str, seq: u64) -> Change {
+        let mut fields = FieldMap::new();
+        fields.insert("name", json!("Drinks"));
+        let origin = PosId::parse(origin).unwrap();
+        let mut ctx = VersionVector::new();
+        ctx.observe(&origin, Seq(seq));
+        Change {
+            origin,
+            seq: Seq(seq),
+            hlc: Some(Hlc::new(1_764_000_000_000, 3).unwrap()),
+            ctx,
+            entity: EntityKind::Category,
+            id: EntityId::parse("cat-1").unwrap(),
+            body: ChangeBody::Upsert { create: true, fields },
+        }
+    }
+
+    #[test]
+    fn wire_form_round_trips_and_keeps_its_text() {
+        let change = category("till-1", 7);
+        let wire = change.to_wire();
+        assert_eq!(Change::from_wire(&wire).as_ref(), Ok(&change));
+        // The change log's text: `data` is copied, not re-encoded.
+        let text = serde_json::to_string(&wire).unwrap();
+        let back: WireChange = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.data.get(), wire.data.get());
+        assert_eq!(back, wire);
+    }
+
+    #[test]
+    fn data_is_carried_byte_for_byte() {
+        // Another writer's spacing and key order survive a trip through the log's text.
+        let text = r#"{"type":"category","action":"create","data":{ "sync" : {"seq":1,"origin":"b"}, "name":"Tea","id":"cat-9" }}"#;
+        let wire: WireChange = serde_json::from_str(text).unwrap();
+        assert_eq!(wire.data.get(), r#"{ "sync" : {"seq":1,"origin":"b"}, "name":"Tea","id":"cat-9" }"#);
+        assert_eq!(serde_json::to_string(&wire).unwrap(), text);
+    }
+
+    #[test]
+    fn peek_stamp_reads_only_the_stamps() {
+        let wire = category("till-1", 7).to_wire();
+        let peek = wire.peek_stamp().unwrap();
+        assert_eq!((peek.origin.as_str(), peek.seq), ("till-1", Seq(7)));
+        assert_eq!(peek.hlc, Some(Hlc::new(1_764_000_000_000, 3).unwrap()));
+
+        let forged = |data: Value| WireChange::new("category", "create", &data);
+        assert_eq!(forged(json!([1, 2])).peek_stamp(), None, "not an object");
+        assert_eq!(forged(json!({"id": "cat-1"})).peek_stamp(), None, "no sync");
+        assert_eq!(forged(json!({"sync": {"origin": "a", "seq": 0}})).peek_stamp(), None, "seq 0");
+        assert_eq!(forged(json!({"sync": {"origin": "", "seq": 1}})).peek_stamp(), None, "bad origin");
+        let no_clock =
+            forged(json!({"sync": {"origin": "a", "seq": 2, "hlc": "soon"}})).peek_stamp().unwrap();
+        assert_eq!((no_clock.seq, no_clock.hlc), (Seq(2), None));
+    }
+
+    #[test]
+    fn data_that_is_not_an_object_is_malformed() {
+        let wire = WireChange::new("category", "create", &json!("cat-1"));
+        assert_eq!(wire.data_object(), Err(ChangeError::Malformed("data is not an object".into())));
+        assert!(matches!(Change::from_wire(&wire), Err(ChangeError::Malformed(_))));
+    }
+
+    #[test]
+    fn edit_data_rewrites_the_text() {
+        let mut wire = category("till-1", 7).to_wire();
+        wire.edit_data(|data| data["name"] = json!("Snacks"));
+        let change = Change::from_wire(&wire).unwrap();
+        let ChangeBody::Upsert { fields, .. } = change.body else { panic!("an upsert") };
+        assert_eq!(fields.get("name"), Some(&json!("Snacks")));
+    }
 }

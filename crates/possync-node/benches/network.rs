@@ -171,8 +171,8 @@ async fn update_price(node: &Arc<NodeShared>, index: usize, cents: usize) {
 
 /// The origin and seq of a change.
 fn stamp(change: &WireChange) -> Option<(String, u64)> {
-    let sync = change.data.get("sync")?;
-    Some((sync.get("origin")?.as_str()?.to_owned(), sync.get("seq")?.as_u64()?))
+    let stamp = change.peek_stamp()?;
+    Some((stamp.origin.as_str().to_owned(), stamp.seq.0))
 }
 
 async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
@@ -291,13 +291,14 @@ impl Synthetic {
         let seq = self.next_seq;
         self.next_seq += 1;
         let ms = self.base_ms + seq / 1000;
-        let data = change.data.as_object_mut().expect("object");
-        data.insert("id".into(), json!(product_id(index).as_str()));
-        data.insert("updatedAt".into(), json!(possync_core::time::rfc3339_ms(ms)));
-        let sync = data.get_mut("sync").and_then(|sync| sync.as_object_mut()).expect("sync");
-        sync.insert("seq".into(), json!(seq));
-        sync.insert("hlc".into(), json!(format!("{ms}-{}", seq % 1000)));
-        sync.insert("ctx".into(), json!({ self.origin.as_str(): seq }));
+        change.edit_data(|data| {
+            data["id"] = json!(product_id(index).as_str());
+            data["updatedAt"] = json!(possync_core::time::rfc3339_ms(ms));
+            let sync = &mut data["sync"];
+            sync["seq"] = json!(seq);
+            sync["hlc"] = json!(format!("{ms}-{}", seq % 1000));
+            sync["ctx"] = json!({ self.origin.as_str(): seq });
+        });
         change
     }
 
@@ -305,9 +306,10 @@ impl Synthetic {
         range
             .map(|index| {
                 let mut change = self.restamp(self.create.clone(), index);
-                let data = change.data.as_object_mut().expect("object");
-                data.insert("sku".into(), json!(format!("SKU-{index:06}")));
-                data.insert("name".into(), json!(format!("Product {index}")));
+                change.edit_data(|data| {
+                    data["sku"] = json!(format!("SKU-{index:06}"));
+                    data["name"] = json!(format!("Product {index}"));
+                });
                 change
             })
             .collect()
@@ -318,7 +320,9 @@ impl Synthetic {
         (0..count)
             .map(|index| {
                 let mut change = self.restamp(self.update.clone(), first + index % products);
-                change.data["price"] = json!(format!("{}.{:02}", 1 + index / 100 % 1000, index % 100));
+                change.edit_data(|data| {
+                    data["price"] = json!(format!("{}.{:02}", 1 + index / 100 % 1000, index % 100));
+                });
                 change
             })
             .collect()

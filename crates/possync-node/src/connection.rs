@@ -440,8 +440,7 @@ async fn apply(
 
 /// The origin clock time of a wire change, in ms.
 fn change_ms(change: &WireChange) -> Option<u64> {
-    let hlc: possync_core::Hlc = change.data.get("sync")?.get("hlc")?.as_str()?.parse().ok()?;
-    Some(hlc.ms())
+    Some(change.peek_stamp()?.hlc?.ms())
 }
 
 fn count_frames(

@@ -385,14 +385,15 @@ fn product_rows(changes: &[WireChange]) -> Vec<Vec<SqlValue>> {
     let mut rows = Vec::with_capacity(changes.len());
     for wire in changes {
         assert_eq!(wire.entity, "product");
-        let id = wire.data["id"].as_str().expect("id").to_string();
+        let data = wire.data_object().expect("data is an object");
+        let id = data["id"].as_str().expect("id").to_string();
         let row = current.entry(id.clone()).or_insert_with(|| {
             let mut row = vec![SqlValue::Null; specs.len() + 3];
             row[0] = SqlValue::Text(id.clone());
             row
         });
         for (i, spec) in specs.iter().enumerate() {
-            if let Some(value) = wire.data.get(spec.name) {
+            if let Some(value) = data.get(spec.name) {
                 row[i + 1] = match (spec.ty, value) {
                     (_, Value::Null) => SqlValue::Null,
                     (FieldType::Bool, Value::Bool(flag)) => SqlValue::Integer(i64::from(*flag)),
@@ -404,8 +405,7 @@ fn product_rows(changes: &[WireChange]) -> Vec<Vec<SqlValue>> {
                 };
             }
         }
-        row[specs.len() + 1] = wire
-            .data
+        row[specs.len() + 1] = data
             .get("updatedAt")
             .and_then(Value::as_str)
             .map_or(SqlValue::Null, |t| SqlValue::Text(t.into()));

@@ -17,7 +17,7 @@
 
 use possync_core::merge::{RemoteWrite, Verdict};
 use possync_core::{Change, ChangeBody, ChangeError, EntityKind, PosId, Seq, WireChange, merge_record};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::Outgoing;
 use crate::Store;
@@ -113,8 +113,14 @@ impl Store {
 
     fn apply_one(&mut self, peer: PeerRef<'_>, wire: WireChange, report: &mut ApplyReport) -> Result<()> {
         let entity_type = wire.entity.parse::<EntityKind>().ok();
-        let entity_id =
-            wire.data.get("id").and_then(Value::as_str).map(|id| id.chars().take(64).collect::<String>());
+        // `data` is parsed once, here; the change log keeps the text as received.
+        let data = wire.data_object();
+        let entity_id = data
+            .as_ref()
+            .ok()
+            .and_then(|data| data.get("id"))
+            .and_then(Value::as_str)
+            .map(|id| id.chars().take(64).collect::<String>());
         let log = SyncLog {
             peer_id: peer.id,
             peer_name: peer.name,
@@ -123,7 +129,7 @@ impl Store {
             entity_type,
             entity_id: entity_id.as_deref(),
         };
-        let Some((origin, seq)) = stamp_of(&wire) else {
+        let Some((origin, seq)) = data.as_ref().ok().and_then(stamp_of) else {
             report.errors += 1;
             report.rejections.push(format!(
                 "{}/{}: change without a valid data.sync.origin and data.sync.seq",
@@ -151,13 +157,14 @@ impl Store {
             let reason = format!("gap: change {seq} of {origin} before change {}", held.next());
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
-        let decoded = Change::from_wire(&wire).and_then(|change| {
-            if change.origin == origin && change.seq == seq {
-                Ok(change)
-            } else {
-                Err(ChangeError::Malformed("data.sync read two ways".into()))
-            }
-        });
+        let decoded =
+            data.and_then(|data| Change::decode(&wire.entity, &wire.action, data)).and_then(|change| {
+                if change.origin == origin && change.seq == seq {
+                    Ok(change)
+                } else {
+                    Err(ChangeError::Malformed("data.sync read two ways".into()))
+                }
+            });
         let change = match decoded {
             Ok(change) => change,
             Err(err) => {
@@ -317,9 +324,9 @@ fn stamp_details(origin: &PosId, seq: Seq) -> String {
     serde_json::to_string(&Stamp { origin, seq }).expect("serializing a stamp")
 }
 
-/// The origin and seq of a wire change, read even when the rest is invalid.
-fn stamp_of(wire: &WireChange) -> Option<(PosId, Seq)> {
-    let sync = wire.data.get("sync")?;
+/// The origin and seq of a change's data, read even when the rest is invalid.
+fn stamp_of(data: &Map<String, Value>) -> Option<(PosId, Seq)> {
+    let sync = data.get("sync")?;
     let origin = PosId::parse(sync.get("origin")?.as_str()?).ok()?;
     let seq = sync.get("seq")?.as_u64().filter(|seq| *seq > 0)?;
     Some((origin, Seq(seq)))

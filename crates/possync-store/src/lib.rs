@@ -409,7 +409,8 @@ impl Store {
         rejected: bool,
     ) -> Result<()> {
         let origin_idx = self.origins.idx(&self.conn, origin)?;
-        let mut payload = Vec::with_capacity(1024);
+        // `data` is copied as the text it already is; only `type` and `action` are written.
+        let mut payload = Vec::with_capacity(wire.data.get().len() + 64);
         serde_json::to_writer(&mut payload, wire).map_err(|err| StoreError::Corrupt(err.to_string()))?;
         let payload = String::from_utf8(payload).map_err(|err| StoreError::Corrupt(err.to_string()))?;
         self.conn

@@ -70,9 +70,11 @@ pub(crate) fn select_changes(
             let origin: i64 = row.get(1)?;
             let seq: i64 = row.get(2)?;
             if Seq(seq as u64) > known.get(&origin).copied().unwrap_or_default() {
-                let payload: String = row.get(3)?;
-                let change: WireChange = serde_json::from_str(&payload)
-                    .map_err(|err| StoreError::Corrupt(format!("sync_changes {log_id}: {err}")))?;
+                let corrupt = |err: &dyn std::fmt::Display| {
+                    StoreError::Corrupt(format!("sync_changes {log_id}: {err}"))
+                };
+                let payload = row.get_ref(3)?.as_str().map_err(|err| corrupt(&err))?;
+                let change: WireChange = serde_json::from_str(payload).map_err(|err| corrupt(&err))?;
                 changes.push(change);
             }
             cursor = log_id;

@@ -195,15 +195,16 @@ fn err<T>(msg: impl Into<String>) -> Result<T, String> {
 }
 
 fn stamp_of(wire: &WireChange) -> Stamp {
-    let sync = &wire.data["sync"];
-    (sync["origin"].as_str().unwrap_or_default().to_string(), sync["seq"].as_u64().unwrap_or_default())
+    wire.peek_stamp().map_or_else(Default::default, |stamp| (stamp.origin.as_str().to_string(), stamp.seq.0))
 }
 
 fn hlc_of(wire: &WireChange) -> u64 {
-    wire.data["sync"]["hlc"]
-        .as_str()
-        .and_then(|raw| raw.parse::<Hlc>().ok())
-        .map_or(0, |hlc| hlc.to_i64() as u64)
+    wire.peek_stamp().and_then(|stamp| stamp.hlc).map_or(0, |hlc| hlc.to_i64() as u64)
+}
+
+/// A change's `data` as a JSON value.
+fn data_of(wire: &WireChange) -> serde_json::Value {
+    serde_json::from_str(wire.data.get()).unwrap_or_default()
 }
 
 fn id(raw: &str) -> EntityId {
@@ -499,7 +500,8 @@ impl Simulation {
             return false;
         }
         // Causal delivery: the writes to the record its writer had seen come first.
-        if let Some(ctx) = wire.data["sync"]["ctx"].as_object() {
+        let data = data_of(wire);
+        if let Some(ctx) = data["sync"]["ctx"].as_object() {
             for (pos, ctx_seq) in ctx {
                 if *pos != origin && held.get(pos).copied().unwrap_or(0) < ctx_seq.as_u64().unwrap_or(0) {
                     return false;
@@ -507,7 +509,7 @@ impl Simulation {
             }
         }
         if wire.entity == "ticket" && wire.action != "create" {
-            let ticket = wire.data["id"].as_str().unwrap_or_default();
+            let ticket = data["id"].as_str().unwrap_or_default();
             if let Some((sale_origin, sale_seq)) = self.sale_of.get(ticket) {
                 return held.get(sale_origin).copied().unwrap_or(0) >= *sale_seq;
             }
@@ -874,19 +876,19 @@ impl Simulation {
         if wire.entity == "stock" {
             return;
         }
-        let record = (wire.entity.clone(), wire.data["id"].as_str().unwrap_or_default().to_string());
+        let data = data_of(wire);
+        let record = (wire.entity.clone(), data["id"].as_str().unwrap_or_default().to_string());
         let fields = match (wire.entity.as_str(), wire.action.as_str()) {
             (_, "delete") => None,
             ("ticket", "create") => {
                 let mut fields = BTreeSet::from(["status".to_string()]);
-                if wire.data.get("notes").is_some_and(|notes| !notes.is_null()) {
+                if data.get("notes").is_some_and(|notes| !notes.is_null()) {
                     fields.insert("notes".into());
                 }
                 Some(fields)
             }
             _ => Some(
-                wire.data
-                    .as_object()
+                data.as_object()
                     .map(|data| {
                         data.keys()
                             .filter(|key| !["id", "updatedAt", "sync", "returns"].contains(&key.as_str()))

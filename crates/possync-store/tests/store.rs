@@ -303,8 +303,10 @@ fn a_peer_sale_with_overflowing_amounts_is_refused_not_a_panic() {
     let mut changes = a.store.reader().unwrap().select_changes(b.store.summary(), 0, 100).unwrap().changes;
     assert_eq!(changes.len(), 1);
     let huge = json!(999_999_999_999_999u64);
-    changes[0].data["lines"][0]["quantity"] = huge.clone();
-    changes[0].data["lines"][0]["unitPrice"] = huge;
+    changes[0].edit_data(|data| {
+        data["lines"][0]["quantity"] = huge.clone();
+        data["lines"][0]["unitPrice"] = huge;
+    });
     let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, changes).unwrap();
     assert_eq!((report.applied, report.errors), (0, 1));
     assert!(report.rejections[0].contains("too large"), "{:?}", report.rejections);

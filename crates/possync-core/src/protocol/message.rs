@@ -12,7 +12,11 @@
 //! the wire `code` sent back to the peer in an `error` frame. Nothing in this module panics
 //! on peer input.
 
+use std::collections::HashMap;
+
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::change::WireChange;
@@ -256,11 +260,7 @@ impl Message {
         if text.len() > MAX_FRAME_LEN {
             return Err(ProtocolError::FrameTooLarge(text.len()));
         }
-        let value: Value =
-            serde_json::from_str(text).map_err(|err| ProtocolError::BadJson(err.to_string()))?;
-        let Value::Object(mut envelope) = value else {
-            return Err(ProtocolError::BadJson("expected a JSON object".into()));
-        };
+        let mut envelope = parse_envelope(text)?;
         // `type` first, so that an unknown type is reported as such rather than as whatever
         // else is wrong with the frame.
         let kind = take_string(&mut envelope, "type")?;
@@ -273,7 +273,7 @@ impl Message {
         let source_pos = take_string(&mut envelope, "sourcePos")?;
         let source_pos = PosId::parse(source_pos).map_err(|err| invalid("sourcePos", err))?;
         let data = match envelope.remove("data") {
-            Some(Value::Object(data)) => data,
+            Some(data) if data.get().starts_with('{') => data,
             Some(_) => return Err(invalid("data", "expected an object")),
             None => return Err(invalid("data", "missing")),
         };
@@ -341,8 +341,9 @@ impl Body {
         }
     }
 
-    /// Builds the body of a `kind`/`action` message from its `data`.
-    fn parse(kind: String, action: String, data: Map<String, Value>) -> Result<Body, ProtocolError> {
+    /// Builds the body of a `kind`/`action` message from its `data` (JSON text of an object).
+    /// A change's data is kept as text; a batch's changes are cut out of it as text.
+    fn parse(kind: String, action: String, data: &RawValue) -> Result<Body, ProtocolError> {
         if let Some(expected) = control_action(&kind)
             && action != expected
         {
@@ -352,8 +353,8 @@ impl Body {
             ));
         }
         let body = match kind.as_str() {
-            "hello" => Body::Hello(parse_hello(data)?),
-            "hello-ack" => Body::HelloAck(parse_hello(data)?),
+            "hello" => Body::Hello(parse_hello(object(data)?)?),
+            "hello-ack" => Body::HelloAck(parse_hello(object(data)?)?),
             "ping" => Body::Ping,
             "pong" => Body::Pong(decode(data)?),
             "sync_batch" => {
@@ -373,7 +374,7 @@ impl Body {
             _ => {
                 // Invariant: `parse` only calls this with a known type, and every known type
                 // that is not a control message is an entity kind.
-                let wire = WireChange { entity: kind, action, data: Value::Object(data) };
+                let wire = WireChange { entity: kind, action, data: data.to_owned() };
                 Body::Change(StampedChange::new(wire, "data")?)
             }
         };
@@ -384,11 +385,18 @@ impl Body {
 impl StampedChange {
     /// Finds the sync stamps of `wire` (`<path>.sync.origin`, `<path>.sync.seq`); `path` names
     /// the change in error messages.
+    /// Only `data.sync` is parsed into values; the rest of `data` is skipped over.
     pub fn new(wire: WireChange, path: &str) -> Result<StampedChange, ProtocolError> {
-        let Some(data) = wire.data.as_object() else {
+        /// `data` with everything but `sync` skipped.
+        #[derive(Deserialize)]
+        struct Data {
+            sync: Option<Value>,
+        }
+        if !wire.data.get().starts_with('{') {
             return Err(invalid(path, "expected an object"));
-        };
-        let Some(sync) = data.get("sync").and_then(Value::as_object) else {
+        }
+        let data: Data = serde_json::from_str(wire.data.get()).map_err(|err| invalid(path, err))?;
+        let Some(sync) = data.sync.as_ref().and_then(Value::as_object) else {
             return Err(invalid(&format!("{path}.sync"), "expected an object with origin and seq"));
         };
         let origin = match sync.get("origin") {
@@ -448,21 +456,40 @@ fn parse_hello(data: Map<String, Value>) -> Result<Hello, ProtocolError> {
         Some(None) => return Err(invalid("data.protocolVersion", "expected an integer")),
         None => return Err(invalid("data.protocolVersion", "missing")),
     }
-    decode(data)
+    serde_json::from_value(Value::Object(data)).map_err(|err| invalid("data", err))
+}
+
+/// The envelope's fields, each still JSON text (borrowed from the frame).
+type Envelope<'a> = HashMap<String, &'a RawValue>;
+
+/// Splits a frame into its top-level fields without parsing their values.
+fn parse_envelope(text: &str) -> Result<Envelope<'_>, ProtocolError> {
+    serde_json::from_str(text).map_err(|err| {
+        // Tell "not JSON" from "JSON, but not an object".
+        match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) => ProtocolError::BadJson("expected a JSON object".into()),
+            Err(_) => ProtocolError::BadJson(err.to_string()),
+        }
+    })
 }
 
 /// Removes a string field from the envelope.
-fn take_string(envelope: &mut Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
-    match envelope.remove(field) {
-        Some(Value::String(text)) => Ok(text),
+fn take_string(envelope: &mut Envelope<'_>, field: &str) -> Result<String, ProtocolError> {
+    match envelope.remove(field).map(|raw| serde_json::from_str::<Value>(raw.get())) {
+        Some(Ok(Value::String(text))) => Ok(text),
         Some(_) => Err(invalid(field, "expected a string")),
         None => Err(invalid(field, "missing")),
     }
 }
 
+/// A message's data as a JSON object (the caller checked that it is one).
+fn object(data: &RawValue) -> Result<Map<String, Value>, ProtocolError> {
+    serde_json::from_str(data.get()).map_err(|err| invalid("data", err))
+}
+
 /// Decodes a message's data into its typed form.
-fn decode<T: for<'de> Deserialize<'de>>(data: Map<String, Value>) -> Result<T, ProtocolError> {
-    serde_json::from_value(Value::Object(data)).map_err(|err| invalid("data", err))
+fn decode<'a, T: Deserialize<'a>>(data: &'a RawValue) -> Result<T, ProtocolError> {
+    serde_json::from_str(data.get()).map_err(|err| invalid("data", err))
 }
 
 fn invalid(field: &str, reason: impl ToString) -> ProtocolError {
@@ -484,7 +511,7 @@ mod tests {
     use crate::entity::{MovementType, Payment, PaymentMethod, Sale, StockMovement, TicketLine};
     use crate::hlc::Hlc;
     use crate::ids::EntityId;
-    use crate::protocol::test_util::{change, pos, vv};
+    use crate::protocol::test_util::{change, data_json, pos, vv};
 
     fn message(body: Body) -> Message {
         Message { id: "a-7".into(), timestamp: "2025-11-23T10:05:00.123Z".into(), source_pos: pos("a"), body }
@@ -534,7 +561,7 @@ mod tests {
         let live = change("b", 5);
         let text = message(Body::Change(StampedChange::new(live.clone(), "data").unwrap())).encode();
         let value: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value, envelope("category", "create", live.data));
+        assert_eq!(value, envelope("category", "create", data_json(&live)));
     }
 
     #[test]
@@ -583,11 +610,37 @@ mod tests {
     fn a_change_action_is_left_to_the_store() {
         let mut odd = change("a", 1);
         odd.action = "explode".into();
-        let text = envelope("category", "explode", odd.data.clone()).to_string();
+        let text = envelope("category", "explode", data_json(&odd)).to_string();
         let Ok(Message { body: Body::Change(parsed), .. }) = Message::parse(&text) else {
             panic!("a stamped change parses whatever its action");
         };
         assert_eq!((parsed.origin, parsed.seq, parsed.wire), (pos("a"), Seq(1), odd));
+    }
+
+    #[test]
+    fn changes_are_relayed_byte_for_byte() {
+        // A change's data is never re-encoded: spacing and key order as the origin wrote them.
+        let data = r#"{ "sync": {"seq": 2, "origin": "c"},  "name": "Tea", "id": "cat-1" }"#;
+        let live = format!(
+            r#"{{"id":"b-1","type":"category","action":"update","data":{data},"timestamp":"t","sourcePos":"b"}}"#
+        );
+        let batch = format!(
+            r#"{{"id":"b-2","type":"sync_batch","action":"push","data":{{"changes":[{{"type":"category","action":"update","data":{data}}}],"hasMore":false}},"timestamp":"t","sourcePos":"b"}}"#
+        );
+        for text in [live, batch] {
+            let parsed = Message::parse(&text).unwrap();
+            let changes = match &parsed.body {
+                Body::Change(change) => vec![change.clone()],
+                Body::SyncBatch(batch) => batch.changes.clone(),
+                other => panic!("parsed as {other:?}"),
+            };
+            assert_eq!(changes.len(), 1);
+            assert_eq!(
+                (changes[0].origin.as_str(), changes[0].seq, changes[0].wire.data.get()),
+                ("c", Seq(2), data)
+            );
+            assert_eq!(parsed.encode(), text, "encoding a parsed frame gives its text back");
+        }
     }
 
     #[test]
@@ -760,7 +813,7 @@ mod tests {
             let wire = change.to_wire();
             assert_eq!(Change::from_wire(&wire).as_ref(), Ok(change), "examples must decode");
             println!("### {} {}\n", wire.entity, wire.action);
-            print_envelope(&wire.entity, &wire.action, &wire.data);
+            print_envelope(&wire.entity, &wire.action, &data_json(&wire));
         }
     }
 

@@ -890,7 +890,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::protocol::test_util::{Net, T0, change, config, pos, vv};
+    use crate::protocol::test_util::{Net, T0, change, config, data_json, pos, vv};
 
     /// A frame as a peer would write it.
     fn frame(kind: &str, action: &str, data: Value, source: &str) -> String {
@@ -1089,7 +1089,7 @@ mod tests {
         let sent: Vec<Value> =
             net.links[0].sent[0].iter().map(|text| serde_json::from_str(text).unwrap()).collect();
         let last = sent.last().unwrap();
-        assert_eq!((last["type"].as_str(), &last["data"]), (Some("category"), &written.data));
+        assert_eq!((last["type"].as_str(), &last["data"]), (Some("category"), &data_json(&written)));
     }
 
     #[test]
@@ -1216,7 +1216,7 @@ mod tests {
     #[test]
     fn refused_entities_are_reported_to_the_peer_without_closing() {
         let mut session = established();
-        session.handle_frame(T0, &frame("product", "update", change("a", 1).data, "a"));
+        session.handle_frame(T0, &frame("product", "update", data_json(&change("a", 1)), "a"));
         drain(&mut session);
         let rejections = vec!["product/update p1: invalid price: must not be negative".to_string()];
         session.batch_applied(T0, ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections });
@@ -1412,7 +1412,7 @@ mod tests {
     fn received_changes_are_applied_and_known_to_be_held_by_the_peer() {
         let mut session = established();
         let live = change("a", 1);
-        session.handle_frame(T0, &frame("category", "create", live.data.clone(), "a"));
+        session.handle_frame(T0, &frame("category", "create", data_json(&live), "a"));
         let (_, events) = drain(&mut session);
         assert_eq!(events, [Event::Apply { changes: vec![live.clone()], from_batch: false }]);
         assert_eq!(session.peer_known(), &vv(&[("a", 1)]));

@@ -382,3 +382,8 @@ impl Net {
         }
     }
 }
+
+/// A wire change's `data` as a JSON value.
+pub(crate) fn data_json(wire: &WireChange) -> serde_json::Value {
+    serde_json::from_str(wire.data.get()).expect("wire data is JSON")
+}
