@@ -269,7 +269,7 @@ impl Change {
                 data.remove("sync");
                 ChangeBody::Upsert {
                     create: action == "create",
-                    fields: entity::parse_fields(kind, &Value::Object(data))?,
+                    fields: entity::parse_field_object(kind, data)?,
                 }
             }
             (EntityKind::Product | EntityKind::Category | EntityKind::Customer, "delete") => {
@@ -288,7 +288,7 @@ impl Change {
                     Some(returns) => decode(returns)?,
                     None => Vec::new(),
                 };
-                let fields = entity::parse_fields(kind, &Value::Object(data))?;
+                let fields = entity::parse_field_object(kind, data)?;
                 entity::check_required(kind, &fields)?;
                 let action = if action == "refund" { TicketAction::Refund } else { TicketAction::Cancel };
                 ChangeBody::TicketStatus { action, fields, returns }

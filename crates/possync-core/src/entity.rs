@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::decimal;
 use crate::ids::{EntityId, PosId};
@@ -210,49 +210,50 @@ fn invalid(field: &str, reason: impl Into<String>) -> EntityError {
 impl FieldSpec {
     /// Checks `value` against this field's rules and returns its canonical form (amounts as
     /// canonical decimal strings, text trimmed of nothing, null for absent optionals).
-    pub fn canonicalize(&self, value: &Value) -> Result<Value, EntityError> {
+    pub fn canonicalize(&self, value: Value) -> Result<Value, EntityError> {
         let name = self.name;
         match self.ty {
-            FieldType::Text(max) => match value {
+            FieldType::Text(max) => match &value {
                 Value::String(text) if text.trim().is_empty() => Err(invalid(name, "must not be empty")),
                 Value::String(text) if text.chars().count() > max => {
                     Err(invalid(name, format!("longer than {max} characters")))
                 }
-                Value::String(_) => Ok(value.clone()),
+                Value::String(_) => Ok(value),
                 _ => Err(invalid(name, "expected a string")),
             },
-            FieldType::OptText(max) => match value {
+            FieldType::OptText(max) => match &value {
                 Value::Null => Ok(Value::Null),
                 Value::String(text) if text.chars().count() > max => {
                     Err(invalid(name, format!("longer than {max} characters")))
                 }
-                Value::String(_) => Ok(value.clone()),
+                Value::String(_) => Ok(value),
                 _ => Err(invalid(name, "expected a string or null")),
             },
-            FieldType::OptRef => match value {
+            FieldType::OptRef => match &value {
                 Value::Null => Ok(Value::Null),
-                Value::String(text) => EntityId::parse(text.as_str())
-                    .map(|_| value.clone())
-                    .map_err(|err| invalid(name, err.to_string())),
+                Value::String(text) => match EntityId::parse(text.as_str()) {
+                    Ok(_) => Ok(value),
+                    Err(err) => Err(invalid(name, err.to_string())),
+                },
                 _ => Err(invalid(name, "expected an id string or null")),
             },
             FieldType::Amount { max_one } => {
-                let amount = decimal::from_json(value).map_err(|err| invalid(name, err.to_string()))?;
+                let amount = decimal::from_json(&value).map_err(|err| invalid(name, err.to_string()))?;
                 check_amount(name, amount, max_one)
             }
             FieldType::OptAmount => {
                 if value.is_null() {
                     return Ok(Value::Null);
                 }
-                let amount = decimal::from_json(value).map_err(|err| invalid(name, err.to_string()))?;
+                let amount = decimal::from_json(&value).map_err(|err| invalid(name, err.to_string()))?;
                 check_amount(name, amount, false)
             }
-            FieldType::Bool => match value {
-                Value::Bool(_) => Ok(value.clone()),
+            FieldType::Bool => match &value {
+                Value::Bool(_) => Ok(value),
                 _ => Err(invalid(name, "expected true or false")),
             },
             FieldType::Int => match value.as_i64() {
-                Some(_) => Ok(value.clone()),
+                Some(_) => Ok(value),
                 None => Err(invalid(name, "expected an integer")),
             },
             FieldType::Timestamp => match value.as_str().and_then(crate::time::parse_rfc3339_ms) {
@@ -287,15 +288,36 @@ pub fn parse_fields(kind: EntityKind, body: &Value) -> Result<FieldMap, EntityEr
     let object = body.as_object().ok_or(EntityError::NotAnObject)?;
     let mut fields = FieldMap::new();
     for (name, value) in object {
-        if matches!(name.as_str(), "id" | "updatedAt" | "stock") {
-            continue;
-        }
-        let spec = kind
-            .field(name)
-            .ok_or_else(|| EntityError::UnknownField { kind, field: name.chars().take(64).collect() })?;
-        fields.insert(spec.name, spec.canonicalize(value)?);
+        insert_field(&mut fields, kind, name, value.clone())?;
     }
     Ok(fields)
+}
+
+/// [`parse_fields`] on an object taken by value: its values move into the field map.
+pub fn parse_field_object(kind: EntityKind, object: Map<String, Value>) -> Result<FieldMap, EntityError> {
+    let mut fields = FieldMap::new();
+    for (name, value) in object {
+        insert_field(&mut fields, kind, &name, value)?;
+    }
+    Ok(fields)
+}
+
+/// Checks one field of a body and adds its canonical value (`id`, `updatedAt` and `stock`
+/// are not fields a write sets, and are skipped).
+fn insert_field(
+    fields: &mut FieldMap,
+    kind: EntityKind,
+    name: &str,
+    value: Value,
+) -> Result<(), EntityError> {
+    if matches!(name, "id" | "updatedAt" | "stock") {
+        return Ok(());
+    }
+    let spec = kind
+        .field(name)
+        .ok_or_else(|| EntityError::UnknownField { kind, field: name.chars().take(64).collect() })?;
+    fields.insert(spec.name, spec.canonicalize(value)?);
+    Ok(())
 }
 
 /// Checks that every required field of `kind` is present (for creates).

@@ -81,14 +81,16 @@ fn sql(kind: EntityKind) -> Result<&'static KindSql> {
         .ok_or_else(|| StoreError::InvalidState(format!("{kind} is not a mutable record")))
 }
 
-/// A field value as an SQL value.
-fn to_sql(spec: &FieldSpec, value: &Value) -> SqlValue {
+/// A field value as an SQL value (text is bound from the value, not copied).
+fn to_sql<'a>(spec: &FieldSpec, value: &'a Value) -> ToSqlOutput<'a> {
     match (spec.ty, value) {
-        (_, Value::Null) => SqlValue::Null,
-        (FieldType::Bool, Value::Bool(flag)) => SqlValue::Integer(i64::from(*flag)),
-        (FieldType::Int, Value::Number(number)) => number.as_i64().map_or(SqlValue::Null, SqlValue::Integer),
-        (_, Value::String(text)) => SqlValue::Text(text.clone()),
-        (_, other) => SqlValue::Text(other.to_string()),
+        (_, Value::Null) => ToSqlOutput::Borrowed(ValueRef::Null),
+        (FieldType::Bool, Value::Bool(flag)) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*flag))),
+        (FieldType::Int, Value::Number(number)) => number
+            .as_i64()
+            .map_or(ToSqlOutput::Borrowed(ValueRef::Null), |n| ToSqlOutput::Owned(SqlValue::Integer(n))),
+        (_, Value::String(text)) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
+        (_, other) => ToSqlOutput::Owned(SqlValue::Text(other.to_string())),
     }
 }
 
@@ -139,16 +141,21 @@ pub(crate) fn save(
     state: &RecordState,
 ) -> Result<()> {
     let meta = meta::encode(kind, state, origins, conn)?;
-    let mut values: Vec<SqlValue> = Vec::with_capacity(kind.fields().len() + 4);
-    values.push(SqlValue::Text(id.to_string()));
+    let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(kind.fields().len() + 4);
+    values.push(ToSqlOutput::Borrowed(ValueRef::Text(id.as_str().as_bytes())));
     for spec in kind.fields() {
-        values.push(state.values.get(spec.name).map_or(SqlValue::Null, |value| to_sql(spec, value)));
+        values.push(
+            state
+                .values
+                .get(spec.name)
+                .map_or(ToSqlOutput::Borrowed(ValueRef::Null), |value| to_sql(spec, value)),
+        );
     }
-    values.push(state.updated_at().map_or(SqlValue::Null, SqlValue::Text));
-    values.push(SqlValue::Integer(i64::from(state.deleted)));
-    values.push(SqlValue::Text(meta));
+    values.push(ToSqlOutput::Owned(state.updated_at().map_or(SqlValue::Null, SqlValue::Text)));
+    values.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(state.deleted))));
+    values.push(ToSqlOutput::Owned(SqlValue::Text(meta)));
     let mut statement = conn.prepare_cached(&sql(kind)?.upsert)?;
-    statement.execute(params_from_iter(values.iter().map(|value| ToSqlOutput::Borrowed(value.into()))))?;
+    statement.execute(params_from_iter(values))?;
     Ok(())
 }
 
