@@ -15,12 +15,12 @@ use futures_util::FutureExt;
 use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
 use possync_core::{PosId, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, Status};
 use crate::node::{NodeShared, now_ms};
-use crate::peers::{ConnectionCommand, Registration};
+use crate::peers::{ConnectionCommand, Mailbox, Registration};
 use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
 
@@ -73,7 +73,7 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
     config.batch_size = settings.batch_size;
     let mut session = Session::new(config, role, summary, now_ms());
     let (mut sender, mut receiver) = channel.into_split();
-    let (commands_tx, mut commands) = mpsc::channel(16);
+    let mailbox = Arc::new(Mailbox::default());
     let mut shutdown = node.shutdown.subscribe();
     let mut peer: Option<(PosId, String)> = None;
     let mut registered = false;
@@ -104,7 +104,7 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                         address,
                         connection_id,
                         role == Role::Initiator,
-                        commands_tx.clone(),
+                        Arc::clone(&mailbox),
                         now_ms(),
                     );
                     if info.pos_id == node.identity.pos_id {
@@ -303,7 +303,7 @@ async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, addres
                 }
                 Err(broadcast::error::RecvError::Closed) => session.close("node stopping"),
             },
-            Some(command) = commands.recv() => match command {
+            command = mailbox.next() => match command {
                 ConnectionCommand::SyncNow => {
                     if let Some(summary) = node.summary().await {
                         session.request_sync(summary);
