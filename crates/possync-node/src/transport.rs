@@ -103,8 +103,13 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Default for [`ChannelConfig::handshake_timeout`]: 10 s.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Capacity of tungstenite's read buffer; it grows only for larger messages.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Initial capacity of tungstenite's read buffer, also the most it reads in one call.
+///
+/// It grows (for good) to hold a larger message when one arrives, so this is what an idle
+/// connection keeps when its peer has only sent small frames (pings, live changes): 1 KiB
+/// holds a live change in one read. A bulk transfer of 4 KiB messages takes about four
+/// reads per message instead of one; the read buffer stays as small as the messages allow.
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// Cap on tungstenite's write buffer. We flush every frame, so it only ever holds one
 /// transport message and a control frame or two; this is a safety limit, not an
