@@ -618,6 +618,10 @@ impl SecureReceiver {
     /// `tokio::select!`. After an error other than [`TransportError::NotUtf8`] the
     /// channel is closed (the peer gets a Close frame) and later calls fail with
     /// [`TransportError::Closed`].
+    ///
+    /// An idle connection task holds this future all the time, so the rare paths that
+    /// talk back to the peer (a refused message, the answer to a Close) are boxed: inline,
+    /// they would make it four times as large.
     pub async fn recv(&mut self) -> Result<Option<String>, TransportError> {
         match self.state {
             ReceiveState::Open => {}
@@ -631,7 +635,8 @@ impl SecureReceiver {
             let message = match message {
                 Ok(message) => message,
                 Err(error) => {
-                    return Err(self.fail(TransportError::from_websocket(error, self.max_frame_bytes)).await);
+                    let error = TransportError::from_websocket(error, self.max_frame_bytes);
+                    return Err(Box::pin(self.fail(error)).await);
                 }
             };
             let bytes = match message {
@@ -640,15 +645,18 @@ impl SecureReceiver {
                 Message::Close(frame) => {
                     tracing::debug!(peer_addr = %self.peer_addr, ?frame, "peer closed the secure channel");
                     // tungstenite queued the answer to the Close; send it now.
-                    let _ = timeout(CLOSE_TIMEOUT, async { self.sink.lock().await.flush().await }).await;
+                    let flush = timeout(CLOSE_TIMEOUT, async { self.sink.lock().await.flush().await });
+                    let _ = Box::pin(flush).await;
                     return self.end();
                 }
-                Message::Text(_) | Message::Frame(_) => return Err(self.fail(TransportError::Decrypt).await),
+                Message::Text(_) | Message::Frame(_) => {
+                    return Err(Box::pin(self.fail(TransportError::Decrypt)).await);
+                }
             };
             let frame = match self.opener.open(&bytes, self.max_frame_bytes) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => continue,
-                Err(error) => return Err(self.fail(error).await),
+                Err(error) => return Err(Box::pin(self.fail(error)).await),
             };
             return match String::from_utf8(frame) {
                 Ok(frame) => Ok(Some(frame)),
