@@ -439,3 +439,37 @@ impl PeerTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{ConnectionCommand, Mailbox};
+
+    #[tokio::test]
+    async fn mailbox_keeps_order_bounds_and_wakes_a_waiting_task() {
+        let mailbox = Arc::new(Mailbox::default());
+        for index in 0..Mailbox::CAPACITY {
+            assert!(mailbox.post(ConnectionCommand::Close(index.to_string())));
+        }
+        assert!(!mailbox.post(ConnectionCommand::SyncNow), "a full mailbox drops the command");
+        for index in 0..Mailbox::CAPACITY {
+            assert_eq!(mailbox.next().await, ConnectionCommand::Close(index.to_string()));
+        }
+        // Drained: nothing stays allocated, and a waiting task is woken by the next post.
+        assert_eq!(mailbox.queue().capacity(), 0);
+        let waiting = tokio::spawn({
+            let mailbox = Arc::clone(&mailbox);
+            async move { mailbox.next().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(mailbox.post(ConnectionCommand::SyncNow));
+        let received = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(received.expect("woken").expect("joined"), ConnectionCommand::SyncNow);
+        // A `next` dropped before it returned takes nothing out.
+        assert!(mailbox.post(ConnectionCommand::SyncNow));
+        drop(mailbox.next());
+        assert_eq!(mailbox.next().await, ConnectionCommand::SyncNow);
+    }
+}

@@ -52,16 +52,17 @@
 //!
 //! # Memory
 //!
-//! An idle connection holds, besides the socket: tungstenite's read buffer (4 KiB, grows
-//! to about twice the largest message received, so at most about 8 KiB with 4 KiB
-//! messages), its write buffer (the size of the largest message sent, about 4 KiB), the
-//! session keys (a few hundred bytes) and some small bookkeeping. Reassembly buffers exist
-//! only while a frame is in flight and are handed to the caller with the frame; encryption
-//! buffers live on the stack of the call that uses them. That is why transport messages
-//! are 4 KiB rather than Noise's 64 KiB: tungstenite keeps the capacity of the largest
-//! message it has carried. Measured once (release build, 1,000 connections on loopback,
-//! resident set growth divided by connections): about 5.5 KiB per connection after small
-//! frames, about 13.6 KiB after 20 KB frames.
+//! An idle connection holds, besides the socket: tungstenite's read buffer (1 KiB; it
+//! grows, for good, to hold a larger message when one arrives, so 4 to 8 KiB once 4 KiB
+//! messages have been received), its write buffer (never freed either: the largest
+//! message sent, rounded up by `Vec`'s doubling, so 4 to 8 KiB once a frame of 4 KiB or
+//! more has been sent), the session keys (a few hundred bytes) and some small bookkeeping.
+//! Reassembly buffers exist only while a frame is in flight and are handed to the caller
+//! with the frame; encryption buffers live on the stack of the call that uses them. That
+//! is why transport messages are 4 KiB rather than Noise's 64 KiB: tungstenite keeps the
+//! capacity of the largest message it has carried. A massif profile of a node with 200
+//! idle peers (each sent a neighbour list of about 4 KB) found 7.8 KB of write buffer and
+//! the read buffer's initial capacity per connection; see `docs/BENCHMARKS.md`.
 
 mod codec;
 #[cfg(test)]
@@ -107,8 +108,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// It grows (for good) to hold a larger message when one arrives, so this is what an idle
 /// connection keeps when its peer has only sent small frames (pings, live changes): 1 KiB
-/// holds a live change in one read. A bulk transfer of 4 KiB messages takes about four
-/// reads per message instead of one; the read buffer stays as small as the messages allow.
+/// holds a live change in one read. The price: a bulk transfer of 4 KiB messages takes
+/// about four reads per message instead of one.
 const READ_BUFFER_BYTES: usize = 1024;
 
 /// Cap on tungstenite's write buffer. We flush every frame, so it only ever holds one
