@@ -15,12 +15,12 @@ use futures_util::FutureExt;
 use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
 use possync_core::{PosId, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, Status};
 use crate::node::{NodeShared, now_ms};
-use crate::peers::{ConnectionCommand, Registration};
+use crate::peers::{ConnectionCommand, Mailbox, Registration};
 use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
 
@@ -46,311 +46,328 @@ pub enum Ended {
 }
 
 /// Runs a connection until it closes.
-pub async fn run(node: Arc<NodeShared>, channel: SecureChannel, role: Role) -> Ended {
+///
+/// Plain functions returning `async move` blocks rather than `async fn`s: the future of
+/// an `async fn` keeps its arguments next to the locals moved out of them, so the channel
+/// was held four times over in every connection's task; a block holds each capture once.
+pub fn run(node: Arc<NodeShared>, channel: SecureChannel, role: Role) -> impl Future<Output = Ended> + Send {
     let address = channel.peer_addr();
     let span = info_span!("peer", %address, role = ?role, peer = tracing::field::Empty);
-    drive(node, channel, role, address).instrument(span).await
+    drive(node, channel, role, address).instrument(span)
 }
 
-async fn drive(node: Arc<NodeShared>, channel: SecureChannel, role: Role, address: SocketAddr) -> Ended {
-    let connection_id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
-    // Subscribe before reading the summary: a change written in between is then both in the
-    // summary and delivered live, and the session drops the copy the peer already has.
-    let mut changes = node.writer.subscribe();
-    let summary = match node.summary().await {
-        Some(summary) => summary,
-        None => return Ended::BeforeHandshake("node stopping".into()),
-    };
-    let mut settings_watch = node.watch_settings();
-    // This node's other connections, told to the peer so it does not relay their changes.
-    let mut neighbors = node.peers.watch_connected();
-    let settings = settings_watch.borrow_and_update().clone();
-    if !settings.enabled {
-        return Ended::BeforeHandshake("P2P disabled".into());
-    }
-    let mut config = SessionConfig::new(node.identity.pos_id.clone(), node.identity.pos_name.clone());
-    config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
-    config.batch_size = settings.batch_size;
-    let mut session = Session::new(config, role, summary, now_ms());
+fn drive(
+    node: Arc<NodeShared>,
+    channel: SecureChannel,
+    role: Role,
+    address: SocketAddr,
+) -> impl Future<Output = Ended> + Send {
     let (mut sender, mut receiver) = channel.into_split();
-    let (commands_tx, mut commands) = mpsc::channel(16);
-    let mut shutdown = node.shutdown.subscribe();
-    let mut peer: Option<(PosId, String)> = None;
-    let mut registered = false;
-    let mut outcome: Option<Ended> = None;
-    let mut close_reason = String::from("closed");
-    let mut counted = protocol::ConnectionStats::default();
-    let mut heard = false;
-    // A read result taken while draining a burst, handled at the next turn.
-    let mut carried: Option<Result<Option<String>, TransportError>> = None;
+    async move {
+        let connection_id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
+        // Subscribe before reading the summary: a change written in between is then both in the
+        // summary and delivered live, and the session drops the copy the peer already has.
+        let mut changes = node.writer.subscribe();
+        let summary = match node.summary().await {
+            Some(summary) => summary,
+            None => return Ended::BeforeHandshake("node stopping".into()),
+        };
+        let mut settings_watch = node.watch_settings();
+        // This node's other connections, told to the peer so it does not relay their changes.
+        let mut neighbors = node.peers.watch_connected();
+        let settings = settings_watch.borrow_and_update().clone();
+        if !settings.enabled {
+            return Ended::BeforeHandshake("P2P disabled".into());
+        }
+        let mut config = SessionConfig::new(node.identity.pos_id.clone(), node.identity.pos_name.clone());
+        config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
+        config.batch_size = settings.batch_size;
+        let mut session = Session::new(config, role, summary, now_ms());
+        let mailbox = Arc::new(Mailbox::default());
+        let mut shutdown = node.shutdown.subscribe();
+        let mut peer: Option<(PosId, String)> = None;
+        let mut registered = false;
+        let mut outcome: Option<Ended> = None;
+        let mut close_reason = String::from("closed");
+        let mut counted = protocol::ConnectionStats::default();
+        let mut heard = false;
+        // A read result taken while draining a burst, handled at the next turn.
+        let mut carried: Option<Result<Option<String>, TransportError>> = None;
 
-    loop {
-        while let Some(frame) = session.poll_transmit() {
-            if let Err(err) = sender.send(&frame).await {
-                session.close(&format!("send failed: {err}"));
-            }
-        }
-        let mut progressed = false;
-        let mut events: VecDeque<Event> = std::iter::from_fn(|| session.poll_event()).collect();
-        while let Some(event) = events.pop_front() {
-            progressed = true;
-            match event {
-                Event::Established { peer: info } => {
-                    tracing::Span::current().record("peer", tracing::field::display(&info.pos_id));
-                    let registration = node.peers.register(
-                        &node.identity.pos_id,
-                        &info.pos_id,
-                        &info.pos_name,
-                        address,
-                        connection_id,
-                        role == Role::Initiator,
-                        commands_tx.clone(),
-                        now_ms(),
-                    );
-                    if info.pos_id == node.identity.pos_id {
-                        session.close("connected to itself");
-                        outcome = Some(Ended::BeforeHandshake("connected to itself".into()));
-                        continue;
-                    }
-                    match registration {
-                        Registration::Duplicate => {
-                            debug!("duplicate connection, closing it");
-                            session.close("duplicate connection");
-                            outcome = Some(Ended::Duplicate(info.pos_id.clone()));
-                        }
-                        Registration::New | Registration::Returning => {
-                            registered = true;
-                            session.set_neighbors(neighbors.borrow_and_update().clone());
-                            node.metrics.peers_connected.set(node.peers.connected() as i64);
-                            let kind = if registration == Registration::New {
-                                ConnectionEventKind::Connected
-                            } else {
-                                ConnectionEventKind::Reconnected
-                            };
-                            info!(peer_name = %info.pos_name, "peer connected");
-                            node.record_event(event_row(&info.pos_id, &info.pos_name, kind, session.stats()));
-                        }
-                    }
-                    peer = Some((info.pos_id, info.pos_name));
+        loop {
+            while let Some(frame) = session.poll_transmit() {
+                if let Err(err) = sender.send(&frame).await {
+                    session.close(&format!("send failed: {err}"));
                 }
-                Event::NeedBatch { since, after_cursor, limit } => {
-                    let selection = node.select_changes(since, after_cursor, limit).await;
-                    match selection {
-                        Ok(selection) => session.provide_batch(
-                            selection.changes,
-                            selection.next_cursor,
-                            selection.has_more,
-                        ),
-                        Err(err) => {
-                            warn!(%err, "could not select changes for catch-up");
-                            if let Some((id, name)) = &peer {
-                                let mut row =
-                                    event_row(id, name, ConnectionEventKind::SyncFailed, session.stats());
-                                row.error_message = Some(format!("selecting changes failed: {err}"));
-                                node.record_event(row);
+            }
+            let mut progressed = false;
+            let mut events: VecDeque<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+            while let Some(event) = events.pop_front() {
+                progressed = true;
+                match event {
+                    Event::Established { peer: info } => {
+                        tracing::Span::current().record("peer", tracing::field::display(&info.pos_id));
+                        let registration = node.peers.register(
+                            &node.identity.pos_id,
+                            &info.pos_id,
+                            &info.pos_name,
+                            address,
+                            connection_id,
+                            role == Role::Initiator,
+                            Arc::clone(&mailbox),
+                            now_ms(),
+                        );
+                        if info.pos_id == node.identity.pos_id {
+                            session.close("connected to itself");
+                            outcome = Some(Ended::BeforeHandshake("connected to itself".into()));
+                            continue;
+                        }
+                        match registration {
+                            Registration::Duplicate => {
+                                debug!("duplicate connection, closing it");
+                                session.close("duplicate connection");
+                                outcome = Some(Ended::Duplicate(info.pos_id.clone()));
                             }
-                            session.close("catch-up failed");
-                        }
-                    }
-                }
-                Event::Apply { mut changes, from_batch } => {
-                    // Live changes already received go to the writer together: one
-                    // transaction for the run instead of one per change.
-                    let mut answers = 1;
-                    while !from_batch
-                        && matches!(events.front(), Some(Event::Apply { from_batch: false, .. }))
-                    {
-                        if let Some(Event::Apply { changes: more, .. }) = events.pop_front() {
-                            changes.extend(more);
-                            answers += 1;
-                        }
-                    }
-                    let (id, name) =
-                        peer.clone().unwrap_or_else(|| (node.identity.pos_id.clone(), String::new()));
-                    match apply(&node, &id, &name, changes, from_batch).await {
-                        Some(report) => {
-                            // The session expects one answer per `Apply`, in order; the
-                            // refusals are reported once.
-                            for _ in 1..answers {
-                                let quiet =
-                                    protocol::ApplyReport { rejections: Vec::new(), ..report.clone() };
-                                session.batch_applied(now_ms(), quiet);
+                            Registration::New | Registration::Returning => {
+                                registered = true;
+                                session.set_neighbors(neighbors.borrow_and_update().clone());
+                                node.metrics.peers_connected.set(node.peers.connected() as i64);
+                                let kind = if registration == Registration::New {
+                                    ConnectionEventKind::Connected
+                                } else {
+                                    ConnectionEventKind::Reconnected
+                                };
+                                info!(peer_name = %info.pos_name, "peer connected");
+                                node.record_event(event_row(
+                                    &info.pos_id,
+                                    &info.pos_name,
+                                    kind,
+                                    session.stats(),
+                                ));
                             }
-                            session.batch_applied(now_ms(), report);
                         }
-                        None => session.close("node stopping"),
+                        peer = Some((info.pos_id, info.pos_name));
                     }
-                }
-                Event::CatchUpCompleted { duration_ms, changes_received } => {
-                    node.metrics.catch_up_seconds.observe(duration_ms as f64 / 1000.0);
-                    if let Some((id, name)) = &peer {
-                        debug!(duration_ms, changes_received, "catch-up completed");
-                        let mut row =
-                            event_row(id, name, ConnectionEventKind::SyncCompleted, session.stats());
-                        row.sync_duration_ms = Some(duration_ms);
-                        node.record_event(row);
-                    }
-                }
-                Event::HeartbeatTimeout => {
-                    if let Some((id, name)) = &peer {
-                        warn!("heartbeat timeout");
-                        node.record_event(event_row(
-                            id,
-                            name,
-                            ConnectionEventKind::HeartbeatTimeout,
-                            session.stats(),
-                        ));
-                    }
-                }
-                Event::ProtocolViolation { code, message, message_type, message_action } => {
-                    node.metrics.protocol_violations.inc();
-                    warn!(%code, %message, "protocol violation");
-                    let (id, name) = match &peer {
-                        Some((id, name)) => (id.to_string(), name.clone()),
-                        None => (address.to_string(), String::new()),
-                    };
-                    let error = format!("{code}: {message}");
-                    let _ = node
-                        .writer
-                        .call(Priority::Sync, move |store| {
-                            store.log_rejected_message(&id, &name, &message_type, &message_action, &error)
-                        })
-                        .await;
-                    if !session.is_established() {
-                        let mut row = event_row_raw(address, ConnectionEventKind::SyncFailed);
-                        row.error_message = Some(format!("{code}: {message}"));
-                        node.record_event(row);
-                    }
-                }
-                Event::PeerError { code, message } => {
-                    warn!(%code, %message, "peer reported an error");
-                }
-                Event::Closed { reason } => {
-                    close_reason = reason;
-                }
-            }
-        }
-        let stats = session.stats().clone();
-        if let Some((id, _)) = &peer {
-            count_frames(&node, id, &counted, &stats);
-            if registered {
-                node.peers.update(id, connection_id, &stats, now_ms(), heard);
-            }
-        }
-        counted = stats;
-        heard = false;
-        if progressed {
-            continue;
-        }
-        if session.is_closed() {
-            break;
-        }
-        let deadline = session.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(at) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(at.saturating_sub(now_ms()))).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let next_frame = async {
-            match carried.take() {
-                Some(frame) => frame,
-                None => receiver.recv().await,
-            }
-        };
-        tokio::select! {
-            frame = next_frame => match frame {
-                Ok(Some(text)) => {
-                    heard = true;
-                    session.handle_frame(now_ms(), &text);
-                    // Take the frames already waiting too (`recv` is cancel-safe), so that a
-                    // burst of live changes is applied in one transaction. Anything else
-                    // than a frame is carried to the next turn and handled there.
-                    for _ in 0..MAX_FRAMES_PER_TURN {
-                        match receiver.recv().now_or_never() {
-                            Some(Ok(Some(text))) => session.handle_frame(now_ms(), &text),
-                            Some(other) => {
-                                carried = Some(other);
-                                break;
+                    Event::NeedBatch { since, after_cursor, limit } => {
+                        let selection = node.select_changes(since, after_cursor, limit).await;
+                        match selection {
+                            Ok(selection) => session.provide_batch(
+                                selection.changes,
+                                selection.next_cursor,
+                                selection.has_more,
+                            ),
+                            Err(err) => {
+                                warn!(%err, "could not select changes for catch-up");
+                                if let Some((id, name)) = &peer {
+                                    let mut row =
+                                        event_row(id, name, ConnectionEventKind::SyncFailed, session.stats());
+                                    row.error_message = Some(format!("selecting changes failed: {err}"));
+                                    node.record_event(row);
+                                }
+                                session.close("catch-up failed");
                             }
-                            None => break,
                         }
                     }
-                }
-                Ok(None) => session.close("peer closed the connection"),
-                Err(err @ TransportError::NotUtf8(_)) => {
-                    // The channel goes on; the frame is refused like malformed JSON.
-                    node.metrics.protocol_violations.inc();
-                    log_rejected(&node, peer.as_ref(), address, format!("bad_json: {err}")).await;
-                }
-                Err(err @ TransportError::FrameTooLarge { .. }) => {
-                    // The secure channel refused it and is closed: record why (SPEC 8).
-                    node.metrics.protocol_violations.inc();
-                    log_rejected(&node, peer.as_ref(), address, format!("frame_too_large: {err}")).await;
-                    session.close(&format!("transport: {err}"));
-                }
-                Err(err) => session.close(&format!("transport: {err}")),
-            },
-            () = sleep => session.handle_timeout(now_ms()),
-            change = changes.recv() => match change {
-                Ok(change) => session.send_change(&change.change),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    // Too far behind the node's writes: the peer catches up from the store.
-                    warn!(missed, "connection lagged behind local changes; resynchronising");
-                    session.resync();
-                }
-                Err(broadcast::error::RecvError::Closed) => session.close("node stopping"),
-            },
-            Some(command) = commands.recv() => match command {
-                ConnectionCommand::SyncNow => {
-                    if let Some(summary) = node.summary().await {
-                        session.request_sync(summary);
+                    Event::Apply { mut changes, from_batch } => {
+                        // Live changes already received go to the writer together: one
+                        // transaction for the run instead of one per change.
+                        let mut answers = 1;
+                        while !from_batch
+                            && matches!(events.front(), Some(Event::Apply { from_batch: false, .. }))
+                        {
+                            if let Some(Event::Apply { changes: more, .. }) = events.pop_front() {
+                                changes.extend(more);
+                                answers += 1;
+                            }
+                        }
+                        let (id, name) =
+                            peer.clone().unwrap_or_else(|| (node.identity.pos_id.clone(), String::new()));
+                        match apply(&node, &id, &name, changes, from_batch).await {
+                            Some(report) => {
+                                // The session expects one answer per `Apply`, in order; the
+                                // refusals are reported once.
+                                for _ in 1..answers {
+                                    let quiet =
+                                        protocol::ApplyReport { rejections: Vec::new(), ..report.clone() };
+                                    session.batch_applied(now_ms(), quiet);
+                                }
+                                session.batch_applied(now_ms(), report);
+                            }
+                            None => session.close("node stopping"),
+                        }
+                    }
+                    Event::CatchUpCompleted { duration_ms, changes_received } => {
+                        node.metrics.catch_up_seconds.observe(duration_ms as f64 / 1000.0);
+                        if let Some((id, name)) = &peer {
+                            debug!(duration_ms, changes_received, "catch-up completed");
+                            let mut row =
+                                event_row(id, name, ConnectionEventKind::SyncCompleted, session.stats());
+                            row.sync_duration_ms = Some(duration_ms);
+                            node.record_event(row);
+                        }
+                    }
+                    Event::HeartbeatTimeout => {
+                        if let Some((id, name)) = &peer {
+                            warn!("heartbeat timeout");
+                            node.record_event(event_row(
+                                id,
+                                name,
+                                ConnectionEventKind::HeartbeatTimeout,
+                                session.stats(),
+                            ));
+                        }
+                    }
+                    Event::ProtocolViolation { code, message, message_type, message_action } => {
+                        node.metrics.protocol_violations.inc();
+                        warn!(%code, %message, "protocol violation");
+                        let (id, name) = match &peer {
+                            Some((id, name)) => (id.to_string(), name.clone()),
+                            None => (address.to_string(), String::new()),
+                        };
+                        let error = format!("{code}: {message}");
+                        let _ = node
+                            .writer
+                            .call(Priority::Sync, move |store| {
+                                store.log_rejected_message(&id, &name, &message_type, &message_action, &error)
+                            })
+                            .await;
+                        if !session.is_established() {
+                            let mut row = event_row_raw(address, ConnectionEventKind::SyncFailed);
+                            row.error_message = Some(format!("{code}: {message}"));
+                            node.record_event(row);
+                        }
+                    }
+                    Event::PeerError { code, message } => {
+                        warn!(%code, %message, "peer reported an error");
+                    }
+                    Event::Closed { reason } => {
+                        close_reason = reason;
                     }
                 }
-                ConnectionCommand::Close(reason) => session.close(&reason),
-            },
-            _ = shutdown.changed() => session.close("node shutting down"),
-            changed = neighbors.changed(), if registered => {
-                if changed.is_ok() {
-                    session.set_neighbors(neighbors.borrow_and_update().clone());
+            }
+            if let Some((id, _)) = &peer {
+                let stats = session.stats();
+                count_frames(&node, id, &counted, stats);
+                if registered {
+                    node.peers.update(id, connection_id, stats, now_ms(), heard);
                 }
             }
-            changed = settings_watch.changed() => {
-                if changed.is_err() {
-                    session.close("node stopping");
-                } else {
-                    // Settings take effect on live connections (SPEC): P2P off closes them;
-                    // the heartbeat period and batch size apply from the next ping or batch.
-                    let settings = settings_watch.borrow_and_update().clone();
-                    if settings.enabled {
-                        session.update_settings(settings.heartbeat_interval_ms, settings.batch_size);
+            counted = session.stats().clone();
+            heard = false;
+            if progressed {
+                continue;
+            }
+            if session.is_closed() {
+                break;
+            }
+            let deadline = session.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(at) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(at.saturating_sub(now_ms())))
+                            .await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let next_frame = async {
+                match carried.take() {
+                    Some(frame) => frame,
+                    None => receiver.recv().await,
+                }
+            };
+            tokio::select! {
+                frame = next_frame => match frame {
+                    Ok(Some(text)) => {
+                        heard = true;
+                        session.handle_frame(now_ms(), &text);
+                        // Take the frames already waiting too (`recv` is cancel-safe), so that a
+                        // burst of live changes is applied in one transaction. Anything else
+                        // than a frame is carried to the next turn and handled there.
+                        for _ in 0..MAX_FRAMES_PER_TURN {
+                            match receiver.recv().now_or_never() {
+                                Some(Ok(Some(text))) => session.handle_frame(now_ms(), &text),
+                                Some(other) => {
+                                    carried = Some(other);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                    }
+                    Ok(None) => session.close("peer closed the connection"),
+                    Err(err @ TransportError::NotUtf8(_)) => {
+                        // The channel goes on; the frame is refused like malformed JSON.
+                        node.metrics.protocol_violations.inc();
+                        log_rejected(&node, peer.as_ref(), address, format!("bad_json: {err}")).await;
+                    }
+                    Err(err @ TransportError::FrameTooLarge { .. }) => {
+                        // The secure channel refused it and is closed: record why (SPEC 8).
+                        node.metrics.protocol_violations.inc();
+                        log_rejected(&node, peer.as_ref(), address, format!("frame_too_large: {err}")).await;
+                        session.close(&format!("transport: {err}"));
+                    }
+                    Err(err) => session.close(&format!("transport: {err}")),
+                },
+                () = sleep => session.handle_timeout(now_ms()),
+                change = changes.recv() => match change {
+                    Ok(change) => session.send_change(&change.change),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Too far behind the node's writes: the peer catches up from the store.
+                        warn!(missed, "connection lagged behind local changes; resynchronising");
+                        session.resync();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => session.close("node stopping"),
+                },
+                command = mailbox.next() => match command {
+                    ConnectionCommand::SyncNow => {
+                        if let Some(summary) = node.summary().await {
+                            session.request_sync(summary);
+                        }
+                    }
+                    ConnectionCommand::Close(reason) => session.close(&reason),
+                },
+                _ = shutdown.changed() => session.close("node shutting down"),
+                changed = neighbors.changed(), if registered => {
+                    if changed.is_ok() {
+                        session.set_neighbors(neighbors.borrow_and_update().clone());
+                    }
+                }
+                changed = settings_watch.changed() => {
+                    if changed.is_err() {
+                        session.close("node stopping");
                     } else {
-                        session.close("P2P disabled");
+                        // Settings take effect on live connections (SPEC): P2P off closes them;
+                        // the heartbeat period and batch size apply from the next ping or batch.
+                        let settings = settings_watch.borrow_and_update().clone();
+                        if settings.enabled {
+                            session.update_settings(settings.heartbeat_interval_ms, settings.batch_size);
+                        } else {
+                            session.close("P2P disabled");
+                        }
                     }
                 }
             }
         }
-    }
-    while let Some(frame) = session.poll_transmit() {
-        if sender.send(&frame).await.is_err() {
-            break;
+        while let Some(frame) = session.poll_transmit() {
+            if sender.send(&frame).await.is_err() {
+                break;
+            }
         }
-    }
-    sender.close(&close_reason).await;
-    if let Some((id, name)) = &peer
-        && registered
-        && node.peers.unregister(id, connection_id)
-    {
-        node.metrics.peers_connected.set(node.peers.connected() as i64);
-        info!(reason = %close_reason, "peer disconnected");
-        node.record_event(event_row(id, name, ConnectionEventKind::Disconnected, session.stats()));
-    }
-    match (outcome, peer) {
-        (Some(outcome), _) => outcome,
-        (None, Some((peer, _))) => Ended::AfterHandshake { peer, reason: close_reason },
-        (None, None) => Ended::BeforeHandshake(close_reason),
+        sender.close(&close_reason).await;
+        if let Some((id, name)) = &peer
+            && registered
+            && node.peers.unregister(id, connection_id)
+        {
+            node.metrics.peers_connected.set(node.peers.connected() as i64);
+            info!(reason = %close_reason, "peer disconnected");
+            node.record_event(event_row(id, name, ConnectionEventKind::Disconnected, session.stats()));
+        }
+        match (outcome, peer) {
+            (Some(outcome), _) => outcome,
+            (None, Some((peer, _))) => Ended::AfterHandshake { peer, reason: close_reason },
+            (None, None) => Ended::BeforeHandshake(close_reason),
+        }
     }
 }
 

@@ -352,19 +352,21 @@ async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Se
                     let _slot = slot;
                     let _permit = permit;
                     let _ = stream.set_nodelay(true);
-                    match transport::accept(stream, &node.channel).await {
-                        Ok(channel) => {
-                            let ended = connection::run(Arc::clone(&node), channel, Role::Responder).await;
-                            if let Ended::BeforeHandshake(reason) = ended {
-                                tracing::debug!(%address, %reason, "inbound connection ended before handshake");
-                            }
-                        }
+                    // Bound by value so that the `Result` is not kept in this task's
+                    // future for the connection's whole life.
+                    let channel = match transport::accept(stream, &node.channel).await {
+                        Ok(channel) => channel,
                         Err(err) => {
                             warn!(%address, %err, "inbound secure channel failed");
                             let mut row = connection::event_row_raw(address, possync_store::ConnectionEventKind::SyncFailed);
                             row.error_message = Some(format!("secure channel: {err}"));
                             node.record_event(row);
+                            return;
                         }
+                    };
+                    let ended = connection::run(Arc::clone(&node), channel, Role::Responder).await;
+                    if let Ended::BeforeHandshake(reason) = ended {
+                        tracing::debug!(%address, %reason, "inbound connection ended before handshake");
                     }
                 });
             }

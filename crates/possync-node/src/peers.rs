@@ -5,14 +5,14 @@
 //! its handshake (both dialled at once), both sides keep the one initiated by the smaller
 //! posId, so they agree without talking.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use possync_core::PosId;
 use possync_core::protocol::ConnectionStats;
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 /// Commands the node sends to one connection task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,64 @@ pub enum ConnectionCommand {
     SyncNow,
     /// Close the connection with this reason.
     Close(String),
+}
+
+/// Where the node leaves [`ConnectionCommand`]s for one connection task.
+///
+/// A bounded `tokio::sync::mpsc` channel would do, but it allocates a block of 32 slots
+/// (about 1.3 KB with its state) for every connection, and a connection gets a command
+/// once in a while at most. This is a lock, a queue that is empty (and unallocated) between
+/// commands, and a [`Notify`]: about 100 bytes.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<ConnectionCommand>>,
+    posted: Notify,
+}
+
+impl Mailbox {
+    /// Most commands waiting at once; more are dropped (as `try_send` on a full channel).
+    pub const CAPACITY: usize = 16;
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<ConnectionCommand>> {
+        // A panic while holding this lock leaves plain data behind: keep using it.
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Leaves a command for the connection. False (and dropped) when
+    /// [`CAPACITY`](Self::CAPACITY) are already waiting.
+    pub fn post(&self, command: ConnectionCommand) -> bool {
+        {
+            let mut queue = self.queue();
+            if queue.len() >= Self::CAPACITY {
+                return false;
+            }
+            queue.push_back(command);
+        }
+        // Stores a permit when the task is not waiting: the command is not missed.
+        self.posted.notify_one();
+        true
+    }
+
+    /// The next command, in the order posted; waits for one. Cancel-safe: a command is
+    /// only taken out when this returns it.
+    pub async fn next(&self) -> ConnectionCommand {
+        loop {
+            if let Some(command) = self.take() {
+                return command;
+            }
+            self.posted.notified().await;
+        }
+    }
+
+    fn take(&self) -> Option<ConnectionCommand> {
+        let mut queue = self.queue();
+        let command = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 0 {
+            // Keep nothing allocated while idle.
+            *queue = VecDeque::new();
+        }
+        command
+    }
 }
 
 /// One known peer.
@@ -38,8 +96,8 @@ pub struct PeerEntry {
     pub stats: ConnectionStats,
     /// Redials since the last successful handshake.
     pub reconnect_attempts: u32,
-    /// The live connection: its id and command channel.
-    connection: Option<(u64, mpsc::Sender<ConnectionCommand>, bool)>,
+    /// The live connection: its id, its mailbox and whether we dialled it.
+    connection: Option<(u64, Arc<Mailbox>, bool)>,
 }
 
 /// `GET /api/status` (SPEC 6).
@@ -174,7 +232,7 @@ impl PeerTable {
         address: SocketAddr,
         connection_id: u64,
         we_initiated: bool,
-        commands: mpsc::Sender<ConnectionCommand>,
+        commands: Arc<Mailbox>,
         now_ms: u64,
     ) -> Registration {
         let mut peers = self.lock();
@@ -195,7 +253,7 @@ impl PeerTable {
             if !new_wins {
                 return Registration::Duplicate;
             }
-            let _ = existing.try_send(ConnectionCommand::Close("replaced by a newer connection".into()));
+            existing.post(ConnectionCommand::Close("replaced by a newer connection".into()));
         }
         entry.name = name.to_string();
         entry.address = Some(address);
@@ -317,8 +375,8 @@ impl PeerTable {
     /// Sends a command to every live connection.
     pub fn broadcast(&self, command: &ConnectionCommand) {
         for entry in self.lock().values() {
-            if let Some((_, sender, _)) = &entry.connection {
-                let _ = sender.try_send(command.clone());
+            if let Some((_, mailbox, _)) = &entry.connection {
+                mailbox.post(command.clone());
             }
         }
     }
@@ -379,5 +437,39 @@ impl PeerTable {
             total_bytes_received: connections.iter().map(|c| c.bytes_received).sum(),
             connections,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{ConnectionCommand, Mailbox};
+
+    #[tokio::test]
+    async fn mailbox_keeps_order_bounds_and_wakes_a_waiting_task() {
+        let mailbox = Arc::new(Mailbox::default());
+        for index in 0..Mailbox::CAPACITY {
+            assert!(mailbox.post(ConnectionCommand::Close(index.to_string())));
+        }
+        assert!(!mailbox.post(ConnectionCommand::SyncNow), "a full mailbox drops the command");
+        for index in 0..Mailbox::CAPACITY {
+            assert_eq!(mailbox.next().await, ConnectionCommand::Close(index.to_string()));
+        }
+        // Drained: nothing stays allocated, and a waiting task is woken by the next post.
+        assert_eq!(mailbox.queue().capacity(), 0);
+        let waiting = tokio::spawn({
+            let mailbox = Arc::clone(&mailbox);
+            async move { mailbox.next().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(mailbox.post(ConnectionCommand::SyncNow));
+        let received = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(received.expect("woken").expect("joined"), ConnectionCommand::SyncNow);
+        // A `next` dropped before it returned takes nothing out.
+        assert!(mailbox.post(ConnectionCommand::SyncNow));
+        drop(mailbox.next());
+        assert_eq!(mailbox.next().await, ConnectionCommand::SyncNow);
     }
 }

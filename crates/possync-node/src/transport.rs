@@ -52,16 +52,17 @@
 //!
 //! # Memory
 //!
-//! An idle connection holds, besides the socket: tungstenite's read buffer (4 KiB, grows
-//! to about twice the largest message received, so at most about 8 KiB with 4 KiB
-//! messages), its write buffer (the size of the largest message sent, about 4 KiB), the
-//! session keys (a few hundred bytes) and some small bookkeeping. Reassembly buffers exist
-//! only while a frame is in flight and are handed to the caller with the frame; encryption
-//! buffers live on the stack of the call that uses them. That is why transport messages
-//! are 4 KiB rather than Noise's 64 KiB: tungstenite keeps the capacity of the largest
-//! message it has carried. Measured once (release build, 1,000 connections on loopback,
-//! resident set growth divided by connections): about 5.5 KiB per connection after small
-//! frames, about 13.6 KiB after 20 KB frames.
+//! An idle connection holds, besides the socket: tungstenite's read buffer (1 KiB; it
+//! grows, for good, to hold a larger message when one arrives, so 4 to 8 KiB once 4 KiB
+//! messages have been received), its write buffer (never freed either: the largest
+//! message sent, rounded up by `Vec`'s doubling, so 4 to 8 KiB once a frame of 4 KiB or
+//! more has been sent), the session keys (a few hundred bytes) and some small bookkeeping.
+//! Reassembly buffers exist only while a frame is in flight and are handed to the caller
+//! with the frame; encryption buffers live on the stack of the call that uses them. That
+//! is why transport messages are 4 KiB rather than Noise's 64 KiB: tungstenite keeps the
+//! capacity of the largest message it has carried. A massif profile of a node with 200
+//! idle peers (each sent a neighbour list of about 4 KB) found 7.8 KB of write buffer and
+//! the read buffer's initial capacity per connection; see `docs/BENCHMARKS.md`.
 
 mod codec;
 #[cfg(test)]
@@ -103,8 +104,13 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Default for [`ChannelConfig::handshake_timeout`]: 10 s.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Capacity of tungstenite's read buffer; it grows only for larger messages.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Initial capacity of tungstenite's read buffer, also the most it reads in one call.
+///
+/// It grows (for good) to hold a larger message when one arrives, so this is what an idle
+/// connection keeps when its peer has only sent small frames (pings, live changes): 1 KiB
+/// holds a live change in one read. The price: a bulk transfer of 4 KiB messages takes
+/// about four reads per message instead of one.
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// Cap on tungstenite's write buffer. We flush every frame, so it only ever holds one
 /// transport message and a control frame or two; this is a safety limit, not an
@@ -613,6 +619,10 @@ impl SecureReceiver {
     /// `tokio::select!`. After an error other than [`TransportError::NotUtf8`] the
     /// channel is closed (the peer gets a Close frame) and later calls fail with
     /// [`TransportError::Closed`].
+    ///
+    /// An idle connection task holds this future all the time, so the rare paths that
+    /// talk back to the peer (a refused message, the answer to a Close) are boxed: inline,
+    /// they would make it four times as large.
     pub async fn recv(&mut self) -> Result<Option<String>, TransportError> {
         match self.state {
             ReceiveState::Open => {}
@@ -626,7 +636,8 @@ impl SecureReceiver {
             let message = match message {
                 Ok(message) => message,
                 Err(error) => {
-                    return Err(self.fail(TransportError::from_websocket(error, self.max_frame_bytes)).await);
+                    let error = TransportError::from_websocket(error, self.max_frame_bytes);
+                    return Err(Box::pin(self.fail(error)).await);
                 }
             };
             let bytes = match message {
@@ -635,15 +646,18 @@ impl SecureReceiver {
                 Message::Close(frame) => {
                     tracing::debug!(peer_addr = %self.peer_addr, ?frame, "peer closed the secure channel");
                     // tungstenite queued the answer to the Close; send it now.
-                    let _ = timeout(CLOSE_TIMEOUT, async { self.sink.lock().await.flush().await }).await;
+                    let flush = timeout(CLOSE_TIMEOUT, async { self.sink.lock().await.flush().await });
+                    let _ = Box::pin(flush).await;
                     return self.end();
                 }
-                Message::Text(_) | Message::Frame(_) => return Err(self.fail(TransportError::Decrypt).await),
+                Message::Text(_) | Message::Frame(_) => {
+                    return Err(Box::pin(self.fail(TransportError::Decrypt)).await);
+                }
             };
             let frame = match self.opener.open(&bytes, self.max_frame_bytes) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => continue,
-                Err(error) => return Err(self.fail(error).await),
+                Err(error) => return Err(Box::pin(self.fail(error)).await),
             };
             return match String::from_utf8(frame) {
                 Ok(frame) => Ok(Some(frame)),
