@@ -890,7 +890,8 @@ fn now_ms() -> u64 {
     possync_node::node::now_ms()
 }
 
-/// Child: `warm` then `count` raw peers to ADDR, reporting its own RSS; idle until stdin closes.
+/// Child: `warm` raw peers to ADDR, then (after a line on stdin: the parent has read the
+/// node's memory) `count` more, reporting its own RSS each time; idle until stdin closes.
 fn child_clients(addr: SocketAddr, warm: usize, count: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
@@ -902,6 +903,11 @@ fn child_clients(addr: SocketAddr, warm: usize, count: usize) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         println!("WARM {}", rss_of("self"));
         std::io::stdout().flush().expect("flush");
+        // Wait until the parent has measured the node with exactly the warm-up connections.
+        tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new()))
+            .await
+            .expect("join")
+            .expect("read go");
         for index in warm..warm + count {
             peers.push(raw_peer(addr, &config, index).await);
         }
@@ -982,13 +988,16 @@ fn memory(settings: &Settings) {
         let node_warm = rss_of(&node_pid);
         let (anon_warm, threads_warm) =
             (status_field(&node_pid, "RssAnon:"), status_field(&node_pid, "Threads:"));
+        let mut go = clients.stdin.take().expect("stdin");
+        writeln!(go, "go").expect("tell the clients to go on");
+        go.flush().expect("flush");
         let client_ready: u64 = read_tagged(&mut client_out, "READY").parse().expect("rss");
         std::thread::sleep(Duration::from_millis(500));
         let node_ready = rss_of(&node_pid);
         let (anon_ready, threads_ready) =
             (status_field(&node_pid, "RssAnon:"), status_field(&node_pid, "Threads:"));
         eprintln!("  node: RssAnon {anon_warm} → {anon_ready} kB, threads {threads_warm} → {threads_ready}");
-        drop(clients.stdin.take());
+        drop(go);
         let _ = clients.wait();
         drop(node.stdin.take());
         let _ = node.wait();
