@@ -313,3 +313,38 @@ fn a_peer_sale_with_overflowing_amounts_is_refused_not_a_panic() {
     assert_eq!(b.count("SELECT COUNT(*) FROM tickets"), 0);
     assert_eq!(b.count("SELECT COUNT(*) FROM p2p_sync_logs WHERE status = 'error'"), 1);
 }
+
+#[test]
+fn relayed_changes_keep_the_bytes_their_origin_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let (mut a, mut b, mut c) =
+        (terminal(&dir, "a", &clock, 0), terminal(&dir, "b", &clock, 0), terminal(&dir, "c", &clock, 0));
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2.5}))
+        .unwrap();
+    a.store.record_sale(&sale("tea", "2", "5")).unwrap();
+    // A change from another writer, spaced and ordered its own way: B stores and relays it
+    // as written, it is never re-encoded.
+    let data = r#"{ "name": "Coffee",  "sku": "C1", "id": "coffee", "price": "3.10",
+        "sync": {"seq": 1, "origin": "z", "hlc": "1700000000000-0", "ctx": {"z": 1}} }"#;
+    let foreign: possync_core::WireChange =
+        serde_json::from_str(&format!(r#"{{"type":"product","action":"create","data":{data}}}"#)).unwrap();
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "z", name: "z" }, vec![foreign]).unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut c, 100);
+    let payloads = |terminal: &common::Terminal| {
+        terminal
+            .query("SELECT o.pos_id || '/' || s.seq AS change, s.payload FROM sync_changes s JOIN sync_origins o ON o.idx = s.origin ORDER BY change")
+            .into_iter()
+            .map(|row| (row["change"].as_str().unwrap().to_string(), row["payload"].as_str().unwrap().to_string()))
+            .collect::<Vec<_>>()
+    };
+    let (on_a, on_b, on_c) = (payloads(&a), payloads(&b), payloads(&c));
+    assert_eq!(on_c.len(), 3, "{on_c:?}");
+    assert_eq!(on_b, on_c, "B relays every change byte for byte");
+    assert_eq!(on_a, on_c[..2], "A's own changes arrive at C as A wrote them");
+    assert!(on_c[2].1.contains(data), "the foreign change is kept verbatim: {}", on_c[2].1);
+    assert!(c.dump().contains("Coffee"), "and applied");
+}
