@@ -5,6 +5,12 @@
 //! the till's own writes first (a sale must never wait behind a catch-up), then changes
 //! from peers, then housekeeping (connection events, retention). After each job the changes
 //! it produced are published to the peer connections (broadcast and relay).
+//!
+//! The till's writes are durable (an fsync per commit). When several are waiting at once
+//! (an API with concurrent clients), they run together in one transaction, each in its own
+//! savepoint, with one fsync for all (group commit, [`Store::group_commit`]); each caller is
+//! answered only once the group is committed. One write alone is committed on its own, as
+//! before: grouping never makes a write wait for another that has not arrived yet.
 
 use std::sync::Arc;
 
@@ -22,12 +28,27 @@ pub enum Priority {
     Housekeeping,
 }
 
-type Job = Box<dyn FnOnce(&mut Store) + Send>;
+/// A job runs on the store and returns how to answer its caller, called once the job's
+/// group is committed (or not).
+type Job = Box<dyn FnOnce(&mut Store) -> Answer + Send>;
 
-/// The writer thread is gone (the node is shutting down).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the database writer has stopped")]
-pub struct WriterStopped;
+/// Sends a job's result to its caller; `Err` when the group it ran in failed to commit.
+type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Most of the till's waiting writes committed together.
+const GROUP_MAX: usize = 64;
+
+/// Why a writer call has no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriterError {
+    /// The writer thread is gone (the node is shutting down), or the job panicked.
+    #[error("the database writer has stopped")]
+    Stopped,
+    /// The job ran, but the transaction it was grouped in failed to commit: nothing it
+    /// wrote was kept.
+    #[error("the write could not be committed: {0}")]
+    CommitFailed(String),
+}
 
 /// Queue lengths, for the metrics.
 #[derive(Debug, Clone, Copy, Default)]
@@ -70,24 +91,27 @@ impl WriterHandle {
             .name("possync-writer".into())
             .spawn(move || run(store, local_rx, sync_rx, housekeeping_rx, publish));
         if let Err(err) = spawned {
-            // Without a writer thread every call fails with WriterStopped.
+            // Without a writer thread every call fails with `WriterError::Stopped`.
             tracing::error!(%err, "could not start the database writer thread");
         }
         WriterHandle { local, sync, housekeeping, changes }
     }
 
     /// Runs `job` on the writer thread and returns its result.
-    pub async fn call<T, F>(&self, priority: Priority, job: F) -> Result<T, WriterStopped>
+    pub async fn call<T, F>(&self, priority: Priority, job: F) -> Result<T, WriterError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> T + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |store| {
-            let _ = reply.send(job(store));
+            let value = job(store);
+            Box::new(move |committed: Result<(), String>| {
+                let _ = reply.send(committed.map(|()| value).map_err(WriterError::CommitFailed));
+            })
         });
-        self.queue(priority).send(job).await.map_err(|_| WriterStopped)?;
-        answer.await.map_err(|_| WriterStopped)
+        self.queue(priority).send(job).await.map_err(|_| WriterError::Stopped)?;
+        answer.await.map_err(|_| WriterError::Stopped)?
     }
 
     /// Subscribes to the changes written from now on (local writes and applied remote ones).
@@ -114,6 +138,25 @@ impl WriterHandle {
     }
 }
 
+/// Runs one job as it is, or several in one group commit; returns their answers and whether
+/// the group committed.
+fn run_jobs(store: &mut Store, jobs: Vec<Job>) -> (Vec<Answer>, Result<(), String>) {
+    if jobs.len() == 1 {
+        let answers = jobs.into_iter().map(|job| job(store)).collect();
+        return (answers, Ok(()));
+    }
+    let mut answers = Vec::with_capacity(jobs.len());
+    let committed = store.group_commit(|store| {
+        for job in jobs {
+            answers.push(job(store));
+        }
+    });
+    if let Err(err) = &committed {
+        tracing::error!(%err, writes = answers.len(), "a group of local writes failed to commit");
+    }
+    (answers, committed.map_err(|err| err.to_string()))
+}
+
 fn run(
     mut store: Store,
     mut local: mpsc::Receiver<Job>,
@@ -131,24 +174,39 @@ fn run(
     runtime.block_on(async move {
         loop {
             // `biased`: strict priority, the most urgent non-empty queue first.
-            let job = tokio::select! {
+            let jobs = tokio::select! {
                 biased;
-                Some(job) = local.recv() => job,
-                Some(job) = sync.recv() => job,
-                Some(job) = housekeeping.recv() => job,
+                Some(job) = local.recv() => {
+                    // The till's writes already waiting share the first one's commit.
+                    let mut jobs = vec![job];
+                    while jobs.len() < GROUP_MAX {
+                        match local.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    jobs
+                }
+                Some(job) = sync.recv() => vec![job],
+                Some(job) = housekeeping.recv() => vec![job],
                 else => return,
             };
             // Jobs block this thread on SQLite, which is what the thread is for. A job that
-            // panics (a bug) must not take every later write down with it: its caller sees
-            // its reply channel closed, and the store goes back to its last commit.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut store)));
-            if outcome.is_err() {
+            // panics (a bug) must not take every later write down with it: the callers of
+            // its group see their reply channels closed, and the store goes back to its last
+            // commit.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_jobs(&mut store, jobs)));
+            let Ok(answers) = outcome else {
                 tracing::error!("a database job panicked; rolling back and carrying on");
                 if let Err(err) = store.recover() {
                     tracing::error!(%err, "could not recover the database after a panic; stopping the writer");
                     return;
                 }
                 continue;
+            };
+            let (answers, committed) = answers;
+            for answer in answers {
+                answer(committed.clone());
             }
             for change in store.drain_outbox() {
                 // No subscriber is fine: nobody is connected.
@@ -173,7 +231,7 @@ mod tests {
             Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
         let writer = WriterHandle::start(store);
         let failed = writer.call(Priority::Local, |_store| -> u32 { panic!("a bug in a job") }).await;
-        assert_eq!(failed, Err(WriterStopped));
+        assert_eq!(failed, Err(WriterError::Stopped));
         let created = writer
             .call(Priority::Local, |store| {
                 store.create_record(EntityKind::Category, &json!({"id": "c1", "name": "After the panic"}))
@@ -181,5 +239,114 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(created.unwrap()["name"], "After the panic");
+    }
+
+    /// A writer whose thread is held by a job until the returned sender is dropped.
+    async fn held_writer(dir: &tempfile::TempDir) -> (WriterHandle, std::sync::mpsc::Sender<()>) {
+        let store =
+            Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
+        let writer = WriterHandle::start(store);
+        let (started, is_running) = oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let busy = writer.clone();
+        tokio::spawn(async move {
+            busy.call(Priority::Local, move |_store| {
+                let _ = started.send(());
+                let _ = released.recv();
+            })
+            .await
+        });
+        is_running.await.unwrap();
+        (writer, release)
+    }
+
+    type TestJob<T> = Box<dyn FnOnce(&mut Store) -> T + Send>;
+
+    /// Queues `jobs` behind the held job, releases it, and returns each job's result.
+    async fn run_queued<T: Send + 'static>(
+        writer: &WriterHandle,
+        release: std::sync::mpsc::Sender<()>,
+        jobs: Vec<TestJob<T>>,
+    ) -> Vec<Result<T, WriterError>> {
+        let count = jobs.len();
+        let calls: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                let writer = writer.clone();
+                tokio::spawn(async move { writer.call(Priority::Local, job).await })
+            })
+            .collect();
+        while writer.depths().local < count {
+            tokio::task::yield_now().await;
+        }
+        drop(release);
+        let mut results = Vec::new();
+        for call in calls {
+            results.push(call.await.unwrap());
+        }
+        results
+    }
+
+    fn category(id: &str, name: &str) -> serde_json::Value {
+        json!({"id": id, "name": name})
+    }
+
+    #[tokio::test]
+    async fn waiting_local_writes_are_committed_together_each_rolled_back_alone_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, release) = held_writer(&dir).await;
+        let jobs = (0..10)
+            .map(|i| {
+                // Number 5 is refused (a name must not be empty).
+                let name = if i == 5 { String::new() } else { format!("Category {i}") };
+                let body = category(&format!("c{i}"), &name);
+                Box::new(move |store: &mut Store| {
+                    store.create_record(EntityKind::Category, &body).map(|_| ())
+                }) as TestJob<_>
+            })
+            .collect();
+        let results = run_queued(&writer, release, jobs).await;
+        for (i, result) in results.iter().enumerate() {
+            assert_eq!(result.as_ref().map(Result::is_ok), Ok(i != 5), "write {i}: {result:?}");
+        }
+        let seqs = writer
+            .call(Priority::Local, |store| {
+                store.reader().unwrap().query_json("SELECT seq FROM sync_changes ORDER BY seq").unwrap()
+            })
+            .await
+            .unwrap();
+        let expected: Vec<_> = (1..=9).map(|seq| json!({"seq": seq})).collect();
+        assert_eq!(seqs, expected, "nine writes, no gap where the refused one was");
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_group_keeps_nothing_of_the_group_and_answers_every_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, release) = held_writer(&dir).await;
+        let jobs = (0..4)
+            .map(|i| {
+                let body = category(&format!("c{i}"), "Grouped");
+                Box::new(move |store: &mut Store| {
+                    assert_ne!(i, 2, "a bug in a job");
+                    store.create_record(EntityKind::Category, &body).map(|_| ())
+                }) as TestJob<_>
+            })
+            .collect();
+        let results = run_queued(&writer, release, jobs).await;
+        // None of the group was acknowledged, and none of it was kept: the writes shared one
+        // transaction, rolled back with the panic.
+        assert!(results.iter().all(|result| matches!(result, Err(WriterError::Stopped))), "{results:?}");
+        let after = writer
+            .call(Priority::Local, |store| store.create_record(EntityKind::Category, &category("d", "After")))
+            .await
+            .unwrap();
+        assert!(after.is_ok());
+        let rows = writer
+            .call(Priority::Local, |store| {
+                store.reader().unwrap().query_json("SELECT entity_id, seq FROM sync_changes").unwrap()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, vec![json!({"entityId": "d", "seq": 1})]);
     }
 }

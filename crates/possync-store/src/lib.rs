@@ -129,6 +129,9 @@ pub struct Store {
     vv_dirty: Vec<(i64, Seq)>,
     /// The last audit timestamp formatted: (Unix second, `YYYY-MM-DD HH:MM:SS`).
     sqlite_now: (u64, String),
+    /// True while [`Store::group_commit`] holds a transaction open: each write inside it is a
+    /// savepoint.
+    in_group: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -270,6 +273,7 @@ impl Store {
             outbox: Vec::new(),
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
+            in_group: false,
         })
     }
 
@@ -322,6 +326,7 @@ impl Store {
     /// the database. The node's writer thread calls it so that one bad job cannot stop every
     /// later write.
     pub fn recover(&mut self) -> Result<()> {
+        self.in_group = false;
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("ROLLBACK")?;
         }
@@ -334,13 +339,66 @@ impl Store {
         Ok(())
     }
 
+    /// Runs several writes in one durable transaction: group commit.
+    ///
+    /// Every write that `body` makes (each call such as [`Store::record_sale`] or
+    /// [`Store::update_record`]) runs in a savepoint of one transaction, committed with one
+    /// fsync at the end. A write that fails is rolled back alone, as it would be on its own;
+    /// the others stand. Nothing is durable, and nothing should be acknowledged to whoever
+    /// asked for the writes, until this returns `Ok`; on `Err` (the commit failed) none of
+    /// them happened. The node's writer thread groups the till's writes that are waiting at
+    /// the same time, so that concurrent writers share one fsync instead of queueing for one
+    /// each. A group inside a group is the same group.
+    pub fn group_commit<R>(&mut self, body: impl FnOnce(&mut Store) -> R) -> Result<R> {
+        if self.in_group {
+            return Ok(body(self));
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            return Err(err.into());
+        }
+        let outbox_before = self.outbox.len();
+        self.vv_dirty.clear();
+        self.in_group = true;
+        let value = body(self);
+        self.in_group = false;
+        let committed = if self.conn.is_autocommit() {
+            // A failed write can make SQLite roll back the whole transaction (disk full, I/O
+            // error); the writes after it then refused to run, see `write`.
+            Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
+        } else {
+            self.flush_vv()
+                .and_then(|()| {
+                    meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())
+                })
+                .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?))
+        };
+        if committed.is_err() {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.vv_dirty.clear();
+            self.outbox.truncate(outbox_before);
+            self.origins = Origins::load(&self.conn)?;
+            self.vv = reader::load_vv(&self.conn, &self.origins)?;
+            self.settings = Settings::load(&self.conn)?;
+        }
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        committed.map(|()| value)
+    }
+
     /// Runs `body` in one write transaction. On error everything is rolled back, in the
-    /// database and in the in-memory state (version vector, outbox, origin cache).
+    /// database and in the in-memory state (version vector, outbox, origin cache). Inside
+    /// [`Store::group_commit`] the transaction is a savepoint of the group's.
     pub(crate) fn write<T>(
         &mut self,
         durable: bool,
         body: impl FnOnce(&mut Store) -> Result<T>,
     ) -> Result<T> {
+        if self.in_group {
+            return self.write_in_group(body);
+        }
         if durable {
             // A sale acknowledged to the till must survive a power cut: fsync this commit.
             self.conn.pragma_update(None, "synchronous", "FULL")?;
@@ -364,6 +422,36 @@ impl Store {
         }
         if durable {
             self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        result
+    }
+
+    /// [`Store::write`] inside a group: a savepoint, rolled back alone on error.
+    fn write_in_group<T>(&mut self, body: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        if self.conn.is_autocommit() {
+            // An earlier write's failure ended the group's transaction: running this one
+            // would commit it on its own, outside the group.
+            return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
+        }
+        self.conn.execute_batch("SAVEPOINT group_write")?;
+        let vv_before = self.vv.clone();
+        let dirty_before = self.vv_dirty.clone();
+        let outbox_before = self.outbox.len();
+        let result = body(self);
+        match &result {
+            Ok(_) => self.conn.execute_batch("RELEASE group_write")?,
+            Err(_) => {
+                let rolled_back = if self.conn.is_autocommit() {
+                    Ok(())
+                } else {
+                    self.conn.execute_batch("ROLLBACK TO group_write; RELEASE group_write")
+                };
+                self.vv = vv_before;
+                self.vv_dirty = dirty_before;
+                self.outbox.truncate(outbox_before);
+                self.origins = Origins::load(&self.conn)?;
+                rolled_back?;
+            }
         }
         result
     }
@@ -480,5 +568,43 @@ mod tests {
         assert_eq!(ticket_prefix(&pos).len(), 4);
         assert_eq!(ticket_prefix(&pos), ticket_prefix(&pos));
         assert_ne!(ticket_prefix(&pos), ticket_prefix(&PosId::parse("pos-b").unwrap()));
+    }
+
+    #[test]
+    fn a_write_that_fails_inside_a_group_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pos = PosId::parse("a").unwrap();
+        let env = Box::new(SystemEnvironment::default());
+        let mut store = Store::init(&dir.path().join("a.db"), Some(pos.clone()), "a", env).unwrap();
+        let category = |id: &str| serde_json::json!({"id": id, "name": format!("Category {id}")});
+        let (kept, failed, after) = store
+            .group_commit(|store| {
+                let kept = store.create_record(EntityKind::Category, &category("c1"));
+                // Fails after writing: a record, its change-log row, a seq and an outbox entry.
+                let failed: Result<()> = store.write(true, |store| {
+                    store.create_record(EntityKind::Category, &category("c2"))?;
+                    Err(StoreError::InvalidState("fails after writing".into()))
+                });
+                let after = store.create_record(EntityKind::Category, &category("c3"));
+                (kept, failed, after)
+            })
+            .unwrap();
+        assert!(kept.is_ok() && failed.is_err() && after.is_ok());
+        let reader = store.reader().unwrap();
+        let rows = reader.query_json("SELECT id FROM categories ORDER BY id").unwrap();
+        assert_eq!(rows, vec![serde_json::json!({"id": "c1"}), serde_json::json!({"id": "c3"})]);
+        let seqs = reader.query_json("SELECT seq, entity_id FROM sync_changes ORDER BY seq").unwrap();
+        assert_eq!(
+            seqs,
+            vec![
+                serde_json::json!({"seq": 1, "entityId": "c1"}),
+                serde_json::json!({"seq": 2, "entityId": "c3"})
+            ],
+            "the failed write's seq is given to the next write: no gap"
+        );
+        let vv = reader.query_json("SELECT seq FROM sync_vv").unwrap();
+        assert_eq!(vv, vec![serde_json::json!({"seq": 2})]);
+        assert_eq!(store.summary().get(&pos), Seq(2));
+        assert_eq!(store.drain_outbox().len(), 2);
     }
 }

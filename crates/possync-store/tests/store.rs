@@ -348,3 +348,50 @@ fn relayed_changes_keep_the_bytes_their_origin_wrote() {
     assert!(on_c[2].1.contains(data), "the foreign change is kept verbatim: {}", on_c[2].1);
     assert!(c.dump().contains("Coffee"), "and applied");
 }
+
+#[test]
+fn a_group_commit_keeps_the_good_writes_and_rolls_back_the_bad_one_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let (mut a, mut b) = (terminal(&dir, "a", &clock, 0), terminal(&dir, "b", &clock, 0));
+    let (tea, refused, sold, nested) = a
+        .store
+        .group_commit(|store| {
+            let tea = store.create_record(
+                EntityKind::Product,
+                &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2.5}),
+            );
+            let refused = store.record_sale(&sale("no-such-product", "1", "5"));
+            let sold = store.record_sale(&sale("tea", "2", "5"));
+            let nested = store.group_commit(|store| {
+                store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3}))
+            });
+            (tea, refused, sold, nested)
+        })
+        .unwrap();
+    assert!(tea.is_ok() && sold.is_ok(), "{tea:?} {sold:?}");
+    assert!(refused.is_err(), "a sale of an unknown product is refused");
+    assert!(nested.unwrap().is_ok(), "a group inside a group joins it");
+    // The refused sale took no seq: the log has no gap, and the outbox holds the three.
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), 3);
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 3);
+    assert_eq!(a.count("SELECT COUNT(*) FROM tickets"), 1);
+    assert_eq!(a.store.drain_outbox().len(), 3);
+    assert_eq!(a.store.summary().get(&a.pos_id()), possync_core::Seq(3));
+    // Committed and durable: a reopened store holds the same, and a peer converges on it.
+    let path = a.path.clone();
+    drop(a);
+    let mut a = common::Terminal {
+        name: "a".into(),
+        path: path.clone(),
+        store: Store::open(&path, common::env(&clock, 0, 2)).unwrap(),
+    };
+    assert_eq!(a.store.summary().get(&a.pos_id()), possync_core::Seq(3));
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_vv"), 1);
+    let report = sync(&mut a, &mut b, 100);
+    assert_eq!((report.applied, report.errors), (3, 0), "{report:?}");
+    assert_eq!(a.dump(), b.dump());
+    // Writes after the group are ordinary transactions again.
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 4})).unwrap();
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 4);
+}

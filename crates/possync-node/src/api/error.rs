@@ -13,7 +13,7 @@ use possync_store::StoreError;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::writer::WriterStopped;
+use crate::writer::WriterError;
 
 /// A refused or failed call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,9 +109,19 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<WriterStopped> for ApiError {
-    fn from(_: WriterStopped) -> ApiError {
-        ApiError::unavailable()
+impl From<WriterError> for ApiError {
+    fn from(err: WriterError) -> ApiError {
+        match err {
+            WriterError::Stopped => ApiError::unavailable(),
+            WriterError::CommitFailed(_) => {
+                tracing::error!(%err, "API call failed on the database");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the database could not complete the request; see the node's log",
+                )
+            }
+        }
     }
 }
 
@@ -241,6 +251,9 @@ mod tests {
             assert_eq!((mapped.status.as_u16(), mapped.code), (status, code));
             assert!(!mapped.message.contains("secret internals"));
         }
-        assert_eq!(ApiError::from(WriterStopped).status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ApiError::from(WriterError::Stopped).status, StatusCode::SERVICE_UNAVAILABLE);
+        let failed = ApiError::from(WriterError::CommitFailed("disk I/O error".into()));
+        assert_eq!((failed.status, failed.code), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
+        assert!(!failed.message.contains("disk"), "internals stay in the log");
     }
 }
