@@ -209,8 +209,12 @@ pub struct Session {
     outgoing: Outgoing,
     /// The peer's catch-up towards us and the applies in progress.
     incoming: Incoming,
-    /// When the last frame (of any kind) arrived; the peer is dead a heartbeat after it.
+    /// When the last frame (of any kind) arrived.
     last_received_ms: u64,
+    /// When the peer counts as dead: a heartbeat period (plus the grace) after the last frame,
+    /// with the period in force when that frame arrived. A period changed later applies
+    /// from the next frame: a peer is judged on the deadline it was given.
+    dead_at_ms: u64,
     /// When to send the next ping (only once established).
     next_ping_ms: Option<u64>,
     /// Protocol violations so far.
@@ -344,6 +348,7 @@ impl Session {
             },
             incoming: Incoming::default(),
             last_received_ms: now_ms,
+            dead_at_ms: 0,
             next_ping_ms: None,
             violations: 0,
             transmits: VecDeque::new(),
@@ -353,6 +358,7 @@ impl Session {
             neighbors_sent: None,
             peer_neighbors: BTreeSet::new(),
         };
+        session.dead_at_ms = now_ms + session.dead_after();
         if role == Role::Initiator {
             let hello = session.hello();
             session.queue(Body::Hello(hello));
@@ -416,6 +422,7 @@ impl Session {
         }
         self.now_ms = now_ms;
         self.last_received_ms = now_ms;
+        self.dead_at_ms = now_ms + self.dead_after();
         self.stats.messages_received += 1;
         self.stats.bytes_received += text.len() as u64;
         let message = match Message::parse(text) {
@@ -442,7 +449,8 @@ impl Session {
         self.now_ms = now_ms;
         if now_ms >= self.dead_at() {
             self.events.push_back(Event::HeartbeatTimeout);
-            self.close_with(format!("heartbeat timeout: nothing received for {} ms", self.dead_after()));
+            let silent = now_ms.saturating_sub(self.last_received_ms);
+            self.close_with(format!("heartbeat timeout: nothing received for {silent} ms"));
             return;
         }
         if let Some(ping_at) = self.next_ping_ms
@@ -563,7 +571,8 @@ impl Session {
     }
 
     /// Applies changed settings to a live session (SPEC: settings take effect without a
-    /// restart): the heartbeat period from the next ping on, the batch size from the next batch.
+    /// restart): the heartbeat period from the next ping on (the peer keeps the deadline it
+    /// was given until it next answers), the batch size from the next batch.
     pub fn update_settings(&mut self, heartbeat_interval_ms: u64, batch_size: usize) {
         self.config.heartbeat_interval_ms = heartbeat_interval_ms;
         self.config.batch_size = batch_size;
@@ -881,7 +890,7 @@ impl Session {
     }
 
     fn dead_at(&self) -> u64 {
-        self.last_received_ms + self.dead_after()
+        self.dead_at_ms
     }
 }
 
@@ -1238,6 +1247,31 @@ mod tests {
         session.handle_timeout(T0 + 200);
         let (frames, _) = drain(&mut session);
         assert!(frames.iter().any(|frame| frame["type"] == "ping"));
+    }
+
+    #[test]
+    fn a_shorter_heartbeat_does_not_judge_a_peer_on_a_deadline_it_was_never_given() {
+        // Idle for 22 s under a 30 s period, then the period drops to 3 s (issue 10, item 9).
+        let mut session = established();
+        session.update_settings(3_000, 100);
+        session.handle_timeout(T0 + 22_000);
+        let (frames, events) = drain(&mut session);
+        assert!(!session.is_closed(), "{events:?}");
+        assert_eq!(frames.iter().filter(|frame| frame["type"] == "ping").count(), 1);
+        // The peer answers: from then on the new period is its deadline.
+        session.handle_frame(T0 + 22_050, &frame("pong", "heartbeat", json!({"ping": "b-9"}), "a"));
+        drain(&mut session);
+        assert_eq!(session.poll_timeout(), Some(T0 + 25_000), "next ping at the new period");
+        for ping_at in [T0 + 25_000, T0 + 28_000, T0 + 31_000, T0 + 34_000] {
+            session.handle_timeout(ping_at);
+        }
+        assert!(!session.is_closed());
+        session.handle_timeout(T0 + 22_050 + 13_000);
+        let (_, events) = drain(&mut session);
+        assert!(matches!(events[..], [Event::HeartbeatTimeout, Event::Closed { .. }]), "{events:?}");
+        if let Event::Closed { reason } = &events[1] {
+            assert!(reason.contains("13000 ms"), "{reason}");
+        }
     }
 
     #[test]
