@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, Status};
 use crate::node::{NodeShared, now_ms};
-use crate::peers::{ConnectionCommand, Mailbox, Registration};
+use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
 use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
 
@@ -91,6 +91,9 @@ fn drive(
         let mut close_reason = String::from("closed");
         let mut counted = protocol::ConnectionStats::default();
         let mut heard = false;
+        // When this connection lost the tie-break on the peer's side (it told us): the link
+        // goes on through the other connection, so its end is not a disconnection.
+        let mut superseded_at: Option<u64> = None;
         // A read result taken while draining a burst, handled at the next turn.
         let mut carried: Option<Result<Option<String>, TransportError>> = None;
 
@@ -125,8 +128,16 @@ fn drive(
                         match registration {
                             Registration::Duplicate => {
                                 debug!("duplicate connection, closing it");
-                                session.close("duplicate connection");
+                                session.close_as_duplicate();
                                 outcome = Some(Ended::Duplicate(info.pos_id.clone()));
+                            }
+                            Registration::Continued => {
+                                // It replaces a connection that lost the tie-break: the link
+                                // goes on, nothing to log.
+                                debug!("connection continues the link of a duplicate");
+                                registered = true;
+                                session.set_neighbors(neighbors.borrow_and_update().clone());
+                                node.metrics.peers_connected.set(node.peers.connected() as i64);
                             }
                             Registration::New | Registration::Returning => {
                                 registered = true;
@@ -237,6 +248,13 @@ fn drive(
                             node.record_event(row);
                         }
                     }
+                    Event::Superseded => {
+                        debug!("the peer keeps another connection to us; closing this one");
+                        superseded_at = Some(now_ms());
+                        if let Some((id, _)) = &peer {
+                            outcome = Some(Ended::Duplicate(id.clone()));
+                        }
+                    }
                     Event::PeerError { code, message } => {
                         warn!(%code, %message, "peer reported an error");
                     }
@@ -325,6 +343,12 @@ fn drive(
                             session.request_sync(summary);
                         }
                     }
+                    ConnectionCommand::Superseded => {
+                        session.close_as_duplicate();
+                        if let Some((id, _)) = &peer {
+                            outcome = Some(Ended::Duplicate(id.clone()));
+                        }
+                    }
                     ConnectionCommand::Close(reason) => session.close(&reason),
                 },
                 _ = shutdown.changed() => session.close("node shutting down"),
@@ -357,11 +381,29 @@ fn drive(
         sender.close(&close_reason).await;
         if let Some((id, name)) = &peer
             && registered
-            && node.peers.unregister(id, connection_id)
+            && node.peers.unregister(id, connection_id, superseded_at)
         {
             node.metrics.peers_connected.set(node.peers.connected() as i64);
-            info!(reason = %close_reason, "peer disconnected");
-            node.record_event(event_row(id, name, ConnectionEventKind::Disconnected, session.stats()));
+            let row = event_row(id, name, ConnectionEventKind::Disconnected, session.stats());
+            match superseded_at {
+                None => {
+                    info!(reason = %close_reason, "peer disconnected");
+                    node.record_event(row);
+                }
+                Some(at) => {
+                    // The connection that won the tie-break continues the link when it
+                    // registers; if none does in time, the link did end here.
+                    let node = Arc::clone(&node);
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(SUPERSEDED_GRACE_MS)).await;
+                        if node.peers.take_unsucceeded(&id, at) {
+                            info!(peer = %id, "peer disconnected (its other connection never came)");
+                            node.record_event(row);
+                        }
+                    });
+                }
+            }
         }
         match (outcome, peer) {
             (Some(outcome), _) => outcome,

@@ -139,6 +139,39 @@ async fn two_terminals_sync_products_sales_and_stock_both_ways() {
     a.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tills_dialling_each_other_log_one_connection_and_no_reconnect() {
+    // Both dial at once (as with mDNS or `--peer` on both sides): the tie-break keeps one
+    // connection, and the audit trail shows one `connected` per side, nothing else (issue 10,
+    // item 2). Three pairs: which connection registers first varies from run to run.
+    for round in 0..3 {
+        let (address_a, address_b) = (free_address(), free_address());
+        let a = Options { listen: Some(address_a), ..Options::new(&format!("Till A{round}")) };
+        let b = Options { listen: Some(address_b), ..Options::new(&format!("Till B{round}")) };
+        let (a, b) = tokio::join!(start(a.peer(address_b)), start(b.peer(address_a)));
+        wait_connected(&a, &b).await;
+        wait_connected(&b, &a).await;
+        product(&a, "p-tea", "2.50").await;
+        wait_converged(&[&a, &b]).await;
+        // Longer than the backoff of the losing dialer and the tie-break grace.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        for (node, other) in [(&a, &b), (&b, &a)] {
+            assert!(node.shared().peers.is_connected(&other.pos_id()));
+            let events = rows(node, "SELECT event_type FROM p2p_connection_metrics ORDER BY id").await;
+            let events: Vec<&str> = events.iter().filter_map(|row| row["eventType"].as_str()).collect();
+            let links: Vec<&&str> = events
+                .iter()
+                .filter(|event| ["connected", "reconnected", "disconnected"].contains(event))
+                .collect();
+            assert_eq!(links, [&"connected"], "round {round}, {}: {events:?}", node.pos_id());
+            let status = node.shared().peers.status(true, true, &node.pos_id(), "");
+            assert_eq!((status.connected_peers, status.total_peers), (1, 1));
+        }
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+}
+
 // ----- 2. a line A-B-C -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,11 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 const _: () =
     assert!(MAX_CHANGE_BYTES + 1024 * 1024 < MAX_FRAME_LEN && MAX_BATCH_BYTES + 1024 * 1024 < MAX_FRAME_LEN);
 
+/// The `error` code a node sends before closing a connection that lost the tie-break between
+/// two connections of the same pair of terminals (both dialled at once): the link goes on
+/// through the other connection.
+pub const DUPLICATE_CONNECTION: &str = "duplicate_connection";
+
 /// Longest piece of peer-supplied text echoed back in an error message or a log row.
 const ECHO_LEN: usize = 64;
 

@@ -20,8 +20,8 @@ use crate::time::rfc3339_ms;
 use crate::vv::VersionVector;
 
 use super::message::{
-    Body, ErrorData, Hello, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck,
-    SyncBatch, SyncRequest, peek_type_action,
+    Body, DUPLICATE_CONNECTION, ErrorData, Hello, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError,
+    StampedChange, SyncAck, SyncBatch, SyncRequest, peek_type_action,
 };
 
 /// How long past a heartbeat interval a silent peer is still considered alive (SPEC 4:
@@ -155,6 +155,10 @@ pub enum Event {
         /// The offending frame's `action`, empty when unreadable.
         message_action: String,
     },
+    /// The peer closes this connection because it keeps another one between the same two
+    /// terminals (the tie-break, [`DUPLICATE_CONNECTION`]): the link goes on through the other
+    /// connection, so this is not a disconnection to log.
+    Superseded,
     /// The peer sent an `error` frame: it refused something we sent (log it; the session
     /// stays open unless this happens during the handshake).
     PeerError {
@@ -587,6 +591,15 @@ impl Session {
         self.close_with(reason.to_string());
     }
 
+    /// Ends the session because this node keeps another connection to the same peer (the
+    /// tie-break): tells the peer so ([`DUPLICATE_CONNECTION`], which it sees as
+    /// [`Event::Superseded`]), then closes.
+    pub fn close_as_duplicate(&mut self) {
+        let message = "another connection between these two terminals is kept".to_string();
+        self.queue(Body::Error(ErrorData { code: DUPLICATE_CONNECTION.to_string(), message }));
+        self.close_with("duplicate connection".to_string());
+    }
+
     // ----- outputs -----
 
     /// The next frame to send, counted in the stats.
@@ -721,6 +734,9 @@ impl Session {
                     // never have reached it: send whatever it lacks.
                     self.resync();
                 }
+            }
+            Body::Error(error) if error.code == DUPLICATE_CONNECTION => {
+                self.events.push_back(Event::Superseded)
             }
             Body::Error(error) => {
                 self.events.push_back(Event::PeerError { code: error.code, message: error.message });
@@ -1272,6 +1288,18 @@ mod tests {
         if let Event::Closed { reason } = &events[1] {
             assert!(reason.contains("13000 ms"), "{reason}");
         }
+    }
+
+    #[test]
+    fn the_loser_of_the_tie_break_is_told_so_and_sees_superseded_not_an_error() {
+        let mut net = Net::pair(0, 0);
+        net.drive();
+        net.links[0].sessions[0].close_as_duplicate();
+        net.drive();
+        let events = net.events(0, 1);
+        assert!(events.contains(&Event::Superseded), "{events:?}");
+        assert!(!events.iter().any(|event| matches!(event, Event::PeerError { .. })), "{events:?}");
+        assert!(net.links[0].sessions[0].is_closed());
     }
 
     #[test]
