@@ -232,20 +232,29 @@ fn drive(
                         node.metrics.protocol_violations.inc();
                         warn!(%code, %message, "protocol violation");
                         let (id, name) = match &peer {
-                            Some((id, name)) => (id.to_string(), name.clone()),
-                            None => (address.to_string(), String::new()),
+                            Some((id, name)) => (id.to_string(), Some(name.clone())),
+                            None => (address.ip().to_string(), None),
                         };
                         let error = format!("{code}: {message}");
                         let _ = node
                             .writer
                             .call(Priority::Sync, move |store| {
-                                store.log_rejected_message(&id, &name, &message_type, &message_action, &error)
+                                store.log_rejected_message(
+                                    &id,
+                                    name.as_deref(),
+                                    &message_type,
+                                    &message_action,
+                                    &error,
+                                )
                             })
                             .await;
                         if !session.is_established() {
-                            let mut row = event_row_raw(address, ConnectionEventKind::SyncFailed);
-                            row.error_message = Some(format!("{code}: {message}"));
-                            node.record_event(row);
+                            let detail = format!("{code}: {message}");
+                            node.record_rejected(
+                                address.ip().to_string(),
+                                "protocol handshake refused",
+                                &detail,
+                            );
                         }
                     }
                     Event::Superseded => {
@@ -421,12 +430,12 @@ async fn log_rejected(
     error: String,
 ) {
     let (id, name) = match peer {
-        Some((id, name)) => (id.to_string(), name.clone()),
-        None => (address.to_string(), String::new()),
+        Some((id, name)) => (id.to_string(), Some(name.clone())),
+        None => (address.ip().to_string(), None),
     };
     let logged = node
         .writer
-        .call(Priority::Sync, move |store| store.log_rejected_message(&id, &name, "", "", &error))
+        .call(Priority::Sync, move |store| store.log_rejected_message(&id, name.as_deref(), "", "", &error))
         .await;
     if let Ok(Err(err)) = logged {
         warn!(%err, "could not log a refused frame");
@@ -540,28 +549,12 @@ fn event_row(
     let counter = |value: u64| if final_counters { value } else { 0 };
     ConnectionEvent {
         peer_id: peer.to_string(),
-        peer_name: name.to_string(),
+        peer_name: Some(name.to_string()),
         kind,
         messages_sent: counter(stats.messages_sent),
         messages_received: counter(stats.messages_received),
         bytes_sent: counter(stats.bytes_sent),
         bytes_received: counter(stats.bytes_received),
-        sync_duration_ms: None,
-        error_message: None,
-        at_ms: now_ms(),
-    }
-}
-
-/// A connection event about a peer that never said who it is.
-pub(crate) fn event_row_raw(address: SocketAddr, kind: ConnectionEventKind) -> ConnectionEvent {
-    ConnectionEvent {
-        peer_id: address.to_string(),
-        peer_name: String::new(),
-        kind,
-        messages_sent: 0,
-        messages_received: 0,
-        bytes_sent: 0,
-        bytes_received: 0,
         sync_duration_ms: None,
         error_message: None,
         at_ms: now_ms(),

@@ -71,6 +71,16 @@ pub struct Metrics {
     pub connection_events: Family<Status, Counter>,
     /// Protocol violations by peers.
     pub protocol_violations: Counter,
+    /// Connections that never authenticated, by reason (wrong shop secret, not a possync
+    /// peer, handshake timeout, over the handshake budget...).
+    pub connections_rejected: Family<Reason, Counter>,
+}
+
+/// Label: why a connection was rejected.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// A short fixed label.
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -92,6 +102,7 @@ impl Metrics {
             connection_events_dropped: Counter::default(),
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
+            connections_rejected: Family::default(),
         };
         registry.register(
             "peers_connected",
@@ -137,6 +148,11 @@ impl Metrics {
             "protocol_violations",
             "Frames refused as protocol violations",
             metrics.protocol_violations.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections that never authenticated (never a peer), by reason",
+            metrics.connections_rejected.clone(),
         );
         Metrics { registry, ..metrics }
     }

@@ -412,6 +412,75 @@ async fn a_node_with_another_secret_gets_nothing_and_is_logged() {
     a.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_till_with_the_wrong_secret_is_a_rejected_connection_never_a_peer() {
+    // Issue 10, items 1 and 13: failed handshakes never become peers (no reliability score,
+    // no uptime, no peer in the status), they are counted by address and reason, and an
+    // owner is alerted on both sides.
+    let a = start(Options::new("Till A")).await;
+    let intruder = start(Options {
+        secret: "another-shop-secret-000000000000".into(),
+        ..Options::new("Till X").peer(a.peer_addr())
+    })
+    .await;
+    wait_for_metric(&a, "sync_failed", 3).await;
+    wait_for_metric(&intruder, "sync_failed", 3).await;
+    let now = possync_node::node::now_ms();
+    for (node, address) in [(&a, "127.0.0.1".to_string()), (&intruder, a.peer_addr().to_string())] {
+        let dashboard = read(node, move |reader| reader.dashboard_rows(now)).await;
+        assert!(dashboard.peer_reliability.is_empty(), "{:?}", dashboard.peer_reliability);
+        assert!(dashboard.uptime_by_peer.is_empty(), "{:?}", dashboard.uptime_by_peer);
+        assert!(dashboard.alert_sync_errors.is_empty(), "{:?}", dashboard.alert_sync_errors);
+        let rejected = &dashboard.rejected_connections;
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0]["address"], json!(address), "grouped by address, without the ephemeral port");
+        let reason = rejected[0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with("wrong shop secret"), "{reason}");
+        assert!(rejected[0]["attempts"].as_i64().unwrap_or_default() >= 3);
+        let alerts = &dashboard.alert_handshake_failures;
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0]["address"], json!(address));
+        let status = node.shared().peers.status(true, true, &node.pos_id(), "");
+        assert_eq!(status.total_peers, 0);
+        let metrics = node.shared().metrics.encode();
+        assert!(metrics.contains(r#"connections_rejected_total{reason="wrong shop secret"}"#), "{metrics}");
+    }
+    intruder.shutdown().await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_from_the_lan_do_not_lock_a_real_till_out() {
+    // Issue 13, item 6: 40 idle sockets (more than the peer cap of 16 in these tests) from
+    // another loopback address; a real till still connects at once, and the idle ones are
+    // closed after the short accept deadline.
+    let a = start(Options::new("Till A")).await;
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.bind("127.0.0.2:0".parse().expect("an address")).expect("127.0.0.2 is loopback");
+        idle.push(socket.connect(a.peer_addr()).await.expect("connected"));
+    }
+    let started = std::time::Instant::now();
+    let b = start(Options::new("Till B").peer(a.peer_addr())).await;
+    wait_until("B connected to A while the idle sockets are open", Duration::from_secs(5), || {
+        let connected = a.shared().peers.is_connected(&b.pos_id());
+        async move { connected }
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The idle sockets were refused at once or closed at the accept deadline.
+    for socket in &mut idle {
+        let mut byte = [0u8; 1];
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(socket, &mut byte))
+                .await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "an idle socket is still open: {read:?}");
+    }
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 /// A WebSocket relay between a dialler and `upstream`, recording what the dialler sends.
 async fn recording_relay(
     listener: TcpListener,

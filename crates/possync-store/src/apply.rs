@@ -91,10 +91,12 @@ impl Store {
 
     /// Logs a frame from a peer that was refused before reaching the merge (malformed
     /// JSON, unknown type, a protocol violation): one `p2p_sync_logs` row with status error.
+    /// `peer_name` is `None` when the connection never authenticated (`peer_id` is then its
+    /// address).
     pub fn log_rejected_message(
         &mut self,
         peer_id: &str,
-        peer_name: &str,
+        peer_name: Option<&str>,
         message_type: &str,
         message_action: &str,
         error: &str,
@@ -123,7 +125,7 @@ impl Store {
             .map(|id| id.chars().take(64).collect::<String>());
         let log = SyncLog {
             peer_id: peer.id,
-            peer_name: peer.name,
+            peer_name: Some(peer.name),
             message_type: &wire.entity,
             message_action: &wire.action,
             entity_type,

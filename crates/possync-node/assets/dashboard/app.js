@@ -931,6 +931,24 @@
       );
     });
 
+    var rejectedList = $("#rejected-list");
+    rejectedList.textContent = "";
+    var rejected = Array.isArray(state.dashboard && state.dashboard.rejected) ? state.dashboard.rejected : [];
+    if (!state.dashboard) {
+      rejectedList.appendChild(el("li", { className: "empty", text: "No data yet." }));
+    } else if (rejected.length === 0) {
+      rejectedList.appendChild(el("li", { className: "all-clear", text: "None: every connection proved the shop secret." }));
+    }
+    rejected.forEach(function (r) {
+      rejectedList.appendChild(
+        el("li", { "data-address": r.address }, [
+          el("span", { className: "rel-name", text: r.address }),
+          el("span", { className: "rel-score", text: fmtInt(r.attempts) + " attempt" + (r.attempts === 1 ? "" : "s") }),
+          el("span", { className: "rel-sub", text: (r.reason || "") + " · last " + (r.lastSeen || "—") + " UTC" }),
+        ])
+      );
+    });
+
     var alertsList = $("#alerts-list");
     alertsList.textContent = "";
     var alerts = Array.isArray(state.dashboard && state.dashboard.alerts) ? state.dashboard.alerts.slice() : [];

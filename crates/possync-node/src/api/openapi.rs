@@ -463,7 +463,7 @@ fn schemas() -> Value {
         "Movement": {"type": "object", "properties": {
             "id": string, "productId": string, "type": string, "quantity": {"type": "number"},
             "reference": nullable(string.clone()), "posId": string, "createdAt": string}},
-        "Dashboard": {"type": "object", "required": ["health", "history", "alerts"], "properties": {
+        "Dashboard": {"type": "object", "required": ["health", "history", "rejected", "alerts"], "properties": {
             "health": {"type": "object", "properties": {
                 "uptimePercent": nullable(json!({"type": "number"})), "avgReconnectMs": nullable(int.clone()),
                 "syncSuccessRate": nullable(json!({"type": "number"})), "conflictsPerHour": nullable(json!({"type": "number"}))}},
@@ -471,6 +471,9 @@ fn schemas() -> Value {
                 "daily": {"type": "array", "items": {"type": "object", "properties": {
                     "day": string, "changes": int, "conflicts": int, "errors": int}}},
                 "peers": {"type": "array", "items": {"type": "object"}}}},
+            "rejected": {"type": "array", "items": {"type": "object", "properties": {
+                "address": string, "reason": string, "attempts": int, "lastHour": int,
+                "firstSeen": string, "lastSeen": string}}},
             "alerts": {"type": "array", "items": {"type": "object", "properties": {
                 "level": {"type": "string", "enum": ["warning", "critical"]}, "message": string}}}}},
     });
