@@ -15,7 +15,7 @@
 //! 3. Merge: mutable records through `possync_core::merge_record`; facts (sales, movements)
 //!    inserted once by id.
 
-use possync_core::merge::{RemoteWrite, Verdict};
+use possync_core::merge::{RemoteWrite, Verdict, Winner};
 use possync_core::{Change, ChangeBody, ChangeError, EntityKind, PosId, Seq, WireChange, merge_record};
 use serde_json::{Map, Value, json};
 
@@ -305,11 +305,22 @@ impl Store {
         Ok(match outcome.verdict {
             Verdict::Applied => Logged::success(),
             Verdict::AlreadySeen => Logged::skipped("already incorporated"),
-            Verdict::Conflict(report) => Logged {
-                status: SyncStatus::Conflict,
-                reason: Some(report.conflict_type.as_str().to_string()),
-                conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
-            },
+            // The seed's statuses: remote wins, the update is applied and logged `conflict`;
+            // local wins, the update is skipped and logged `skipped` (when no value changed:
+            // fields it alone edited still apply, and then it is a `conflict`). Either way the
+            // `p2p_conflicts` row is written.
+            Verdict::Conflict(report) => {
+                let kept_local = report.winner == Winner::Local && report.final_data == report.local_data;
+                Logged {
+                    status: if kept_local { SyncStatus::Skipped } else { SyncStatus::Conflict },
+                    reason: Some(if kept_local {
+                        format!("{}: the local version is kept", report.conflict_type.as_str())
+                    } else {
+                        report.conflict_type.as_str().to_string()
+                    }),
+                    conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
+                }
+            }
         })
     }
 }

@@ -473,3 +473,33 @@ fn catch_up_batches_are_cut_by_size_so_every_frame_fits() {
     sync(&mut a, &mut b, 100);
     assert_eq!(a.dump(), b.dump());
 }
+
+#[test]
+fn a_conflict_the_local_version_wins_is_logged_skipped_as_the_seed_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
+    clock.advance(10);
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 6})).unwrap();
+    // B's edit is newer: on B the local version wins (skipped), on A the remote one (conflict).
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    let last_status = |t: &common::Terminal| {
+        t.query("SELECT status, conflict_reason FROM p2p_sync_logs WHERE entity_id = 'tea' ORDER BY id DESC LIMIT 1")[0].clone()
+    };
+    let on_b = last_status(&b);
+    assert_eq!(on_b["status"], json!("skipped"), "{on_b}");
+    assert!(on_b["conflictReason"].as_str().unwrap().contains("local version is kept"), "{on_b}");
+    assert_eq!(last_status(&a)["status"], json!("conflict"));
+    for t in [&a, &b] {
+        assert_eq!(t.count("SELECT COUNT(*) FROM p2p_conflicts"), 1, "{}", t.name);
+    }
+}
