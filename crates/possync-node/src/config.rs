@@ -213,7 +213,9 @@ impl NodeConfig {
             secret,
             api_token: file.api_token.clone(),
             max_connections: file.max_connections.max(1),
-            max_frame_bytes: file.max_frame_bytes.max(64 * 1024),
+            // Never below the largest frame a node sends (a batch or a change at their
+            // limits): a smaller limit would refuse a valid change and stall its origin.
+            max_frame_bytes: file.max_frame_bytes.max(possync_core::protocol::MAX_FRAME_LEN),
             backoff_base_ms: 5_000,
         })
     }

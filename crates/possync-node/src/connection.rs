@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
-use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
+use possync_core::protocol::{self, CatchUpWatch, Event, Role, Session, SessionConfig};
 use possync_core::{PosId, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
 use tokio::sync::broadcast;
@@ -28,6 +28,16 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most frames read in one turn of the loop (a burst of live changes).
 const MAX_FRAMES_PER_TURN: usize = 256;
+
+/// How often a connection compares what the peer holds with what this node holds
+/// (catch-up progress, stall detection).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// No progress for this long while behind the peer is a stall: two heartbeat periods, and
+/// never less than 10 s (a large batch on a slow till takes a few seconds to apply).
+fn stalled_after_ms(heartbeat_interval_ms: u64) -> u64 {
+    heartbeat_interval_ms.saturating_mul(2).max(10_000)
+}
 
 /// How a connection ended, for the dialer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +93,9 @@ fn drive(
         config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
         config.batch_size = settings.batch_size;
         let mut session = Session::new(config, role, summary, now_ms());
+        let mut catch_up = CatchUpWatch::new(now_ms(), stalled_after_ms(settings.heartbeat_interval_ms));
+        let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
+        progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mailbox = Arc::new(Mailbox::default());
         let mut shutdown = node.shutdown.subscribe();
         let mut peer: Option<(PosId, String)> = None;
@@ -361,6 +374,25 @@ fn drive(
                     ConnectionCommand::Close(reason) => session.close(&reason),
                 },
                 _ = shutdown.changed() => session.close("node shutting down"),
+                _ = progress_tick.tick(), if registered => {
+                    if let (Some((id, name)), Some(ours)) = (&peer, node.summary().await) {
+                        let stall = catch_up.observe(now_ms(), session.peer_known(), &ours);
+                        node.peers.set_behind(id, connection_id, catch_up.behind());
+                        if let Some(stall) = stall {
+                            warn!(behind = stall.behind, for_ms = stall.for_ms, "catch-up stalled");
+                            node.metrics.sync_stalls.inc();
+                            let mut row = event_row(id, name, ConnectionEventKind::SyncFailed, session.stats());
+                            row.error_message = Some(format!(
+                                "catch-up stalled: {} changes the peer holds have not arrived for {} s",
+                                stall.behind,
+                                stall.for_ms / 1000
+                            ));
+                            node.record_event(row);
+                            // Ask once more: a transient refusal may have cleared.
+                            session.request_sync(ours);
+                        }
+                    }
+                }
                 changed = neighbors.changed(), if registered => {
                     if changed.is_ok() {
                         session.set_neighbors(neighbors.borrow_and_update().clone());

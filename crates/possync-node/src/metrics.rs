@@ -71,6 +71,8 @@ pub struct Metrics {
     pub connection_events: Family<Status, Counter>,
     /// Protocol violations by peers.
     pub protocol_violations: Counter,
+    /// Incoming catch-ups that stopped progressing while connected.
+    pub sync_stalls: Counter,
     /// Connections that never authenticated, by reason (wrong shop secret, not a possync
     /// peer, handshake timeout, over the handshake budget...).
     pub connections_rejected: Family<Reason, Counter>,
@@ -102,6 +104,7 @@ impl Metrics {
             connection_events_dropped: Counter::default(),
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
+            sync_stalls: Counter::default(),
             connections_rejected: Family::default(),
         };
         registry.register(
@@ -148,6 +151,11 @@ impl Metrics {
             "protocol_violations",
             "Frames refused as protocol violations",
             metrics.protocol_violations.clone(),
+        );
+        registry.register(
+            "sync_stalls",
+            "Incoming catch-ups that stopped progressing while the link stayed up (a change the node cannot take blocks its origin's later ones)",
+            metrics.sync_stalls.clone(),
         );
         registry.register(
             "connections_rejected",

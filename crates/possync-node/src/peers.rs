@@ -103,6 +103,9 @@ pub struct PeerEntry {
     pub stats: ConnectionStats,
     /// Redials since the last successful handshake.
     pub reconnect_attempts: u32,
+    /// Changes the peer holds that this node lacks (incoming catch-up still to do), as last
+    /// measured on the live connection.
+    pub behind: u64,
     /// The live connection: its id, its mailbox and whether we dialled it.
     connection: Option<(u64, Arc<Mailbox>, bool)>,
     /// When the last connection was closed by the tie-break with no successor registered yet.
@@ -147,6 +150,9 @@ pub struct PeerStatus {
     pub online: bool,
     /// RFC 3339.
     pub last_seen: Option<String>,
+    /// Changes this peer holds that this node has not taken yet: non-zero while catching
+    /// up ("catching up, N behind"), 0 once in step (measured every 5 s on a live link).
+    pub behind: u64,
 }
 
 /// The seed's `getDetailedStats()` object, exactly.
@@ -259,6 +265,7 @@ impl PeerTable {
             last_seen_ms: now_ms,
             stats: ConnectionStats::default(),
             reconnect_attempts: 0,
+            behind: 0,
             connection: None,
             superseded_at: None,
         });
@@ -281,6 +288,7 @@ impl PeerTable {
         // `reconnect_attempts` keeps the redials this connection took (the dialer counts them
         // while the peer is away): a flaky peer shows it while connected.
         entry.stats = ConnectionStats::default();
+        entry.behind = 0;
         entry.connection = Some((connection_id, commands, we_initiated));
         self.publish_connected(&peers);
         drop(peers);
@@ -309,6 +317,16 @@ impl PeerTable {
             if heard {
                 entry.last_seen_ms = now_ms;
             }
+        }
+    }
+
+    /// Records how far behind the peer this node is (only from the registered connection).
+    pub fn set_behind(&self, peer: &PosId, connection_id: u64, behind: u64) {
+        let mut peers = self.lock();
+        if let Some(entry) = peers.get_mut(peer)
+            && entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id)
+        {
+            entry.behind = behind;
         }
     }
 
@@ -436,6 +454,7 @@ impl PeerTable {
                 address: entry.address.map(|address| address.to_string()),
                 online: entry.online,
                 last_seen: rfc3339(Some(entry.last_seen_ms)),
+                behind: if entry.online { entry.behind } else { 0 },
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));

@@ -379,6 +379,8 @@ pub struct DashboardRows {
     pub alert_handshake_failures: Vec<Value>,
     /// `alert_heartbeat_timeouts`: peers timing out again and again.
     pub alert_heartbeat_timeouts: Vec<Value>,
+    /// `alert_sync_stalled`: peers whose catch-up stopped progressing in the last hour.
+    pub alert_sync_stalled: Vec<Value>,
 }
 
 impl StoreReader {
@@ -404,6 +406,7 @@ impl StoreReader {
             rejected_connections: rows_json_named(&self.conn, REJECTED_CONNECTIONS_SQL, &day_window)?,
             alert_handshake_failures: rows_json_named(&self.conn, ALERT_HANDSHAKE_FAILURES_SQL, &day_window)?,
             alert_heartbeat_timeouts: rows_json_named(&self.conn, ALERT_HEARTBEAT_TIMEOUTS_SQL, &day_window)?,
+            alert_sync_stalled: rows_json_named(&self.conn, ALERT_SYNC_STALLED_SQL, &day_window)?,
         })
     }
 
@@ -744,3 +747,16 @@ WHERE event_type = 'heartbeat_timeout' AND peer_name IS NOT NULL
 GROUP BY peer_id
 HAVING COUNT(*) >= 3
 ORDER BY level = 'warning', peer;"#;
+
+/// `alert_sync_stalled` of docs/DASHBOARD.md.
+const ALERT_SYNC_STALLED_SQL: &str = r#"SELECT peer_id, COALESCE(MAX(peer_name), peer_id) AS peer,
+       COUNT(*) AS stalls,
+       (SELECT m2.error_message FROM p2p_connection_metrics m2 WHERE m2.peer_id = m.peer_id
+         AND m2.event_type = 'sync_failed' AND m2.error_message LIKE 'catch-up stalled:%'
+         ORDER BY m2.created_at DESC, m2.id DESC LIMIT 1) AS message,
+       'critical' AS level
+FROM p2p_connection_metrics m
+WHERE event_type = 'sync_failed' AND peer_name IS NOT NULL AND error_message LIKE 'catch-up stalled:%'
+  AND created_at >= datetime(:now, '-1 hour') AND created_at <= :now
+GROUP BY peer_id
+ORDER BY peer;"#;

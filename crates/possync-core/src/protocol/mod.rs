@@ -54,6 +54,7 @@
 //! run a day of heartbeats in a microsecond.
 
 pub mod message;
+pub mod progress;
 pub mod session;
 #[cfg(test)]
 mod test_util;
@@ -62,6 +63,7 @@ pub use message::{
     Body, DUPLICATE_CONNECTION, ErrorData, Hello, MAX_BATCH_BYTES, MAX_CHANGE_BYTES, MAX_FRAME_LEN, Message,
     PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck, SyncBatch, SyncRequest,
 };
+pub use progress::{CatchUpWatch, Stall, changes_behind};
 pub use session::{
     ApplyReport, ConnectionStats, DEAD_AFTER_EXTRA_MS, Event, MAX_BUFFERED_CHANGES, PeerInfo, Role, Session,
     SessionConfig,

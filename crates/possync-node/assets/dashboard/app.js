@@ -506,8 +506,9 @@
     if (name.textContent !== peer.name) name.textContent = peer.name;
     name.title = peer.name + " · " + peer.id;
     var badge = $('[data-field="online"]', card);
-    badge.dataset.state = peer.online ? "online" : "offline";
-    badge.textContent = peer.online ? "Online" : "Offline";
+    var behind = peer.online && isNum(peer.behind) && peer.behind > 0 ? peer.behind : 0;
+    badge.dataset.state = peer.online ? (behind > 0 ? "catching-up" : "online") : "offline";
+    badge.textContent = peer.online ? (behind > 0 ? "Catching up · " + fmtInt(behind) + " behind" : "Online") : "Offline";
 
     card._peer = peer;
     setCounter($('[data-field="messagesSent"]', card), c ? c.messagesSent : null, fmtInt);

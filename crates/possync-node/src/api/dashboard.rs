@@ -161,6 +161,14 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
         );
         alerts.push((text(row, "level"), address, message));
     }
+    for row in &rows.alert_sync_stalled {
+        let peer = text(row, "peer");
+        let message = format!(
+            "Sync with {peer} is stuck: {}. Changes it holds cannot reach this till; see the node's log and the sync logs.",
+            text(row, "message"),
+        );
+        alerts.push((text(row, "level"), peer, message));
+    }
     for row in &rows.alert_heartbeat_timeouts {
         let peer = text(row, "peer");
         let message = format!(

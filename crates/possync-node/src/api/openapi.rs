@@ -379,7 +379,9 @@ fn schemas() -> Value {
                 "enabled": {"type": "boolean"}, "posId": string, "posName": string,
                 "peers": {"type": "array", "items": {"type": "object", "properties": {
                     "id": string, "name": string, "address": nullable(string.clone()),
-                    "online": {"type": "boolean"}, "lastSeen": nullable(string.clone())}}},
+                    "online": {"type": "boolean"}, "lastSeen": nullable(string.clone()),
+                    "behind": {"type": "integer", "minimum": 0,
+                               "description": "changes this peer holds that this node has not taken yet (catching up while > 0)"}}}},
             },
         },
         "DetailedStats": {
