@@ -92,6 +92,7 @@ fn drive(
         let mut config = SessionConfig::new(node.identity.pos_id.clone(), node.identity.pos_name.clone());
         config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
         config.batch_size = settings.batch_size;
+        config.auto_sync = settings.auto_sync;
         let mut session = Session::new(config, role, summary, now_ms());
         let mut catch_up = CatchUpWatch::new(now_ms(), stalled_after_ms(settings.heartbeat_interval_ms));
         let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
@@ -376,7 +377,9 @@ fn drive(
                 _ = shutdown.changed() => session.close("node shutting down"),
                 _ = progress_tick.tick(), if registered => {
                     if let (Some((id, name)), Some(ours)) = (&peer, node.summary().await) {
-                        let stall = catch_up.observe(now_ms(), session.peer_known(), &ours);
+                        // With auto-sync off, being behind until the next "sync now" is the point.
+                        let stall = catch_up.observe(now_ms(), session.peer_known(), &ours)
+                            .filter(|_| node.settings().auto_sync);
                         node.peers.set_behind(id, connection_id, catch_up.behind());
                         if let Some(stall) = stall {
                             warn!(behind = stall.behind, for_ms = stall.for_ms, "catch-up stalled");
@@ -406,7 +409,11 @@ fn drive(
                         // the heartbeat period and batch size apply from the next ping or batch.
                         let settings = settings_watch.borrow_and_update().clone();
                         if settings.enabled {
-                            session.update_settings(settings.heartbeat_interval_ms, settings.batch_size);
+                            session.update_settings(
+                                settings.heartbeat_interval_ms,
+                                settings.batch_size,
+                                settings.auto_sync,
+                            );
                         } else {
                             session.close("P2P disabled");
                         }

@@ -48,6 +48,10 @@ pub struct SessionConfig {
     /// Protocol violations tolerated before the connection is closed with
     /// `too_many_errors`; zero is treated as 1.
     pub max_violations: u32,
+    /// `p2p_auto_sync`: send the peer what it lacks on connect, then push every change
+    /// live. When false, this node sends only when asked: a `sync_request` from the peer
+    /// (its "sync now" or a gap), or [`Session::request_sync`] here ("sync now", both ways).
+    pub auto_sync: bool,
 }
 
 /// Which side of the connection this session is; decides who speaks first.
@@ -325,6 +329,7 @@ impl SessionConfig {
             heartbeat_interval_ms: 30_000,
             batch_size: 100,
             max_violations: 10,
+            auto_sync: true,
         }
     }
 }
@@ -485,6 +490,10 @@ impl Session {
         if self.peer_known.get(&change.origin) >= change.seq {
             return;
         }
+        if !self.config.auto_sync && self.outgoing.phase == Phase::Idle {
+            // Not pushed: the next "sync now" selects it from the store.
+            return;
+        }
         if self.outgoing.buffered.len() >= MAX_BUFFERED_CHANGES {
             self.outgoing.buffered = Vec::new();
             self.outgoing.overflowed = true;
@@ -554,6 +563,11 @@ impl Session {
             return;
         }
         self.send_sync_request(local_summary);
+        if !self.config.auto_sync {
+            // Both ways: with no live push, the peer lacks what was written since.
+            let since = self.peer_known.clone();
+            self.restart_catch_up(since);
+        }
     }
 
     /// Tells the session which terminals this node is directly connected to (other than
@@ -568,7 +582,7 @@ impl Session {
     /// this when it fell behind the node's stream of changes and some never reached
     /// [`send_change`](Self::send_change): the store still has them.
     pub fn resync(&mut self) {
-        if self.is_established() {
+        if self.is_established() && self.config.auto_sync {
             let since = self.peer_known.clone();
             self.restart_catch_up(since);
         }
@@ -577,9 +591,21 @@ impl Session {
     /// Applies changed settings to a live session (SPEC: settings take effect without a
     /// restart): the heartbeat period from the next ping on (the peer keeps the deadline it
     /// was given until it next answers), the batch size from the next batch.
-    pub fn update_settings(&mut self, heartbeat_interval_ms: u64, batch_size: usize) {
+    pub fn update_settings(&mut self, heartbeat_interval_ms: u64, batch_size: usize, auto_sync: bool) {
         self.config.heartbeat_interval_ms = heartbeat_interval_ms;
         self.config.batch_size = batch_size;
+        if auto_sync != self.config.auto_sync {
+            self.config.auto_sync = auto_sync;
+            if self.is_established() {
+                if auto_sync {
+                    // Switched on: send what the peer lacks, then live.
+                    let since = self.peer_known.clone();
+                    self.restart_catch_up(since);
+                } else if self.outgoing.phase == Phase::Live {
+                    self.outgoing.phase = Phase::Idle;
+                }
+            }
+        }
         if let Some(ping_at) = self.next_ping_ms {
             self.next_ping_ms = Some(ping_at.min(self.now_ms + self.heartbeat_interval()));
         }
@@ -675,7 +701,13 @@ impl Session {
         let since = peer.summary.clone();
         self.events.push_back(Event::Established { peer });
         self.send_neighbors();
-        self.begin_catch_up(since);
+        if self.config.auto_sync {
+            self.begin_catch_up(since);
+        } else {
+            // Nothing is sent until asked; what the peer holds is remembered for then.
+            self.outgoing.since = since;
+            self.incoming.round_started_ms = None;
+        }
     }
 
     // ----- established -----
@@ -794,6 +826,12 @@ impl Session {
         if self.outgoing.overflowed {
             let since = self.peer_known.clone();
             self.begin_catch_up(since);
+            return;
+        }
+        if !self.config.auto_sync {
+            // A catch-up asked for is done; nothing is pushed live.
+            self.outgoing.phase = Phase::Idle;
+            self.outgoing.buffered.clear();
             return;
         }
         self.outgoing.phase = Phase::Live;
@@ -1257,7 +1295,7 @@ mod tests {
     fn settings_apply_to_a_live_session() {
         let mut session = established();
         let first_deadline = session.poll_timeout().unwrap();
-        session.update_settings(200, 7);
+        session.update_settings(200, 7, true);
         assert!(session.poll_timeout().unwrap() <= T0 + 200, "the next ping moves closer");
         assert!(session.poll_timeout().unwrap() < first_deadline);
         session.handle_timeout(T0 + 200);
@@ -1269,7 +1307,7 @@ mod tests {
     fn a_shorter_heartbeat_does_not_judge_a_peer_on_a_deadline_it_was_never_given() {
         // Idle for 22 s under a 30 s period, then the period drops to 3 s (issue 10, item 9).
         let mut session = established();
-        session.update_settings(3_000, 100);
+        session.update_settings(3_000, 100, true);
         session.handle_timeout(T0 + 22_000);
         let (frames, events) = drain(&mut session);
         assert!(!session.is_closed(), "{events:?}");
@@ -1300,6 +1338,44 @@ mod tests {
         assert!(events.contains(&Event::Superseded), "{events:?}");
         assert!(!events.iter().any(|event| matches!(event, Event::PeerError { .. })), "{events:?}");
         assert!(net.links[0].sessions[0].is_closed());
+    }
+
+    #[test]
+    fn with_auto_sync_off_nothing_moves_until_sync_now_which_goes_both_ways() {
+        let mut net = Net::new(&["a", "b"]);
+        for _ in 0..3 {
+            net.nodes[0].store.commit_local("a");
+        }
+        net.nodes[1].store.commit_local("b");
+        let manual = |id: &str| SessionConfig { auto_sync: false, ..config(id) };
+        net.connect_with(0, 1, manual);
+        net.drive();
+        net.write(0);
+        net.drive();
+        for end in 0..2 {
+            let types = net.sent_types(0, end);
+            assert!(!types.iter().any(|t| t == "sync_batch" || t == "product"), "{types:?}");
+        }
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 0);
+        // "Sync now" on b: b gets a's four changes, a gets b's one.
+        let summary = net.nodes[1].store.vv.clone();
+        net.links[0].sessions[1].request_sync(summary);
+        net.drive();
+        net.assert_converged();
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 4);
+        // Still no live push afterwards.
+        net.write(0);
+        net.drive();
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 4);
+        // Switched on live: what b lacks goes, and then changes flow live.
+        for end in 0..2 {
+            net.links[0].sessions[end].update_settings(30_000, 100, true);
+        }
+        net.drive();
+        net.write(0);
+        net.drive();
+        net.assert_converged();
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 6);
     }
 
     #[test]
