@@ -521,6 +521,25 @@ async fn a_catch_up_that_stops_progressing_shows_behind_and_raises_a_stall() {
     b.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_sync_off_changes_wait_for_sync_now() {
+    // Issue 10, item 8: the seed's `p2p_auto_sync` acts.
+    let a = start(Options::new("Till A").setting("p2p_auto_sync", false)).await;
+    product(&a, "p-early", "1.00").await;
+    let b = start(Options::new("Till B").setting("p2p_auto_sync", false).peer(a.peer_addr())).await;
+    wait_connected(&b, &a).await;
+    product(&a, "p-live", "2.00").await;
+    product(&b, "p-on-b", "3.00").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(product_count(&b).await, 1, "nothing pushed by itself");
+    assert_eq!(product_count(&a).await, 2);
+    b.shared().sync_now();
+    wait_converged(&[&a, &b]).await;
+    assert_eq!(product_count(&a).await, 3);
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 /// A WebSocket relay between a dialler and `upstream`, recording what the dialler sends.
 async fn recording_relay(
     listener: TcpListener,
