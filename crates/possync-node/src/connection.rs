@@ -516,6 +516,13 @@ async fn apply(
             return Some(protocol::ApplyReport { gap: true, local_summary: summary, rejections: Vec::new() });
         }
     };
+    if report.clock_ahead > 0 {
+        warn!(
+            changes = report.clock_ahead,
+            "changes stamped far ahead of this till's clock (see p2p_sync_logs details)"
+        );
+        node.metrics.remote_clock_ahead.inc_by(u64::from(report.clock_ahead));
+    }
     let now = now_ms();
     for age in live_ages {
         node.metrics.propagation_lag_seconds.observe(now.saturating_sub(age) as f64 / 1000.0);

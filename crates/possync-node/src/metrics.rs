@@ -73,6 +73,8 @@ pub struct Metrics {
     pub protocol_violations: Counter,
     /// Incoming catch-ups that stopped progressing while connected.
     pub sync_stalls: Counter,
+    /// Remote changes stamped further ahead of this terminal's clock than it follows.
+    pub remote_clock_ahead: Counter,
     /// Connections that never authenticated, by reason (wrong shop secret, not a possync
     /// peer, handshake timeout, over the handshake budget...).
     pub connections_rejected: Family<Reason, Counter>,
@@ -105,6 +107,7 @@ impl Metrics {
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
             sync_stalls: Counter::default(),
+            remote_clock_ahead: Counter::default(),
             connections_rejected: Family::default(),
         };
         registry.register(
@@ -156,6 +159,11 @@ impl Metrics {
             "sync_stalls",
             "Incoming catch-ups that stopped progressing while the link stayed up (a change the node cannot take blocks its origin's later ones)",
             metrics.sync_stalls.clone(),
+        );
+        registry.register(
+            "remote_clock_ahead",
+            "Remote changes stamped more than an hour ahead of this terminal's clock (a till with a wrong clock, or a forged stamp)",
+            metrics.remote_clock_ahead.clone(),
         );
         registry.register(
             "connections_rejected",

@@ -55,6 +55,10 @@ pub struct ApplyReport {
     /// Why each invalid change was refused (`<type>/<action> <id>: <reason>`), so that the
     /// sender can be told with an `error` frame.
     pub rejections: Vec<String>,
+    /// Changes stamped more than [`possync_core::hlc::MAX_OBSERVED_AHEAD_MS`] ahead of this
+    /// terminal's clock: merged by their stamp, but not followed by the clock (their log
+    /// rows carry `clockAheadMs`).
+    pub clock_ahead: u32,
 }
 
 /// The outcome of one change, for its log row.
@@ -144,7 +148,7 @@ impl Store {
         let held = self.vv.get(&origin);
         if seq <= held {
             report.skipped += 1;
-            let details = stamp_details(&origin, seq);
+            let details = stamp_details(&origin, seq, None);
             return self.log_sync(
                 &log,
                 SyncStatus::Skipped,
@@ -206,8 +210,12 @@ impl Store {
             );
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
-        if let Some(hlc) = change.hlc {
-            self.clock.observe(hlc, self.env.now_ms());
+        let clock_ahead_ms = change
+            .hlc
+            .map(|hlc| self.clock.observe(hlc, self.env.now_ms()))
+            .filter(|ahead| *ahead > possync_core::hlc::MAX_OBSERVED_AHEAD_MS);
+        if clock_ahead_ms.is_some() {
+            report.clock_ahead += 1;
         }
         let outcome = self.merge_change(&change)?;
         if outcome.reason.as_deref().is_some_and(|reason| reason.starts_with("missing:")) {
@@ -233,7 +241,7 @@ impl Store {
             SyncStatus::Error => report.errors += 1,
         }
         let strategy = outcome.conflict.as_ref().map(|conflict| conflict.report.strategy.as_str());
-        let details = stamp_details(&origin, seq);
+        let details = stamp_details(&origin, seq, clock_ahead_ms);
         self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
         if let Some(conflict) = outcome.conflict {
             report.conflict_kinds.push((
@@ -325,16 +333,20 @@ impl Store {
     }
 }
 
-/// The `details` of a change's log row: `{"origin": ..., "seq": ...}`, serialized without
-/// building a `serde_json::Value` (one per change applied).
-fn stamp_details(origin: &PosId, seq: Seq) -> String {
+/// The `details` of a change's log row: `{"origin": ..., "seq": ...}` (and `clockAheadMs`
+/// for a change stamped far ahead of this terminal's clock), serialized without building a
+/// `serde_json::Value` (one per change applied).
+fn stamp_details(origin: &PosId, seq: Seq, clock_ahead_ms: Option<u64>) -> String {
     #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
     struct Stamp<'a> {
         origin: &'a PosId,
         seq: Seq,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        clock_ahead_ms: Option<u64>,
     }
-    // Invariant: a struct of a string and an integer always serializes.
-    serde_json::to_string(&Stamp { origin, seq }).expect("serializing a stamp")
+    // Invariant: a struct of a string and integers always serializes.
+    serde_json::to_string(&Stamp { origin, seq, clock_ahead_ms }).expect("serializing a stamp")
 }
 
 /// The origin and seq of a change's data, read even when the rest is invalid.
@@ -352,6 +364,8 @@ mod tests {
     #[test]
     fn stamp_details_is_the_json_object() {
         let origin = PosId::parse("pos-a").unwrap();
-        assert_eq!(stamp_details(&origin, Seq(42)), json!({"origin": origin, "seq": 42}).to_string());
+        assert_eq!(stamp_details(&origin, Seq(42), None), json!({"origin": origin, "seq": 42}).to_string());
+        let ahead: Value = serde_json::from_str(&stamp_details(&origin, Seq(42), Some(7))).unwrap();
+        assert_eq!(ahead, json!({"origin": origin, "seq": 42, "clockAheadMs": 7}));
     }
 }

@@ -262,7 +262,14 @@ impl Store {
             let wants_deleted = chosen.get("deleted").and_then(Value::as_bool).unwrap_or(false);
             let final_data = if wants_deleted {
                 if !state.deleted {
-                    let change = store.emit_local(kind, &id, possync_core::ChangeBody::Delete, &state.ctx)?;
+                    let newest = state.newest().cloned();
+                    let change = store.emit_local(
+                        kind,
+                        &id,
+                        possync_core::ChangeBody::Delete,
+                        &state.ctx,
+                        newest.as_ref(),
+                    )?;
                     let mut state = state;
                     state.deleted = true;
                     state.existence = Some(crate::local::local_version(&change));

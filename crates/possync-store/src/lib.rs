@@ -458,15 +458,30 @@ impl Store {
     }
 
     /// Stamps and logs a local write; returns the change (also queued in the outbox).
+    /// `newest`: the newest write the record holds. The write is stamped after it even when
+    /// that write's stamp is ahead of this terminal's clock (a clock does not follow remote
+    /// stamps far into the future, see `hlc::MAX_OBSERVED_AHEAD_MS`), so that it wins on
+    /// every terminal as it does here; a record stamped at the very end of time cannot be
+    /// written over at all, and says so.
     pub(crate) fn emit_local(
         &mut self,
         kind: EntityKind,
         id: &EntityId,
         body: ChangeBody,
         ctx_before: &VersionVector,
+        newest: Option<&possync_core::merge::Version>,
     ) -> Result<Change> {
         let seq = self.vv.get(&self.identity.pos_id).next();
-        let hlc = self.clock.tick(self.env.now_ms());
+        let mut hlc = self.clock.tick(self.env.now_ms());
+        if let Some(floor) = newest.and_then(|version| version.hlc)
+            && hlc <= floor
+        {
+            hlc = floor.next().ok_or_else(|| {
+                StoreError::InvalidState(format!(
+                    "{kind} {id} was last written with a clock stamp at the end of time ({floor}) by a terminal whose clock is wrong or forged; no later edit can sort after it"
+                ))
+            })?;
+        }
         let mut ctx = ctx_before.clone();
         ctx.observe(&self.identity.pos_id, seq);
         let change = Change {

@@ -381,6 +381,8 @@ pub struct DashboardRows {
     pub alert_heartbeat_timeouts: Vec<Value>,
     /// `alert_sync_stalled`: peers whose catch-up stopped progressing in the last hour.
     pub alert_sync_stalled: Vec<Value>,
+    /// `alert_clock_ahead`: origins whose changes are stamped far ahead of this clock.
+    pub alert_clock_ahead: Vec<Value>,
 }
 
 impl StoreReader {
@@ -407,6 +409,7 @@ impl StoreReader {
             alert_handshake_failures: rows_json_named(&self.conn, ALERT_HANDSHAKE_FAILURES_SQL, &day_window)?,
             alert_heartbeat_timeouts: rows_json_named(&self.conn, ALERT_HEARTBEAT_TIMEOUTS_SQL, &day_window)?,
             alert_sync_stalled: rows_json_named(&self.conn, ALERT_SYNC_STALLED_SQL, &day_window)?,
+            alert_clock_ahead: rows_json_named(&self.conn, ALERT_CLOCK_AHEAD_SQL, &day_window)?,
         })
     }
 
@@ -760,3 +763,12 @@ WHERE event_type = 'sync_failed' AND peer_name IS NOT NULL AND error_message LIK
   AND created_at >= datetime(:now, '-1 hour') AND created_at <= :now
 GROUP BY peer_id
 ORDER BY peer;"#;
+
+/// `alert_clock_ahead` of docs/DASHBOARD.md.
+const ALERT_CLOCK_AHEAD_SQL: &str = r#"SELECT json_extract(details, '$.origin') AS origin, COUNT(*) AS changes,
+       MAX(json_extract(details, '$.clockAheadMs')) AS max_ahead_ms, 'critical' AS level
+FROM p2p_sync_logs
+WHERE created_at >= datetime(:now, '-1 hour') AND created_at <= :now
+  AND details LIKE '%"clockAheadMs"%'
+GROUP BY origin
+ORDER BY origin;"#;

@@ -503,3 +503,106 @@ fn a_conflict_the_local_version_wins_is_logged_skipped_as_the_seed_says() {
         assert_eq!(t.count("SELECT COUNT(*) FROM p2p_conflicts"), 1, "{}", t.name);
     }
 }
+
+#[test]
+fn a_change_stamped_at_the_end_of_time_neither_corrupts_nor_blocks_the_till() {
+    // Issue 13, item 4: one update stamped with the largest clock value used to overflow the
+    // receiver's clock on its next edits (a negative stamp, "database content is corrupt",
+    // sales refused). Now the clock does not follow a stamp that far ahead.
+    use possync_core::hlc::MAX_MS;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut evil = terminal(&dir, "evil", &clock, (MAX_MS - 1_700_000_000_000) as i64);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "cake", "sku": "C1", "name": "Cake", "price": 3}))
+        .unwrap();
+    sync(&mut a, &mut evil, 100);
+    evil.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 99})).unwrap();
+    // The last stamp there is: the counter at its top too.
+    let since = a.store.summary().clone();
+    let mut forged = evil.store.reader().unwrap().select_changes(&since, 0, 100).unwrap().changes;
+    assert_eq!(forged.len(), 1);
+    let text = serde_json::to_string(&forged[0])
+        .unwrap()
+        .replace(&format!("{MAX_MS}-0"), &format!("{MAX_MS}-65535"));
+    forged[0] = serde_json::from_str(&text).unwrap();
+    let report =
+        a.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged.clone()).unwrap();
+    assert_eq!((report.applied, report.clock_ahead), (1, 1));
+    let details = a.query("SELECT details FROM p2p_sync_logs ORDER BY id DESC LIMIT 1")[0]["details"].clone();
+    assert!(details.as_str().unwrap().contains("clockAheadMs"), "{details}");
+
+    // Later local edits and sales: no overflow, every row readable, sales go on.
+    for price in 2..10 {
+        a.store.update_record(EntityKind::Product, &id("cake"), &json!({"price": price})).unwrap();
+    }
+    // The record the forged change wrote cannot be edited over a stamp at the end of time:
+    // refused with a clear error here, rather than kept here and lost everywhere else.
+    let refused = a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::InvalidState(message) if message.contains("end of time")),
+        "{refused}"
+    );
+    a.store.record_sale(&sale("tea", "1", "200")).unwrap();
+    a.store.record_sale(&sale("cake", "1", "200")).unwrap();
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes WHERE hlc < 0"), 0);
+    let max_local = a.count(
+        "SELECT MAX(hlc) FROM sync_changes WHERE origin = (SELECT idx FROM sync_origins WHERE pos_id = 'a')",
+    );
+    assert!(
+        (max_local >> 16) <= 1_700_000_000_000 + 3_600_000,
+        "the clock did not follow the forged stamp: {}",
+        max_local >> 16
+    );
+    let reader = a.store.reader().unwrap();
+    let tea = reader.record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+    let cake = reader.record(EntityKind::Product, &id("cake")).unwrap().unwrap();
+    assert_eq!(cake["price"], json!(9.0), "records the stamp never touched edit normally");
+    assert_eq!(tea["price"], json!(99.0));
+    assert_eq!(tea["stock"], json!(-1.0));
+    drop(reader);
+    // Every terminal ends identical all the same.
+    sync(&mut a, &mut b, 100);
+    b.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged).unwrap();
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(b.count("SELECT COUNT(*) FROM sync_changes WHERE hlc < 0"), 0);
+}
+
+#[test]
+fn an_edit_after_a_change_stamped_far_ahead_still_wins_on_every_terminal() {
+    // A till whose clock runs a year ahead: its edit is merged by its stamp; a later edit of
+    // the same record here is stamped after it (not at this clock's time), so it wins here
+    // and everywhere, and this terminal's clock stays where it was for other records.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut ahead = terminal(&dir, "ahead", &clock, 365 * 86_400_000);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut ahead, 100);
+    ahead.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 50})).unwrap();
+    sync(&mut ahead, &mut a, 100);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "jam", "sku": "J1", "name": "Jam", "price": 4}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut ahead, &mut b, 100);
+    sync(&mut a, &mut ahead, 100);
+    for t in [&a, &b, &ahead] {
+        let tea = t.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+        assert_eq!(tea["price"], json!(3.0), "{}", t.name);
+    }
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(a.dump(), ahead.dump());
+    let jam = a.store.reader().unwrap().record(EntityKind::Product, &id("jam")).unwrap().unwrap();
+    assert!(jam["updatedAt"].as_str().unwrap().starts_with("2023-11-14"), "{jam}");
+}

@@ -169,6 +169,15 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
         );
         alerts.push((text(row, "level"), peer, message));
     }
+    for row in &rows.alert_clock_ahead {
+        let origin = text(row, "origin");
+        let message = format!(
+            "{} change(s) from till {origin} in the last hour are stamped up to {:.1} h ahead of this till's clock: check that till's clock. The fields they set can only be edited after them.",
+            number(row, "changes"),
+            number(row, "maxAheadMs") / 3_600_000.0,
+        );
+        alerts.push((text(row, "level"), origin, message));
+    }
     for row in &rows.alert_heartbeat_timeouts {
         let peer = text(row, "peer");
         let message = format!(
