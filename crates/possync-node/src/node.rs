@@ -233,7 +233,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A port could not be bound.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         /// The address.
         address: SocketAddr,

@@ -422,6 +422,21 @@ impl StoreReader {
         )
     }
 
+    /// Every peer that ever authenticated, with its last connection event (for `possync
+    /// status` on a stopped node).
+    pub fn known_peers(&self) -> Result<Vec<Value>> {
+        rows_json(
+            &self.conn,
+            "SELECT peer_id AS id, peer_name AS name, event_type AS last_event, created_at AS last_seen
+             FROM p2p_connection_metrics m
+             WHERE peer_name IS NOT NULL
+               AND id = (SELECT MAX(id) FROM p2p_connection_metrics m2
+                         WHERE m2.peer_id = m.peer_id AND m2.peer_name IS NOT NULL)
+             ORDER BY name, id",
+            [],
+        )
+    }
+
     /// The highest conflict id so far (0 when there is none).
     pub fn last_conflict_id(&self) -> Result<i64> {
         Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM p2p_conflicts", [], |row| row.get(0))?)

@@ -42,6 +42,8 @@ enum Command {
     Stats(client::ClientArgs),
     /// List recent conflicts.
     Conflicts(client::ListArgs),
+    /// Resolve an open (`manual`) conflict: keep the local or the remote version.
+    Resolve(client::ResolveArgs),
     /// List recent sync log rows.
     Logs(client::ListArgs),
     /// Delete log rows older than the retention period (or --older-than DAYS).
@@ -103,6 +105,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: not in a log file or a journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Init(args) => init(&args),
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::Status(args) => client::status(&args),
         Command::Stats(args) => client::stats(&args),
         Command::Conflicts(args) => client::conflicts(&args),
+        Command::Resolve(args) => client::resolve(&args),
         Command::Logs(args) => client::logs(&args),
         Command::Cleanup(args) => client::cleanup(&args),
     };
