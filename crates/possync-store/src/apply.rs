@@ -86,6 +86,9 @@ impl Store {
     pub fn apply_batch(&mut self, peer: PeerRef<'_>, changes: Vec<WireChange>) -> Result<ApplyReport> {
         self.write(false, |store| {
             let mut report = ApplyReport::default();
+            if !changes.is_empty() {
+                store.note_terminal(peer.id, peer.name)?;
+            }
             for wire in changes {
                 store.apply_one(peer, wire, &mut report)?;
             }
@@ -248,7 +251,7 @@ impl Store {
                 conflict.report.conflict_type.as_str().to_string(),
                 conflict.report.strategy.as_str().to_string(),
             ));
-            self.log_conflict(peer, &conflict)?;
+            self.log_conflict(&origin, peer, &conflict)?;
         }
         self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())

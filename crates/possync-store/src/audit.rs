@@ -6,7 +6,7 @@
 //! the node through [`Store::log_connection_event`], off the sync path.
 
 use possync_core::merge::ConflictReport;
-use possync_core::{EntityId, EntityKind, entity};
+use possync_core::{EntityId, EntityKind, PosId, entity};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -163,9 +163,50 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn log_conflict(&mut self, peer: PeerRef<'_>, row: &ConflictRow) -> Result<()> {
+    /// Remembers a terminal's name (from a peer's handshake), for naming the origin of
+    /// edits in the audit trail.
+    pub(crate) fn note_terminal(&mut self, pos_id: &str, name: &str) -> Result<()> {
+        let now = self.now_sqlite();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_terminals (pos_id, name, seen_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (pos_id) DO UPDATE SET name = excluded.name, seen_at = excluded.seen_at
+                 WHERE name <> excluded.name OR seen_at < date(excluded.seen_at)",
+            )?
+            .execute(params![pos_id, truncate(name, 256), now])?;
+        Ok(())
+    }
+
+    /// The name of a terminal this node has heard of, if any.
+    fn terminal_name(&self, pos_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM sync_terminals WHERE pos_id = ?1")?
+            .query_row([pos_id], |row| row.get(0))
+            .optional()?)
+    }
+
+    /// One `p2p_conflicts` row. It names the till where the remote edit was made (the
+    /// change's origin), by name when known, and says in its notes which peer passed it on
+    /// when that is another till.
+    pub(crate) fn log_conflict(
+        &mut self,
+        origin: &PosId,
+        peer: PeerRef<'_>,
+        row: &ConflictRow,
+    ) -> Result<()> {
         let now = self.now_sqlite();
         let report = &row.report;
+        let origin_name = if origin.as_str() == peer.id {
+            peer.name.to_string()
+        } else {
+            self.terminal_name(origin.as_str())?.unwrap_or_else(|| origin.to_string())
+        };
+        let notes = if origin.as_str() == peer.id {
+            report.notes.clone()
+        } else {
+            format!("{} (edit made on {origin_name}, received through {})", report.notes, peer.name)
+        };
         self.conn
             .prepare_cached(
                 "INSERT INTO p2p_conflicts (peer_id, peer_name, entity_type, entity_id, conflict_type, local_data,
@@ -174,8 +215,8 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?
             .execute(params![
-                peer.id,
-                peer.name,
+                origin.as_str(),
+                origin_name,
                 row.entity.as_str(),
                 row.id.as_str(),
                 report.conflict_type.as_str(),
@@ -187,7 +228,7 @@ impl Store {
                 report.final_data.to_string(),
                 if report.open { None } else { Some("system") },
                 if report.open { None } else { Some(now.clone()) },
-                report.notes,
+                notes,
                 now,
             ])?;
         Ok(())

@@ -10,8 +10,18 @@ use rusqlite_migration::{M, Migrations};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INITIAL)])
+    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS)])
 }
+
+/// The terminals this node has heard of by name, so that the audit trail can name the till
+/// where an edit was made (its origin), not only the peer that passed it on.
+const V_TERMINALS: &str = r#"
+CREATE TABLE sync_terminals (
+    pos_id  TEXT PRIMARY KEY,
+    name    TEXT NOT NULL,
+    seen_at TEXT NOT NULL
+) WITHOUT ROWID;
+"#;
 
 /// The settings (SPEC section 3): key, default value, type, description.
 pub const DEFAULT_SETTINGS: &[(&str, &str, &str, &str)] = &[

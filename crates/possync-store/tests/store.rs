@@ -606,3 +606,30 @@ fn an_edit_after_a_change_stamped_far_ahead_still_wins_on_every_terminal() {
     let jam = a.store.reader().unwrap().record(EntityKind::Product, &id("jam")).unwrap().unwrap();
     assert!(jam["updatedAt"].as_str().unwrap().starts_with("2023-11-14"), "{jam}");
 }
+
+#[test]
+fn a_conflict_names_the_till_where_the_edit_was_made_not_the_one_that_relayed_it() {
+    // Issue 10, item 10: A's edit reaches C through B; C's conflict row names A.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut c = terminal(&dir, "c", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut c, 100); // C has met A once (learns its name)
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    c.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap();
+    clock.advance(10);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut c, 100); // A's edit, relayed by B
+    let rows = c.query("SELECT peer_id, peer_name, notes FROM p2p_conflicts");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["peerId"], json!("a"));
+    assert_eq!(rows[0]["peerName"], json!("a"));
+    let notes = rows[0]["notes"].as_str().unwrap();
+    assert!(notes.contains("received through b"), "{notes}");
+}
