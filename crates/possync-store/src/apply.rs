@@ -130,6 +130,7 @@ impl Store {
             .and_then(|data| data.get("id"))
             .and_then(Value::as_str)
             .map(|id| id.chars().take(64).collect::<String>());
+        let decided_by = data.as_ref().ok().and_then(possync_core::change::decided_by).map(str::to_string);
         let log = SyncLog {
             peer_id: peer.id,
             peer_name: Some(peer.name),
@@ -253,6 +254,11 @@ impl Store {
             ));
             self.log_conflict(&origin, peer, &conflict)?;
         }
+        if matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
+            let origin_name =
+                if origin.as_str() == peer.id { peer.name.to_string() } else { origin.to_string() };
+            self.close_decided_conflicts(&change, decided_by.as_deref(), &origin_name)?;
+        }
         self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())
     }
@@ -329,7 +335,12 @@ impl Store {
                     } else {
                         report.conflict_type.as_str().to_string()
                     }),
-                    conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
+                    conflict: Some(ConflictRow {
+                        entity: kind,
+                        id: change.id.clone(),
+                        report: *report,
+                        ctx: outcome.state.ctx.clone(),
+                    }),
                 }
             }
         })

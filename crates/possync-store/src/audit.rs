@@ -58,6 +58,8 @@ pub(crate) struct ConflictRow {
     pub(crate) entity: EntityKind,
     pub(crate) id: EntityId,
     pub(crate) report: ConflictReport,
+    /// The record's context right after the merge: both sides of the clash.
+    pub(crate) ctx: possync_core::VersionVector,
 }
 
 /// The connection events of `p2p_connection_metrics`.
@@ -231,7 +233,74 @@ impl Store {
                 notes,
                 now,
             ])?;
+        if report.open {
+            let ctx = serde_json::to_string(&row.ctx).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO conflict_sides (conflict_id, ctx) VALUES (last_insert_rowid(), ?1)",
+                )?
+                .execute([ctx])?;
+        }
         Ok(())
+    }
+
+    /// Closes the open conflicts on a record that `change` (remote, just merged) decides: it
+    /// was written having seen both sides. With `decided_by` (a person's decision on another
+    /// till) the conflict is closed in that person's name; otherwise it was superseded by a
+    /// later edit. Returns how many were closed.
+    pub(crate) fn close_decided_conflicts(
+        &mut self,
+        change: &possync_core::Change,
+        decided_by: Option<&str>,
+        origin_name: &str,
+    ) -> Result<usize> {
+        let open: Vec<(i64, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT c.id, s.ctx FROM p2p_conflicts c JOIN conflict_sides s ON s.conflict_id = c.id
+                 WHERE c.entity_type = ?1 AND c.entity_id = ?2 AND c.resolved_by IS NULL",
+            )?
+            .query_map(params![change.entity.as_str(), change.id.as_str()], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if open.is_empty() {
+            return Ok(0);
+        }
+        let final_data = match records::load(&self.conn, &self.origins, change.entity, &change.id)? {
+            Some(state) if !state.deleted => {
+                let stock = if change.entity == EntityKind::Product {
+                    Some(records::product_stock(&self.conn, &change.id)?)
+                } else {
+                    None
+                };
+                records::api_json(change.entity, &change.id, &state, stock)
+            }
+            _ => serde_json::json!({"id": change.id, "deleted": true}),
+        };
+        let now = self.now_sqlite();
+        let mut closed = 0;
+        for (conflict_id, sides) in open {
+            let sides: possync_core::VersionVector = serde_json::from_str(&sides)
+                .map_err(|err| StoreError::Corrupt(format!("conflict_sides {conflict_id}: {err}")))?;
+            if !change.ctx.dominates(&sides) {
+                continue;
+            }
+            let (resolved_by, note) = match decided_by {
+                Some(user) => (user.to_string(), format!(" Decided by {user} on {origin_name}.")),
+                None => (
+                    "superseded".to_string(),
+                    format!(" Superseded by a later edit made on {origin_name} with both versions in view."),
+                ),
+            };
+            self.conn.execute(
+                "UPDATE p2p_conflicts SET resolved_by = ?2, resolved_at = ?3, final_data = ?4,
+                        notes = COALESCE(notes, '') || ?5 WHERE id = ?1",
+                params![conflict_id, resolved_by, now, final_data.to_string(), note],
+            )?;
+            closed += 1;
+        }
+        Ok(closed)
     }
 
     /// Records a connection event (connected, disconnected with counters, sync_completed...).
@@ -304,13 +373,16 @@ impl Store {
             let final_data = if wants_deleted {
                 if !state.deleted {
                     let newest = state.newest().cloned();
+                    store.decided_by = Some(user.to_string());
                     let change = store.emit_local(
                         kind,
                         &id,
                         possync_core::ChangeBody::Delete,
                         &state.ctx,
                         newest.as_ref(),
-                    )?;
+                    );
+                    store.decided_by = None;
+                    let change = change?;
                     let mut state = state;
                     state.deleted = true;
                     state.existence = Some(crate::local::local_version(&change));
@@ -325,7 +397,10 @@ impl Store {
                 if fields.is_empty() {
                     return Err(StoreError::invalid("data", "the chosen version holds no field"));
                 }
-                store.write_fields(kind, &id, state, fields, false)?
+                store.decided_by = Some(user.to_string());
+                let written = store.write_fields(kind, &id, state, fields, false);
+                store.decided_by = None;
+                written?
             };
             let now = store.now_sqlite();
             store.conn.execute(

@@ -133,6 +133,10 @@ pub struct Store {
     /// True while [`Store::group_commit`] holds a transaction open: each write inside it is a
     /// savepoint.
     in_group: bool,
+    /// Set by a person's conflict decision for the one local write that carries it: who
+    /// decided, written into the change's `data.sync.decidedBy` so that every till closes
+    /// its copy of the conflict with the same name.
+    decided_by: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -272,6 +276,7 @@ impl Store {
             vv,
             settings,
             outbox: Vec::new(),
+            decided_by: None,
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
@@ -493,7 +498,10 @@ impl Store {
             id: id.clone(),
             body,
         };
-        let wire = change.to_wire();
+        let mut wire = change.to_wire();
+        if let Some(user) = self.decided_by.take() {
+            wire = possync_core::change::with_decided_by(&wire, &user);
+        }
         let bytes = wire.data.get().len();
         if bytes > MAX_CHANGE_BYTES {
             return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });

@@ -633,3 +633,41 @@ fn a_conflict_names_the_till_where_the_edit_was_made_not_the_one_that_relayed_it
     let notes = rows[0]["notes"].as_str().unwrap();
     assert!(notes.contains("received through b"), "{notes}");
 }
+
+#[test]
+fn a_manual_decision_on_one_till_closes_the_conflict_on_every_till() {
+    // Issue 10, item 3: the decision travels like any change and closes B's copy too, in the
+    // decider's name; deciding it again on B is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    for t in [&mut a, &mut b] {
+        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    }
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 6})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    let open = |t: &common::Terminal| t.count("SELECT COUNT(*) FROM p2p_conflicts WHERE resolved_by IS NULL");
+    assert_eq!((open(&a), open(&b)), (1, 1));
+    let on_a = a.query("SELECT id FROM p2p_conflicts")[0]["id"].as_i64().unwrap();
+    a.store.resolve_conflict(on_a, &Resolution::Remote, "manager-anna").unwrap();
+    sync(&mut a, &mut b, 100);
+    assert_eq!((open(&a), open(&b)), (0, 0));
+    let row = &b.query("SELECT id, resolved_by, resolved_at, final_data, notes FROM p2p_conflicts")[0];
+    assert_eq!(row["resolvedBy"], json!("manager-anna"));
+    assert!(row["resolvedAt"].is_string());
+    assert!(row["notes"].as_str().unwrap().contains("Decided by manager-anna"), "{row}");
+    assert!(row["finalData"].as_str().unwrap().contains("\"price\":6"), "{row}");
+    let again = b.store.resolve_conflict(row["id"].as_i64().unwrap(), &Resolution::Local, "manager-bob");
+    assert!(matches!(again, Err(StoreError::ConflictResolved(_))), "{again:?}");
+    assert_eq!(a.dump(), b.dump());
+    let tea = b.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+    assert_eq!(tea["price"], json!(6.0));
+}
