@@ -93,6 +93,7 @@ fn drive(
         config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
         config.batch_size = settings.batch_size;
         config.auto_sync = settings.auto_sync;
+        config.instance = Some(node.instance.clone());
         let mut session = Session::new(config, role, summary, now_ms());
         let mut catch_up = CatchUpWatch::new(now_ms(), stalled_after_ms(settings.heartbeat_interval_ms));
         let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
@@ -124,6 +125,32 @@ fn drive(
                 match event {
                     Event::Established { peer: info } => {
                         tracing::Span::current().record("peer", tracing::field::display(&info.pos_id));
+                        let me = &node.identity.pos_id;
+                        if let Some(ours) = node.summary().await
+                            && info.summary.get(me) > ours.get(me)
+                        {
+                            // Adopted by the catch-up that follows; but any change this till
+                            // wrote since it fell behind reuses numbers the peers already hold.
+                            warn!(
+                                theirs = info.summary.get(me).0,
+                                ours = ours.get(me).0,
+                                "a peer holds more of this till's own changes than it does"
+                            );
+                            node.metrics.identity_clashes.inc();
+                            let mut row = event_row(
+                                &info.pos_id,
+                                &info.pos_name,
+                                ConnectionEventKind::SyncFailed,
+                                session.stats(),
+                            );
+                            row.error_message = Some(format!(
+                                "own changes behind: {} holds this till's changes up to {}, this till only up to {}: it was restored from a backup or its data directory was copied. Its missing changes are taken back from the peers; see docs/DESIGN.md",
+                                info.pos_name,
+                                info.summary.get(me).0,
+                                ours.get(me).0
+                            ));
+                            node.record_event(row);
+                        }
                         let registration = node.peers.register(
                             &node.identity.pos_id,
                             &info.pos_id,
@@ -270,6 +297,21 @@ fn drive(
                                 &detail,
                             );
                         }
+                    }
+                    Event::IdentityClash { instance } => {
+                        warn!(%address, %instance, "another running terminal uses this terminal's posId");
+                        node.metrics.identity_clashes.inc();
+                        let mut row = event_row(
+                            &node.identity.pos_id,
+                            "another terminal with this posId",
+                            ConnectionEventKind::SyncFailed,
+                            session.stats(),
+                        );
+                        row.error_message = Some(format!(
+                            "identity clash: another running terminal at {} uses this terminal's posId (a cloned disk or a copied data directory). Give it its own identity: `possync init` on a fresh data directory, then `possync import` or a catch-up",
+                            address.ip()
+                        ));
+                        node.record_event(row);
                     }
                     Event::Superseded => {
                         debug!("the peer keeps another connection to us; closing this one");

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub sync_stalls: Counter,
     /// Remote changes stamped further ahead of this terminal's clock than it follows.
     pub remote_clock_ahead: Counter,
+    /// Signs that another terminal uses this one's identity (a clone, a restored backup).
+    pub identity_clashes: Counter,
     /// Connections that never authenticated, by reason (wrong shop secret, not a possync
     /// peer, handshake timeout, over the handshake budget...).
     pub connections_rejected: Family<Reason, Counter>,
@@ -108,6 +110,7 @@ impl Metrics {
             protocol_violations: Counter::default(),
             sync_stalls: Counter::default(),
             remote_clock_ahead: Counter::default(),
+            identity_clashes: Counter::default(),
             connections_rejected: Family::default(),
         };
         registry.register(
@@ -164,6 +167,11 @@ impl Metrics {
             "remote_clock_ahead",
             "Remote changes stamped more than an hour ahead of this terminal's clock (a till with a wrong clock, or a forged stamp)",
             metrics.remote_clock_ahead.clone(),
+        );
+        registry.register(
+            "identity_clashes",
+            "Signs that another terminal uses this one's posId: a clone met, or a peer holding more of this terminal's own changes than it does",
+            metrics.identity_clashes.clone(),
         );
         registry.register(
             "connections_rejected",

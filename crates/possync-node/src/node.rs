@@ -128,6 +128,9 @@ pub struct NodeShared {
     events: mpsc::Sender<ConnectionEvent>,
     /// True while the peer listener runs.
     listening: watch::Sender<bool>,
+    /// A random id of this run of the node, sent in handshakes: another node with this
+    /// terminal's posId (a clone) has another one.
+    pub instance: String,
 }
 
 impl NodeShared {
@@ -271,6 +274,7 @@ impl Node {
             reconnect: Notify::new(),
             events: events_tx,
             listening: watch::Sender::new(false),
+            instance: format!("{:016x}", rand::random::<u64>()),
         });
         let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
         let mut tasks = JoinSet::new();

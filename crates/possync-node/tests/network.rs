@@ -540,6 +540,47 @@ async fn with_auto_sync_off_changes_wait_for_sync_now() {
     a.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tills_with_one_identity_are_detected_and_a_restored_till_takes_its_changes_back() {
+    // Issue 13, item 2. A till with three sales' worth of changes, a peer that has them all.
+    let a = start(Options::new("Till A")).await;
+    let b = start(Options::new("Till B").peer(a.peer_addr())).await;
+    for n in 0..3 {
+        product(&a, &format!("p-{n}"), "1.00").await;
+    }
+    wait_converged(&[&a, &b]).await;
+    // A's disk restored from an old backup (nothing yet) on another machine, same posId.
+    let restored = start_as(Options::new("Till A").peer(b.peer_addr()), Some(a.pos_id())).await;
+    wait_until("the restored till took its own changes back from B", SOON, || {
+        let shared = Arc::clone(restored.shared());
+        let me = restored.pos_id();
+        async move { shared.summary().await.is_some_and(|vv| vv.get(&me).0 == 3) }
+    })
+    .await;
+    let behind = wait_for_metric(&restored, "sync_failed", 1).await;
+    assert!(behind[0]["errorMessage"].as_str().unwrap().starts_with("own changes behind:"), "{behind:?}");
+    // The clone dials the original: both see a second live holder of the identity.
+    let clone = start_as(Options::new("Till A (clone)").peer(a.peer_addr()), Some(a.pos_id())).await;
+    for node in [&a, &clone] {
+        let clashes = wait_for_metric(node, "sync_failed", 1).await;
+        assert!(
+            clashes
+                .iter()
+                .any(|row| row["errorMessage"].as_str().unwrap_or_default().starts_with("identity clash:")),
+            "{clashes:?}"
+        );
+        let now = possync_node::node::now_ms();
+        let dashboard = read(node, move |reader| reader.dashboard_rows(now)).await;
+        assert_eq!(dashboard.alert_identity.len(), 1);
+        assert!(node.shared().metrics.encode().contains("identity_clashes_total"));
+    }
+    assert_eq!(product_count(&restored).await, 3);
+    clone.shutdown().await;
+    restored.shutdown().await;
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
 /// A WebSocket relay between a dialler and `upstream`, recording what the dialler sends.
 async fn recording_relay(
     listener: TcpListener,

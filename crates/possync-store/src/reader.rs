@@ -383,6 +383,8 @@ pub struct DashboardRows {
     pub alert_sync_stalled: Vec<Value>,
     /// `alert_clock_ahead`: origins whose changes are stamped far ahead of this clock.
     pub alert_clock_ahead: Vec<Value>,
+    /// `alert_identity`: signs that another terminal uses this one's identity.
+    pub alert_identity: Vec<Value>,
 }
 
 impl StoreReader {
@@ -410,6 +412,7 @@ impl StoreReader {
             alert_heartbeat_timeouts: rows_json_named(&self.conn, ALERT_HEARTBEAT_TIMEOUTS_SQL, &day_window)?,
             alert_sync_stalled: rows_json_named(&self.conn, ALERT_SYNC_STALLED_SQL, &day_window)?,
             alert_clock_ahead: rows_json_named(&self.conn, ALERT_CLOCK_AHEAD_SQL, &day_window)?,
+            alert_identity: rows_json_named(&self.conn, ALERT_IDENTITY_SQL, &day_window)?,
         })
     }
 
@@ -787,3 +790,15 @@ WHERE created_at >= datetime(:now, '-1 hour') AND created_at <= :now
   AND details LIKE '%"clockAheadMs"%'
 GROUP BY origin
 ORDER BY origin;"#;
+
+/// `alert_identity` of docs/DASHBOARD.md.
+const ALERT_IDENTITY_SQL: &str = r#"SELECT COUNT(*) AS events, MAX(created_at) AS last_seen,
+       (SELECT m2.error_message FROM p2p_connection_metrics m2 WHERE m2.event_type = 'sync_failed'
+         AND (m2.error_message LIKE 'identity clash:%' OR m2.error_message LIKE 'own changes behind:%')
+         ORDER BY m2.created_at DESC, m2.id DESC LIMIT 1) AS message,
+       'critical' AS level
+FROM p2p_connection_metrics
+WHERE event_type = 'sync_failed'
+  AND (error_message LIKE 'identity clash:%' OR error_message LIKE 'own changes behind:%')
+  AND created_at >= :since AND created_at <= :now
+HAVING COUNT(*) > 0;"#;

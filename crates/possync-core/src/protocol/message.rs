@@ -51,6 +51,10 @@ const _: () =
 /// through the other connection.
 pub const DUPLICATE_CONNECTION: &str = "duplicate_connection";
 
+/// The `error` code a node sends when a peer introduces itself with this node's own posId
+/// from another running node (a different `instance`): two terminals share one identity.
+pub const IDENTITY_CLASH: &str = "identity_clash";
+
 /// Longest piece of peer-supplied text echoed back in an error message or a log row.
 const ECHO_LEN: usize = 64;
 
@@ -90,6 +94,10 @@ pub enum ProtocolError {
     /// The peer announced this node's own posId (`self_connection`); fatal.
     #[error("the peer announced this node's own posId")]
     SelfConnection,
+    /// The peer announced the receiver's own posId from another running node
+    /// (`identity_clash`): two terminals share one identity; fatal.
+    #[error("another running terminal uses this terminal's posId: a cloned disk or a copied data directory")]
+    IdentityClash,
     /// The peer broke the protocol too often on this connection (`too_many_errors`); fatal.
     #[error("{0} protocol errors on this connection, closing")]
     TooManyErrors(u32),
@@ -107,6 +115,7 @@ impl ProtocolError {
             ProtocolError::HandshakeRequired(_) => "handshake_required",
             ProtocolError::UnexpectedMessage(_) => "unexpected_message",
             ProtocolError::SelfConnection => "self_connection",
+            ProtocolError::IdentityClash => IDENTITY_CLASH,
             ProtocolError::TooManyErrors(_) => "too_many_errors",
         }
     }
@@ -118,6 +127,7 @@ impl ProtocolError {
             ProtocolError::VersionMismatch(_)
                 | ProtocolError::HandshakeRequired(_)
                 | ProtocolError::SelfConnection
+                | ProtocolError::IdentityClash
                 | ProtocolError::TooManyErrors(_)
         )
     }
@@ -175,6 +185,10 @@ pub struct Hello {
     /// The sender's node version vector: the highest seq it holds per origin, so that the
     /// other side can select exactly what it lacks.
     pub summary: VersionVector,
+    /// A random id of the sender's running node, new at each start (optional): two live
+    /// terminals with one posId (a cloned disk, a copied data directory) differ here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// The data of `pong`.
@@ -550,6 +564,7 @@ mod tests {
             pos_name: "Till 1".into(),
             protocol_version: 1,
             summary: vv(&[("a", 4)]),
+            instance: None,
         };
         let bodies = [
             Body::Hello(hello.clone()),

@@ -60,8 +60,9 @@ pub mod session;
 mod test_util;
 
 pub use message::{
-    Body, DUPLICATE_CONNECTION, ErrorData, Hello, MAX_BATCH_BYTES, MAX_CHANGE_BYTES, MAX_FRAME_LEN, Message,
-    PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck, SyncBatch, SyncRequest,
+    Body, DUPLICATE_CONNECTION, ErrorData, Hello, IDENTITY_CLASH, MAX_BATCH_BYTES, MAX_CHANGE_BYTES,
+    MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck, SyncBatch,
+    SyncRequest,
 };
 pub use progress::{CatchUpWatch, Stall, changes_behind};
 pub use session::{

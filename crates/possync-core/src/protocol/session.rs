@@ -20,8 +20,8 @@ use crate::time::rfc3339_ms;
 use crate::vv::VersionVector;
 
 use super::message::{
-    Body, DUPLICATE_CONNECTION, ErrorData, Hello, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError,
-    StampedChange, SyncAck, SyncBatch, SyncRequest, peek_type_action,
+    Body, DUPLICATE_CONNECTION, ErrorData, Hello, IDENTITY_CLASH, Message, PROTOCOL_VERSION, Peers, Pong,
+    ProtocolError, StampedChange, SyncAck, SyncBatch, SyncRequest, peek_type_action,
 };
 
 /// How long past a heartbeat interval a silent peer is still considered alive (SPEC 4:
@@ -48,6 +48,9 @@ pub struct SessionConfig {
     /// Protocol violations tolerated before the connection is closed with
     /// `too_many_errors`; zero is treated as 1.
     pub max_violations: u32,
+    /// This running node's random id (sent in the handshake): tells a clone of this
+    /// terminal (same posId, another node) from a connection to itself.
+    pub instance: Option<String>,
     /// `p2p_auto_sync`: send the peer what it lacks on connect, then push every change
     /// live. When false, this node sends only when asked: a `sync_request` from the peer
     /// (its "sync now" or a gap), or [`Session::request_sync`] here ("sync now", both ways).
@@ -144,6 +147,12 @@ pub enum Event {
         duration_ms: u64,
         /// Changes received in its batches (duplicates included).
         changes_received: u64,
+    },
+    /// Another running terminal uses this terminal's posId (it introduced itself with it, or
+    /// refused us for it): a cloned disk or a copied data directory. Alert; a `Closed` follows.
+    IdentityClash {
+        /// The other node's instance id, when it said it.
+        instance: String,
     },
     /// The peer was silent too long (log `heartbeat_timeout`); a `Closed` follows.
     HeartbeatTimeout,
@@ -330,6 +339,7 @@ impl SessionConfig {
             batch_size: 100,
             max_violations: 10,
             auto_sync: true,
+            instance: None,
         }
     }
 }
@@ -657,7 +667,14 @@ impl Session {
                     return;
                 }
                 if hello.pos_id == self.config.pos_id {
-                    self.violation(ProtocolError::SelfConnection, kind, action);
+                    let clone = matches!((&hello.instance, &self.config.instance), (Some(theirs), Some(ours)) if theirs != ours);
+                    if clone {
+                        self.events
+                            .push_back(Event::IdentityClash { instance: hello.instance.unwrap_or_default() });
+                        self.violation(ProtocolError::IdentityClash, kind, action);
+                    } else {
+                        self.violation(ProtocolError::SelfConnection, kind, action);
+                    }
                     return;
                 }
                 if self.role == Role::Responder {
@@ -667,6 +684,9 @@ impl Session {
                 self.establish(hello);
             }
             (_, Body::Error(error)) => {
+                if error.code == IDENTITY_CLASH {
+                    self.events.push_back(Event::IdentityClash { instance: String::new() });
+                }
                 let reason = format!("peer refused the handshake: {}", error.code);
                 self.events.push_back(Event::PeerError { code: error.code, message: error.message });
                 self.close_with(reason);
@@ -688,6 +708,7 @@ impl Session {
             pos_name: self.config.pos_name.clone(),
             protocol_version: PROTOCOL_VERSION,
             summary: self.local_summary.clone(),
+            instance: self.config.instance.clone(),
         }
     }
 

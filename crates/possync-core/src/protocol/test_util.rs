@@ -40,6 +40,7 @@ pub(crate) fn config(id: &str) -> SessionConfig {
         batch_size: 3,
         max_violations: 3,
         auto_sync: true,
+        instance: None,
     }
 }
 

@@ -169,6 +169,10 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
         );
         alerts.push((text(row, "level"), peer, message));
     }
+    for row in &rows.alert_identity {
+        let message = format!("Two tills share one identity: {}", text(row, "message"));
+        alerts.push((text(row, "level"), String::new(), message));
+    }
     for row in &rows.alert_clock_ahead {
         let origin = text(row, "origin");
         let message = format!(

@@ -88,10 +88,15 @@ impl Options {
 
 /// Starts an in-process node on 127.0.0.1:0, no API, no discovery.
 pub async fn start(options: Options) -> TestNode {
+    start_as(options, None).await
+}
+
+/// [`start`] with a given posId (two nodes given the same one are a clone of each other).
+pub async fn start_as(options: Options, pos_id: Option<PosId>) -> TestNode {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join(possync_store::DB_FILE);
-    let mut store =
-        Store::init(&path, None, &options.name, Box::new(SystemEnvironment::default())).expect("a new store");
+    let mut store = Store::init(&path, pos_id, &options.name, Box::new(SystemEnvironment::default()))
+        .expect("a new store");
     for (key, value) in &options.settings {
         store.set_setting(key, value).expect("a valid setting");
     }
