@@ -95,6 +95,9 @@ pub struct PeerEntry {
     pub name: String,
     /// Its address (of the current or last connection).
     pub address: Option<SocketAddr>,
+    /// That connection was dialled by the peer: its port is an ephemeral one, not the
+    /// peer's listening port, so only the IP is shown.
+    pub inbound: bool,
     /// Connected now.
     pub online: bool,
     /// Last time anything was heard from it (Unix ms).
@@ -261,6 +264,7 @@ impl PeerTable {
         let entry = peers.entry(peer.clone()).or_insert_with(|| PeerEntry {
             name: name.to_string(),
             address: Some(address),
+            inbound: !we_initiated,
             online: false,
             last_seen_ms: now_ms,
             stats: ConnectionStats::default(),
@@ -283,6 +287,7 @@ impl PeerTable {
         }
         entry.name = name.to_string();
         entry.address = Some(address);
+        entry.inbound = !we_initiated;
         entry.online = true;
         entry.last_seen_ms = now_ms;
         // `reconnect_attempts` keeps the redials this connection took (the dialer counts them
@@ -451,7 +456,9 @@ impl PeerTable {
             .map(|(id, entry)| PeerStatus {
                 id: id.to_string(),
                 name: entry.name.clone(),
-                address: entry.address.map(|address| address.to_string()),
+                address: entry.address.map(|address| {
+                    if entry.inbound { format!("{} (dialled in)", address.ip()) } else { address.to_string() }
+                }),
                 online: entry.online,
                 last_seen: rfc3339(Some(entry.last_seen_ms)),
                 behind: if entry.online { entry.behind } else { 0 },

@@ -132,6 +132,13 @@ async fn two_terminals_sync_products_sales_and_stock_both_ways() {
         assert_eq!(coffee[0]["price"].to_string().trim_matches('"').parse::<f64>().unwrap(), 1.95);
         assert_eq!(count(node, "SELECT COUNT(*) AS n FROM p2p_conflicts").await, 0);
     }
+    // B dialled A: A shows B's IP only (its port is ephemeral), B shows where A listens.
+    let address_of = |node: &TestNode, peer: &TestNode| {
+        let status = node.shared().peers.status(true, true, &node.pos_id(), "");
+        status.peers.iter().find(|p| p.id == peer.pos_id().to_string()).and_then(|p| p.address.clone())
+    };
+    assert_eq!(address_of(&a, &b).as_deref(), Some("127.0.0.1 (dialled in)"));
+    assert_eq!(address_of(&b, &a), Some(a.peer_addr().to_string()));
     // Each side logged the connection.
     assert!(!metric_rows(&a, "connected").await.is_empty());
     assert!(!metric_rows(&b, "connected").await.is_empty());

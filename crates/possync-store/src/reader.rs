@@ -571,7 +571,10 @@ const DAILY_VOLUME_SQL: &str = r#"WITH RECURSIVE days(day) AS (
   SELECT date(day, '+1 day') FROM days WHERE day < date(:now)
 ),
 logs AS (
-  SELECT date(created_at) AS day, COUNT(*) AS changes, SUM(status = 'error') AS errors
+  SELECT date(created_at) AS day,
+         SUM(NOT (status = 'skipped' AND conflict_reason IN ('duplicate: already applied', 'already incorporated'))) AS changes,
+         SUM(status = 'skipped' AND conflict_reason IN ('duplicate: already applied', 'already incorporated')) AS duplicates,
+         SUM(status = 'error') AS errors
   FROM p2p_sync_logs
   WHERE created_at >= date(:now, '-13 days') AND created_at <= :now
   GROUP BY date(created_at)
@@ -584,6 +587,7 @@ conflicts AS (
 )
 SELECT days.day,
        COALESCE(logs.changes, 0) AS changes,
+       COALESCE(logs.duplicates, 0) AS duplicates,
        COALESCE(conflicts.conflicts, 0) AS conflicts,
        COALESCE(logs.errors, 0) AS errors
 FROM days

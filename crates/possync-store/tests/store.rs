@@ -671,3 +671,22 @@ fn a_manual_decision_on_one_till_closes_the_conflict_on_every_till() {
     let tea = b.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
     assert_eq!(tea["price"], json!(6.0));
 }
+
+#[test]
+fn daily_volume_counts_each_change_once_and_duplicates_apart() {
+    // Issue 10, item 12: a change delivered twice (a till connected to two others) is one change.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    let all = a.store.reader().unwrap().select_changes(&Default::default(), 0, 100).unwrap().changes;
+    for relay in ["a", "c"] {
+        b.store.apply_batch(possync_store::PeerRef { id: relay, name: relay }, all.clone()).unwrap();
+    }
+    let rows = b.store.reader().unwrap().dashboard_rows(1_700_000_000_000).unwrap();
+    let today = rows.daily_volume.last().unwrap();
+    assert_eq!((today["changes"].as_i64(), today["duplicates"].as_i64()), (Some(1), Some(1)), "{today}");
+}

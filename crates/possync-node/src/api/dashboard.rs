@@ -96,7 +96,7 @@ pub fn compose(rows: &DashboardRows) -> Value {
         .daily_volume
         .iter()
         .map(|row| {
-            json!({"day": field(row, "day"), "changes": field(row, "changes"),
+            json!({"day": field(row, "day"), "changes": field(row, "changes"), "duplicates": field(row, "duplicates"),
                    "conflicts": field(row, "conflicts"), "errors": field(row, "errors")})
         })
         .collect();

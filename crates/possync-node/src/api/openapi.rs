@@ -471,7 +471,7 @@ fn schemas() -> Value {
                 "syncSuccessRate": nullable(json!({"type": "number"})), "conflictsPerHour": nullable(json!({"type": "number"}))}},
             "history": {"type": "object", "properties": {
                 "daily": {"type": "array", "items": {"type": "object", "properties": {
-                    "day": string, "changes": int, "conflicts": int, "errors": int}}},
+                    "day": string, "changes": int, "duplicates": int, "conflicts": int, "errors": int}}},
                 "peers": {"type": "array", "items": {"type": "object"}}}},
             "rejected": {"type": "array", "items": {"type": "object", "properties": {
                 "address": string, "reason": string, "attempts": int, "lastHour": int,
