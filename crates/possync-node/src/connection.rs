@@ -18,7 +18,7 @@ use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
 use tokio::sync::broadcast;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::metrics::{ConflictLabels, PeerDirection, Status};
+use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, Status};
 use crate::node::{NodeShared, now_ms};
 use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
 use crate::transport::{SecureChannel, TransportError};
@@ -423,6 +423,8 @@ fn drive(
                         let stall = catch_up.observe(now_ms(), session.peer_known(), &ours)
                             .filter(|_| node.settings().auto_sync);
                         node.peers.set_behind(id, connection_id, catch_up.behind());
+                        let label = PeerLabel { peer: id.to_string() };
+                        node.metrics.changes_behind.get_or_create(&label).set(catch_up.behind() as i64);
                         if let Some(stall) = stall {
                             warn!(behind = stall.behind, for_ms = stall.for_ms, "catch-up stalled");
                             node.metrics.sync_stalls.inc();
@@ -469,6 +471,11 @@ fn drive(
             }
         }
         sender.close(&close_reason).await;
+        if let Some((id, _)) = &peer
+            && registered
+        {
+            node.metrics.changes_behind.remove(&PeerLabel { peer: id.to_string() });
+        }
         if let Some((id, name)) = &peer
             && registered
             && node.peers.unregister(id, connection_id, superseded_at)

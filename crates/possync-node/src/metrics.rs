@@ -73,6 +73,8 @@ pub struct Metrics {
     pub protocol_violations: Counter,
     /// Incoming catch-ups that stopped progressing while connected.
     pub sync_stalls: Counter,
+    /// Changes each connected peer holds that this node has not taken yet.
+    pub changes_behind: Family<PeerLabel, Gauge>,
     /// Remote changes stamped further ahead of this terminal's clock than it follows.
     pub remote_clock_ahead: Counter,
     /// Signs that another terminal uses this one's identity (a clone, a restored backup).
@@ -80,6 +82,13 @@ pub struct Metrics {
     /// Connections that never authenticated, by reason (wrong shop secret, not a possync
     /// peer, handshake timeout, over the handshake budget...).
     pub connections_rejected: Family<Reason, Counter>,
+}
+
+/// Label: a peer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// Its posId.
+    pub peer: String,
 }
 
 /// Label: why a connection was rejected.
@@ -109,6 +118,7 @@ impl Metrics {
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
             sync_stalls: Counter::default(),
+            changes_behind: Family::default(),
             remote_clock_ahead: Counter::default(),
             identity_clashes: Counter::default(),
             connections_rejected: Family::default(),
@@ -157,6 +167,11 @@ impl Metrics {
             "protocol_violations",
             "Frames refused as protocol violations",
             metrics.protocol_violations.clone(),
+        );
+        registry.register(
+            "peer_changes_behind",
+            "Changes a connected peer holds that this node has not taken yet (catch-up still to do), measured every 5 s",
+            metrics.changes_behind.clone(),
         );
         registry.register(
             "sync_stalls",

@@ -521,7 +521,9 @@ async fn a_catch_up_that_stops_progressing_shows_behind_and_raises_a_stall() {
     assert!(message.starts_with("catch-up stalled: 5 changes"), "{message}");
     assert_eq!(stalled[0]["peerId"], json!("till-ghost"));
     assert!(b.shared().peers.is_connected(&ghost_id), "the link itself stayed up");
-    assert!(b.shared().metrics.encode().contains("sync_stalls_total 1"));
+    let metrics = b.shared().metrics.encode();
+    assert!(metrics.contains("sync_stalls_total 1"), "{metrics}");
+    assert!(metrics.contains(r#"peer_changes_behind{peer="till-ghost"} 5"#), "{metrics}");
     let dashboard = read(&b, |reader| reader.dashboard_rows(possync_node::node::now_ms())).await;
     assert_eq!(dashboard.alert_sync_stalled.len(), 1, "{:?}", dashboard.alert_sync_stalled);
     keep_alive.abort();

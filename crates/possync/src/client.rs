@@ -234,7 +234,57 @@ pub fn status(args: &ClientArgs) -> Result<()> {
             ("lastSeen", "LAST SEEN"),
         ],
     );
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) && behind(&status) > 0 {
+        follow_catch_up(&api, behind(&status))?;
+    }
     Ok(())
+}
+
+/// Changes the connected peers hold that this node has not taken yet.
+fn behind(status: &Value) -> u64 {
+    status["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter(|peer| peer["online"] == Value::Bool(true))
+                .filter_map(|peer| peer["behind"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// On a terminal, while the node is catching up: a progress bar until it is in step (or
+/// makes no progress for 30 s; Ctrl-C stops watching, not the node).
+fn follow_catch_up(api: &Api, start: u64) -> Result<()> {
+    let bar = indicatif::ProgressBar::new(start);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("catching up [{bar:40}] {pos}/{len} changes, {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last_progress = std::time::Instant::now();
+    let mut left = start;
+    loop {
+        bar.set_message(format!("{left} behind"));
+        if left == 0 {
+            bar.finish_with_message("in step with every peer");
+            return Ok(());
+        }
+        if last_progress.elapsed() > Duration::from_secs(30) {
+            bar.abandon_with_message(format!(
+                "{left} behind, no progress for 30 s (see the dashboard's alerts)"
+            ));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let now = behind(&api.call("GET", "/api/status", None)?);
+        if now < left {
+            last_progress = std::time::Instant::now();
+        }
+        left = now;
+        bar.set_length(bar.length().unwrap_or(start).max(left));
+        bar.set_position(start.saturating_sub(left));
+    }
 }
 
 /// `possync status` of a stopped node: who it is, and every peer it knew with its last event.
