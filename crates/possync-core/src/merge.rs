@@ -332,7 +332,7 @@ pub fn merge_record(
         (0, _) => Winner::Local,
         _ => Winner::Both,
     };
-    let remote_data = remote_json(remote);
+    let remote_data = remote_json(before, remote);
     let notes = conflict_notes(conflict_type, strategy, winner, &contested, before, remote);
     let report = ConflictReport {
         conflict_type,
@@ -349,11 +349,17 @@ pub fn merge_record(
     MergeOutcome { state, changed, verdict: Verdict::Conflict(Box::new(report)) }
 }
 
-fn remote_json(remote: RemoteWrite<'_>) -> Value {
+/// The record as the remote edit makes it: the local record with the remote write's fields
+/// (a full record, so that the two snapshots of a conflict can be compared field by field),
+/// or a tombstone for a delete.
+fn remote_json(before: &RecordState, remote: RemoteWrite<'_>) -> Value {
     let mut object = Map::new();
     object.insert("id".into(), Value::String(remote.id.to_string()));
     match remote.fields {
         Some(fields) => {
+            for (name, value) in &before.values {
+                object.insert((*name).to_string(), value.clone());
+            }
             for (name, value) in fields {
                 object.insert((*name).to_string(), value.clone());
             }

@@ -1034,9 +1034,10 @@ fn conflict_reports_carry_snapshots_timestamps_and_notes() {
         report.local_data,
         json!({"id": "p1", "name": "Tea", "price": "3", "updatedAt": "2025-11-23T10:05:00.123Z"})
     );
+    // The record as the remote edit makes it (a full record, comparable field by field).
     assert_eq!(
         report.remote_data,
-        json!({"id": "p1", "price": "4", "updatedAt": "2025-11-23T10:05:02.123Z"})
+        json!({"id": "p1", "name": "Tea", "price": "4", "updatedAt": "2025-11-23T10:05:02.123Z"})
     );
     assert_eq!(
         report.final_data,

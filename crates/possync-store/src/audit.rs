@@ -222,12 +222,12 @@ impl Store {
                 row.entity.as_str(),
                 row.id.as_str(),
                 report.conflict_type.as_str(),
-                report.local_data.to_string(),
-                report.remote_data.to_string(),
+                records::snapshot_json(row.entity, &report.local_data).to_string(),
+                records::snapshot_json(row.entity, &report.remote_data).to_string(),
                 report.local_updated_at,
                 report.remote_updated_at,
                 report.strategy.as_str(),
-                report.final_data.to_string(),
+                records::snapshot_json(row.entity, &report.final_data).to_string(),
                 if report.open { None } else { Some("system") },
                 if report.open { None } else { Some(now.clone()) },
                 notes,
@@ -286,6 +286,7 @@ impl Store {
             if !change.ctx.dominates(&sides) {
                 continue;
             }
+            let final_data = records::snapshot_json(change.entity, &final_data);
             let (resolved_by, note) = match decided_by {
                 Some(user) => (user.to_string(), format!(" Decided by {user} on {origin_name}.")),
                 None => (
@@ -410,7 +411,7 @@ impl Store {
                     conflict_id,
                     user,
                     now,
-                    final_data.to_string(),
+                    records::snapshot_json(kind, &final_data).to_string(),
                     format!(" Resolved by {user}: {}.", match resolution {
                         Resolution::Local => "kept the local version",
                         Resolution::Remote => "took the remote version",

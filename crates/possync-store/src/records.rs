@@ -209,6 +209,24 @@ pub(crate) fn api_json(
     Value::Object(object)
 }
 
+/// A conflict snapshot (local, remote or final record) in one form for every row, so that a
+/// report can diff them: the id, every field of the kind in API form (amounts as JSON
+/// numbers, a field the record lacks as null), `updatedAt`, and `deleted: true` for a
+/// tombstone.
+pub(crate) fn snapshot_json(kind: EntityKind, record: &Value) -> Value {
+    let mut object = Map::new();
+    object.insert("id".into(), record.get("id").cloned().unwrap_or(Value::Null));
+    for spec in kind.fields() {
+        let value = record.get(spec.name).cloned().unwrap_or(Value::Null);
+        object.insert(spec.name.to_string(), api_value(spec, value));
+    }
+    object.insert("updatedAt".into(), record.get("updatedAt").cloned().unwrap_or(Value::Null));
+    if record.get("deleted") == Some(&Value::Bool(true)) {
+        object.insert("deleted".into(), Value::Bool(true));
+    }
+    Value::Object(object)
+}
+
 /// A canonical field value in API form (amounts become numbers).
 pub(crate) fn api_value(spec: &FieldSpec, value: Value) -> Value {
     match (spec.ty, &value) {

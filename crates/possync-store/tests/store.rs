@@ -690,3 +690,44 @@ fn daily_volume_counts_each_change_once_and_duplicates_apart() {
     let today = rows.daily_volume.last().unwrap();
     assert_eq!((today["changes"].as_i64(), today["duplicates"].as_i64()), (Some(1), Some(1)), "{today}");
 }
+
+#[test]
+fn conflict_snapshots_are_full_records_with_one_json_type_per_field() {
+    // Issue 10, item 5: local, remote and final data all hold every field, amounts as numbers,
+    // in system rows and manually resolved rows alike.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    b.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    a.store
+        .create_record(
+            EntityKind::Product,
+            &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": "1.50", "cost": "0.80"}),
+        )
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    for (t, price) in [(&mut a, "2.25"), (&mut b, "3.10")] {
+        clock.advance(10);
+        t.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": price})).unwrap();
+    }
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    let conflict_id = b.query("SELECT id FROM p2p_conflicts")[0]["id"].as_i64().unwrap();
+    b.store.resolve_conflict(conflict_id, &Resolution::Remote, "anna").unwrap();
+    for t in [&a, &b] {
+        for row in t.query("SELECT local_data, remote_data, final_data FROM p2p_conflicts") {
+            for column in ["localData", "remoteData", "finalData"] {
+                let snapshot: serde_json::Value =
+                    serde_json::from_str(row[column].as_str().unwrap()).unwrap();
+                assert!(snapshot["price"].is_number(), "{}: {column} {snapshot}", t.name);
+                assert!(snapshot["cost"].is_number(), "{}: {column} {snapshot}", t.name);
+                assert_eq!(snapshot["name"], json!("Tea"), "{}: {column} {snapshot}", t.name);
+                assert!(
+                    snapshot.as_object().unwrap().contains_key("barcode"),
+                    "every field, null when unset"
+                );
+            }
+        }
+    }
+}
