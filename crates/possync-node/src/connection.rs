@@ -565,6 +565,13 @@ async fn apply(
             return Some(protocol::ApplyReport { gap: true, local_summary: summary, rejections: Vec::new() });
         }
     };
+    if report.forks > 0 {
+        warn!(
+            changes = report.forks,
+            "two different changes with one origin and number: refused (see p2p_sync_logs)"
+        );
+        node.metrics.forks.inc_by(u64::from(report.forks));
+    }
     if report.clock_ahead > 0 {
         warn!(
             changes = report.clock_ahead,

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub remote_clock_ahead: Counter,
     /// Signs that another terminal uses this one's identity (a clone, a restored backup).
     pub identity_clashes: Counter,
+    /// Changes refused because another change with the same (origin, seq) is held.
+    pub forks: Counter,
     /// Connections that never authenticated, by reason (wrong shop secret, not a possync
     /// peer, handshake timeout, over the handshake budget...).
     pub connections_rejected: Family<Reason, Counter>,
@@ -121,6 +123,7 @@ impl Metrics {
             changes_behind: Family::default(),
             remote_clock_ahead: Counter::default(),
             identity_clashes: Counter::default(),
+            forks: Counter::default(),
             connections_rejected: Family::default(),
         };
         registry.register(
@@ -187,6 +190,11 @@ impl Metrics {
             "identity_clashes",
             "Signs that another terminal uses this one's posId: a clone met, or a peer holding more of this terminal's own changes than it does",
             metrics.identity_clashes.clone(),
+        );
+        registry.register(
+            "forks",
+            "Changes refused because a different change with the same origin and sequence number is held (forged, or a cloned or restored till)",
+            metrics.forks.clone(),
         );
         registry.register(
             "connections_rejected",

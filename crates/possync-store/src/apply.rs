@@ -22,10 +22,11 @@ use serde_json::{Map, Value, json};
 use crate::Outgoing;
 use crate::Store;
 use crate::audit::{ConflictRow, SyncLog, SyncStatus};
-use crate::error::Result;
+use crate::error::{Result, StoreError};
 use crate::local::local_version;
 use crate::records;
 use crate::sales::sale_state;
+use rusqlite::OptionalExtension;
 
 /// Who sent a batch (for the audit rows).
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +56,9 @@ pub struct ApplyReport {
     /// Why each invalid change was refused (`<type>/<action> <id>: <reason>`), so that the
     /// sender can be told with an `error` frame.
     pub rejections: Vec<String>,
+    /// Changes whose (origin, seq) is held already with different content (a fork: forged,
+    /// or a cloned or restored till numbering again); refused, logged as errors.
+    pub forks: u32,
     /// Changes stamped more than [`possync_core::hlc::MAX_OBSERVED_AHEAD_MS`] ahead of this
     /// terminal's clock: merged by their stamp, but not followed by the clock (their log
     /// rows carry `clockAheadMs`).
@@ -151,6 +155,17 @@ impl Store {
         };
         let held = self.vv.get(&origin);
         if seq <= held {
+            if let Some(held_payload) = self.held_payload_if_different(&origin, seq, &wire)? {
+                // Two contents for one (origin, seq): a forged change, or a cloned or restored
+                // till that numbered again. The first one taken stays; never silent.
+                report.errors += 1;
+                report.forks += 1;
+                let reason = format!(
+                    "fork: another change numbered {seq} of {origin} is held already (different content); kept the one held, refused this one"
+                );
+                let details = json!({"origin": origin, "seq": seq, "fork": true, "held": held_payload.len(), "received": wire.data.get().len()}).to_string();
+                return self.log_sync(&log, SyncStatus::Error, Some(&reason), None, Some(&details));
+            }
             report.skipped += 1;
             let details = stamp_details(&origin, seq, None);
             return self.log_sync(
@@ -261,6 +276,25 @@ impl Store {
         }
         self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())
+    }
+
+    /// The payload held for (origin, seq) when it differs from `wire` (compared as the text
+    /// every till relays byte for byte), `None` when it is the same change.
+    fn held_payload_if_different(
+        &mut self,
+        origin: &PosId,
+        seq: Seq,
+        wire: &WireChange,
+    ) -> Result<Option<String>> {
+        let origin_idx = self.origins.idx(&self.conn, origin)?;
+        let held: Option<String> = self
+            .conn
+            .prepare_cached("SELECT payload FROM sync_changes WHERE origin = ?1 AND seq = ?2")?
+            .query_row(rusqlite::params![origin_idx, seq.0 as i64], |row| row.get(0))
+            .optional()?;
+        let Some(held) = held else { return Ok(None) };
+        let received = serde_json::to_string(wire).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        Ok((held != received).then_some(held))
     }
 
     /// Merges one decoded change into the entity tables.

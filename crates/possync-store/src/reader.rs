@@ -385,6 +385,8 @@ pub struct DashboardRows {
     pub alert_clock_ahead: Vec<Value>,
     /// `alert_identity`: signs that another terminal uses this one's identity.
     pub alert_identity: Vec<Value>,
+    /// `alert_forks`: changes refused as a second content for one (origin, seq).
+    pub alert_forks: Vec<Value>,
 }
 
 impl StoreReader {
@@ -413,6 +415,7 @@ impl StoreReader {
             alert_sync_stalled: rows_json_named(&self.conn, ALERT_SYNC_STALLED_SQL, &day_window)?,
             alert_clock_ahead: rows_json_named(&self.conn, ALERT_CLOCK_AHEAD_SQL, &day_window)?,
             alert_identity: rows_json_named(&self.conn, ALERT_IDENTITY_SQL, &day_window)?,
+            alert_forks: rows_json_named(&self.conn, ALERT_FORKS_SQL, &day_window)?,
         })
     }
 
@@ -806,3 +809,12 @@ WHERE event_type = 'sync_failed'
   AND (error_message LIKE 'identity clash:%' OR error_message LIKE 'own changes behind:%')
   AND created_at >= :since AND created_at <= :now
 HAVING COUNT(*) > 0;"#;
+
+/// `alert_forks` of docs/DASHBOARD.md.
+const ALERT_FORKS_SQL: &str = r#"SELECT json_extract(details, '$.origin') AS origin, COUNT(*) AS changes,
+       COALESCE(MAX(peer_name), MAX(peer_id)) AS peer, 'critical' AS level
+FROM p2p_sync_logs
+WHERE status = 'error' AND conflict_reason LIKE 'fork:%'
+  AND created_at >= :since AND created_at <= :now
+GROUP BY origin
+ORDER BY origin;"#;

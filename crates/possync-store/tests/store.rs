@@ -731,3 +731,33 @@ fn conflict_snapshots_are_full_records_with_one_json_type_per_field() {
         }
     }
 }
+
+#[test]
+fn two_contents_for_one_origin_and_seq_are_refused_and_logged_never_silent() {
+    // Issue 13, item 3: a forged "a:2" (or a clone's) meeting the real one.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap();
+    sync(&mut a, &mut b, 100);
+    let dump = b.dump();
+    // The same numbers, other content.
+    let real = a.store.reader().unwrap().select_changes(&Default::default(), 0, 100).unwrap().changes;
+    let text = serde_json::to_string(&real[1]).unwrap().replace("\"price\":\"2\"", "\"price\":\"0.01\"");
+    assert!(text.contains("0.01"), "{text}");
+    let forged: possync_core::WireChange = serde_json::from_str(&text).unwrap();
+    let report =
+        b.store.apply_batch(possync_store::PeerRef { id: "forger", name: "forger" }, vec![forged]).unwrap();
+    assert_eq!((report.forks, report.errors, report.skipped), (1, 1, 0));
+    let row = &b.query("SELECT status, conflict_reason FROM p2p_sync_logs ORDER BY id DESC LIMIT 1")[0];
+    assert_eq!(row["status"], json!("error"));
+    assert!(row["conflictReason"].as_str().unwrap().starts_with("fork:"), "{row}");
+    assert_eq!(b.dump(), dump, "nothing changed");
+    // The honest duplicate is still only a duplicate.
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, real).unwrap();
+    assert_eq!((report.forks, report.skipped), (0, 2));
+}

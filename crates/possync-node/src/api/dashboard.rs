@@ -169,6 +169,15 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
         );
         alerts.push((text(row, "level"), peer, message));
     }
+    for row in &rows.alert_forks {
+        let origin = text(row, "origin");
+        let message = format!(
+            "{} change(s) numbered as till {origin}'s carried other content than the ones held (last from {}): forged, or a cloned or restored till. The ones held first were kept.",
+            number(row, "changes"),
+            text(row, "peer"),
+        );
+        alerts.push((text(row, "level"), origin, message));
+    }
     for row in &rows.alert_identity {
         let message = format!("Two tills share one identity: {}", text(row, "message"));
         alerts.push((text(row, "level"), String::new(), message));
