@@ -13,9 +13,11 @@
 //! - [`discovery`] — mDNS.
 //! - [`metrics`] — Prometheus.
 //! - [`api`] — the HTTP API and dashboard.
+//! - [`chain`] — the chain of stores over NATS JetStream (`[uplink]`, `[hq]`).
 //! - [`config`] — `possync.toml`.
 
 pub mod api;
+pub mod chain;
 pub mod config;
 pub mod connection;
 pub mod dialer;

@@ -126,6 +126,8 @@ pub struct NodeShared {
     events: mpsc::Sender<ConnectionEvent>,
     /// True while the peer listener runs.
     listening: watch::Sender<bool>,
+    /// The chain driver's state (idle when the node is in no chain).
+    pub chain: Arc<crate::chain::ChainStatus>,
 }
 
 impl NodeShared {
@@ -228,7 +230,10 @@ impl Node {
     }
 
     /// Starts a node on an already opened store.
-    pub async fn start_with_store(config: NodeConfig, store: Store) -> Result<Node, StartError> {
+    pub async fn start_with_store(config: NodeConfig, mut store: Store) -> Result<Node, StartError> {
+        if let Some(crate::config::ChainRole::Uplink(uplink)) = &config.chain {
+            store.set_chain_store(Some(uplink.store.to_string()));
+        }
         let identity = store.identity().clone();
         let settings = store.settings().clone();
         let readers = Arc::new(ReaderPool::new(store.path().to_path_buf()));
@@ -249,6 +254,7 @@ impl Node {
             reconnect: Notify::new(),
             events: events_tx,
             listening: watch::Sender::new(false),
+            chain: Arc::default(),
         });
         let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
         let mut tasks = JoinSet::new();
@@ -268,6 +274,7 @@ impl Node {
         for target in &config.static_peers {
             tasks.spawn(dialer::dial_forever(Arc::clone(&shared), target.clone(), Arc::clone(&completion)));
         }
+        crate::chain::spawn(&shared, &mut tasks);
         if config.discovery {
             tasks.spawn(crate::discovery::run(Arc::clone(&shared), peer_addr, Arc::clone(&completion)));
         }

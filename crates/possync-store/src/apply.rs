@@ -111,7 +111,12 @@ impl Store {
         self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
-    fn apply_one(&mut self, peer: PeerRef<'_>, wire: WireChange, report: &mut ApplyReport) -> Result<()> {
+    pub(crate) fn apply_one(
+        &mut self,
+        peer: PeerRef<'_>,
+        wire: WireChange,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
         let entity_type = wire.entity.parse::<EntityKind>().ok();
         // `data` is parsed once, here; the change log keeps the text as received.
         let data = wire.data_object();

@@ -58,6 +58,10 @@ pub struct Options {
     pub max_frame_bytes: usize,
     /// Settings written before the node starts.
     pub settings: Vec<(&'static str, String)>,
+    /// The node's part in a chain of stores.
+    pub chain: Option<possync_node::config::ChainRole>,
+    /// Serve the API on 127.0.0.1 (a free port).
+    pub api: bool,
 }
 
 impl Options {
@@ -69,6 +73,8 @@ impl Options {
             backoff_base_ms: 100,
             max_frame_bytes: 16 * 1024 * 1024,
             settings: Vec::new(),
+            chain: None,
+            api: false,
         }
     }
 
@@ -95,7 +101,7 @@ pub async fn start(options: Options) -> TestNode {
     let config = NodeConfig {
         data_dir: dir.path().to_path_buf(),
         peer_listen: "127.0.0.1:0".parse().expect("an address"),
-        api_listen: None,
+        api_listen: options.api.then(|| "127.0.0.1:0".parse().expect("an address")),
         static_peers: options.peers.iter().map(ToString::to_string).collect(),
         discovery: false,
         secret: options.secret.clone(),
@@ -103,6 +109,7 @@ pub async fn start(options: Options) -> TestNode {
         max_connections: 16,
         max_frame_bytes: options.max_frame_bytes,
         backoff_base_ms: options.backoff_base_ms,
+        chain: options.chain.clone(),
     };
     let node = Node::start_with_store(config, store).await.expect("the node starts");
     TestNode { node, dir }
