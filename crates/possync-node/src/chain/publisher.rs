@@ -69,11 +69,17 @@ pub(crate) async fn run(
         if let Lane::Up { .. } = lane
             && local.iter().any(|(origin, _)| !classified.contains(origin))
         {
-            match node.readers.with(|reader| reader.chain_hq_origins()).await {
-                Ok(origins) => excluded = origins.into_iter().collect(),
-                Err(err) => warn!(%err, "cannot read the head office's origins"),
+            match classify(&node, &js, &subjects, &local, &mut classified).await {
+                Ok(origins) => excluded = origins,
+                Err(err) => {
+                    warn!(%err, "cannot tell the head office's origins from the store's; retrying");
+                    failures += 1;
+                    if !pause(&node, backoff(failures)).await {
+                        return;
+                    }
+                    continue;
+                }
             }
-            classified = local.iter().map(|(origin, _)| origin.clone()).collect();
         }
         let own = node.identity.pos_id.clone();
         let uploads = |origin: &PosId| match lane {
@@ -128,6 +134,45 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// Sorts the origins of `local` not classified yet into the head office's (returned, with
+/// those known before) and the store's (every other). The head office's are those the
+/// database lists (seen on the DOWN stream) or that have a subject on the DOWN stream: a till
+/// may hold them through the LAN before its own downlink has read them.
+async fn classify(
+    node: &NodeShared,
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    local: &possync_core::VersionVector,
+    classified: &mut BTreeSet<PosId>,
+) -> Result<BTreeSet<PosId>, ChainError> {
+    let mut head_office: BTreeSet<PosId> =
+        node.readers.with(|reader| reader.chain_hq_origins()).await?.into_iter().collect();
+    let down = js
+        .get_stream_no_info(subjects.down_stream())
+        .await
+        .map_err(|err| ChainError::JetStream(err.to_string()))?;
+    let mut found = Vec::new();
+    for (origin, _) in local.iter() {
+        if classified.contains(origin) || head_office.contains(origin) {
+            continue;
+        }
+        match down.direct_get_last_for_subject(subjects.down(origin)?).await {
+            Ok(_) => found.push(origin.clone()),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => {}
+            Err(err) => return Err(ChainError::JetStream(format!("DOWN stream: {err}"))),
+        }
+    }
+    if !found.is_empty() {
+        let noted = found.clone();
+        node.writer
+            .call(crate::writer::Priority::Sync, move |store| store.note_chain_hq_origins(&noted))
+            .await??;
+        head_office.extend(found);
+    }
+    classified.extend(local.iter().map(|(origin, _)| origin.clone()));
+    Ok(head_office)
 }
 
 fn subject(subjects: &Subjects, lane: &Lane, origin: &PosId) -> Option<String> {
