@@ -582,3 +582,39 @@ async fn a_server_killed_mid_traffic_loses_and_doubles_nothing() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_edit_made_in_a_store_is_refused_at_head_office_and_stalls_no_one() {
+    let server = NatsServer::start();
+    let hq = start_hq(&server.url()).await;
+    product(&hq, "p1", "2.50").await;
+    let a = start_till(&server.url(), "s1", "s1 till", &[]).await;
+    let b = start_till(&server.url(), "s2", "s2 till", &[]).await;
+    wait_price(&a, "p1", "2.5").await;
+    wait_price(&b, "p1", "2.5").await;
+
+    update(&a, EntityKind::Product, "p1", json!({"price": "9.99"})).await;
+    sale(&a, "p1", 1).await;
+    let pos = a.pos_id().to_string();
+    wait_count(
+        &hq,
+        "the sale after the catalog edit",
+        &format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'"),
+        1,
+    )
+    .await;
+    assert_eq!(price(&hq, "p1").await.as_deref(), Some("2.5"), "the store's edit is not applied at HQ");
+    let refused = count(
+        &hq,
+        "SELECT COUNT(*) AS n FROM p2p_sync_logs WHERE peer_id = 'store:s1' AND status = 'error' AND entity_type = 'product'",
+    )
+    .await;
+    assert_eq!(refused, 1);
+    // The head office's next edit names no store origin: every store applies it.
+    update(&hq, EntityKind::Product, "p1", json!({"price": "3.00"})).await;
+    wait_price(&b, "p1", "3").await;
+    wait_price(&a, "p1", "3").await;
+    for node in [hq, a, b] {
+        node.shutdown().await;
+    }
+}

@@ -22,7 +22,7 @@ use rusqlite::{OptionalExtension, params};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::apply::{ApplyReport, PeerRef};
+use crate::apply::{Accept, ApplyReport, PeerRef};
 use crate::error::{Result, StoreError};
 use crate::{Store, StoreReader};
 
@@ -35,7 +35,8 @@ impl Store {
 
     /// Head office: applies a run of changes received from store `store_id` (one durable
     /// transaction, with the usual audit rows, peer `store <id>`), and records that the
-    /// run's origin belongs to that store.
+    /// run's origin belongs to that store. Product and category writes are refused (logged
+    /// as errors, kept in the log as rejected): the catalog is the head office's.
     pub fn apply_chain_batch(
         &mut self,
         store_id: &str,
@@ -49,7 +50,7 @@ impl Store {
             let mut report = ApplyReport::default();
             let peer = PeerRef { id: &peer_id, name: &peer_name };
             for wire in changes {
-                store.apply_one(peer, wire, &mut report)?;
+                store.apply_one(peer, wire, Accept::NoCatalog, &mut report)?;
             }
             let now = store.now_sqlite();
             store
@@ -81,7 +82,7 @@ impl Store {
             let mut report = ApplyReport::default();
             let peer = PeerRef { id: "hq", name: "head office" };
             for wire in changes {
-                store.apply_one(peer, wire, &mut report)?;
+                store.apply_one(peer, wire, Accept::Everything, &mut report)?;
             }
             store
                 .conn
