@@ -55,6 +55,15 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: HqConfig) {
     };
     let js = jetstream::new(client.clone());
     let subjects = Subjects::new(config.backbone.chain.clone());
+    // The streams first: the DOWN publisher has nothing to publish to before.
+    let mut failures = 0;
+    while let Err(err) = ensure_streams(&js, &subjects).await {
+        warn!(%err, "hq: cannot create the streams yet");
+        failures += 1;
+        if !pause(&node, backoff(failures)).await {
+            return;
+        }
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(ingest_forever(Arc::clone(&node), js.clone(), subjects.clone(), Arc::clone(&status)));
     tasks.spawn(publisher::run(Arc::clone(&node), js, subjects, Lane::Down, Arc::clone(&status)));
