@@ -360,3 +360,51 @@ impl NodeConfig {
         self.data_dir.join(possync_store::DB_FILE)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<NodeConfig, ConfigError> {
+        let text = format!("pos_id = \"t1\"\nname = \"Till\"\napi_token = \"x\"\n{extra}");
+        let file: ConfigFile = toml::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("possync.toml"),
+            message: err.to_string(),
+        })?;
+        NodeConfig::from_file(Path::new("/tmp"), &file, "secret".into())
+    }
+
+    #[test]
+    fn uplink_and_hq_sections_are_read_and_checked() {
+        let uplink = parse("[uplink]\nnats_url = \"nats://127.0.0.1:4222\"\nchain = \"acme\"\nstore = \"s042\"\nuser = \"s042\"\npassword = \"pw\"\n").unwrap();
+        let Some(ChainRole::Uplink(uplink)) = uplink.chain else { panic!("an uplink") };
+        assert_eq!(uplink.store.as_str(), "s042");
+        assert_eq!(
+            uplink.backbone.auth,
+            BackboneAuth::UserPassword { user: "s042".into(), password: "pw".into() }
+        );
+
+        let hq = parse(
+            "[hq]\nnats_url = \"nats://127.0.0.1:4222\"\nchain = \"acme\"\ncredentials = \"/etc/hq.creds\"\n",
+        )
+        .unwrap();
+        let Some(ChainRole::Hq(hq)) = hq.chain else { panic!("a head office") };
+        assert_eq!(hq.backbone.auth, BackboneAuth::CredentialsFile("/etc/hq.creds".into()));
+        assert_eq!(hq.silent_store_alert_secs, 900);
+        assert!(parse("").unwrap().chain.is_none());
+    }
+
+    #[test]
+    fn bad_chain_sections_are_refused() {
+        let both = "[uplink]\nnats_url = \"n\"\nchain = \"a\"\nstore = \"s\"\n[hq]\nnats_url = \"n\"\nchain = \"a\"\n";
+        for (what, extra) in [
+            ("both roles", both),
+            ("a store id with a dot", "[uplink]\nnats_url = \"n\"\nchain = \"a\"\nstore = \"s.1\"\n"),
+            ("a user without a password", "[hq]\nnats_url = \"n\"\nchain = \"a\"\nuser = \"hq\"\n"),
+            ("no url", "[hq]\nnats_url = \"\"\nchain = \"a\"\n"),
+            ("an unknown key", "[hq]\nnats_url = \"n\"\nchain = \"a\"\nstore = \"s\"\n"),
+        ] {
+            assert!(parse(extra).is_err(), "{what} must be refused");
+        }
+    }
+}

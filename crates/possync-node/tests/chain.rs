@@ -618,3 +618,35 @@ async fn a_catalog_edit_made_in_a_store_is_refused_at_head_office_and_stalls_no_
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_uploading_till_is_gone_another_till_of_the_store_uploads_its_sales() {
+    let server = NatsServer::start();
+    let hq = start_hq(&server.url()).await;
+    product(&hq, "p1", "2.50").await;
+    let wan = Proxy::start(format!("127.0.0.1:{}", server.port).parse().unwrap()).await;
+    // Till 1 reaches the backbone through a link about to fail; till 2 directly.
+    let a1 = start_till(&wan.url(), "s1", "s1 till 1", &[]).await;
+    let a2 = start_till(&server.url(), "s1", "s1 till 2", &[a1.peer_addr()]).await;
+    wait_price(&a1, "p1", "2.5").await;
+    common::wait_connected(&a2, &a1).await;
+    sale(&a1, "p1", 1).await;
+    let pos = a1.pos_id().to_string();
+    let at_hq = format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'");
+    wait_count(&hq, "the first sale", &at_hq, 1).await;
+
+    wan.cut();
+    for _ in 0..25 {
+        sale(&a1, "p1", 1).await;
+    }
+    // Till 2 holds them through the LAN; then till 1 is gone for good.
+    common::wait_converged(&[&a1, &a2]).await;
+    let sold = sales_of(&a1, &pos).await;
+    a1.shutdown().await;
+    wait_count(&hq, "till 1's sales, uploaded by till 2", &at_hq, 26).await;
+    assert_eq!(sales_of(&hq, &pos).await, sold);
+    assert_contiguous(&up_runs(&server.url()).await);
+    for node in [hq, a2] {
+        node.shutdown().await;
+    }
+}
