@@ -650,3 +650,145 @@ async fn when_the_uploading_till_is_gone_another_till_of_the_store_uploads_its_s
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_office_restarted_resumes_from_its_durable_consumer() {
+    let server = NatsServer::start();
+    let hq = start_hq(&server.url()).await;
+    product(&hq, "p1", "2.50").await;
+    let till = start_till(&server.url(), "s1", "s1 till", &[]).await;
+    wait_price(&till, "p1", "2.5").await;
+    sale(&till, "p1", 1).await;
+    let pos = till.pos_id().to_string();
+    let at_hq = format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'");
+    wait_count(&hq, "the first sale", &at_hq, 1).await;
+
+    let config = hq.shared().config.clone();
+    let TestNode { node, dir } = hq;
+    node.shutdown().await;
+    // The store keeps selling into the stream while the head office is down.
+    for _ in 0..20 {
+        sale(&till, "p1", 1).await;
+    }
+    wait_until("the till's backlog is on the backbone", SOON, || {
+        let backlog = till.shared().chain.backlog();
+        async move { backlog == 0 }
+    })
+    .await;
+    let hq = common::reopen(dir, config).await;
+    wait_count(&hq, "every sale after the head office's restart", &at_hq, 21).await;
+    assert_eq!(sales_of(&hq, &pos).await, sales_of(&till, &pos).await);
+    for node in [hq, till] {
+        node.shutdown().await;
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with the `openssl` command:
+/// (CA file, certificate file, key file).
+fn test_certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap_or_else(|err| {
+                panic!("the TLS test needs the openssl command (apt-get install openssl): {err}")
+            });
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=possync test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backbone_over_tls_verifies_the_server_with_the_configured_ca() {
+    let certificates = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(certificates.path());
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?} }}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    let with_ca = |auth| {
+        let mut backbone = backbone(&server.url(), auth);
+        backbone.tls_ca = Some(ca.clone());
+        backbone
+    };
+    let mut options = Options::new("head office");
+    options.chain = Some(ChainRole::Hq(HqConfig {
+        backbone: with_ca(BackboneAuth::Anonymous),
+        silent_store_alert_secs: 60,
+    }));
+    let hq = start(options).await;
+    product(&hq, "p1", "2.50").await;
+    let mut options = Options::new("s1 till");
+    options.chain = Some(ChainRole::Uplink(UplinkConfig {
+        backbone: with_ca(BackboneAuth::Anonymous),
+        store: StoreId::parse("s1").unwrap(),
+    }));
+    let till = start(options).await;
+    // A till that does not know the CA cannot be talked into trusting the server.
+    let stranger = start_till(&server.url(), "s2", "s2 till without the CA", &[]).await;
+    wait_price(&till, "p1", "2.5").await;
+    sale(&till, "p1", 1).await;
+    let pos = till.pos_id().to_string();
+    wait_count(
+        &hq,
+        "the sale over TLS",
+        &format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'"),
+        1,
+    )
+    .await;
+    assert_eq!(till.shared().chain.snapshot()["connected"], true);
+    assert_eq!(stranger.shared().chain.snapshot()["connected"], false);
+    assert_eq!(price(&stranger, "p1").await, None, "nothing reached the till that does not trust the server");
+    for node in [hq, till, stranger] {
+        node.shutdown().await;
+    }
+}

@@ -115,6 +115,15 @@ pub async fn start(options: Options) -> TestNode {
     TestNode { node, dir }
 }
 
+/// Starts a node again on the database left in `dir` by a node that was shut down.
+pub async fn reopen(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
+    let store = Store::open(&dir.path().join(possync_store::DB_FILE), Box::new(SystemEnvironment::default()))
+        .expect("the store opens again");
+    let config = NodeConfig { data_dir: dir.path().to_path_buf(), ..config };
+    let node = Node::start_with_store(config, store).await.expect("the node starts again");
+    TestNode { node, dir }
+}
+
 /// Runs a write on the node's single writer, as the till would.
 pub async fn write<T, F>(node: &TestNode, job: F) -> T
 where
