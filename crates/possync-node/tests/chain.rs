@@ -785,7 +785,11 @@ async fn the_backbone_over_tls_verifies_the_server_with_the_configured_ca() {
         1,
     )
     .await;
-    assert_eq!(till.shared().chain.snapshot()["connected"], true);
+    wait_until("the till with the CA reports itself connected", SOON, || {
+        let connected = till.shared().chain.snapshot()["connected"] == true;
+        async move { connected }
+    })
+    .await;
     assert_eq!(stranger.shared().chain.snapshot()["connected"], false);
     assert_eq!(price(&stranger, "p1").await, None, "nothing reached the till that does not trust the server");
     for node in [hq, till, stranger] {
