@@ -241,20 +241,22 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let mut channel = ChannelConfig::from_secret(&config.secret);
         channel.max_frame_bytes = config.max_frame_bytes;
+        let metrics = Metrics::new();
+        let chain = Arc::new(crate::chain::ChainStatus::new(metrics.chain.clone()));
         let shared = Arc::new(NodeShared {
             identity,
             config: config.clone(),
             writer,
             readers,
             peers: PeerTable::default(),
-            metrics: Metrics::new(),
+            metrics,
             channel,
             settings: watch::Sender::new(settings.clone()),
             shutdown: watch::Sender::new(false),
             reconnect: Notify::new(),
             events: events_tx,
             listening: watch::Sender::new(false),
-            chain: Arc::default(),
+            chain,
         });
         let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
         let mut tasks = JoinSet::new();

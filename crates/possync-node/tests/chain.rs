@@ -215,6 +215,12 @@ async fn a_sale_in_a_store_reaches_head_office_exactly_once() {
     )
     .await;
     assert_eq!(applied, held.0 as i64, "every change of the till applied once at HQ");
+    let metrics = till.shared().metrics.encode();
+    assert!(metrics.contains("possync_chain_connected 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("possync_chain_changes_total{{status=\"published\"}} {}", held.0)),
+        "{metrics}"
+    );
     let stores = get(&hq, "/api/chain/stores");
     assert_eq!(stores[0]["storeId"], "s1");
     assert_eq!(stores[0]["tickets"], 1);

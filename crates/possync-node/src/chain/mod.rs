@@ -19,10 +19,13 @@ mod uplink;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::config::{BackboneAuth, BackboneConfig, ChainRole};
+use crate::metrics::{ChainMetrics, Status};
 use crate::node::NodeShared;
 
 /// Why a backbone operation failed (the driver logs it and retries with backoff).
@@ -45,11 +48,13 @@ pub enum ChainError {
     Writer(#[from] crate::writer::WriterError),
 }
 
-/// What the chain driver reports, for `GET /api/chain/status` and the tests.
+/// What the chain driver reports, for `GET /api/chain/status`, the metrics and the tests.
 #[derive(Debug, Default)]
 pub struct ChainStatus {
     /// The counters and state, behind a lock held only to copy or bump them.
     inner: Mutex<StatusInner>,
+    /// The node's Prometheus handles, kept in step with `inner` by [`ChainStatus::update`].
+    metrics: ChainMetrics,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -66,6 +71,11 @@ struct StatusInner {
 }
 
 impl ChainStatus {
+    /// A status that also feeds `metrics`.
+    pub fn new(metrics: ChainMetrics) -> ChainStatus {
+        ChainStatus { inner: Mutex::default(), metrics }
+    }
+
     /// The status as JSON.
     pub fn snapshot(&self) -> Value {
         let inner = self.lock().clone();
@@ -93,7 +103,23 @@ impl ChainStatus {
     }
 
     fn update(&self, change: impl FnOnce(&mut StatusInner)) {
-        change(&mut self.lock());
+        let mut inner = self.lock();
+        let before = inner.clone();
+        change(&mut inner);
+        let metrics = &self.metrics;
+        metrics.connected.set(i64::from(inner.connected));
+        metrics.backlog.set(i64::try_from(inner.backlog).unwrap_or(i64::MAX));
+        let count = |family: &Family<Status, Counter>, status: &str, before: u64, after: u64| {
+            if after > before {
+                family.get_or_create(&Status { status: status.into() }).inc_by(after - before);
+            }
+        };
+        count(&metrics.messages, "published", before.published_messages, inner.published_messages);
+        count(&metrics.messages, "received", before.received_messages, inner.received_messages);
+        count(&metrics.messages, "rejected", before.rejected_messages, inner.rejected_messages);
+        count(&metrics.messages, "wrong_sequence", before.wrong_sequence, inner.wrong_sequence);
+        count(&metrics.changes, "published", before.published_changes, inner.published_changes);
+        count(&metrics.changes, "applied", before.applied_changes, inner.applied_changes);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
