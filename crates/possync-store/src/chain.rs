@@ -43,28 +43,49 @@ impl Store {
         origin: &PosId,
         changes: Vec<WireChange>,
     ) -> Result<ApplyReport> {
+        self.write(true, |store| store.apply_chain_run(store_id, origin, changes))
+    }
+
+    /// Head office: several stores' runs, each as [`Store::apply_chain_batch`] would, in ONE
+    /// durable transaction (one fsync for all: the ingest applies the messages the consumer
+    /// has already delivered together). One report per run, in order. On error nothing is
+    /// kept.
+    pub fn apply_chain_batches(
+        &mut self,
+        runs: Vec<(String, PosId, Vec<WireChange>)>,
+    ) -> Result<Vec<ApplyReport>> {
+        self.write(true, |store| {
+            runs.into_iter()
+                .map(|(store_id, origin, changes)| store.apply_chain_run(&store_id, &origin, changes))
+                .collect()
+        })
+    }
+
+    fn apply_chain_run(
+        &mut self,
+        store_id: &str,
+        origin: &PosId,
+        changes: Vec<WireChange>,
+    ) -> Result<ApplyReport> {
         let peer_id = format!("store:{store_id}");
         let peer_name = format!("store {store_id}");
         let received = changes.len() as i64;
-        self.write(true, |store| {
-            let mut report = ApplyReport::default();
-            let peer = PeerRef { id: &peer_id, name: &peer_name };
-            for wire in changes {
-                store.apply_one(peer, wire, Accept::NoCatalog, &mut report)?;
-            }
-            let now = store.now_sqlite();
-            store
-                .conn
-                .prepare_cached(
-                    "INSERT INTO chain_origins (pos_id, store_id, first_seen_at, last_received_at, changes_received, changes_applied)
-                     VALUES (?1, ?2, ?3, ?3, ?4, ?5)
-                     ON CONFLICT (pos_id) DO UPDATE SET last_received_at = excluded.last_received_at,
-                         changes_received = changes_received + excluded.changes_received,
-                         changes_applied = changes_applied + excluded.changes_applied",
-                )?
-                .execute(params![origin.as_str(), store_id, now, received, i64::from(report.applied + report.conflicts)])?;
-            Ok(report)
-        })
+        let mut report = ApplyReport::default();
+        let peer = PeerRef { id: &peer_id, name: &peer_name };
+        for wire in changes {
+            self.apply_one(peer, wire, Accept::NoCatalog, &mut report)?;
+        }
+        let now = self.now_sqlite();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO chain_origins (pos_id, store_id, first_seen_at, last_received_at, changes_received, changes_applied)
+                 VALUES (?1, ?2, ?3, ?3, ?4, ?5)
+                 ON CONFLICT (pos_id) DO UPDATE SET last_received_at = excluded.last_received_at,
+                     changes_received = changes_received + excluded.changes_received,
+                     changes_applied = changes_applied + excluded.changes_applied",
+            )?
+            .execute(params![origin.as_str(), store_id, now, received, i64::from(report.applied + report.conflicts)])?;
+        Ok(report)
     }
 
     /// Store till: applies a run of the head office's changes read at stream sequence

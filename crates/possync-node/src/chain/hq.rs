@@ -5,7 +5,9 @@
 //! Ingest is a durable pull consumer (`possync-hq`, explicit acks): each message is checked
 //! ([`Batch::decode`] against its subject; its origin must not be the head office's own, nor
 //! belong to another store), applied through the single writer in one durable transaction
-//! (`apply_chain_batch`, peer `store <s>`), and acked only after the commit. A message that
+//! together with the messages the consumer has already delivered (up to 256:
+//! `apply_chain_batches`, peer `store <s>`, one fsync for the group), and acked only after
+//! the commit. A message that
 //! fails the checks is logged (a `p2p_sync_logs` error row), terminated, and the consumer
 //! goes on. A message that meets a gap (an earlier message of its origin not applied yet,
 //! e.g. one being redelivered) is negatively acked with a delay, so order is restored by the
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -157,89 +159,153 @@ async fn ingest(
             next = messages.next() => next,
             _ = shutdown.changed() => return Ok(()),
         };
-        let message = match next {
-            Some(Ok(message)) => message,
-            Some(Err(err)) => return Err(ChainError::JetStream(format!("UP stream: {err}"))),
-            None => return Err(ChainError::JetStream("the UP consumer ended".into())),
-        };
-        handle(node, &up, subjects, status, message).await?;
+        // The messages the consumer has already delivered join this one: they are applied in
+        // one durable transaction (one fsync), each acked after it.
+        let mut group = vec![delivered(next)?];
+        while group.len() < GROUP_MAX {
+            match messages.next().now_or_never() {
+                Some(next) => group.push(delivered(next)?),
+                None => break,
+            }
+        }
+        handle_group(node, &up, subjects, status, group).await?;
     }
 }
 
-/// What to do with one message of the UP stream.
-async fn handle(
+/// Most messages applied in one transaction.
+const GROUP_MAX: usize = 256;
+
+fn delivered(
+    next: Option<Result<jetstream::Message, impl std::fmt::Display>>,
+) -> Result<jetstream::Message, ChainError> {
+    match next {
+        Some(Ok(message)) => Ok(message),
+        Some(Err(err)) => Err(ChainError::JetStream(format!("UP stream: {err}"))),
+        None => Err(ChainError::JetStream("the UP consumer ended".into())),
+    }
+}
+
+/// A message that passed the checks, with its run.
+struct Checked {
+    message: jetstream::Message,
+    subject: String,
+    store: String,
+    batch: Batch,
+}
+
+/// Checks each message (refusing the bad ones), applies the good ones together, and acks
+/// each after the commit (or asks for it again when it met a gap).
+async fn handle_group(
     node: &Arc<NodeShared>,
     up: &stream::Stream,
     subjects: &Subjects,
     status: &ChainStatus,
-    message: jetstream::Message,
+    group: Vec<jetstream::Message>,
 ) -> Result<(), ChainError> {
     let ack_failed = |err: async_nats::Error| ChainError::JetStream(format!("ack: {err}"));
-    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-    let subject = message.subject.to_string();
-    let parsed = match subjects.parse(&subject) {
-        Ok(parsed) => parsed,
-        Err(err) => return reject(node, status, message, "backbone", &err.to_string()).await,
-    };
-    let Direction::Up { store } = parsed.direction.clone() else {
-        return reject(node, status, message, "backbone", &format!("{subject} is not an UP subject")).await;
-    };
-    let peer = format!("store:{store}");
-    if parsed.origin == node.identity.pos_id {
-        let reason = format!("store {store} uploaded the head office's own origin");
-        return reject(node, status, message, &peer, &reason).await;
+    let mut checked = Vec::with_capacity(group.len());
+    // Origins first seen in this group, with their store (not in the database yet).
+    let mut new_owners: std::collections::HashMap<possync_core::PosId, String> =
+        std::collections::HashMap::new();
+    for message in group {
+        match check(node, subjects, &message, &mut new_owners).await? {
+            Ok(good) => checked.push(good),
+            Err((peer, reason)) => reject(node, status, message, &peer, &reason).await?,
+        }
     }
-    let header =
-        message.headers.as_ref().and_then(|headers| headers.get(HEADER_LAST_SEQ)).map(|value| value.as_str());
-    let batch = match Batch::decode(&parsed, header, &message.payload) {
-        Ok(batch) => batch,
-        Err(err) => return reject(node, status, message, &peer, &format!("{subject}: {err}")).await,
-    };
-    let origin = batch.origin().clone();
-    let owner_origin = origin.clone();
-    let owner = node.readers.with(move |reader| reader.chain_origin_store(&owner_origin)).await?;
-    if let Some(owner) = owner
-        && owner != store.as_str()
-    {
-        let reason = format!("origin {origin} belongs to store {owner}, not {store}");
-        return reject(node, status, message, &peer, &reason).await;
+    if checked.is_empty() {
+        return Ok(());
     }
-    let store_id = store.to_string();
-    let applying = origin.clone();
-    let report = node
-        .writer
-        .call(Priority::Sync, move |db| db.apply_chain_batch(&store_id, &applying, batch.into_changes()))
-        .await;
-    match report {
-        Ok(Ok(report)) if report.gap => {
+    let runs: Vec<_> = checked
+        .iter()
+        .map(|good| (good.store.clone(), good.batch.origin().clone(), good.batch.changes().to_vec()))
+        .collect();
+    let reports = node.writer.call(Priority::Sync, move |db| db.apply_chain_batches(runs)).await?;
+    let reports = match reports {
+        Ok(reports) => reports,
+        Err(err) => {
+            warn!(%err, messages = checked.len(), "could not apply stores' changes; redelivered later");
+            for good in checked {
+                good.message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await
+                    .map_err(ack_failed)?;
+            }
+            return Ok(());
+        }
+    };
+    for (good, report) in checked.into_iter().zip(reports) {
+        if report.gap {
+            let delivered = good.message.info().map(|info| info.delivered).unwrap_or(1);
             if delivered >= GAP_DELIVERIES {
+                let subject = good.subject;
                 warn!(%subject, "a gap persists: the stream lost messages; purging the subject so the store sends it again");
                 up.purge()
                     .filter(subject.clone())
                     .await
                     .map_err(|err| ChainError::JetStream(format!("purging {subject}: {err}")))?;
-                message.ack_with(AckKind::Term).await.map_err(ack_failed)?;
+                good.message.ack_with(AckKind::Term).await.map_err(ack_failed)?;
             } else {
-                message.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await.map_err(ack_failed)?;
+                good.message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                    .await
+                    .map_err(ack_failed)?;
             }
-            Ok(())
+            continue;
         }
-        Ok(Ok(report)) => {
-            // Acked only now: the changes are committed.
-            message.double_ack().await.map_err(ack_failed)?;
-            status.update(|status| {
-                status.received_messages += 1;
-                status.applied_changes += u64::from(report.applied + report.conflicts);
-            });
-            Ok(())
-        }
-        Ok(Err(err)) => {
-            warn!(%err, %subject, "could not apply a store's changes; redelivered later");
-            message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await.map_err(ack_failed)?;
-            Ok(())
-        }
-        Err(err) => Err(err.into()),
+        // Acked only now: the changes are committed.
+        good.message.ack().await.map_err(ack_failed)?;
+        status.update(|status| {
+            status.received_messages += 1;
+            status.applied_changes += u64::from(report.applied + report.conflicts);
+        });
     }
+    Ok(())
+}
+
+/// The checks of one message: `Ok(Err((peer, reason)))` refuses it.
+async fn check(
+    node: &Arc<NodeShared>,
+    subjects: &Subjects,
+    message: &jetstream::Message,
+    new_owners: &mut std::collections::HashMap<possync_core::PosId, String>,
+) -> Result<Result<Checked, (String, String)>, ChainError> {
+    let subject = message.subject.to_string();
+    let parsed = match subjects.parse(&subject) {
+        Ok(parsed) => parsed,
+        Err(err) => return Ok(Err(("backbone".into(), err.to_string()))),
+    };
+    let Direction::Up { store } = parsed.direction.clone() else {
+        return Ok(Err(("backbone".into(), format!("{subject} is not an UP subject"))));
+    };
+    let peer = format!("store:{store}");
+    if parsed.origin == node.identity.pos_id {
+        return Ok(Err((peer, format!("store {store} uploaded the head office's own origin"))));
+    }
+    let header =
+        message.headers.as_ref().and_then(|headers| headers.get(HEADER_LAST_SEQ)).map(|value| value.as_str());
+    let batch = match Batch::decode(&parsed, header, &message.payload) {
+        Ok(batch) => batch,
+        Err(err) => return Ok(Err((peer, format!("{subject}: {err}")))),
+    };
+    let origin = batch.origin().clone();
+    let owner = match new_owners.get(&origin) {
+        Some(owner) => Some(owner.clone()),
+        None => {
+            let lookup = origin.clone();
+            node.readers.with(move |reader| reader.chain_origin_store(&lookup)).await?
+        }
+    };
+    match owner {
+        Some(owner) if owner != store.as_str() => {
+            return Ok(Err((peer, format!("origin {origin} belongs to store {owner}, not {store}"))));
+        }
+        Some(_) => {}
+        None => {
+            new_owners.insert(origin, store.to_string());
+        }
+    }
+    Ok(Ok(Checked { message: message.clone(), subject, store: store.to_string(), batch }))
 }
 
 /// Logs a refused message, terminates it (never redelivered) and counts it.
