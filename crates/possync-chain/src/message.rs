@@ -256,7 +256,12 @@ fn check_run(origin: &PosId, changes: &[WireChange]) -> Result<(Seq, Seq), Messa
         } else if stamp.seq.0 != expected {
             return Err(MessageError::NotContiguous { index, expected, found: stamp.seq.0 });
         }
-        expected = stamp.seq.0 + 1;
+        // A forged seq of u64::MAX cannot be followed by anything.
+        expected = stamp
+            .seq
+            .0
+            .checked_add(1)
+            .ok_or(MessageError::Malformed(format!("change {index}: seq too large")))?;
     }
     let first = first.ok_or(MessageError::Empty)?;
     Ok((first, Seq(expected - 1)))
@@ -350,6 +355,12 @@ mod tests {
                 MessageError::Version(2),
             ),
             ("too large", vec![b' '; MAX_MESSAGE_BYTES + 1], None, MessageError::TooLarge { bytes: MAX_MESSAGE_BYTES + 1 }),
+            (
+                "a seq at the very end of the range",
+                body("t1", u64::MAX, u64::MAX, vec![change("t1", u64::MAX)]),
+                None,
+                MessageError::Malformed(String::new()),
+            ),
         ];
         for (what, payload, header, expected) in cases {
             let got = Batch::decode(&subject("t1"), header, &payload).unwrap_err();
