@@ -802,3 +802,29 @@ async fn the_backbone_over_tls_verifies_the_server_with_the_configured_ca() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_store_is_flagged_at_head_office() {
+    let server = NatsServer::start();
+    let mut options = Options::new("head office");
+    options.chain = Some(ChainRole::Hq(HqConfig {
+        backbone: backbone(&server.url(), BackboneAuth::Anonymous),
+        silent_store_alert_secs: 1,
+    }));
+    options.api = true;
+    let hq = start(options).await;
+    product(&hq, "p1", "2.50").await;
+    let till = start_till(&server.url(), "s1", "s1 till", &[]).await;
+    wait_price(&till, "p1", "2.5").await;
+    sale(&till, "p1", 1).await;
+    wait_count(&hq, "the sale", "SELECT COUNT(*) AS n FROM tickets", 1).await;
+    // (A store heard from recently is not flagged: the first test, with an hour's threshold.)
+    // Silent for longer than the threshold (second resolution: up to 2 s plus a margin).
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let silent = get(&hq, "/api/chain/stores");
+    assert_eq!(silent[0]["alert"], true, "{silent}");
+    assert!(silent[0]["silentSeconds"].as_u64().unwrap() >= 2);
+    for node in [hq, till] {
+        node.shutdown().await;
+    }
+}
