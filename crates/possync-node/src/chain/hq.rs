@@ -36,7 +36,8 @@ pub(crate) const CONSUMER: &str = "possync-hq";
 /// head office is down for a day, and what bounds the stream's size.
 const MAX_MESSAGES_PER_SUBJECT: i64 = 10_000;
 /// Deliveries of a message that keeps meeting a gap before its subject is purged.
-const GAP_DELIVERIES: i64 = 20;
+/// (120 deliveries 500 ms apart: about a minute, longer than any redelivery reordering.)
+const GAP_DELIVERIES: i64 = 120;
 
 /// Runs the head office's side of the backbone until the node shuts down.
 pub(crate) async fn run(node: Arc<NodeShared>, config: HqConfig) {
