@@ -189,6 +189,24 @@ impl WireChange {
     }
 }
 
+/// `wire` with `data.sync.decidedBy = user`: the change is a person's decision on a conflict
+/// (every till closes its copy of that conflict in that person's name). Merges ignore it.
+pub fn with_decided_by(wire: &WireChange, user: &str) -> WireChange {
+    let mut data: Value = serde_json::from_str(wire.data.get()).unwrap_or(Value::Null);
+    if let Some(sync) = data.get_mut("sync").and_then(Value::as_object_mut) {
+        sync.insert("decidedBy".into(), Value::String(user.to_string()));
+    }
+    WireChange::new(&wire.entity, &wire.action, &data)
+}
+
+/// `data.sync.decidedBy` of a parsed change data object (see [`with_decided_by`]).
+pub fn decided_by(data: &Map<String, Value>) -> Option<&str> {
+    data.get("sync")?
+        .get("decidedBy")?
+        .as_str()
+        .filter(|user| !user.is_empty() && user.chars().count() <= 128)
+}
+
 /// The JSON text of `value`.
 fn raw_json(value: &Value) -> Box<RawValue> {
     // Invariant: a `Value` always serializes (its map keys are strings), and serde_json's

@@ -17,6 +17,15 @@ use serde::{Deserialize, Serialize};
 /// Largest millisecond value an [`Hlc`] can hold (2^47 - 1, about the year 6429).
 pub const MAX_MS: u64 = (1 << 47) - 1;
 
+/// How far ahead of its own wall clock a terminal lets a remote timestamp move its clock.
+/// A remote change stamped further ahead (a till whose clock is wrong, or a forged stamp)
+/// is still merged, by its stamp, the same way on every terminal; but this terminal's
+/// clock does not follow it there, so that one bad stamp cannot carry every later local
+/// edit of every record into the far future (and, at the end of the range, overflow). The
+/// price: the fields that change wrote keep its value until the wall clock passes its stamp
+/// (a later edit sorts before it); the node counts and alerts such changes.
+pub const MAX_OBSERVED_AHEAD_MS: u64 = 60 * 60 * 1000;
+
 /// One hybrid-logical-clock timestamp. Total order: milliseconds, then counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Hlc(u64);
@@ -65,9 +74,18 @@ impl Hlc {
         Ok(Hlc(raw as u64))
     }
 
-    /// The next timestamp after this one (counter overflow carries into the milliseconds).
+    /// The largest timestamp.
+    pub const MAX: Hlc = Hlc((MAX_MS << 16) | 0xFFFF);
+
+    /// The timestamp right after this one; `None` after [`Hlc::MAX`].
+    pub fn next(self) -> Option<Hlc> {
+        (self < Hlc::MAX).then(|| Hlc(self.0 + 1))
+    }
+
+    /// The next timestamp after this one (counter overflow carries into the milliseconds);
+    /// [`Hlc::MAX`] stays [`Hlc::MAX`]: never past the range a signed SQLite INTEGER holds.
     fn successor(self) -> Hlc {
-        Hlc(self.0 + 1)
+        Hlc(self.0.saturating_add(1).min(Hlc::MAX.0))
     }
 }
 
@@ -135,9 +153,12 @@ impl HybridClock {
     /// Moves the clock past a timestamp seen in a remote change, so that the next local
     /// write sorts after it. Returns how far ahead of the local wall clock the remote
     /// timestamp was, in milliseconds (0 when not ahead), for drift warnings.
+    /// The clock follows no further than [`MAX_OBSERVED_AHEAD_MS`] past `wall_ms`.
     pub fn observe(&mut self, remote: Hlc, wall_ms: u64) -> u64 {
-        if remote > self.last {
-            self.last = remote;
+        let limit = Hlc(wall_ms.saturating_add(MAX_OBSERVED_AHEAD_MS).min(MAX_MS) << 16);
+        let followed = remote.min(limit);
+        if followed > self.last {
+            self.last = followed;
         }
         remote.ms().saturating_sub(wall_ms)
     }
@@ -165,6 +186,23 @@ mod tests {
         let remote = Hlc::new(10_000, 7).unwrap();
         assert_eq!(clock.observe(remote, 4_000), 6_000);
         assert!(clock.tick(4_001) > remote);
+    }
+
+    #[test]
+    fn a_stamp_from_the_far_future_does_not_carry_the_clock_and_the_clock_never_overflows() {
+        let mut clock = HybridClock::new(Hlc::default());
+        let wall = 1_764_000_000_000;
+        let poisoned = Hlc::new(MAX_MS, u16::MAX).unwrap();
+        assert_eq!(clock.observe(poisoned, wall), MAX_MS - wall);
+        let next = clock.tick(wall);
+        assert!(next.ms() <= wall + MAX_OBSERVED_AHEAD_MS, "{next}");
+        // At the very end of the range, the clock stays there instead of wrapping negative.
+        let mut ended = HybridClock::new(Hlc::MAX);
+        for _ in 0..3 {
+            let stamp = ended.tick(MAX_MS);
+            assert_eq!(stamp, Hlc::MAX);
+            assert!(stamp.to_i64() > 0);
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`chain`] — the chain of stores over NATS JetStream (`[uplink]`, `[hq]`).
 //! - [`config`] — `possync.toml`.
 
+pub mod admission;
 pub mod api;
 pub mod chain;
 pub mod config;

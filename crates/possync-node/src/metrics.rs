@@ -86,6 +86,20 @@ pub struct Metrics {
     pub protocol_violations: Counter,
     /// The chain backbone.
     pub chain: ChainMetrics,
+    /// Incoming catch-ups that stopped progressing while connected.
+    pub sync_stalls: Counter,
+    /// Remote changes stamped further ahead of this terminal's clock than it follows.
+    pub remote_clock_ahead: Counter,
+    /// Connections that never authenticated, by reason (wrong shop secret, not a possync
+    /// peer, handshake timeout, over the handshake budget...).
+    pub connections_rejected: Family<Reason, Counter>,
+}
+
+/// Label: why a connection was rejected.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// A short fixed label.
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -108,6 +122,9 @@ impl Metrics {
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
             chain: ChainMetrics::default(),
+            sync_stalls: Counter::default(),
+            remote_clock_ahead: Counter::default(),
+            connections_rejected: Family::default(),
         };
         registry.register(
             "peers_connected",
@@ -173,6 +190,21 @@ impl Metrics {
             "chain_changes",
             "Chain backbone changes by outcome",
             metrics.chain.changes.clone(),
+        );
+        registry.register(
+            "sync_stalls",
+            "Incoming catch-ups that stopped progressing while the link stayed up (a change the node cannot take blocks its origin's later ones)",
+            metrics.sync_stalls.clone(),
+        );
+        registry.register(
+            "remote_clock_ahead",
+            "Remote changes stamped more than an hour ahead of this terminal's clock (a till with a wrong clock, or a forged stamp)",
+            metrics.remote_clock_ahead.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections that never authenticated (never a peer), by reason",
+            metrics.connections_rejected.clone(),
         );
         Metrics { registry, ..metrics }
     }

@@ -15,7 +15,7 @@
 //! 3. Merge: mutable records through `possync_core::merge_record`; facts (sales, movements)
 //!    inserted once by id.
 
-use possync_core::merge::{RemoteWrite, Verdict};
+use possync_core::merge::{RemoteWrite, Verdict, Winner};
 use possync_core::{Change, ChangeBody, ChangeError, EntityKind, PosId, Seq, WireChange, merge_record};
 use serde_json::{Map, Value, json};
 
@@ -68,6 +68,10 @@ pub struct ApplyReport {
     /// Why each invalid change was refused (`<type>/<action> <id>: <reason>`), so that the
     /// sender can be told with an `error` frame.
     pub rejections: Vec<String>,
+    /// Changes stamped more than [`possync_core::hlc::MAX_OBSERVED_AHEAD_MS`] ahead of this
+    /// terminal's clock: merged by their stamp, but not followed by the clock (their log
+    /// rows carry `clockAheadMs`).
+    pub clock_ahead: u32,
 }
 
 /// The outcome of one change, for its log row.
@@ -95,6 +99,9 @@ impl Store {
     pub fn apply_batch(&mut self, peer: PeerRef<'_>, changes: Vec<WireChange>) -> Result<ApplyReport> {
         self.write(false, |store| {
             let mut report = ApplyReport::default();
+            if !changes.is_empty() {
+                store.note_terminal(peer.id, peer.name)?;
+            }
             for wire in changes {
                 store.apply_one(peer, wire, Accept::Everything, &mut report)?;
             }
@@ -104,10 +111,12 @@ impl Store {
 
     /// Logs a frame from a peer that was refused before reaching the merge (malformed
     /// JSON, unknown type, a protocol violation): one `p2p_sync_logs` row with status error.
+    /// `peer_name` is `None` when the connection never authenticated (`peer_id` is then its
+    /// address).
     pub fn log_rejected_message(
         &mut self,
         peer_id: &str,
-        peer_name: &str,
+        peer_name: Option<&str>,
         message_type: &str,
         message_action: &str,
         error: &str,
@@ -140,9 +149,10 @@ impl Store {
             .and_then(|data| data.get("id"))
             .and_then(Value::as_str)
             .map(|id| id.chars().take(64).collect::<String>());
+        let decided_by = data.as_ref().ok().and_then(possync_core::change::decided_by).map(str::to_string);
         let log = SyncLog {
             peer_id: peer.id,
-            peer_name: peer.name,
+            peer_name: Some(peer.name),
             message_type: &wire.entity,
             message_action: &wire.action,
             entity_type,
@@ -161,7 +171,7 @@ impl Store {
         let held = self.vv.get(&origin);
         if seq <= held {
             report.skipped += 1;
-            let details = stamp_details(&origin, seq);
+            let details = stamp_details(&origin, seq, None);
             return self.log_sync(
                 &log,
                 SyncStatus::Skipped,
@@ -229,8 +239,12 @@ impl Store {
             );
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
-        if let Some(hlc) = change.hlc {
-            self.clock.observe(hlc, self.env.now_ms());
+        let clock_ahead_ms = change
+            .hlc
+            .map(|hlc| self.clock.observe(hlc, self.env.now_ms()))
+            .filter(|ahead| *ahead > possync_core::hlc::MAX_OBSERVED_AHEAD_MS);
+        if clock_ahead_ms.is_some() {
+            report.clock_ahead += 1;
         }
         let outcome = self.merge_change(&change)?;
         if outcome.reason.as_deref().is_some_and(|reason| reason.starts_with("missing:")) {
@@ -256,14 +270,19 @@ impl Store {
             SyncStatus::Error => report.errors += 1,
         }
         let strategy = outcome.conflict.as_ref().map(|conflict| conflict.report.strategy.as_str());
-        let details = stamp_details(&origin, seq);
+        let details = stamp_details(&origin, seq, clock_ahead_ms);
         self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
         if let Some(conflict) = outcome.conflict {
             report.conflict_kinds.push((
                 conflict.report.conflict_type.as_str().to_string(),
                 conflict.report.strategy.as_str().to_string(),
             ));
-            self.log_conflict(peer, &conflict)?;
+            self.log_conflict(&origin, peer, &conflict)?;
+        }
+        if matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
+            let origin_name =
+                if origin.as_str() == peer.id { peer.name.to_string() } else { origin.to_string() };
+            self.close_decided_conflicts(&change, decided_by.as_deref(), &origin_name)?;
         }
         self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())
@@ -328,25 +347,45 @@ impl Store {
         Ok(match outcome.verdict {
             Verdict::Applied => Logged::success(),
             Verdict::AlreadySeen => Logged::skipped("already incorporated"),
-            Verdict::Conflict(report) => Logged {
-                status: SyncStatus::Conflict,
-                reason: Some(report.conflict_type.as_str().to_string()),
-                conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
-            },
+            // The seed's statuses: remote wins, the update is applied and logged `conflict`;
+            // local wins, the update is skipped and logged `skipped` (when no value changed:
+            // fields it alone edited still apply, and then it is a `conflict`). Either way the
+            // `p2p_conflicts` row is written.
+            Verdict::Conflict(report) => {
+                let kept_local = report.winner == Winner::Local && report.final_data == report.local_data;
+                Logged {
+                    status: if kept_local { SyncStatus::Skipped } else { SyncStatus::Conflict },
+                    reason: Some(if kept_local {
+                        format!("{}: the local version is kept", report.conflict_type.as_str())
+                    } else {
+                        report.conflict_type.as_str().to_string()
+                    }),
+                    conflict: Some(ConflictRow {
+                        entity: kind,
+                        id: change.id.clone(),
+                        report: *report,
+                        ctx: outcome.state.ctx.clone(),
+                    }),
+                }
+            }
         })
     }
 }
 
-/// The `details` of a change's log row: `{"origin": ..., "seq": ...}`, serialized without
-/// building a `serde_json::Value` (one per change applied).
-fn stamp_details(origin: &PosId, seq: Seq) -> String {
+/// The `details` of a change's log row: `{"origin": ..., "seq": ...}` (and `clockAheadMs`
+/// for a change stamped far ahead of this terminal's clock), serialized without building a
+/// `serde_json::Value` (one per change applied).
+fn stamp_details(origin: &PosId, seq: Seq, clock_ahead_ms: Option<u64>) -> String {
     #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
     struct Stamp<'a> {
         origin: &'a PosId,
         seq: Seq,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        clock_ahead_ms: Option<u64>,
     }
-    // Invariant: a struct of a string and an integer always serializes.
-    serde_json::to_string(&Stamp { origin, seq }).expect("serializing a stamp")
+    // Invariant: a struct of a string and integers always serializes.
+    serde_json::to_string(&Stamp { origin, seq, clock_ahead_ms }).expect("serializing a stamp")
 }
 
 /// The origin and seq of a change's data, read even when the rest is invalid.
@@ -364,6 +403,8 @@ mod tests {
     #[test]
     fn stamp_details_is_the_json_object() {
         let origin = PosId::parse("pos-a").unwrap();
-        assert_eq!(stamp_details(&origin, Seq(42)), json!({"origin": origin, "seq": 42}).to_string());
+        assert_eq!(stamp_details(&origin, Seq(42), None), json!({"origin": origin, "seq": 42}).to_string());
+        let ahead: Value = serde_json::from_str(&stamp_details(&origin, Seq(42), Some(7))).unwrap();
+        assert_eq!(ahead, json!({"origin": origin, "seq": 42, "clockAheadMs": 7}));
     }
 }

@@ -6,7 +6,7 @@
 //! the node through [`Store::log_connection_event`], off the sync path.
 
 use possync_core::merge::ConflictReport;
-use possync_core::{EntityId, EntityKind, entity};
+use possync_core::{EntityId, EntityKind, PosId, entity};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -44,7 +44,8 @@ impl SyncStatus {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SyncLog<'a> {
     pub(crate) peer_id: &'a str,
-    pub(crate) peer_name: &'a str,
+    /// None for a connection that never authenticated (stored as NULL: not a peer).
+    pub(crate) peer_name: Option<&'a str>,
     pub(crate) message_type: &'a str,
     pub(crate) message_action: &'a str,
     pub(crate) entity_type: Option<EntityKind>,
@@ -57,6 +58,8 @@ pub(crate) struct ConflictRow {
     pub(crate) entity: EntityKind,
     pub(crate) id: EntityId,
     pub(crate) report: ConflictReport,
+    /// The record's context right after the merge: both sides of the clash.
+    pub(crate) ctx: possync_core::VersionVector,
 }
 
 /// The connection events of `p2p_connection_metrics`.
@@ -94,10 +97,13 @@ impl ConnectionEventKind {
 /// One row of `p2p_connection_metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionEvent {
-    /// The peer's posId (or its address when it never said who it is).
+    /// The peer's posId, or, for a connection that never authenticated, its address (the
+    /// IP alone for an inbound one: its port is ephemeral).
     pub peer_id: String,
-    /// The peer's name.
-    pub peer_name: String,
+    /// The peer's name; `None` for a connection that never authenticated, stored as NULL.
+    /// Such a row is a rejected connection, never a peer: the dashboard's peer lists,
+    /// uptime, reliability and sync alerts leave NULL-named rows out (docs/DASHBOARD.md).
+    pub peer_name: Option<String>,
     /// What happened.
     pub kind: ConnectionEventKind,
     /// Counters at the time (final ones for `disconnected`).
@@ -159,9 +165,50 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn log_conflict(&mut self, peer: PeerRef<'_>, row: &ConflictRow) -> Result<()> {
+    /// Remembers a terminal's name (from a peer's handshake), for naming the origin of
+    /// edits in the audit trail.
+    pub(crate) fn note_terminal(&mut self, pos_id: &str, name: &str) -> Result<()> {
+        let now = self.now_sqlite();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_terminals (pos_id, name, seen_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (pos_id) DO UPDATE SET name = excluded.name, seen_at = excluded.seen_at
+                 WHERE name <> excluded.name OR seen_at < date(excluded.seen_at)",
+            )?
+            .execute(params![pos_id, truncate(name, 256), now])?;
+        Ok(())
+    }
+
+    /// The name of a terminal this node has heard of, if any.
+    fn terminal_name(&self, pos_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM sync_terminals WHERE pos_id = ?1")?
+            .query_row([pos_id], |row| row.get(0))
+            .optional()?)
+    }
+
+    /// One `p2p_conflicts` row. It names the till where the remote edit was made (the
+    /// change's origin), by name when known, and says in its notes which peer passed it on
+    /// when that is another till.
+    pub(crate) fn log_conflict(
+        &mut self,
+        origin: &PosId,
+        peer: PeerRef<'_>,
+        row: &ConflictRow,
+    ) -> Result<()> {
         let now = self.now_sqlite();
         let report = &row.report;
+        let origin_name = if origin.as_str() == peer.id {
+            peer.name.to_string()
+        } else {
+            self.terminal_name(origin.as_str())?.unwrap_or_else(|| origin.to_string())
+        };
+        let notes = if origin.as_str() == peer.id {
+            report.notes.clone()
+        } else {
+            format!("{} (edit made on {origin_name}, received through {})", report.notes, peer.name)
+        };
         self.conn
             .prepare_cached(
                 "INSERT INTO p2p_conflicts (peer_id, peer_name, entity_type, entity_id, conflict_type, local_data,
@@ -170,8 +217,8 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?
             .execute(params![
-                peer.id,
-                peer.name,
+                origin.as_str(),
+                origin_name,
                 row.entity.as_str(),
                 row.id.as_str(),
                 report.conflict_type.as_str(),
@@ -183,10 +230,77 @@ impl Store {
                 report.final_data.to_string(),
                 if report.open { None } else { Some("system") },
                 if report.open { None } else { Some(now.clone()) },
-                report.notes,
+                notes,
                 now,
             ])?;
+        if report.open {
+            let ctx = serde_json::to_string(&row.ctx).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO conflict_sides (conflict_id, ctx) VALUES (last_insert_rowid(), ?1)",
+                )?
+                .execute([ctx])?;
+        }
         Ok(())
+    }
+
+    /// Closes the open conflicts on a record that `change` (remote, just merged) decides: it
+    /// was written having seen both sides. With `decided_by` (a person's decision on another
+    /// till) the conflict is closed in that person's name; otherwise it was superseded by a
+    /// later edit. Returns how many were closed.
+    pub(crate) fn close_decided_conflicts(
+        &mut self,
+        change: &possync_core::Change,
+        decided_by: Option<&str>,
+        origin_name: &str,
+    ) -> Result<usize> {
+        let open: Vec<(i64, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT c.id, s.ctx FROM p2p_conflicts c JOIN conflict_sides s ON s.conflict_id = c.id
+                 WHERE c.entity_type = ?1 AND c.entity_id = ?2 AND c.resolved_by IS NULL",
+            )?
+            .query_map(params![change.entity.as_str(), change.id.as_str()], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if open.is_empty() {
+            return Ok(0);
+        }
+        let final_data = match records::load(&self.conn, &self.origins, change.entity, &change.id)? {
+            Some(state) if !state.deleted => {
+                let stock = if change.entity == EntityKind::Product {
+                    Some(records::product_stock(&self.conn, &change.id)?)
+                } else {
+                    None
+                };
+                records::api_json(change.entity, &change.id, &state, stock)
+            }
+            _ => serde_json::json!({"id": change.id, "deleted": true}),
+        };
+        let now = self.now_sqlite();
+        let mut closed = 0;
+        for (conflict_id, sides) in open {
+            let sides: possync_core::VersionVector = serde_json::from_str(&sides)
+                .map_err(|err| StoreError::Corrupt(format!("conflict_sides {conflict_id}: {err}")))?;
+            if !change.ctx.dominates(&sides) {
+                continue;
+            }
+            let (resolved_by, note) = match decided_by {
+                Some(user) => (user.to_string(), format!(" Decided by {user} on {origin_name}.")),
+                None => (
+                    "superseded".to_string(),
+                    format!(" Superseded by a later edit made on {origin_name} with both versions in view."),
+                ),
+            };
+            self.conn.execute(
+                "UPDATE p2p_conflicts SET resolved_by = ?2, resolved_at = ?3, final_data = ?4,
+                        notes = COALESCE(notes, '') || ?5 WHERE id = ?1",
+                params![conflict_id, resolved_by, now, final_data.to_string(), note],
+            )?;
+            closed += 1;
+        }
+        Ok(closed)
     }
 
     /// Records a connection event (connected, disconnected with counters, sync_completed...).
@@ -201,7 +315,7 @@ impl Store {
             )?
             .execute(params![
                 truncate(&event.peer_id, 128),
-                truncate(&event.peer_name, 256),
+                event.peer_name.as_deref().map(|name| truncate(name, 256)),
                 event.kind.as_str(),
                 as_i64(event.messages_sent),
                 as_i64(event.messages_received),
@@ -258,7 +372,17 @@ impl Store {
             let wants_deleted = chosen.get("deleted").and_then(Value::as_bool).unwrap_or(false);
             let final_data = if wants_deleted {
                 if !state.deleted {
-                    let change = store.emit_local(kind, &id, possync_core::ChangeBody::Delete, &state.ctx)?;
+                    let newest = state.newest().cloned();
+                    store.decided_by = Some(user.to_string());
+                    let change = store.emit_local(
+                        kind,
+                        &id,
+                        possync_core::ChangeBody::Delete,
+                        &state.ctx,
+                        newest.as_ref(),
+                    );
+                    store.decided_by = None;
+                    let change = change?;
                     let mut state = state;
                     state.deleted = true;
                     state.existence = Some(crate::local::local_version(&change));
@@ -273,7 +397,10 @@ impl Store {
                 if fields.is_empty() {
                     return Err(StoreError::invalid("data", "the chosen version holds no field"));
                 }
-                store.write_fields(kind, &id, state, fields, false)?
+                store.decided_by = Some(user.to_string());
+                let written = store.write_fields(kind, &id, state, fields, false);
+                store.decided_by = None;
+                written?
             };
             let now = store.now_sqlite();
             store.conn.execute(

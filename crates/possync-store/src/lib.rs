@@ -31,6 +31,7 @@ pub mod settings;
 
 use std::path::{Path, PathBuf};
 
+use possync_core::protocol::MAX_CHANGE_BYTES;
 use possync_core::{
     Change, ChangeBody, EntityId, EntityKind, Hlc, HybridClock, PosId, Seq, VersionVector, WireChange,
 };
@@ -136,6 +137,10 @@ pub struct Store {
     /// True while [`Store::group_commit`] holds a transaction open: each write inside it is a
     /// savepoint.
     in_group: bool,
+    /// Set by a person's conflict decision for the one local write that carries it: who
+    /// decided, written into the change's `data.sync.decidedBy` so that every till closes
+    /// its copy of the conflict with the same name.
+    decided_by: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -276,6 +281,7 @@ impl Store {
             vv,
             settings,
             outbox: Vec::new(),
+            decided_by: None,
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
@@ -462,15 +468,30 @@ impl Store {
     }
 
     /// Stamps and logs a local write; returns the change (also queued in the outbox).
+    /// `newest`: the newest write the record holds. The write is stamped after it even when
+    /// that write's stamp is ahead of this terminal's clock (a clock does not follow remote
+    /// stamps far into the future, see `hlc::MAX_OBSERVED_AHEAD_MS`), so that it wins on
+    /// every terminal as it does here; a record stamped at the very end of time cannot be
+    /// written over at all, and says so.
     pub(crate) fn emit_local(
         &mut self,
         kind: EntityKind,
         id: &EntityId,
         body: ChangeBody,
         ctx_before: &VersionVector,
+        newest: Option<&possync_core::merge::Version>,
     ) -> Result<Change> {
         let seq = self.vv.get(&self.identity.pos_id).next();
-        let hlc = self.clock.tick(self.env.now_ms());
+        let mut hlc = self.clock.tick(self.env.now_ms());
+        if let Some(floor) = newest.and_then(|version| version.hlc)
+            && hlc <= floor
+        {
+            hlc = floor.next().ok_or_else(|| {
+                StoreError::InvalidState(format!(
+                    "{kind} {id} was last written with a clock stamp at the end of time ({floor}) by a terminal whose clock is wrong or forged; no later edit can sort after it"
+                ))
+            })?;
+        }
         let mut ctx = ctx_before.clone();
         ctx.observe(&self.identity.pos_id, seq);
         let change = Change {
@@ -482,7 +503,14 @@ impl Store {
             id: id.clone(),
             body,
         };
-        let wire = change.to_wire();
+        let mut wire = change.to_wire();
+        if let Some(user) = self.decided_by.take() {
+            wire = possync_core::change::with_decided_by(&wire, &user);
+        }
+        let bytes = wire.data.get().len();
+        if bytes > MAX_CHANGE_BYTES {
+            return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });
+        }
         self.append_change(&change.origin, seq, change.hlc, kind.as_str(), id.as_str(), &wire, false)?;
         self.outbox.push(Outgoing { change: wire, from_peer: None });
         Ok(change)

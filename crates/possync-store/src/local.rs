@@ -63,7 +63,8 @@ impl Store {
         check_mutable(kind)?;
         self.write(true, |store| {
             let mut state = store.live_record(kind, id)?;
-            let change = store.emit_local(kind, id, ChangeBody::Delete, &state.ctx)?;
+            let newest = state.newest().cloned();
+            let change = store.emit_local(kind, id, ChangeBody::Delete, &state.ctx, newest.as_ref())?;
             state.deleted = true;
             state.existence = Some(local_version(&change));
             state.ctx = change.ctx;
@@ -88,8 +89,9 @@ impl Store {
         fields: FieldMap,
         create: bool,
     ) -> Result<Value> {
-        let change =
-            self.emit_local(kind, id, ChangeBody::Upsert { create, fields: fields.clone() }, &state.ctx)?;
+        let newest = state.newest().cloned();
+        let body = ChangeBody::Upsert { create, fields: fields.clone() };
+        let change = self.emit_local(kind, id, body, &state.ctx, newest.as_ref())?;
         let version = local_version(&change);
         for (name, value) in fields {
             state.values.insert(name, value);

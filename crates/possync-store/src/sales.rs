@@ -189,6 +189,7 @@ impl Store {
                 &id,
                 ChangeBody::Sale(Box::new(sale.clone())),
                 &Default::default(),
+                None,
             )?;
             let state = sale_state(&sale, local_version(&change), change.ctx.clone());
             store.insert_sale(&sale, &state)?;
@@ -294,7 +295,8 @@ impl Store {
                 fields.insert("notes", json!(reason));
             }
             let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: returns.clone() };
-            let change = store.emit_local(EntityKind::Ticket, id, body, &state.ctx)?;
+            let newest = state.newest().cloned();
+            let change = store.emit_local(EntityKind::Ticket, id, body, &state.ctx, newest.as_ref())?;
             let version = local_version(&change);
             let mut state = state;
             for (name, value) in fields {
@@ -377,7 +379,7 @@ impl Store {
                 created_at,
             };
             let body = ChangeBody::Movement { count, movement: movement.clone() };
-            store.emit_local(EntityKind::Stock, &movement.id, body, &Default::default())?;
+            store.emit_local(EntityKind::Stock, &movement.id, body, &Default::default(), None)?;
             store.insert_movement(&movement)?;
             Ok(movement_json(&movement))
         })

@@ -10,8 +10,27 @@ use rusqlite_migration::{M, Migrations};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INITIAL), M::up(V2_CHAIN)])
+    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS), M::up(V_CHAIN)])
 }
+
+/// The terminals this node has heard of by name, so that the audit trail can name the till
+/// where an edit was made (its origin), not only the peer that passed it on.
+///
+/// And the two sides of each open (`manual`) conflict, as the record's context right after
+/// it: a change that has seen both (a person's decision on another till, or any later edit
+/// made with both in view) closes the conflict on every till.
+const V_TERMINALS: &str = r#"
+CREATE TABLE sync_terminals (
+    pos_id  TEXT PRIMARY KEY,
+    name    TEXT NOT NULL,
+    seen_at TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE conflict_sides (
+    conflict_id INTEGER PRIMARY KEY REFERENCES p2p_conflicts(id) ON DELETE CASCADE,
+    ctx         TEXT NOT NULL
+);
+"#;
 
 /// The settings (SPEC section 3): key, default value, type, description.
 pub const DEFAULT_SETTINGS: &[(&str, &str, &str, &str)] = &[
@@ -273,7 +292,7 @@ CREATE TABLE settings (
 "#;
 
 /// The chain of stores (docs/CHAIN.md).
-const V2_CHAIN: &str = r#"
+const V_CHAIN: &str = r#"
 -- A store till: how far it has applied each backbone stream (stream sequence of the last
 -- message applied), advanced in the transaction that applied the message.
 CREATE TABLE chain_cursor (

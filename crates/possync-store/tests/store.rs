@@ -395,3 +395,279 @@ fn a_group_commit_keeps_the_good_writes_and_rolls_back_the_bad_one_alone() {
     a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 4})).unwrap();
     assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 4);
 }
+
+/// A sale of `lines` lines of one product.
+fn big_sale(product: &str, lines: usize) -> SaleRequest {
+    let line = SaleLineRequest {
+        product_id: id(product),
+        quantity: dec("1"),
+        unit_price: None,
+        discount_rate: None,
+    };
+    SaleRequest { lines: vec![line; lines], ..sale(product, "1", &lines.to_string()) }
+}
+
+#[test]
+fn a_write_whose_change_no_peer_could_receive_is_refused_and_leaves_nothing() {
+    use possync_core::protocol::MAX_CHANGE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    let changes_before = a.count("SELECT COUNT(*) FROM sync_changes");
+    let seq_before = a.store.summary().get(&a.pos_id());
+
+    // About 343 bytes a line: 13,000 lines is about 4.5 MB of change data.
+    let refused = a.store.record_sale(&big_sale("tea", 13_000)).map(|_| ()).unwrap_err();
+    match &refused {
+        StoreError::TooLarge { kind: EntityKind::Ticket, bytes, limit } => {
+            assert_eq!(*limit, MAX_CHANGE_BYTES);
+            assert!(*bytes > MAX_CHANGE_BYTES, "{bytes}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(refused.to_string().contains("split it"), "{refused}");
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), changes_before);
+    assert_eq!(a.count("SELECT COUNT(*) FROM tickets"), 0);
+    assert_eq!(a.count("SELECT COUNT(*) FROM stock_movements"), 0);
+    assert_eq!(a.store.summary().get(&a.pos_id()), seq_before);
+
+    // The next write takes the next seq: nothing was consumed by the refused one.
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap();
+    assert_eq!(a.store.summary().get(&a.pos_id()).0, seq_before.0 + 1);
+}
+
+#[test]
+fn catch_up_batches_are_cut_by_size_so_every_frame_fits() {
+    use possync_core::protocol::MAX_BATCH_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    // Three sales of about 2.4 MB each: under the change limit, but two would not fit a frame.
+    for _ in 0..3 {
+        a.store.record_sale(&big_sale("tea", 7_000)).unwrap();
+    }
+    let reader = a.store.reader().unwrap();
+    let since = b.store.summary().clone();
+    let (mut cursor, mut sizes) = (0, Vec::new());
+    loop {
+        let selection = reader.select_changes(&since, cursor, 100).unwrap();
+        let bytes: usize = selection.changes.iter().map(|c| serde_json::to_string(c).unwrap().len()).sum();
+        assert!(bytes <= MAX_BATCH_BYTES, "a batch of {bytes} bytes");
+        sizes.push(selection.changes.len());
+        cursor = selection.next_cursor;
+        if !selection.has_more {
+            break;
+        }
+    }
+    // The product with the first sale, then one sale a batch.
+    assert_eq!(sizes, [2, 1, 1]);
+    assert_eq!(sizes.iter().sum::<usize>() as u64, a.store.summary().get(&a.pos_id()).0);
+    drop(reader);
+    sync(&mut a, &mut b, 100);
+    assert_eq!(a.dump(), b.dump());
+}
+
+#[test]
+fn a_conflict_the_local_version_wins_is_logged_skipped_as_the_seed_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
+    clock.advance(10);
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 6})).unwrap();
+    // B's edit is newer: on B the local version wins (skipped), on A the remote one (conflict).
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    let last_status = |t: &common::Terminal| {
+        t.query("SELECT status, conflict_reason FROM p2p_sync_logs WHERE entity_id = 'tea' ORDER BY id DESC LIMIT 1")[0].clone()
+    };
+    let on_b = last_status(&b);
+    assert_eq!(on_b["status"], json!("skipped"), "{on_b}");
+    assert!(on_b["conflictReason"].as_str().unwrap().contains("local version is kept"), "{on_b}");
+    assert_eq!(last_status(&a)["status"], json!("conflict"));
+    for t in [&a, &b] {
+        assert_eq!(t.count("SELECT COUNT(*) FROM p2p_conflicts"), 1, "{}", t.name);
+    }
+}
+
+#[test]
+fn a_change_stamped_at_the_end_of_time_neither_corrupts_nor_blocks_the_till() {
+    // Issue 13, item 4: one update stamped with the largest clock value used to overflow the
+    // receiver's clock on its next edits (a negative stamp, "database content is corrupt",
+    // sales refused). Now the clock does not follow a stamp that far ahead.
+    use possync_core::hlc::MAX_MS;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut evil = terminal(&dir, "evil", &clock, (MAX_MS - 1_700_000_000_000) as i64);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "cake", "sku": "C1", "name": "Cake", "price": 3}))
+        .unwrap();
+    sync(&mut a, &mut evil, 100);
+    evil.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 99})).unwrap();
+    // The last stamp there is: the counter at its top too.
+    let since = a.store.summary().clone();
+    let mut forged = evil.store.reader().unwrap().select_changes(&since, 0, 100).unwrap().changes;
+    assert_eq!(forged.len(), 1);
+    let text = serde_json::to_string(&forged[0])
+        .unwrap()
+        .replace(&format!("{MAX_MS}-0"), &format!("{MAX_MS}-65535"));
+    forged[0] = serde_json::from_str(&text).unwrap();
+    let report =
+        a.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged.clone()).unwrap();
+    assert_eq!((report.applied, report.clock_ahead), (1, 1));
+    let details = a.query("SELECT details FROM p2p_sync_logs ORDER BY id DESC LIMIT 1")[0]["details"].clone();
+    assert!(details.as_str().unwrap().contains("clockAheadMs"), "{details}");
+
+    // Later local edits and sales: no overflow, every row readable, sales go on.
+    for price in 2..10 {
+        a.store.update_record(EntityKind::Product, &id("cake"), &json!({"price": price})).unwrap();
+    }
+    // The record the forged change wrote cannot be edited over a stamp at the end of time:
+    // refused with a clear error here, rather than kept here and lost everywhere else.
+    let refused = a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::InvalidState(message) if message.contains("end of time")),
+        "{refused}"
+    );
+    a.store.record_sale(&sale("tea", "1", "200")).unwrap();
+    a.store.record_sale(&sale("cake", "1", "200")).unwrap();
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes WHERE hlc < 0"), 0);
+    let max_local = a.count(
+        "SELECT MAX(hlc) FROM sync_changes WHERE origin = (SELECT idx FROM sync_origins WHERE pos_id = 'a')",
+    );
+    assert!(
+        (max_local >> 16) <= 1_700_000_000_000 + 3_600_000,
+        "the clock did not follow the forged stamp: {}",
+        max_local >> 16
+    );
+    let reader = a.store.reader().unwrap();
+    let tea = reader.record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+    let cake = reader.record(EntityKind::Product, &id("cake")).unwrap().unwrap();
+    assert_eq!(cake["price"], json!(9.0), "records the stamp never touched edit normally");
+    assert_eq!(tea["price"], json!(99.0));
+    assert_eq!(tea["stock"], json!(-1.0));
+    drop(reader);
+    // Every terminal ends identical all the same.
+    sync(&mut a, &mut b, 100);
+    b.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged).unwrap();
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(b.count("SELECT COUNT(*) FROM sync_changes WHERE hlc < 0"), 0);
+}
+
+#[test]
+fn an_edit_after_a_change_stamped_far_ahead_still_wins_on_every_terminal() {
+    // A till whose clock runs a year ahead: its edit is merged by its stamp; a later edit of
+    // the same record here is stamped after it (not at this clock's time), so it wins here
+    // and everywhere, and this terminal's clock stays where it was for other records.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut ahead = terminal(&dir, "ahead", &clock, 365 * 86_400_000);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut ahead, 100);
+    ahead.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 50})).unwrap();
+    sync(&mut ahead, &mut a, 100);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "jam", "sku": "J1", "name": "Jam", "price": 4}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut ahead, &mut b, 100);
+    sync(&mut a, &mut ahead, 100);
+    for t in [&a, &b, &ahead] {
+        let tea = t.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+        assert_eq!(tea["price"], json!(3.0), "{}", t.name);
+    }
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(a.dump(), ahead.dump());
+    let jam = a.store.reader().unwrap().record(EntityKind::Product, &id("jam")).unwrap().unwrap();
+    assert!(jam["updatedAt"].as_str().unwrap().starts_with("2023-11-14"), "{jam}");
+}
+
+#[test]
+fn a_conflict_names_the_till_where_the_edit_was_made_not_the_one_that_relayed_it() {
+    // Issue 10, item 10: A's edit reaches C through B; C's conflict row names A.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut c = terminal(&dir, "c", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut c, 100); // C has met A once (learns its name)
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    c.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap();
+    clock.advance(10);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut c, 100); // A's edit, relayed by B
+    let rows = c.query("SELECT peer_id, peer_name, notes FROM p2p_conflicts");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["peerId"], json!("a"));
+    assert_eq!(rows[0]["peerName"], json!("a"));
+    let notes = rows[0]["notes"].as_str().unwrap();
+    assert!(notes.contains("received through b"), "{notes}");
+}
+
+#[test]
+fn a_manual_decision_on_one_till_closes_the_conflict_on_every_till() {
+    // Issue 10, item 3: the decision travels like any change and closes B's copy too, in the
+    // decider's name; deciding it again on B is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    for t in [&mut a, &mut b] {
+        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    }
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 6})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    let open = |t: &common::Terminal| t.count("SELECT COUNT(*) FROM p2p_conflicts WHERE resolved_by IS NULL");
+    assert_eq!((open(&a), open(&b)), (1, 1));
+    let on_a = a.query("SELECT id FROM p2p_conflicts")[0]["id"].as_i64().unwrap();
+    a.store.resolve_conflict(on_a, &Resolution::Remote, "manager-anna").unwrap();
+    sync(&mut a, &mut b, 100);
+    assert_eq!((open(&a), open(&b)), (0, 0));
+    let row = &b.query("SELECT id, resolved_by, resolved_at, final_data, notes FROM p2p_conflicts")[0];
+    assert_eq!(row["resolvedBy"], json!("manager-anna"));
+    assert!(row["resolvedAt"].is_string());
+    assert!(row["notes"].as_str().unwrap().contains("Decided by manager-anna"), "{row}");
+    assert!(row["finalData"].as_str().unwrap().contains("\"price\":6"), "{row}");
+    let again = b.store.resolve_conflict(row["id"].as_i64().unwrap(), &Resolution::Local, "manager-bob");
+    assert!(matches!(again, Err(StoreError::ConflictResolved(_))), "{again:?}");
+    assert_eq!(a.dump(), b.dump());
+    let tea = b.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+    assert_eq!(tea["price"], json!(6.0));
+}

@@ -64,7 +64,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Some(ChainRole::Hq(HqConfig { backbone: backbone(&url), silent_store_alert_secs: 60 })),
         &[],
         hq_api,
-        &crate::random_hex(),
+        &crate::random_hex(16),
     )
     .await?;
     println!(
@@ -88,7 +88,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let store = StoreId::parse(format!("store{}", s + 1)).context("store id")?;
         let mut lan: Vec<SocketAddr> = Vec::new();
         // The tills of a store share their LAN secret; stores do not meet on a LAN.
-        let secret = crate::random_hex();
+        let secret = crate::random_hex(16);
         for t in 0..2 {
             let name = format!("store{} till{}", s + 1, t + 1);
             let role =
@@ -231,7 +231,7 @@ async fn start_node(
         static_peers: peers.iter().map(ToString::to_string).collect(),
         discovery: false,
         secret: secret.to_string(),
-        api_token: crate::random_hex(),
+        api_token: crate::random_hex(16),
         max_connections: 16,
         max_frame_bytes: 16 * 1024 * 1024,
         backoff_base_ms: 500,

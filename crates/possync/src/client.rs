@@ -1,12 +1,21 @@
-//! The commands that talk to a running node through its HTTP API: `status`, `stats`,
-//! `conflicts`, `logs`, `cleanup`. Tables for people, `--json` for scripts.
+//! The maintenance commands: `status`, `stats`, `conflicts`, `resolve`,
+//! `logs`, `cleanup`. Tables for people, `--json` for scripts.
+//!
+//! They talk to the terminal's running node through its HTTP API, after checking that the
+//! node answering on the configured port is this data directory's (another till's node on
+//! that port would otherwise be shown as this one). When no node answers (stopped or
+//! crashed: when someone needs these most), they read the database directly, and `cleanup`
+//! writes it through a store of its own; SQLite's locking keeps that safe against a node
+//! starting meanwhile (each waits for the other's transaction). They say which they did.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::Value;
+
+use possync_store::{DB_FILE, Store, StoreReader, SystemEnvironment};
 
 use crate::load_config;
 
@@ -44,6 +53,68 @@ pub struct CleanupArgs {
     pub older_than: Option<u32>,
 }
 
+/// `possync resolve`.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    #[command(flatten)]
+    pub node: ClientArgs,
+    /// The conflict's id (see `possync conflicts`).
+    pub id: i64,
+    /// Which version wins: `local` (this terminal's) or `remote`.
+    #[arg(long, value_parser = ["local", "remote"])]
+    pub keep: String,
+    /// Who decides (recorded as `resolved_by`).
+    #[arg(long, default_value = "cli")]
+    pub by: String,
+}
+
+/// What a command talks to: the running node, or its database when none answers.
+enum Target {
+    Node(Api),
+    Database(PathBuf),
+}
+
+impl Target {
+    fn connect(args: &ClientArgs) -> Result<Target> {
+        let config = load_config(&args.data_dir)?;
+        let api = Api::new(&config);
+        match api.call("GET", "/api/status", None) {
+            Ok(status) => {
+                let answering = status["posId"].as_str().unwrap_or_default();
+                if answering != config.pos_id {
+                    bail!(
+                        "the node answering at {} is {answering} ({}), not this data directory's {}: \
+                         another till's node is on this API port",
+                        api.base,
+                        text(&status, "posName"),
+                        config.pos_id
+                    );
+                }
+                Ok(Target::Node(api))
+            }
+            Err(err) if err.downcast_ref::<Unreachable>().is_some() => {
+                let db = args.data_dir.join(DB_FILE);
+                eprintln!(
+                    "no possync node answers at {}: reading {} directly (the node is stopped)",
+                    api.base,
+                    db.display()
+                );
+                Ok(Target::Database(db))
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+fn open_reader(db: &Path) -> Result<StoreReader> {
+    StoreReader::open(db).with_context(|| format!("cannot read {}", db.display()))
+}
+
+/// No node answered at all (nothing listens, or it does not speak HTTP).
+#[derive(Debug, thiserror::Error)]
+#[error("no possync node answers at {0} (is `possync run` running?)")]
+struct Unreachable(String);
+
 struct Api {
     base: String,
     token: String,
@@ -51,8 +122,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(args: &ClientArgs) -> Result<Api> {
-        let config = load_config(&args.data_dir)?;
+    fn new(config: &possync_node::config::ConfigFile) -> Api {
         let host = if config.api_bind == "0.0.0.0" || config.api_bind == "::" {
             "127.0.0.1".to_string()
         } else {
@@ -64,7 +134,7 @@ impl Api {
             .http_status_as_error(false)
             .build()
             .into();
-        Ok(Api { base: format!("http://{host}:{}", config.api_port), token: config.api_token, agent })
+        Api { base: format!("http://{host}:{}", config.api_port), token: config.api_token.clone(), agent }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
@@ -75,9 +145,7 @@ impl Api {
             (_, Some(body)) => self.agent.post(&url).header("Authorization", &auth).send_json(body),
             (_, None) => self.agent.post(&url).header("Authorization", &auth).send_empty(),
         };
-        let mut response = response.with_context(|| {
-            format!("no possync node answers at {} (is `possync run` running?)", self.base)
-        })?;
+        let mut response = response.map_err(|_| Unreachable(self.base.clone()))?;
         let status = response.status();
         let text = response.body_mut().read_to_string().context("cannot read the node's answer")?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -137,7 +205,11 @@ fn table(rows: &[Value], columns: &[(&str, &str)]) {
 
 /// `possync status`.
 pub fn status(args: &ClientArgs) -> Result<()> {
-    let status = Api::new(args)?.call("GET", "/api/status", None)?;
+    let api = match Target::connect(args)? {
+        Target::Node(api) => api,
+        Target::Database(db) => return status_offline(args, &db),
+    };
+    let status = api.call("GET", "/api/status", None)?;
     if args.json {
         return print_json(&status);
     }
@@ -158,15 +230,40 @@ pub fn status(args: &ClientArgs) -> Result<()> {
             ("id", "POS ID"),
             ("address", "ADDRESS"),
             ("online", "ONLINE"),
+            ("behind", "BEHIND"),
             ("lastSeen", "LAST SEEN"),
         ],
     );
     Ok(())
 }
 
+/// `possync status` of a stopped node: who it is, and every peer it knew with its last event.
+fn status_offline(args: &ClientArgs, db: &Path) -> Result<()> {
+    let config = load_config(&args.data_dir)?;
+    let peers = open_reader(db)?.known_peers()?;
+    if args.json {
+        return print_json(&serde_json::json!({
+            "serverRunning": false, "posId": config.pos_id, "posName": config.name, "knownPeers": peers,
+        }));
+    }
+    println!("{} ({})  node not running", config.name, config.pos_id);
+    table(
+        &peers,
+        &[("name", "PEER"), ("id", "POS ID"), ("lastEvent", "LAST EVENT"), ("lastSeen", "AT (UTC)")],
+    );
+    Ok(())
+}
+
 /// `possync stats`.
 pub fn stats(args: &ClientArgs) -> Result<()> {
-    let stats = Api::new(args)?.call("GET", "/api/stats", None)?;
+    let stats = match Target::connect(args)? {
+        Target::Node(api) => api.call("GET", "/api/stats", None)?,
+        Target::Database(_) => {
+            // The seed's object, with no live connection.
+            serde_json::json!({"connections": [], "totalMessagesSent": 0, "totalMessagesReceived": 0,
+                               "totalBytesSent": 0, "totalBytesReceived": 0})
+        }
+    };
     if args.json {
         return print_json(&stats);
     }
@@ -231,11 +328,21 @@ pub fn logs(args: &ListArgs) -> Result<()> {
 
 /// Fetches a page of an audit list and prints it as JSON or as a table of `columns`.
 fn list(args: &ListArgs, path: &str, columns: &[(&str, &str)]) -> Result<()> {
-    let rows = Api::new(&args.node)?.call(
-        "GET",
-        &format!("{path}?limit={}&offset={}", args.limit, args.offset),
-        None,
-    )?;
+    let rows = match Target::connect(&args.node)? {
+        Target::Node(api) => {
+            api.call("GET", &format!("{path}?limit={}&offset={}", args.limit, args.offset), None)?
+        }
+        Target::Database(db) => {
+            let reader = open_reader(&db)?;
+            let (limit, offset) = (Some(args.limit), Some(args.offset));
+            let rows = if path == "/api/conflicts" {
+                reader.conflicts(limit, offset)?
+            } else {
+                reader.sync_logs(limit, offset)?
+            };
+            Value::Array(rows)
+        }
+    };
     if args.node.json {
         return print_json(&rows);
     }
@@ -245,8 +352,19 @@ fn list(args: &ListArgs, path: &str, columns: &[(&str, &str)]) -> Result<()> {
 
 /// `possync cleanup`.
 pub fn cleanup(args: &CleanupArgs) -> Result<()> {
-    let body = serde_json::json!({ "olderThanDays": args.older_than });
-    let answer = Api::new(&args.node)?.call("POST", "/api/cleanup", Some(body))?;
+    let answer = match Target::connect(&args.node)? {
+        Target::Node(api) => {
+            let body = serde_json::json!({ "olderThanDays": args.older_than });
+            api.call("POST", "/api/cleanup", Some(body))?
+        }
+        Target::Database(db) => {
+            let mut store = Store::open(&db, Box::new(SystemEnvironment::default()))
+                .with_context(|| format!("cannot open {}", db.display()))?;
+            let days = args.older_than.unwrap_or(store.settings().log_retention_days);
+            let deleted = store.cleanup_logs(days)?;
+            serde_json::json!({"deleted": deleted, "olderThanDays": days})
+        }
+    };
     if args.node.json {
         return print_json(&answer);
     }
@@ -255,5 +373,22 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
         text(&answer, "deleted"),
         text(&answer, "olderThanDays")
     );
+    Ok(())
+}
+
+/// `possync resolve ID --keep local|remote`: a person's decision on an open
+/// (`manual`) conflict, through the running node (it becomes a change every till takes).
+pub fn resolve(args: &ResolveArgs) -> Result<()> {
+    let Target::Node(api) = Target::connect(&args.node)? else {
+        bail!(
+            "resolving a conflict needs the running node (its decision travels to every till): start `possync run`"
+        );
+    };
+    let body = serde_json::json!({"choice": args.keep, "resolvedBy": args.by});
+    let answer = api.call("POST", &format!("/api/conflicts/{}/resolve", args.id), Some(body))?;
+    if args.node.json {
+        return print_json(&answer);
+    }
+    println!("conflict {} resolved: {} version kept, by {}", args.id, args.keep, text(&answer, "resolvedBy"));
     Ok(())
 }

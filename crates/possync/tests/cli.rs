@@ -108,7 +108,7 @@ fn json_of(output: &std::process::Output) -> Value {
 #[test]
 fn every_command_has_help() {
     possync().arg("--help").assert().success().stdout(predicate::str::contains("init"));
-    for command in ["init", "run", "demo", "status", "stats", "conflicts", "logs", "cleanup"] {
+    for command in ["init", "run", "demo", "status", "stats", "conflicts", "logs", "cleanup", "resolve"] {
         possync().args([command, "--help"]).assert().success().stdout(predicate::str::contains("--"));
     }
     possync().arg("frobnicate").assert().failure();
@@ -143,15 +143,39 @@ fn client_commands_explain_what_is_wrong() {
                 .and(predicate::str::contains("possync init")),
         );
     }
-    // A node that is not running.
+    // A node that is not running: maintenance reads (and cleans) its database directly.
     let node = dir.path().join("till");
     init(&node, free_port());
     for command in ["status", "stats", "logs", "conflicts", "cleanup"] {
-        possync().args([command, "--data-dir"]).arg(&node).assert().failure().stderr(
-            predicate::str::contains("no possync node answers").and(predicate::str::contains("possync run")),
+        possync().args([command, "--data-dir"]).arg(&node).assert().success().stderr(
+            predicate::str::contains("no possync node answers").and(predicate::str::contains("directly")),
         );
     }
-    // `run` without the shop secret.
+    possync()
+        .args(["status", "--data-dir"])
+        .arg(&node)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("node not running"));
+    possync()
+        .args(["cleanup", "--data-dir"])
+        .arg(&node)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("deleted 0 log rows"));
+    possync()
+        .args(["resolve", "1", "--keep", "local", "--data-dir"])
+        .arg(&node)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("needs the running node"));
+    // `run` without the shop secret (`init` stores a generated one: take it out).
+    let config = node.join("possync.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String =
+        text.lines().filter(|line| !line.starts_with("secret")).map(|line| format!("{line}\n")).collect();
+    assert_ne!(text, without, "init stored a secret");
+    std::fs::write(&config, without).unwrap();
     possync()
         .args(["run", "--no-discovery", "--data-dir"])
         .arg(&node)
@@ -211,10 +235,54 @@ fn a_running_node_answers_the_client_commands() {
     assert_eq!(String::from_utf8_lossy(&cleanup.stdout).trim(), "deleted 0 log rows older than 30 days");
     let cleanup = json_of(&run(&["cleanup", "--older-than", "5", "--json"]));
     assert_eq!(cleanup, serde_json::json!({"deleted": 0, "olderThanDays": 5}));
+    let resolve = run(&["resolve", "999", "--keep", "remote", "--by", "manager"]);
+    assert!(!resolve.status.success());
+    assert!(String::from_utf8_lossy(&resolve.stderr).contains("conflict 999 not found"), "{resolve:?}");
+
+    // Another data directory configured on the same API port is not shown this node.
+    let other = dir.path().join("other");
+    init(&other, api_port);
+    let wrong = possync().args(["stats", "--data-dir"]).arg(&other).output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not this data directory's"), "{wrong:?}");
 
     let stopped = running.stop();
     assert!(stopped.success(), "{stopped}");
     let log = std::fs::read_to_string(node.join("node.log")).unwrap();
     assert!(log.contains("stopping"), "{log}");
-    assert!(!run(&["status"]).status.success());
+    assert!(!log.contains('\u{1b}'), "no colour codes in a log file");
+    // Stopped: status reads the database.
+    let status = run(&["status"]);
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("node not running"));
+}
+
+#[test]
+fn init_refuses_a_weak_secret_and_generates_a_strong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = dir.path().join("weak");
+    possync()
+        .args(["init", "--secret", "short", "--data-dir"])
+        .arg(&weak)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("too weak").and(predicate::str::contains("at least 20 characters")));
+    assert!(!weak.join("possync.toml").exists() && !weak.join("possync.db").exists(), "nothing written");
+
+    let strong = dir.path().join("strong");
+    let output = possync().args(["init", "--data-dir"]).arg(&strong).output().unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let config = std::fs::read_to_string(strong.join("possync.toml")).unwrap();
+    let secret = config
+        .lines()
+        .find_map(|line| line.strip_prefix("secret = "))
+        .map(|value| value.trim_matches('"').to_string())
+        .expect("a generated secret in possync.toml");
+    assert!(possync_node::config::check_secret(&secret).is_ok(), "{secret}");
+    assert!(
+        stderr.contains(&secret) && stderr.contains("--secret"),
+        "printed once with how to share it: {stderr}"
+    );
+    assert_eq!(String::from_utf8(output.stdout).unwrap().lines().count(), 1, "stdout stays the posId");
 }

@@ -191,7 +191,7 @@ async fn log_rejected(node: &NodeShared, peer_id: &str, peer_name: &str, reason:
     let logged = node
         .writer
         .call(crate::writer::Priority::Housekeeping, move |store| {
-            store.log_rejected_message(&peer_id, &peer_name, "chain", "message", &reason)
+            store.log_rejected_message(&peer_id, Some(&peer_name), "chain", "message", &reason)
         })
         .await;
     if let Ok(Err(err)) = logged {
