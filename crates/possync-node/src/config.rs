@@ -50,6 +50,61 @@ pub struct ConfigFile {
     /// Largest frame accepted from a peer, in bytes.
     #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// `[uplink]`: this till belongs to a store of a chain (docs/CHAIN.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<UplinkSection>,
+    /// `[hq]`: this node is the chain's head office (docs/CHAIN.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hq: Option<HqSection>,
+}
+
+/// How to reach and log in to the NATS backbone (shared by `[uplink]` and `[hq]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneSection {
+    /// `nats://host:port` (or `tls://host:port`).
+    pub nats_url: String,
+    /// The chain id (`[A-Za-z0-9_-]`, at most 32 bytes).
+    pub chain: String,
+    /// User name (with `password`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password (with `user`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A NATS credentials file (JWT + nkey seed), instead of user/password.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// A PEM file of CA certificates to verify the server's TLS certificate.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// `[uplink]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSection {
+    /// The backbone.
+    #[serde(flatten)]
+    pub backbone: BackboneSection,
+    /// This till's store id (`[A-Za-z0-9_-]`, at most 32 bytes).
+    pub store: String,
+}
+
+/// `[hq]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HqSection {
+    /// The backbone.
+    #[serde(flatten)]
+    pub backbone: BackboneSection,
+    /// A store silent for longer than this is flagged in `GET /api/chain/stores`.
+    #[serde(default = "default_silent_store_alert_secs")]
+    pub silent_store_alert_secs: u64,
+}
+
+fn default_silent_store_alert_secs() -> u64 {
+    900
 }
 
 fn default_peer_port() -> u16 {
@@ -128,6 +183,9 @@ pub enum ConfigError {
     /// An address is malformed.
     #[error("invalid address {0:?}")]
     Address(String),
+    /// The `[uplink]` or `[hq]` section is invalid.
+    #[error("chain configuration: {0}")]
+    Chain(String),
 }
 
 impl ConfigFile {
@@ -146,6 +204,8 @@ impl ConfigFile {
             peers: Vec::new(),
             max_connections: default_max_connections(),
             max_frame_bytes: default_max_frame_bytes(),
+            uplink: None,
+            hq: None,
         }
     }
 
@@ -195,6 +255,107 @@ pub struct NodeConfig {
     pub max_frame_bytes: usize,
     /// Base of the redial backoff, in ms (5000 per SPEC; tests shorten it).
     pub backoff_base_ms: u64,
+    /// This node's part in a chain of stores, if any.
+    pub chain: Option<ChainRole>,
+}
+
+/// A node's part in a chain of stores (docs/CHAIN.md).
+#[derive(Debug, Clone)]
+pub enum ChainRole {
+    /// A store's till: uploads the store's changes, applies the head office's.
+    Uplink(UplinkConfig),
+    /// The head office: ingests every store's changes, publishes its own.
+    Hq(HqConfig),
+}
+
+/// How to log in to the backbone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackboneAuth {
+    /// No credentials.
+    Anonymous,
+    /// User and password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A NATS credentials file.
+    CredentialsFile(PathBuf),
+}
+
+/// The backbone, checked.
+#[derive(Debug, Clone)]
+pub struct BackboneConfig {
+    /// The server URL.
+    pub url: String,
+    /// The chain.
+    pub chain: possync_chain::ChainId,
+    /// How to log in.
+    pub auth: BackboneAuth,
+    /// CA certificates for TLS.
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// A store till's `[uplink]`, checked.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// The backbone.
+    pub backbone: BackboneConfig,
+    /// The store.
+    pub store: possync_chain::StoreId,
+}
+
+/// The head office's `[hq]`, checked.
+#[derive(Debug, Clone)]
+pub struct HqConfig {
+    /// The backbone.
+    pub backbone: BackboneConfig,
+    /// Seconds of silence after which a store is flagged.
+    pub silent_store_alert_secs: u64,
+}
+
+impl BackboneSection {
+    /// Checks the section.
+    pub fn to_config(&self) -> Result<BackboneConfig, ConfigError> {
+        let chain = possync_chain::ChainId::parse(self.chain.clone())
+            .map_err(|err| ConfigError::Chain(err.to_string()))?;
+        let auth = match (&self.user, &self.password, &self.credentials) {
+            (None, None, None) => BackboneAuth::Anonymous,
+            (Some(user), Some(password), None) => {
+                BackboneAuth::UserPassword { user: user.clone(), password: password.clone() }
+            }
+            (None, None, Some(path)) => BackboneAuth::CredentialsFile(path.clone()),
+            _ => {
+                return Err(ConfigError::Chain(
+                    "give either user and password, or a credentials file".into(),
+                ));
+            }
+        };
+        if self.nats_url.trim().is_empty() {
+            return Err(ConfigError::Chain("nats_url is empty".into()));
+        }
+        Ok(BackboneConfig { url: self.nats_url.clone(), chain, auth, tls_ca: self.tls_ca.clone() })
+    }
+}
+
+impl UplinkSection {
+    /// Checks the section.
+    pub fn to_config(&self) -> Result<UplinkConfig, ConfigError> {
+        let store = possync_chain::StoreId::parse(self.store.clone())
+            .map_err(|err| ConfigError::Chain(err.to_string()))?;
+        Ok(UplinkConfig { backbone: self.backbone.to_config()?, store })
+    }
+}
+
+impl HqSection {
+    /// Checks the section.
+    pub fn to_config(&self) -> Result<HqConfig, ConfigError> {
+        Ok(HqConfig {
+            backbone: self.backbone.to_config()?,
+            silent_store_alert_secs: self.silent_store_alert_secs.max(1),
+        })
+    }
 }
 
 impl NodeConfig {
@@ -217,12 +378,68 @@ impl NodeConfig {
             // limits): a smaller limit would refuse a valid change and stall its origin.
             max_frame_bytes: file.max_frame_bytes.max(possync_core::protocol::MAX_FRAME_LEN),
             backoff_base_ms: 5_000,
+            chain: match (&file.uplink, &file.hq) {
+                (None, None) => None,
+                (Some(uplink), None) => Some(ChainRole::Uplink(uplink.to_config()?)),
+                (None, Some(hq)) => Some(ChainRole::Hq(hq.to_config()?)),
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Chain("a node has [uplink] or [hq], not both".into()));
+                }
+            },
         })
     }
 
     /// The database file.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join(possync_store::DB_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<NodeConfig, ConfigError> {
+        let text = format!("pos_id = \"t1\"\nname = \"Till\"\napi_token = \"x\"\n{extra}");
+        let file: ConfigFile = toml::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("possync.toml"),
+            message: err.to_string(),
+        })?;
+        NodeConfig::from_file(Path::new("/tmp"), &file, "secret".into())
+    }
+
+    #[test]
+    fn uplink_and_hq_sections_are_read_and_checked() {
+        let uplink = parse("[uplink]\nnats_url = \"nats://127.0.0.1:4222\"\nchain = \"acme\"\nstore = \"s042\"\nuser = \"s042\"\npassword = \"pw\"\n").unwrap();
+        let Some(ChainRole::Uplink(uplink)) = uplink.chain else { panic!("an uplink") };
+        assert_eq!(uplink.store.as_str(), "s042");
+        assert_eq!(
+            uplink.backbone.auth,
+            BackboneAuth::UserPassword { user: "s042".into(), password: "pw".into() }
+        );
+
+        let hq = parse(
+            "[hq]\nnats_url = \"nats://127.0.0.1:4222\"\nchain = \"acme\"\ncredentials = \"/etc/hq.creds\"\n",
+        )
+        .unwrap();
+        let Some(ChainRole::Hq(hq)) = hq.chain else { panic!("a head office") };
+        assert_eq!(hq.backbone.auth, BackboneAuth::CredentialsFile("/etc/hq.creds".into()));
+        assert_eq!(hq.silent_store_alert_secs, 900);
+        assert!(parse("").unwrap().chain.is_none());
+    }
+
+    #[test]
+    fn bad_chain_sections_are_refused() {
+        let both = "[uplink]\nnats_url = \"n\"\nchain = \"a\"\nstore = \"s\"\n[hq]\nnats_url = \"n\"\nchain = \"a\"\n";
+        for (what, extra) in [
+            ("both roles", both),
+            ("a store id with a dot", "[uplink]\nnats_url = \"n\"\nchain = \"a\"\nstore = \"s.1\"\n"),
+            ("a user without a password", "[hq]\nnats_url = \"n\"\nchain = \"a\"\nuser = \"hq\"\n"),
+            ("no url", "[hq]\nnats_url = \"\"\nchain = \"a\"\n"),
+            ("an unknown key", "[hq]\nnats_url = \"n\"\nchain = \"a\"\nstore = \"s\"\n"),
+        ] {
+            assert!(parse(extra).is_err(), "{what} must be refused");
+        }
     }
 }
 

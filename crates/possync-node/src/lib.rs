@@ -13,10 +13,12 @@
 //! - [`discovery`] — mDNS.
 //! - [`metrics`] — Prometheus.
 //! - [`api`] — the HTTP API and dashboard.
+//! - [`chain`] — the chain of stores over NATS JetStream (`[uplink]`, `[hq]`).
 //! - [`config`] — `possync.toml`.
 
 pub mod admission;
 pub mod api;
+pub mod chain;
 pub mod config;
 pub mod connection;
 pub mod dialer;

@@ -41,6 +41,19 @@ pub struct Queue {
     pub queue: &'static str,
 }
 
+/// The chain backbone's metrics (docs/CHAIN.md), fed by [`crate::chain::ChainStatus`].
+#[derive(Debug, Clone, Default)]
+pub struct ChainMetrics {
+    /// 1 while connected to the backbone.
+    pub connected: Gauge,
+    /// Changes held here and not yet on the backbone.
+    pub backlog: Gauge,
+    /// Backbone messages by outcome: published, received, rejected, wrong_sequence.
+    pub messages: Family<Status, Counter>,
+    /// Changes by outcome: published, applied.
+    pub changes: Family<Status, Counter>,
+}
+
 /// Every metric of one node.
 pub struct Metrics {
     /// The registry they are in.
@@ -71,6 +84,8 @@ pub struct Metrics {
     pub connection_events: Family<Status, Counter>,
     /// Protocol violations by peers.
     pub protocol_violations: Counter,
+    /// The chain backbone.
+    pub chain: ChainMetrics,
     /// Incoming catch-ups that stopped progressing while connected.
     pub sync_stalls: Counter,
     /// Changes each connected peer holds that this node has not taken yet.
@@ -119,6 +134,7 @@ impl Metrics {
             connection_events_dropped: Counter::default(),
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
+            chain: ChainMetrics::default(),
             sync_stalls: Counter::default(),
             changes_behind: Family::default(),
             remote_clock_ahead: Counter::default(),
@@ -175,6 +191,26 @@ impl Metrics {
             "peer_changes_behind",
             "Changes a connected peer holds that this node has not taken yet (catch-up still to do), measured every 5 s",
             metrics.changes_behind.clone(),
+        );
+        registry.register(
+            "chain_connected",
+            "1 while connected to the chain backbone",
+            metrics.chain.connected.clone(),
+        );
+        registry.register(
+            "chain_backlog_changes",
+            "Changes held here and not yet on the chain backbone",
+            metrics.chain.backlog.clone(),
+        );
+        registry.register(
+            "chain_messages",
+            "Chain backbone messages by outcome",
+            metrics.chain.messages.clone(),
+        );
+        registry.register(
+            "chain_changes",
+            "Chain backbone changes by outcome",
+            metrics.chain.changes.clone(),
         );
         registry.register(
             "sync_stalls",

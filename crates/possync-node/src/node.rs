@@ -131,6 +131,8 @@ pub struct NodeShared {
     /// A random id of this run of the node, sent in handshakes: another node with this
     /// terminal's posId (a clone) has another one.
     pub instance: String,
+    /// The chain driver's state (idle when the node is in no chain).
+    pub chain: Arc<crate::chain::ChainStatus>,
 }
 
 impl NodeShared {
@@ -253,7 +255,10 @@ impl Node {
     }
 
     /// Starts a node on an already opened store.
-    pub async fn start_with_store(config: NodeConfig, store: Store) -> Result<Node, StartError> {
+    pub async fn start_with_store(config: NodeConfig, mut store: Store) -> Result<Node, StartError> {
+        if let Some(crate::config::ChainRole::Uplink(uplink)) = &config.chain {
+            store.set_chain_store(Some(uplink.store.to_string()));
+        }
         let identity = store.identity().clone();
         let settings = store.settings().clone();
         let readers = Arc::new(ReaderPool::new(store.path().to_path_buf()));
@@ -261,13 +266,15 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let mut channel = ChannelConfig::from_secret(&config.secret);
         channel.max_frame_bytes = config.max_frame_bytes;
+        let metrics = Metrics::new();
+        let chain = Arc::new(crate::chain::ChainStatus::new(metrics.chain.clone()));
         let shared = Arc::new(NodeShared {
             identity,
             config: config.clone(),
             writer,
             readers,
             peers: PeerTable::default(),
-            metrics: Metrics::new(),
+            metrics,
             channel,
             settings: watch::Sender::new(settings.clone()),
             shutdown: watch::Sender::new(false),
@@ -275,6 +282,7 @@ impl Node {
             events: events_tx,
             listening: watch::Sender::new(false),
             instance: format!("{:016x}", rand::random::<u64>()),
+            chain,
         });
         let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
         let mut tasks = JoinSet::new();
@@ -294,6 +302,7 @@ impl Node {
         for target in &config.static_peers {
             tasks.spawn(dialer::dial_forever(Arc::clone(&shared), target.clone(), Arc::clone(&completion)));
         }
+        crate::chain::spawn(&shared, &mut tasks);
         if config.discovery {
             tasks.spawn(crate::discovery::run(Arc::clone(&shared), peer_addr, Arc::clone(&completion)));
         }

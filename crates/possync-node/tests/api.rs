@@ -131,6 +131,7 @@ fn config(dir: &std::path::Path, peers: Vec<String>) -> NodeConfig {
         max_connections: 16,
         max_frame_bytes: 1024 * 1024,
         backoff_base_ms: 50,
+        chain: None,
     }
 }
 

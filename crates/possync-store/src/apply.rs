@@ -37,6 +37,19 @@ pub struct PeerRef<'a> {
     pub name: &'a str,
 }
 
+/// Which changes a batch may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accept {
+    /// Anything (the LAN: every terminal of a shop is equal).
+    Everything,
+    /// No product or category writes: the head office applying a store's changes. Such a
+    /// change is refused like an invalid one (logged, kept in the log as rejected so its
+    /// origin's later changes still apply). Accepted, it would put the store's origin into
+    /// the causal context of the head office's next edit of that record, which every other
+    /// store, never holding that origin, would refuse as a gap.
+    NoCatalog,
+}
+
 /// What applying a batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -94,7 +107,7 @@ impl Store {
                 store.note_terminal(peer.id, peer.name)?;
             }
             for wire in changes {
-                store.apply_one(peer, wire, &mut report)?;
+                store.apply_one(peer, wire, Accept::Everything, &mut report)?;
             }
             Ok(report)
         })
@@ -124,7 +137,13 @@ impl Store {
         self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
-    fn apply_one(&mut self, peer: PeerRef<'_>, wire: WireChange, report: &mut ApplyReport) -> Result<()> {
+    pub(crate) fn apply_one(
+        &mut self,
+        peer: PeerRef<'_>,
+        wire: WireChange,
+        accept: Accept,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
         let entity_type = wire.entity.parse::<EntityKind>().ok();
         // `data` is parsed once, here; the change log keeps the text as received.
         let data = wire.data_object();
@@ -184,10 +203,16 @@ impl Store {
         }
         let decoded =
             data.and_then(|data| Change::decode(&wire.entity, &wire.action, data)).and_then(|change| {
-                if change.origin == origin && change.seq == seq {
-                    Ok(change)
-                } else {
+                if change.origin != origin || change.seq != seq {
                     Err(ChangeError::Malformed("data.sync read two ways".into()))
+                } else if accept == Accept::NoCatalog
+                    && matches!(change.entity, EntityKind::Product | EntityKind::Category)
+                {
+                    Err(ChangeError::Malformed(
+                        "the catalog is authored by the head office, not by a store".into(),
+                    ))
+                } else {
+                    Ok(change)
                 }
             });
         let change = match decoded {

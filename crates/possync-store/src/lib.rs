@@ -18,6 +18,7 @@
 
 pub mod apply;
 pub mod audit;
+pub mod chain;
 mod error;
 pub mod local;
 mod meta;
@@ -103,6 +104,9 @@ pub struct NodeIdentity {
     pub pos_name: String,
     /// The prefix of this terminal's ticket numbers.
     pub ticket_prefix: String,
+    /// The chain store this till belongs to (set from the node's `[uplink]` configuration,
+    /// not stored): ticket numbers then start with it, so they are unique chain-wide.
+    pub chain_store: Option<String>,
 }
 
 /// The writer: the one connection that changes the database.
@@ -254,6 +258,7 @@ impl Store {
             pos_id,
             pos_name: meta::node_value(&conn, "pos_name")?.unwrap_or_default(),
             ticket_prefix: meta::node_value(&conn, "ticket_prefix")?.unwrap_or_default(),
+            chain_store: None,
         };
         let origins = Origins::load(&conn)?;
         let vv = reader::load_vv(&conn, &origins)?;

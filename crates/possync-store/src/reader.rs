@@ -18,7 +18,7 @@ use crate::settings::{self, SettingRow};
 
 /// A read-only connection to a node's database.
 pub struct StoreReader {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 /// Paging and filters for record lists.

@@ -429,7 +429,11 @@ impl Store {
         let counter: u64 =
             meta::node_value(&self.conn, "ticket_counter")?.and_then(|raw| raw.parse().ok()).unwrap_or(0) + 1;
         meta::set_node_value(&self.conn, "ticket_counter", &counter.to_string())?;
-        Ok(format!("{}-{counter:06}", self.identity.ticket_prefix))
+        Ok(match &self.identity.chain_store {
+            // In a chain: `<store>-<till>-<counter>`, unique across every store's tills.
+            Some(store) => format!("{store}-{}-{counter:06}", self.identity.ticket_prefix),
+            None => format!("{}-{counter:06}", self.identity.ticket_prefix),
+        })
     }
 
     pub(crate) fn ticket_exists(&self, id: &EntityId) -> Result<bool> {

@@ -10,7 +10,7 @@ use rusqlite_migration::{M, Migrations};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS)])
+    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS), M::up(V_CHAIN)])
 }
 
 /// The terminals this node has heard of by name, so that the audit trail can name the till
@@ -289,6 +289,33 @@ CREATE TABLE settings (
     type        TEXT NOT NULL,
     description TEXT
 );
+"#;
+
+/// The chain of stores (docs/CHAIN.md).
+const V_CHAIN: &str = r#"
+-- A store till: how far it has applied each backbone stream (stream sequence of the last
+-- message applied), advanced in the transaction that applied the message.
+CREATE TABLE chain_cursor (
+    stream TEXT PRIMARY KEY,
+    seq    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- A store till: the head office's origins (never uploaded by a store).
+CREATE TABLE chain_hq_origins (
+    pos_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
+
+-- The head office: which store each origin (terminal) belongs to, learnt from the subject
+-- its changes came on, and what it sent.
+CREATE TABLE chain_origins (
+    pos_id           TEXT PRIMARY KEY,
+    store_id         TEXT NOT NULL,
+    first_seen_at    TEXT NOT NULL,
+    last_received_at TEXT NOT NULL,
+    changes_received INTEGER NOT NULL DEFAULT 0,
+    changes_applied  INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX chain_origins_store ON chain_origins(store_id);
 "#;
 
 #[cfg(test)]

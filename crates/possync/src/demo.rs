@@ -36,6 +36,10 @@ pub struct DemoArgs {
     /// First API port (terminals use it and the next two); 0 picks free ports.
     #[arg(long, default_value_t = 3031)]
     pub api_port: u16,
+    /// Run a chain of stores instead: a nats-server, a head office and 3 stores of 2 tills,
+    /// a store's WAN cut and healed, a price change at the head office (docs/CHAIN.md).
+    #[arg(long)]
+    pub chain: bool,
 }
 
 const NAMES: [&str; 3] = ["Till 1", "Till 2", "Till 3"];
@@ -54,6 +58,9 @@ impl Terminal {
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
+    if args.chain {
+        return crate::chain_demo::run(args).await;
+    }
     let temp = tempfile_dir(args.data_dir.as_ref())?;
     let root = temp.path.clone();
     let secret = crate::random_hex(16);
@@ -81,6 +88,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             max_connections: 16,
             max_frame_bytes: 16 * 1024 * 1024,
             backoff_base_ms: 1_000,
+            chain: None,
         };
         let node =
             Node::start_with_store(config, store).await.with_context(|| format!("cannot start {name}"))?;
@@ -304,12 +312,12 @@ async fn conflict_summary(node: &Arc<NodeShared>) -> Result<Option<String>> {
 }
 
 /// The demo's data directory: the one given (kept), or a temporary one (removed).
-struct DemoDir {
-    path: PathBuf,
+pub(crate) struct DemoDir {
+    pub(crate) path: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
 
-fn tempfile_dir(given: Option<&PathBuf>) -> Result<DemoDir> {
+pub(crate) fn tempfile_dir(given: Option<&PathBuf>) -> Result<DemoDir> {
     match given {
         Some(path) => {
             if path.exists()

@@ -2,6 +2,7 @@
 //! terminals in one process, and talk to a running node (`status`, `stats`, `conflicts`,
 //! `logs`, `cleanup`). Errors are reported with context and a non-zero exit code.
 
+mod chain_demo;
 mod client;
 mod demo;
 

@@ -10,9 +10,11 @@
 //!
 //! Modules: [`error`], [`auth`], `entities` (products, categories, customers), `sales`
 //! (tickets, stock), `sync` (status, stats, audit lists, control, settings, cleanup,
-//! metrics), `events` (SSE), `dashboard` (assets and indicators), [`openapi`].
+//! metrics), `events` (SSE), `dashboard` (assets and indicators), `chain` (the chain of
+//! stores' views), [`openapi`].
 
 pub mod auth;
+mod chain;
 mod dashboard;
 mod entities;
 pub mod error;
@@ -91,6 +93,7 @@ pub fn routes() -> Vec<Route> {
     table.extend(sales::routes());
     table.extend(events::routes());
     table.extend(dashboard::routes());
+    table.extend(chain::routes());
     table
 }
 

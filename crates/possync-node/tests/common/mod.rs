@@ -60,6 +60,10 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Settings written before the node starts.
     pub settings: Vec<(&'static str, String)>,
+    /// The node's part in a chain of stores.
+    pub chain: Option<possync_node::config::ChainRole>,
+    /// Serve the API on 127.0.0.1 (a free port).
+    pub api: bool,
 }
 
 impl Options {
@@ -72,6 +76,8 @@ impl Options {
             max_frame_bytes: 16 * 1024 * 1024,
             listen: None,
             settings: Vec::new(),
+            chain: None,
+            api: false,
         }
     }
 
@@ -103,7 +109,7 @@ pub async fn start_as(options: Options, pos_id: Option<PosId>) -> TestNode {
     let config = NodeConfig {
         data_dir: dir.path().to_path_buf(),
         peer_listen: options.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("an address")),
-        api_listen: None,
+        api_listen: options.api.then(|| "127.0.0.1:0".parse().expect("an address")),
         static_peers: options.peers.iter().map(ToString::to_string).collect(),
         discovery: false,
         secret: options.secret.clone(),
@@ -111,8 +117,18 @@ pub async fn start_as(options: Options, pos_id: Option<PosId>) -> TestNode {
         max_connections: 16,
         max_frame_bytes: options.max_frame_bytes,
         backoff_base_ms: options.backoff_base_ms,
+        chain: options.chain.clone(),
     };
     let node = Node::start_with_store(config, store).await.expect("the node starts");
+    TestNode { node, dir }
+}
+
+/// Starts a node again on the database left in `dir` by a node that was shut down.
+pub async fn reopen(dir: tempfile::TempDir, config: NodeConfig) -> TestNode {
+    let store = Store::open(&dir.path().join(possync_store::DB_FILE), Box::new(SystemEnvironment::default()))
+        .expect("the store opens again");
+    let config = NodeConfig { data_dir: dir.path().to_path_buf(), ..config };
+    let node = Node::start_with_store(config, store).await.expect("the node starts again");
     TestNode { node, dir }
 }
 

