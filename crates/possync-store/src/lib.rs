@@ -40,8 +40,9 @@ use rusqlite::{Connection, OpenFlags, params};
 pub use crate::apply::{ApplyReport, PeerRef};
 pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
 pub use crate::error::{Result, StoreError};
+pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;
-pub use crate::sales::{PaymentRequest, RefundLine, SaleLineRequest, SaleRequest};
+pub use crate::sales::{HistoricalSale, PaymentRequest, RefundLine, SaleLineRequest, SaleRequest};
 pub use crate::select::Selection;
 pub use crate::settings::{SettingRow, Settings};
 
@@ -382,6 +383,74 @@ impl Store {
             self.outbox.truncate(outbox_before);
             self.origins = Origins::load(&self.conn)?;
             self.vv = reader::load_vv(&self.conn, &self.origins)?;
+            self.settings = Settings::load(&self.conn)?;
+        }
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        committed.map(|()| value)
+    }
+
+    /// Runs `body` like [`Store::group_commit`] (each write a savepoint that sees the ones
+    /// before it), then rolls the whole transaction back: a rehearsal, such as an import's
+    /// dry run, that counts what would happen and leaves nothing behind, in the database
+    /// or in memory (version vector, outbox, origins, settings, clock).
+    pub fn rehearse<R>(&mut self, body: impl FnOnce(&mut Store) -> R) -> Result<R> {
+        self.run_grouped(body, |_| false)
+    }
+
+    /// Runs `body` like [`Store::group_commit`], but all or nothing: its writes are committed
+    /// (one durable transaction) only if it returns `Ok`; on `Err` every write it made is
+    /// rolled back, even those that succeeded, as by [`Store::rehearse`]. For a long job
+    /// such as an import that must not leave half of itself behind when it stops on an error.
+    pub fn all_or_nothing<T, E>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> std::result::Result<T, E>,
+    ) -> Result<std::result::Result<T, E>> {
+        self.run_grouped(body, std::result::Result::is_ok)
+    }
+
+    /// One transaction around `body`'s writes (each a savepoint), committed when `keep` says
+    /// so and rolled back otherwise, in the database and in memory.
+    fn run_grouped<R>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> R,
+        keep: impl FnOnce(&R) -> bool,
+    ) -> Result<R> {
+        if self.in_group {
+            return Err(StoreError::InvalidState("this cannot run inside a group of writes".into()));
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            return Err(err.into());
+        }
+        let vv_before = self.vv.clone();
+        let clock_before = self.clock.clone();
+        let outbox_before = self.outbox.len();
+        self.vv_dirty.clear();
+        self.in_group = true;
+        let value = body(self);
+        self.in_group = false;
+        let keep = keep(&value);
+        let committed = if !keep {
+            Ok(())
+        } else if self.conn.is_autocommit() {
+            Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
+        } else {
+            self.flush_vv()
+                .and_then(|()| {
+                    meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())
+                })
+                .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?))
+        };
+        if !keep || committed.is_err() {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.vv = vv_before;
+            self.clock = clock_before;
+            self.vv_dirty.clear();
+            self.outbox.truncate(outbox_before);
+            self.origins = Origins::load(&self.conn)?;
             self.settings = Settings::load(&self.conn)?;
         }
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;

@@ -70,6 +70,37 @@ pub struct SaleRequest {
     pub notes: Option<String>,
 }
 
+/// A sale made before this terminal used possync, as an import brings it: its id, number,
+/// date, lines, payments and totals are kept as they were, and its status is the one it
+/// ended with. It moves no stock: an import brings stock as counted (one count per
+/// product), which already reflects every old sale, so moving it again would count each
+/// old sale twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoricalSale {
+    /// Ticket id (deterministic, so that importing twice writes it once).
+    pub id: EntityId,
+    /// Receipt number, unique across terminals (the importer prefixes it).
+    pub ticket_number: String,
+    /// The customer, if any (must be a live customer).
+    pub customer_id: Option<EntityId>,
+    /// What was sold.
+    pub lines: Vec<TicketLine>,
+    /// How it was paid (may be empty for old data).
+    pub payments: Vec<Payment>,
+    /// Sum of quantity * unitPrice of the lines.
+    pub subtotal: Decimal,
+    /// Sum of the lines' discounts.
+    pub discount_amount: Decimal,
+    /// subtotal - discountAmount.
+    pub total_amount: Decimal,
+    /// Notes.
+    pub notes: Option<String>,
+    /// When it was sold (RFC 3339).
+    pub created_at: String,
+    /// The status it ended with.
+    pub status: TicketStatus,
+}
+
 /// A line to refund: which product, how many.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -193,6 +224,73 @@ impl Store {
             let state = sale_state(&sale, local_version(&change), change.ctx.clone());
             store.insert_sale(&sale, &state)?;
             store.ticket_json(&id)
+        })
+    }
+
+    /// Records a sale made before possync (see [`HistoricalSale`]): one `sale` change with no
+    /// stock movement, then, if it ended cancelled or refunded, one status change with no
+    /// `return` movement. Returns false, writing nothing, when the ticket id exists already.
+    pub fn record_historical_sale(&mut self, request: &HistoricalSale) -> Result<bool> {
+        if request.notes.as_ref().is_some_and(|notes| notes.chars().count() > 4000) {
+            return Err(StoreError::invalid("notes", "longer than 4000 characters"));
+        }
+        if possync_core::time::parse_rfc3339_ms(&request.created_at).is_none() {
+            return Err(StoreError::invalid("createdAt", "expected an RFC 3339 timestamp"));
+        }
+        for amount in [request.subtotal, request.discount_amount, request.total_amount] {
+            decimal::parse(&amount.to_string()).map_err(|err| {
+                StoreError::invalid("totalAmount", format!("total not representable: {err}"))
+            })?;
+        }
+        self.write(true, |store| {
+            if store.ticket_exists(&request.id)? {
+                return Ok(false);
+            }
+            if let Some(customer) = &request.customer_id {
+                store.live_record(EntityKind::Customer, customer).map_err(|_| {
+                    StoreError::invalid("customerId", format!("customer {customer} does not exist"))
+                })?;
+            }
+            let sale = Sale {
+                id: request.id.clone(),
+                ticket_number: request.ticket_number.clone(),
+                pos_id: store.identity.pos_id.clone(),
+                customer_id: request.customer_id.clone(),
+                lines: request.lines.clone(),
+                payments: request.payments.clone(),
+                subtotal: request.subtotal,
+                discount_amount: request.discount_amount,
+                total_amount: request.total_amount,
+                notes: request.notes.clone(),
+                created_at: request.created_at.clone(),
+                movements: Vec::new(),
+            };
+            sale.validate()?;
+            let change = store.emit_local(
+                EntityKind::Ticket,
+                &sale.id,
+                ChangeBody::Sale(Box::new(sale.clone())),
+                &Default::default(),
+            )?;
+            let mut state = sale_state(&sale, local_version(&change), change.ctx.clone());
+            store.insert_sale(&sale, &state)?;
+            let action = match request.status {
+                TicketStatus::Completed => return Ok(true),
+                TicketStatus::Cancelled => TicketAction::Cancel,
+                TicketStatus::Refunded | TicketStatus::PartiallyRefunded => TicketAction::Refund,
+            };
+            let mut fields = FieldMap::new();
+            fields.insert("status", json!(request.status.as_str()));
+            let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: Vec::new() };
+            let change = store.emit_local(EntityKind::Ticket, &sale.id, body, &state.ctx)?;
+            let version = local_version(&change);
+            for (name, value) in fields {
+                state.values.insert(name, value);
+                state.versions.insert(name, version.clone());
+            }
+            state.ctx = change.ctx;
+            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, &sale.id, &state)?;
+            Ok(true)
         })
     }
 
@@ -334,7 +432,7 @@ impl Store {
             }
             _ => {}
         }
-        self.record_movement(product_id, quantity, kind, reference, false)
+        self.record_movement(None, product_id, quantity, kind, reference, false)
     }
 
     /// Records a stock count: an adjustment of (counted - stock as this terminal sees it).
@@ -348,11 +446,49 @@ impl Store {
             return Err(StoreError::invalid("counted", "must not be negative"));
         }
         let stock = records::product_stock(&self.conn, product_id)?;
-        self.record_movement(product_id, counted - stock, MovementType::Adjustment, reference, true)
+        self.record_movement(None, product_id, counted - stock, MovementType::Adjustment, reference, true)
+    }
+
+    /// Records a stock count once: a count (as [`Store::count_stock`]) whose movement has
+    /// the given id. When a movement with this id exists already, nothing is written and
+    /// `None` is returned, so a later count from the same source cannot undo the sales made
+    /// since. A count equal to the current stock is still written (a zero adjustment): it is
+    /// what marks the product as counted.
+    pub fn count_stock_once(
+        &mut self,
+        movement_id: &EntityId,
+        product_id: &EntityId,
+        counted: Decimal,
+        reference: Option<&str>,
+    ) -> Result<Option<Value>> {
+        if counted.is_sign_negative() && !counted.is_zero() {
+            return Err(StoreError::invalid("counted", "must not be negative"));
+        }
+        let exists = self
+            .conn
+            .prepare_cached("SELECT 1 FROM stock_movements WHERE id = ?1")?
+            .query_row([movement_id.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if exists {
+            return Ok(None);
+        }
+        let stock = records::product_stock(&self.conn, product_id)?;
+        let quantity = checked(counted.checked_sub(stock))?;
+        self.record_movement(
+            Some(movement_id),
+            product_id,
+            quantity,
+            MovementType::Adjustment,
+            reference,
+            true,
+        )
+        .map(Some)
     }
 
     fn record_movement(
         &mut self,
+        id: Option<&EntityId>,
         product_id: &EntityId,
         quantity: Decimal,
         kind: MovementType,
@@ -368,7 +504,7 @@ impl Store {
         self.write(true, |store| {
             store.live_record(EntityKind::Product, product_id)?;
             let movement = StockMovement {
-                id: store.new_id(),
+                id: id.cloned().unwrap_or_else(|| store.new_id()),
                 product_id: product_id.clone(),
                 kind,
                 quantity,

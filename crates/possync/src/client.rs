@@ -257,3 +257,11 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// The posId of the node answering at the API address of this data directory's config, if
+/// one answers (commands that write the database directly refuse to run beside it).
+pub fn running_pos_id(data_dir: &std::path::Path) -> Option<String> {
+    let args = ClientArgs { data_dir: data_dir.to_path_buf(), json: true };
+    let status = Api::new(&args).ok()?.call("GET", "/api/status", None).ok()?;
+    status.get("posId").and_then(Value::as_str).map(str::to_string)
+}
