@@ -493,11 +493,11 @@ fn rejected(err: StoreError) -> Result<String, PosplusError> {
 impl Importer<'_> {
     fn step(&mut self, message: &'static str) {
         self.rows += 1;
-        if self.rows % 256 == 0 {
+        if self.rows.is_multiple_of(256) {
             self.progress.bar.set_message(message);
             self.progress.bar.set_position(self.rows);
         }
-        if self.rows % OUTBOX_DRAIN_EVERY == 0 {
+        if self.rows.is_multiple_of(OUTBOX_DRAIN_EVERY) {
             self.store.drain_outbox();
         }
     }
