@@ -312,6 +312,17 @@ impl Store {
         Ok(self.settings.clone())
     }
 
+    /// Prepares the writer connection for one long transaction of many writes, such as an
+    /// import: a page cache of `cache_kib` KiB, so that dirty pages are not spilled to the
+    /// WAL before the commit (then written again and again), and statement journals in
+    /// memory, so that the savepoint of each write does not write the pages it changes to
+    /// a temporary file first. The memory is only taken as pages are used.
+    pub fn tune_for_long_transactions(&mut self, cache_kib: u32) -> Result<()> {
+        self.conn.pragma_update(None, "cache_size", -i64::from(cache_kib))?;
+        self.conn.pragma_update(None, "temp_store", "MEMORY")?;
+        Ok(())
+    }
+
     /// Takes the changes written since the last call, in log order, for broadcast and relay.
     pub fn drain_outbox(&mut self) -> Vec<Outgoing> {
         std::mem::take(&mut self.outbox)
@@ -502,13 +513,16 @@ impl Store {
             // would commit it on its own, outside the group.
             return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
         }
-        self.conn.execute_batch("SAVEPOINT group_write")?;
+        // Prepared once: a group can hold thousands of writes.
+        self.conn.prepare_cached("SAVEPOINT group_write")?.execute([])?;
         let vv_before = self.vv.clone();
         let dirty_before = self.vv_dirty.clone();
         let outbox_before = self.outbox.len();
         let result = body(self);
         match &result {
-            Ok(_) => self.conn.execute_batch("RELEASE group_write")?,
+            Ok(_) => {
+                self.conn.prepare_cached("RELEASE group_write")?.execute([])?;
+            }
             Err(_) => {
                 let rolled_back = if self.conn.is_autocommit() {
                     Ok(())
