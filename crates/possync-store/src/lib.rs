@@ -133,6 +133,21 @@ pub struct Store {
     /// True while [`Store::group_commit`] holds a transaction open: each write inside it is a
     /// savepoint.
     in_group: bool,
+    /// The open batch of writes ([`Store::begin_batch`]), if any.
+    batch: Option<Batch>,
+}
+
+/// A batch of writes inside a group: one savepoint for all of them, and what to restore in
+/// memory if one fails.
+struct Batch {
+    /// The version vector before the batch.
+    vv_before: VersionVector,
+    /// The `sync_vv` rows to write before the batch.
+    dirty_before: Vec<(i64, Seq)>,
+    /// The outbox length before the batch.
+    outbox_before: usize,
+    /// True once a write of the batch failed: the batch will be rolled back whole.
+    failed: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -275,6 +290,7 @@ impl Store {
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
+            batch: None,
         })
     }
 
@@ -374,8 +390,11 @@ impl Store {
         self.vv_dirty.clear();
         self.in_group = true;
         let value = body(self);
+        let closed = self.close_forgotten_batch();
         self.in_group = false;
-        let committed = if self.conn.is_autocommit() {
+        let committed = if let Err(err) = closed {
+            Err(err)
+        } else if self.conn.is_autocommit() {
             // A failed write can make SQLite roll back the whole transaction (disk full, I/O
             // error); the writes after it then refused to run, see `write`.
             Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
@@ -440,9 +459,12 @@ impl Store {
         self.vv_dirty.clear();
         self.in_group = true;
         let value = body(self);
+        let closed = self.close_forgotten_batch();
         self.in_group = false;
         let keep = keep(&value);
-        let committed = if !keep {
+        let committed = if let Err(err) = closed {
+            Err(err)
+        } else if !keep {
             Ok(())
         } else if self.conn.is_autocommit() {
             Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
@@ -506,12 +528,79 @@ impl Store {
         result
     }
 
-    /// [`Store::write`] inside a group: a savepoint, rolled back alone on error.
+    /// Opens a batch inside a group ([`Store::all_or_nothing`], [`Store::rehearse`],
+    /// [`Store::group_commit`]): the writes until [`Store::end_batch`] share one savepoint
+    /// instead of one each. That is cheaper for a long run of small writes (SQLite copies
+    /// every page a savepoint changes, once per savepoint), but one failed write fails the
+    /// whole batch: the writes after it in the batch are refused, and `end_batch` rolls
+    /// them all back; the caller then redoes them one by one (each in its own savepoint).
+    pub fn begin_batch(&mut self) -> Result<()> {
+        if !self.in_group || self.batch.is_some() {
+            return Err(StoreError::InvalidState("a batch runs inside a group, one at a time".into()));
+        }
+        if self.conn.is_autocommit() {
+            return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
+        }
+        self.conn.prepare_cached("SAVEPOINT group_batch")?.execute([])?;
+        self.batch = Some(Batch {
+            vv_before: self.vv.clone(),
+            dirty_before: self.vv_dirty.clone(),
+            outbox_before: self.outbox.len(),
+            failed: false,
+        });
+        Ok(())
+    }
+
+    /// Closes the batch: `true` when every write of it stands, `false` when one failed and
+    /// the whole batch was rolled back (in the database and in memory).
+    pub fn end_batch(&mut self) -> Result<bool> {
+        let Some(batch) = self.batch.take() else {
+            return Err(StoreError::InvalidState("no batch is open".into()));
+        };
+        if !batch.failed {
+            self.conn.prepare_cached("RELEASE group_batch")?.execute([])?;
+            return Ok(true);
+        }
+        let rolled_back = if self.conn.is_autocommit() {
+            Ok(())
+        } else {
+            self.conn.execute_batch("ROLLBACK TO group_batch; RELEASE group_batch")
+        };
+        self.vv = batch.vv_before;
+        self.vv_dirty = batch.dirty_before;
+        self.outbox.truncate(batch.outbox_before);
+        self.origins = Origins::load(&self.conn)?;
+        rolled_back?;
+        Ok(false)
+    }
+
+    /// A batch still open when its group ends is closed (rolled back if a write failed).
+    fn close_forgotten_batch(&mut self) -> Result<()> {
+        if self.batch.is_some() {
+            self.end_batch()?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::write`] inside a group: a savepoint, rolled back alone on error (inside a
+    /// batch, the batch's savepoint, rolled back whole at its end).
     fn write_in_group<T>(&mut self, body: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         if self.conn.is_autocommit() {
             // An earlier write's failure ended the group's transaction: running this one
             // would commit it on its own, outside the group.
             return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
+        }
+        if let Some(batch) = &self.batch {
+            if batch.failed {
+                return Err(StoreError::InvalidState("an earlier write of this batch failed".into()));
+            }
+            let result = body(self);
+            if result.is_err()
+                && let Some(batch) = &mut self.batch
+            {
+                batch.failed = true;
+            }
+            return result;
         }
         // Prepared once: a group can hold thousands of writes.
         self.conn.prepare_cached("SAVEPOINT group_write")?.execute([])?;

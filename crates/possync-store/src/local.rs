@@ -127,6 +127,19 @@ impl Store {
         }
     }
 
+    /// Whether a live (not deleted) record `id` of `kind` exists: one indexed read, without
+    /// decoding its fields and metadata as [`Store::live_record`] does.
+    pub(crate) fn is_live(&self, kind: EntityKind, id: &EntityId) -> Result<bool> {
+        let sql = match kind {
+            EntityKind::Product => "SELECT 1 FROM products WHERE id = ?1 AND deleted = 0",
+            EntityKind::Category => "SELECT 1 FROM categories WHERE id = ?1 AND deleted = 0",
+            EntityKind::Customer => "SELECT 1 FROM customers WHERE id = ?1 AND deleted = 0",
+            EntityKind::Ticket => "SELECT 1 FROM tickets WHERE id = ?1",
+            EntityKind::Stock => "SELECT 1 FROM stock_movements WHERE id = ?1",
+        };
+        Ok(self.conn.prepare_cached(sql)?.query_row([id.as_str()], |_| Ok(())).optional()?.is_some())
+    }
+
     /// Writes local field values over `state` as one change; returns the API form.
     pub(crate) fn write_fields(
         &mut self,
@@ -179,7 +192,7 @@ impl Store {
             if kind == EntityKind::Category && &target == id {
                 return Err(StoreError::invalid(field, "a category cannot be its own parent"));
             }
-            if self.live_record(target_kind, &target).is_err() {
+            if !self.is_live(target_kind, &target)? {
                 return Err(StoreError::invalid(field, format!("{target_kind} {target} does not exist")));
             }
         }

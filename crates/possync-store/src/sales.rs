@@ -230,7 +230,7 @@ impl Store {
     /// Records a sale made before possync (see [`HistoricalSale`]): one `sale` change with no
     /// stock movement, then, if it ended cancelled or refunded, one status change with no
     /// `return` movement. Returns false, writing nothing, when the ticket id exists already.
-    pub fn record_historical_sale(&mut self, request: &HistoricalSale) -> Result<bool> {
+    pub fn record_historical_sale(&mut self, request: HistoricalSale) -> Result<bool> {
         if request.notes.as_ref().is_some_and(|notes| notes.chars().count() > 4000) {
             return Err(StoreError::invalid("notes", "longer than 4000 characters"));
         }
@@ -246,50 +246,55 @@ impl Store {
             if store.ticket_exists(&request.id)? {
                 return Ok(false);
             }
-            if let Some(customer) = &request.customer_id {
-                store.live_record(EntityKind::Customer, customer).map_err(|_| {
-                    StoreError::invalid("customerId", format!("customer {customer} does not exist"))
-                })?;
+            if let Some(customer) = &request.customer_id
+                && !store.is_live(EntityKind::Customer, customer)?
+            {
+                return Err(StoreError::invalid("customerId", format!("customer {customer} does not exist")));
             }
+            let status = request.status;
             let sale = Sale {
-                id: request.id.clone(),
-                ticket_number: request.ticket_number.clone(),
+                id: request.id,
+                ticket_number: request.ticket_number,
                 pos_id: store.identity.pos_id.clone(),
-                customer_id: request.customer_id.clone(),
-                lines: request.lines.clone(),
-                payments: request.payments.clone(),
+                customer_id: request.customer_id,
+                lines: request.lines,
+                payments: request.payments,
                 subtotal: request.subtotal,
                 discount_amount: request.discount_amount,
                 total_amount: request.total_amount,
-                notes: request.notes.clone(),
-                created_at: request.created_at.clone(),
+                notes: request.notes,
+                created_at: request.created_at,
                 movements: Vec::new(),
             };
             sale.validate()?;
+            let id = sale.id.clone();
             let change = store.emit_local(
                 EntityKind::Ticket,
-                &sale.id,
-                ChangeBody::Sale(Box::new(sale.clone())),
+                &id,
+                ChangeBody::Sale(Box::new(sale)),
                 &Default::default(),
             )?;
-            let mut state = sale_state(&sale, local_version(&change), change.ctx.clone());
-            store.insert_sale(&sale, &state)?;
-            let action = match request.status {
+            let ChangeBody::Sale(sale) = &change.body else {
+                return Err(StoreError::InvalidState("a sale change without its sale".into()));
+            };
+            let mut state = sale_state(sale, local_version(&change), change.ctx.clone());
+            store.insert_sale(sale, &state)?;
+            let action = match status {
                 TicketStatus::Completed => return Ok(true),
                 TicketStatus::Cancelled => TicketAction::Cancel,
                 TicketStatus::Refunded | TicketStatus::PartiallyRefunded => TicketAction::Refund,
             };
             let mut fields = FieldMap::new();
-            fields.insert("status", json!(request.status.as_str()));
+            fields.insert("status", json!(status.as_str()));
             let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: Vec::new() };
-            let change = store.emit_local(EntityKind::Ticket, &sale.id, body, &state.ctx)?;
+            let change = store.emit_local(EntityKind::Ticket, &id, body, &state.ctx)?;
             let version = local_version(&change);
             for (name, value) in fields {
                 state.values.insert(name, value);
                 state.versions.insert(name, version.clone());
             }
             state.ctx = change.ctx;
-            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, &sale.id, &state)?;
+            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, &id, &state)?;
             Ok(true)
         })
     }
@@ -502,7 +507,9 @@ impl Store {
             .map_err(|err| StoreError::invalid("quantity", err.to_string()))?;
         let created_at = self.now_rfc3339();
         self.write(true, |store| {
-            store.live_record(EntityKind::Product, product_id)?;
+            if !store.is_live(EntityKind::Product, product_id)? {
+                return Err(StoreError::not_found(EntityKind::Product, product_id));
+            }
             let movement = StockMovement {
                 id: id.cloned().unwrap_or_else(|| store.new_id()),
                 product_id: product_id.clone(),

@@ -182,6 +182,23 @@ fn raw_copy(source: &Path, target: &Path) -> rusqlite::Result<u64> {
     Ok(rows)
 }
 
+/// CPU time of this thread (the raw copy runs on it): `/proc/thread-self/schedstat`.
+fn thread_cpu() -> Duration {
+    let raw = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    Duration::from_nanos(raw.split_whitespace().next().and_then(|ns| ns.parse().ok()).unwrap_or(0))
+}
+
+/// CPU time (user + system) of this process's waited-for children (the import runs in
+/// one): fields 16 and 17 of `/proc/self/stat`, in clock ticks of 10 ms.
+fn children_cpu() -> Duration {
+    let raw = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) is in parentheses and may hold spaces: count after it,
+    // from field 3.
+    let after: Vec<&str> = raw.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let field = |n: usize| after.get(n - 3).and_then(|value| value.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((field(16) + field(17)) * 10)
+}
+
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
@@ -204,11 +221,14 @@ fn main() {
 
     let mut raw_times = Vec::new();
     let mut import_times = Vec::new();
+    let mut raw_cpu = Vec::new();
+    let mut import_cpu = Vec::new();
     let mut rows = 0;
     for run in 0..RUNS {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), thread_cpu());
         rows = raw_copy(&source, &dir.join(format!("copy{run}.db"))).expect("raw copy");
         raw_times.push(started.elapsed());
+        raw_cpu.push(thread_cpu() - cpu);
 
         let node = dir.join(format!("node{run}"));
         let init = Command::new(BIN)
@@ -218,7 +238,7 @@ fn main() {
             .output()
             .expect("possync init");
         assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), children_cpu());
         let import = Command::new(BIN)
             .args(["import", "posplus", "--json", "--from"])
             .arg(&source)
@@ -228,17 +248,30 @@ fn main() {
             .output()
             .expect("possync import");
         import_times.push(started.elapsed());
+        import_cpu.push(children_cpu() - cpu);
         assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
         let summary: serde_json::Value = serde_json::from_slice(&import.stdout).expect("the summary");
         let created = summary["tables"]["tickets"]["created"].as_u64().unwrap_or(0);
         let skipped = summary["skipped"].as_array().map_or(0, Vec::len);
         assert_eq!(created, tickets, "every ticket imported (skipped: {skipped})");
-        println!("run {}: raw copy {:.2?}, import {:.2?}", run + 1, raw_times[run], import_times[run]);
+        println!(
+            "run {}: raw copy {:.2?} (CPU {:.2?}), import {:.2?} (CPU {:.2?})",
+            run + 1,
+            raw_times[run],
+            raw_cpu[run],
+            import_times[run],
+            import_cpu[run]
+        );
     }
     let (raw, import) = (median(raw_times), median(import_times));
     let rate = |time: Duration| rows as f64 / time.as_secs_f64();
     println!("rows: {rows} ({})", TABLES.join(", "));
     println!("raw SQLite copy: median {raw:.2?} = {:.0} rows/s", rate(raw));
     println!("possync import:  median {import:.2?} = {:.0} rows/s", rate(import));
-    println!("ratio import/raw: {:.3} (goal >= 0.3)", rate(import) / rate(raw));
+    println!("ratio import/raw, wall: {:.3} (goal >= 0.3)", rate(import) / rate(raw));
+    let (raw_cpu, import_cpu) = (median(raw_cpu), median(import_cpu));
+    println!(
+        "CPU: raw copy median {raw_cpu:.2?}, import median {import_cpu:.2?}, ratio import/raw {:.3}",
+        raw_cpu.as_secs_f64() / import_cpu.as_secs_f64()
+    );
 }

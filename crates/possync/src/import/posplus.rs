@@ -139,6 +139,12 @@ const MAPPED_SETTINGS: [&str; 6] = [
     "p2p_sync_batch_size",
 ];
 
+/// Rows written as one batch (one savepoint) when none of them fails.
+const BATCH_ROWS: usize = 2048;
+
+/// A ticket row with its lines and payments.
+type TicketRows = (Vec<Sql>, Vec<Vec<Sql>>, Vec<Vec<Sql>>);
+
 /// How many rows between two drains of the store's outbox (no node reads it during an
 /// import: the changes are in the log, and peers get them by catch-up).
 const OUTBOX_DRAIN_EVERY: u64 = 1024;
@@ -444,6 +450,7 @@ pub fn import(
         categories: HashMap::new(),
         products: HashMap::new(),
         customers: HashMap::new(),
+        first_of_sku: HashMap::new(),
         rows: 0,
     };
     importer.categories()?;
@@ -478,6 +485,8 @@ struct Importer<'a> {
     products: HashMap<i64, EntityId>,
     /// POSPlus customer id -> imported id.
     customers: HashMap<i64, EntityId>,
+    /// SKU -> the first POSPlus product with it, and its imported id.
+    first_of_sku: HashMap<String, (i64, EntityId)>,
     /// Rows handled so far (for the bar and the outbox drain).
     rows: u64,
 }
@@ -623,109 +632,138 @@ impl Importer<'_> {
              FROM products ORDER BY id",
         )?;
         let mut rows = statement.query([])?;
-        let mut first_of_sku: HashMap<String, (i64, EntityId)> = HashMap::new();
-        while let Some(row) = rows.next()? {
-            self.step("products");
-            let values: Vec<Sql> = (0..16).map(|i| row.get(i)).collect::<Result<_, _>>()?;
-            let id = integer(&values[0]).unwrap_or_default();
-            self.summary.table("products").read += 1;
-            let Some(sku) = text(values[1].clone()).filter(|sku| !sku.trim().is_empty()) else {
-                self.summary.skip("products", id, "no sku");
-                continue;
-            };
-            if let Some((first, first_id)) = first_of_sku.get(&sku) {
-                let reason = format!("duplicate sku {sku:?} (POSPlus product #{first} has it)");
-                self.products.insert(id, first_id.clone());
-                self.summary.skip("products", id, reason);
-                continue;
+        let mut chunk = Vec::with_capacity(BATCH_ROWS);
+        loop {
+            let row = rows.next()?;
+            if let Some(row) = row {
+                self.step("products");
+                chunk.push((0..16).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>()?);
             }
-            let category = match integer(&values[5]) {
+            if chunk.len() == BATCH_ROWS || (row.is_none() && !chunk.is_empty()) {
+                self.in_batches(
+                    &chunk,
+                    |importer, row| importer.product_row(row),
+                    |importer, row| importer.forget_product(row),
+                )?;
+                chunk.clear();
+            }
+            if row.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Forgets what a product row left in the maps (before it is redone).
+    fn forget_product(&mut self, values: &[Sql]) {
+        let id = integer(&values[0]).unwrap_or_default();
+        self.products.remove(&id);
+        if let Some(sku) = text(values[1].clone())
+            && self.first_of_sku.get(&sku).is_some_and(|(first, _)| *first == id)
+        {
+            self.first_of_sku.remove(&sku);
+        }
+    }
+
+    /// One product row: the product, then its stock count.
+    fn product_row(&mut self, values: &[Sql]) -> Result<(), PosplusError> {
+        let id = integer(&values[0]).unwrap_or_default();
+        self.summary.table("products").read += 1;
+        let Some(sku) = text(values[1].clone()).filter(|sku| !sku.trim().is_empty()) else {
+            self.summary.skip("products", id, "no sku");
+            return Ok(());
+        };
+        if let Some((first, first_id)) = self.first_of_sku.get(&sku) {
+            let reason = format!("duplicate sku {sku:?} (POSPlus product #{first} has it)");
+            self.products.insert(id, first_id.clone());
+            self.summary.skip("products", id, reason);
+            return Ok(());
+        }
+        let category = match integer(&values[5]) {
+            None => {
+                self.summary.skip("products", id, "no category");
+                return Ok(());
+            }
+            Some(category) => match self.categories.get(&category) {
+                Some(target) => target.clone(),
                 None => {
-                    self.summary.skip("products", id, "no category");
-                    continue;
+                    self.summary.skip("products", id, format!("missing category #{category}"));
+                    return Ok(());
                 }
-                Some(category) => match self.categories.get(&category) {
-                    Some(target) => target.clone(),
-                    None => {
-                        self.summary.skip("products", id, format!("missing category #{category}"));
-                        continue;
-                    }
-                },
-            };
-            let mut body = Map::new();
-            let mut bad = None;
-            for (column, index, field, kind) in [
-                ("price", 6, "price", Amount::Money),
-                ("cost", 7, "cost", Amount::Money),
-                ("discount_rate", 8, "discountRate", Amount::Rate),
-                ("min_stock", 10, "minStock", Amount::Quantity),
-                ("max_stock", 11, "maxStock", Amount::Quantity),
-            ] {
-                if values[index] == Sql::Null {
-                    continue;
+            },
+        };
+        let mut body = Map::new();
+        let mut bad = None;
+        for (column, index, field, kind) in [
+            ("price", 6, "price", Amount::Money),
+            ("cost", 7, "cost", Amount::Money),
+            ("discount_rate", 8, "discountRate", Amount::Rate),
+            ("min_stock", 10, "minStock", Amount::Quantity),
+            ("max_stock", 11, "maxStock", Amount::Quantity),
+        ] {
+            if values[index] == Sql::Null {
+                continue;
+            }
+            match self.amount("products", id, column, &values[index], kind) {
+                Ok(value) if value.is_sign_negative() && !value.is_zero() => {
+                    bad = Some(format!("negative {}", column.replace('_', " ")));
+                    break;
                 }
-                match self.amount("products", id, column, &values[index], kind) {
-                    Ok(value) if value.is_sign_negative() && !value.is_zero() => {
-                        bad = Some(format!("negative {}", column.replace('_', " ")));
-                        break;
-                    }
-                    Ok(value) => {
-                        body.insert(field.into(), json!(value.to_string()));
-                    }
-                    Err(reason) => {
-                        bad = Some(format!("{column}: {reason}"));
-                        break;
-                    }
+                Ok(value) => {
+                    body.insert(field.into(), json!(value.to_string()));
+                }
+                Err(reason) => {
+                    bad = Some(format!("{column}: {reason}"));
+                    break;
                 }
             }
-            if let Some(reason) = bad {
+        }
+        if let Some(reason) = bad {
+            self.summary.skip("products", id, reason);
+            return Ok(());
+        }
+        let barcode = text(values[2].clone()).filter(|barcode| !barcode.trim().is_empty());
+        body.insert("sku".into(), json!(sku));
+        body.insert("barcode".into(), json!(barcode));
+        body.insert("name".into(), json!(text(values[3].clone())));
+        body.insert("description".into(), json!(text(values[4].clone())));
+        body.insert("categoryId".into(), json!(category.as_str()));
+        body.insert("unit".into(), json!(text(values[12].clone())));
+        body.insert("isActive".into(), json!(flag(&values[13])));
+        body.insert("imageUrl".into(), json!(text(values[14].clone())));
+        self.created_at(&mut body, "products", id, text(values[15].clone()).as_deref());
+        // The catalog is matched by SKU, then barcode: a product already in the node
+        // (created by hand, or imported from another till's copy) is updated in place.
+        let target = match self.store.live_product_by(ProductKey::Sku, &sku)? {
+            Some(existing) => existing,
+            None => match barcode.as_deref() {
+                Some(barcode) => self.store.live_product_by(ProductKey::Barcode, barcode)?,
+                None => None,
+            }
+            .unwrap_or_else(|| product_id_for_sku(&sku)),
+        };
+        let outcome = match self.store.upsert_record(
+            possync_core::EntityKind::Product,
+            &target,
+            &Value::Object(body),
+        ) {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                let reason = rejected(err)?;
                 self.summary.skip("products", id, reason);
-                continue;
+                return Ok(());
             }
-            let barcode = text(values[2].clone()).filter(|barcode| !barcode.trim().is_empty());
-            body.insert("sku".into(), json!(sku));
-            body.insert("barcode".into(), json!(barcode));
-            body.insert("name".into(), json!(text(values[3].clone())));
-            body.insert("description".into(), json!(text(values[4].clone())));
-            body.insert("categoryId".into(), json!(category.as_str()));
-            body.insert("unit".into(), json!(text(values[12].clone())));
-            body.insert("isActive".into(), json!(flag(&values[13])));
-            body.insert("imageUrl".into(), json!(text(values[14].clone())));
-            self.created_at(&mut body, "products", id, text(values[15].clone()).as_deref());
-            // The catalog is matched by SKU, then barcode: a product already in the node
-            // (created by hand, or imported from another till's copy) is updated in place.
-            let target = match self.store.live_product_by(ProductKey::Sku, &sku)? {
-                Some(existing) => existing,
-                None => match barcode.as_deref() {
-                    Some(barcode) => self.store.live_product_by(ProductKey::Barcode, barcode)?,
-                    None => None,
-                }
-                .unwrap_or_else(|| product_id_for_sku(&sku)),
-            };
-            let outcome = match self.store.upsert_record(
-                possync_core::EntityKind::Product,
-                &target,
-                &Value::Object(body),
-            ) {
-                Ok(outcome) => outcome,
-                Err(err) => {
-                    let reason = rejected(err)?;
-                    self.summary.skip("products", id, reason);
-                    continue;
-                }
-            };
-            self.summary.count("products", outcome);
-            first_of_sku.insert(sku, (id, target.clone()));
-            self.products.insert(id, target.clone());
-            if outcome == Upserted::Deleted {
-                self.summary.warnings.push(format!(
-                    "products #{id}: deleted on this terminal since: left deleted, stock not counted"
-                ));
-                continue;
-            }
-            if self.options.import_stock {
-                self.stock(id, &target, &values[9])?;
-            }
+        };
+        self.summary.count("products", outcome);
+        self.first_of_sku.insert(sku, (id, target.clone()));
+        self.products.insert(id, target.clone());
+        if outcome == Upserted::Deleted {
+            self.summary.warnings.push(format!(
+                "products #{id}: deleted on this terminal since: left deleted, stock not counted"
+            ));
+            return Ok(());
+        }
+        if self.options.import_stock {
+            self.stock(id, &target, &values[9])?;
         }
         Ok(())
     }
@@ -763,56 +801,74 @@ impl Importer<'_> {
              FROM customers ORDER BY id",
         )?;
         let mut rows = statement.query([])?;
-        while let Some(row) = rows.next()? {
-            self.step("customers");
-            let values: Vec<Sql> = (0..13).map(|i| row.get(i)).collect::<Result<_, _>>()?;
-            let id = integer(&values[0]).unwrap_or_default();
-            self.summary.table("customers").read += 1;
-            let field = |index: usize| text(values[index].clone()).filter(|value| !value.trim().is_empty());
-            let person = [field(2), field(3)]
-                .into_iter()
-                .flatten()
-                .map(|part| part.trim().to_string())
-                .collect::<Vec<_>>();
-            let name = match (person.is_empty(), field(4)) {
-                (false, Some(company)) => format!("{} ({})", person.join(" "), company.trim()),
-                (false, None) => person.join(" "),
-                (true, Some(company)) => company.trim().to_string(),
-                (true, None) => {
-                    self.summary.skip("customers", id, "no first, last or company name");
-                    continue;
-                }
-            };
-            let place = [field(9), field(8)].into_iter().flatten().collect::<Vec<_>>().join(" ");
-            let address = [field(7), Some(place).filter(|place| !place.is_empty()), field(10)]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>();
-            let notes =
-                [field(11), (!address.is_empty()).then(|| format!("Address: {}", address.join(", ")))]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>();
-            let target = match field(1) {
-                Some(number) => derived_id(&format!("customer:number:{number}")),
-                None => derived_id(&format!("customer:{}:{id}", self.pos_id)),
-            };
-            let mut body = Map::new();
-            body.insert("name".into(), json!(name));
-            body.insert("email".into(), json!(field(5)));
-            body.insert("phone".into(), json!(field(6)));
-            body.insert("notes".into(), json!((!notes.is_empty()).then(|| notes.join("\n"))));
-            self.created_at(&mut body, "customers", id, field(12).as_deref());
-            match self.store.upsert_record(possync_core::EntityKind::Customer, &target, &Value::Object(body))
-            {
-                Ok(outcome) => {
-                    self.summary.count("customers", outcome);
-                    self.customers.insert(id, target);
-                }
-                Err(err) => {
-                    let reason = rejected(err)?;
-                    self.summary.skip("customers", id, reason);
-                }
+        let mut chunk = Vec::with_capacity(BATCH_ROWS);
+        loop {
+            let row = rows.next()?;
+            if let Some(row) = row {
+                self.step("customers");
+                chunk.push((0..13).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>()?);
+            }
+            if chunk.len() == BATCH_ROWS || (row.is_none() && !chunk.is_empty()) {
+                self.in_batches(
+                    &chunk,
+                    |importer, row| importer.customer_row(row),
+                    |importer, values| {
+                        importer.customers.remove(&integer(&values[0]).unwrap_or_default());
+                    },
+                )?;
+                chunk.clear();
+            }
+            if row.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn customer_row(&mut self, values: &[Sql]) -> Result<(), PosplusError> {
+        let id = integer(&values[0]).unwrap_or_default();
+        self.summary.table("customers").read += 1;
+        let field = |index: usize| text(values[index].clone()).filter(|value| !value.trim().is_empty());
+        let person = [field(2), field(3)]
+            .into_iter()
+            .flatten()
+            .map(|part| part.trim().to_string())
+            .collect::<Vec<_>>();
+        let name = match (person.is_empty(), field(4)) {
+            (false, Some(company)) => format!("{} ({})", person.join(" "), company.trim()),
+            (false, None) => person.join(" "),
+            (true, Some(company)) => company.trim().to_string(),
+            (true, None) => {
+                self.summary.skip("customers", id, "no first, last or company name");
+                return Ok(());
+            }
+        };
+        let place = [field(9), field(8)].into_iter().flatten().collect::<Vec<_>>().join(" ");
+        let address = [field(7), Some(place).filter(|place| !place.is_empty()), field(10)]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
+        let notes = [field(11), (!address.is_empty()).then(|| format!("Address: {}", address.join(", ")))]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
+        let target = match field(1) {
+            Some(number) => derived_id(&format!("customer:number:{number}")),
+            None => derived_id(&format!("customer:{}:{id}", self.pos_id)),
+        };
+        let mut body = Map::new();
+        body.insert("name".into(), json!(name));
+        body.insert("email".into(), json!(field(5)));
+        body.insert("phone".into(), json!(field(6)));
+        body.insert("notes".into(), json!((!notes.is_empty()).then(|| notes.join("\n"))));
+        self.created_at(&mut body, "customers", id, field(12).as_deref());
+        match self.store.upsert_record(possync_core::EntityKind::Customer, &target, &Value::Object(body)) {
+            Ok(outcome) => {
+                self.summary.count("customers", outcome);
+                self.customers.insert(id, target);
+            }
+            Err(err) => {
+                let reason = rejected(err)?;
+                self.summary.skip("customers", id, reason);
             }
         }
         Ok(())
@@ -837,6 +893,7 @@ impl Importer<'_> {
         let mut ticket_rows = tickets.query([])?;
         let mut line_rows = Stream::new(lines.query([])?, 10);
         let mut payment_rows = Stream::new(payments.query([])?, 5);
+        let mut chunk = Vec::with_capacity(BATCH_ROWS);
         while let Some(row) = ticket_rows.next()? {
             self.step("tickets");
             let ticket: Vec<Sql> = (0..9).map(|i| row.get(i)).collect::<Result<_, _>>()?;
@@ -856,16 +913,14 @@ impl Importer<'_> {
             self.summary.table("tickets").read += 1;
             self.summary.table("ticket_lines").read += ticket_lines.len() as u64;
             self.summary.table("payments").read += ticket_payments.len() as u64;
-            match self.ticket(id, &ticket, &ticket_lines, &ticket_payments)? {
-                Ok(created) => {
-                    self.count_ticket(created, ticket_lines.len() as u64, ticket_payments.len() as u64)
-                }
-                Err(reason) => {
-                    self.summary.skip("tickets", id, reason);
-                    self.summary.table("ticket_lines").skipped += ticket_lines.len() as u64;
-                    self.summary.table("payments").skipped += ticket_payments.len() as u64;
-                }
+            chunk.push((ticket, ticket_lines, ticket_payments));
+            if chunk.len() == BATCH_ROWS {
+                self.in_batches(&chunk, Self::ticket_row, |_, _| {})?;
+                chunk.clear();
             }
+        }
+        if !chunk.is_empty() {
+            self.in_batches(&chunk, Self::ticket_row, |_, _| {})?;
         }
         for (table, orphan) in line_rows
             .rest()?
@@ -876,6 +931,63 @@ impl Importer<'_> {
             let orphan_id = integer(&orphan[1]).unwrap_or_default();
             let ticket_id = integer(&orphan[0]).map_or_else(|| "null".into(), |id| id.to_string());
             self.summary.skip(table, orphan_id, format!("its ticket #{ticket_id} does not exist"));
+        }
+        Ok(())
+    }
+
+    /// One ticket with its lines and payments.
+    fn ticket_row(&mut self, (ticket, lines, payments): &TicketRows) -> Result<(), PosplusError> {
+        let id = integer(&ticket[0]).unwrap_or_default();
+        match self.ticket(id, ticket, lines, payments)? {
+            Ok(created) => self.count_ticket(created, lines.len() as u64, payments.len() as u64),
+            Err(reason) => {
+                self.summary.skip("tickets", id, reason);
+                self.summary.table("ticket_lines").skipped += lines.len() as u64;
+                self.summary.table("payments").skipped += payments.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `each` over `rows` as one batch of writes (one savepoint: see
+    /// `Store::begin_batch`); if a write of the batch failed, the batch was rolled back:
+    /// what the rows left in the summary and the maps is undone (`forget`), and they are
+    /// redone one by one, each write in its own savepoint, so that only the failing rows
+    /// are skipped.
+    fn in_batches<R>(
+        &mut self,
+        rows: &[R],
+        each: fn(&mut Self, &R) -> Result<(), PosplusError>,
+        forget: fn(&mut Self, &R),
+    ) -> Result<(), PosplusError> {
+        let mark = (
+            self.summary.tables.clone(),
+            self.summary.skipped.len(),
+            self.summary.rounded.len(),
+            self.summary.warnings.len(),
+        );
+        self.store.begin_batch()?;
+        let mut outcome = Ok(());
+        for row in rows {
+            outcome = each(self, row);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        let kept = self.store.end_batch()?;
+        outcome?;
+        if kept {
+            return Ok(());
+        }
+        self.summary.tables = mark.0;
+        self.summary.skipped.truncate(mark.1);
+        self.summary.rounded.truncate(mark.2);
+        self.summary.warnings.truncate(mark.3);
+        for row in rows {
+            forget(self, row);
+        }
+        for row in rows {
+            each(self, row)?;
         }
         Ok(())
     }
@@ -1042,7 +1154,7 @@ impl Importer<'_> {
             created_at,
             status,
         };
-        match self.store.record_historical_sale(&sale) {
+        match self.store.record_historical_sale(sale) {
             Ok(created) => Ok(Ok(created)),
             Err(err) => Ok(Err(rejected(err)?)),
         }
