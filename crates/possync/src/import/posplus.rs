@@ -386,7 +386,11 @@ impl Summary {
                 let _ = writeln!(out, "  {} #{}: {}", skipped.table, skipped.posplus_id, skipped.reason);
             }
         }
-        let _ = writeln!(out, "rounded values: {} (to cents, half away from zero)", self.rounded.len());
+        let _ = writeln!(
+            out,
+            "rounded values: {} (money to cents, quantities to thousandths, rates to 4 places; half away from zero)",
+            self.rounded.len()
+        );
         for rounded in self.rounded.iter().take(5) {
             let _ = writeln!(
                 out,
