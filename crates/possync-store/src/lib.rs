@@ -42,8 +42,9 @@ use rusqlite::{Connection, OpenFlags, params};
 pub use crate::apply::{ApplyReport, PeerRef};
 pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
 pub use crate::error::{Result, StoreError};
+pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;
-pub use crate::sales::{PaymentRequest, RefundLine, SaleLineRequest, SaleRequest};
+pub use crate::sales::{HistoricalSale, PaymentRequest, RefundLine, SaleLineRequest, SaleRequest};
 pub use crate::select::Selection;
 pub use crate::settings::{SettingRow, Settings};
 
@@ -141,6 +142,21 @@ pub struct Store {
     /// decided, written into the change's `data.sync.decidedBy` so that every till closes
     /// its copy of the conflict with the same name.
     decided_by: Option<String>,
+    /// The open batch of writes ([`Store::begin_batch`]), if any.
+    batch: Option<Batch>,
+}
+
+/// A batch of writes inside a group: one savepoint for all of them, and what to restore in
+/// memory if one fails.
+struct Batch {
+    /// The version vector before the batch.
+    vv_before: VersionVector,
+    /// The `sync_vv` rows to write before the batch.
+    dirty_before: Vec<(i64, Seq)>,
+    /// The outbox length before the batch.
+    outbox_before: usize,
+    /// True once a write of the batch failed: the batch will be rolled back whole.
+    failed: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -285,6 +301,7 @@ impl Store {
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
+            batch: None,
         })
     }
 
@@ -320,6 +337,17 @@ impl Store {
         self.conn.execute("UPDATE settings SET value = ?2 WHERE key = ?1", params![key, value.trim()])?;
         self.settings = next;
         Ok(self.settings.clone())
+    }
+
+    /// Prepares the writer connection for one long transaction of many writes, such as an
+    /// import: a page cache of `cache_kib` KiB, so that dirty pages are not spilled to the
+    /// WAL before the commit (then written again and again), and statement journals in
+    /// memory, so that the savepoint of each write does not write the pages it changes to
+    /// a temporary file first. The memory is only taken as pages are used.
+    pub fn tune_for_long_transactions(&mut self, cache_kib: u32) -> Result<()> {
+        self.conn.pragma_update(None, "cache_size", -i64::from(cache_kib))?;
+        self.conn.pragma_update(None, "temp_store", "MEMORY")?;
+        Ok(())
     }
 
     /// Takes the changes written since the last call, in log order, for broadcast and relay.
@@ -373,8 +401,11 @@ impl Store {
         self.vv_dirty.clear();
         self.in_group = true;
         let value = body(self);
+        let closed = self.close_forgotten_batch();
         self.in_group = false;
-        let committed = if self.conn.is_autocommit() {
+        let committed = if let Err(err) = closed {
+            Err(err)
+        } else if self.conn.is_autocommit() {
             // A failed write can make SQLite roll back the whole transaction (disk full, I/O
             // error); the writes after it then refused to run, see `write`.
             Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
@@ -393,6 +424,77 @@ impl Store {
             self.outbox.truncate(outbox_before);
             self.origins = Origins::load(&self.conn)?;
             self.vv = reader::load_vv(&self.conn, &self.origins)?;
+            self.settings = Settings::load(&self.conn)?;
+        }
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        committed.map(|()| value)
+    }
+
+    /// Runs `body` like [`Store::group_commit`] (each write a savepoint that sees the ones
+    /// before it), then rolls the whole transaction back: a rehearsal, such as an import's
+    /// dry run, that counts what would happen and leaves nothing behind, in the database
+    /// or in memory (version vector, outbox, origins, settings, clock).
+    pub fn rehearse<R>(&mut self, body: impl FnOnce(&mut Store) -> R) -> Result<R> {
+        self.run_grouped(body, |_| false)
+    }
+
+    /// Runs `body` like [`Store::group_commit`], but all or nothing: its writes are committed
+    /// (one durable transaction) only if it returns `Ok`; on `Err` every write it made is
+    /// rolled back, even those that succeeded, as by [`Store::rehearse`]. For a long job
+    /// such as an import that must not leave half of itself behind when it stops on an error.
+    pub fn all_or_nothing<T, E>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> std::result::Result<T, E>,
+    ) -> Result<std::result::Result<T, E>> {
+        self.run_grouped(body, std::result::Result::is_ok)
+    }
+
+    /// One transaction around `body`'s writes (each a savepoint), committed when `keep` says
+    /// so and rolled back otherwise, in the database and in memory.
+    fn run_grouped<R>(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> R,
+        keep: impl FnOnce(&R) -> bool,
+    ) -> Result<R> {
+        if self.in_group {
+            return Err(StoreError::InvalidState("this cannot run inside a group of writes".into()));
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            return Err(err.into());
+        }
+        let vv_before = self.vv.clone();
+        let clock_before = self.clock.clone();
+        let outbox_before = self.outbox.len();
+        self.vv_dirty.clear();
+        self.in_group = true;
+        let value = body(self);
+        let closed = self.close_forgotten_batch();
+        self.in_group = false;
+        let keep = keep(&value);
+        let committed = if let Err(err) = closed {
+            Err(err)
+        } else if !keep {
+            Ok(())
+        } else if self.conn.is_autocommit() {
+            Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
+        } else {
+            self.flush_vv()
+                .and_then(|()| {
+                    meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())
+                })
+                .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?))
+        };
+        if !keep || committed.is_err() {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.vv = vv_before;
+            self.clock = clock_before;
+            self.vv_dirty.clear();
+            self.outbox.truncate(outbox_before);
+            self.origins = Origins::load(&self.conn)?;
             self.settings = Settings::load(&self.conn)?;
         }
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -437,20 +539,90 @@ impl Store {
         result
     }
 
-    /// [`Store::write`] inside a group: a savepoint, rolled back alone on error.
+    /// Opens a batch inside a group ([`Store::all_or_nothing`], [`Store::rehearse`],
+    /// [`Store::group_commit`]): the writes until [`Store::end_batch`] share one savepoint
+    /// instead of one each. That is cheaper for a long run of small writes (SQLite copies
+    /// every page a savepoint changes, once per savepoint), but one failed write fails the
+    /// whole batch: the writes after it in the batch are refused, and `end_batch` rolls
+    /// them all back; the caller then redoes them one by one (each in its own savepoint).
+    pub fn begin_batch(&mut self) -> Result<()> {
+        if !self.in_group || self.batch.is_some() {
+            return Err(StoreError::InvalidState("a batch runs inside a group, one at a time".into()));
+        }
+        if self.conn.is_autocommit() {
+            return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
+        }
+        self.conn.prepare_cached("SAVEPOINT group_batch")?.execute([])?;
+        self.batch = Some(Batch {
+            vv_before: self.vv.clone(),
+            dirty_before: self.vv_dirty.clone(),
+            outbox_before: self.outbox.len(),
+            failed: false,
+        });
+        Ok(())
+    }
+
+    /// Closes the batch: `true` when every write of it stands, `false` when one failed and
+    /// the whole batch was rolled back (in the database and in memory).
+    pub fn end_batch(&mut self) -> Result<bool> {
+        let Some(batch) = self.batch.take() else {
+            return Err(StoreError::InvalidState("no batch is open".into()));
+        };
+        if !batch.failed {
+            self.conn.prepare_cached("RELEASE group_batch")?.execute([])?;
+            return Ok(true);
+        }
+        let rolled_back = if self.conn.is_autocommit() {
+            Ok(())
+        } else {
+            self.conn.execute_batch("ROLLBACK TO group_batch; RELEASE group_batch")
+        };
+        self.vv = batch.vv_before;
+        self.vv_dirty = batch.dirty_before;
+        self.outbox.truncate(batch.outbox_before);
+        self.origins = Origins::load(&self.conn)?;
+        rolled_back?;
+        Ok(false)
+    }
+
+    /// A batch still open when its group ends is closed (rolled back if a write failed).
+    fn close_forgotten_batch(&mut self) -> Result<()> {
+        if self.batch.is_some() {
+            self.end_batch()?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::write`] inside a group: a savepoint, rolled back alone on error (inside a
+    /// batch, the batch's savepoint, rolled back whole at its end).
     fn write_in_group<T>(&mut self, body: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         if self.conn.is_autocommit() {
             // An earlier write's failure ended the group's transaction: running this one
             // would commit it on its own, outside the group.
             return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
         }
-        self.conn.execute_batch("SAVEPOINT group_write")?;
+        if let Some(batch) = &self.batch {
+            if batch.failed {
+                return Err(StoreError::InvalidState("an earlier write of this batch failed".into()));
+            }
+            let result = body(self);
+            if result.is_err()
+                && let Some(batch) = &mut self.batch
+            {
+                batch.failed = true;
+            }
+            return result;
+        }
+        // Prepared once: a group can hold thousands of writes.
+        self.conn.prepare_cached("SAVEPOINT group_write")?.execute([])?;
         let vv_before = self.vv.clone();
         let dirty_before = self.vv_dirty.clone();
         let outbox_before = self.outbox.len();
         let result = body(self);
         match &result {
-            Ok(_) => self.conn.execute_batch("RELEASE group_write")?,
+            Ok(_) => {
+                self.conn.prepare_cached("RELEASE group_write")?.execute([])?;
+            }
             Err(_) => {
                 let rolled_back = if self.conn.is_autocommit() {
                     Ok(())

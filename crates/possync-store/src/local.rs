@@ -1,6 +1,7 @@
 //! Local writes of mutable records: create, partial update, delete of products, categories
 //! and customers. Each is validated first (SPEC section 8), then written with its change in
-//! one transaction; a rejected write leaves nothing behind.
+//! one transaction; a rejected write leaves nothing behind. [`Store::upsert_record`] is the
+//! write an import makes: it creates nothing twice and writes only the fields that differ.
 
 use possync_core::entity::{self, FieldMap};
 use possync_core::{ChangeBody, EntityId, EntityKind, RecordState, Version};
@@ -25,6 +26,60 @@ impl Store {
         };
         let mut fields = entity::parse_fields(kind, body)?;
         entity::check_required(kind, &fields)?;
+        self.fill_defaults(kind, &mut fields);
+        self.write(true, |store| {
+            if records::load(&store.conn, &store.origins, kind, &id)?.is_some() {
+                return Err(StoreError::AlreadyExists { kind, id: id.clone() });
+            }
+            store.check_references(kind, &id, &fields)?;
+            store.write_fields(kind, &id, RecordState::default(), fields, true)
+        })
+    }
+
+    /// Creates the record `id` from `body`, or brings a live one to `body`'s values: only the
+    /// fields whose value differs are written (one change), so running the same upsert twice
+    /// writes nothing the second time. A record deleted on this terminal stays deleted (its
+    /// deletion was a decision taken after whatever is being imported).
+    pub fn upsert_record(&mut self, kind: EntityKind, id: &EntityId, body: &Value) -> Result<Upserted> {
+        check_mutable(kind)?;
+        let mut fields = entity::parse_fields(kind, body)?;
+        self.write(true, |store| match records::load(&store.conn, &store.origins, kind, id)? {
+            None => {
+                entity::check_required(kind, &fields)?;
+                store.fill_defaults(kind, &mut fields);
+                store.check_references(kind, id, &fields)?;
+                store.write_fields(kind, id, RecordState::default(), fields, true)?;
+                Ok(Upserted::Created)
+            }
+            Some(state) if state.deleted => Ok(Upserted::Deleted),
+            Some(state) => {
+                fields.retain(|name, value| match state.values.get(name) {
+                    Some(held) => held != value,
+                    None => !value.is_null(),
+                });
+                if fields.is_empty() {
+                    return Ok(Upserted::Unchanged);
+                }
+                store.check_references(kind, id, &fields)?;
+                store.write_fields(kind, id, state, fields, false)?;
+                Ok(Upserted::Updated)
+            }
+        })
+    }
+
+    /// The live product whose `sku` or `barcode` (`field`) is `value`, if there is one.
+    pub fn live_product_by(&self, field: ProductKey, value: &str) -> Result<Option<EntityId>> {
+        let sql = match field {
+            ProductKey::Sku => "SELECT id FROM products WHERE sku = ?1 AND deleted = 0 LIMIT 1",
+            ProductKey::Barcode => "SELECT id FROM products WHERE barcode = ?1 AND deleted = 0 LIMIT 1",
+        };
+        let id: Option<String> =
+            self.conn.prepare_cached(sql)?.query_row([value], |row| row.get(0)).optional()?;
+        id.map(|id| EntityId::parse(id).map_err(|err| StoreError::Corrupt(err.to_string()))).transpose()
+    }
+
+    /// The defaults a record gets when it is created without them.
+    fn fill_defaults(&self, kind: EntityKind, fields: &mut FieldMap) {
         fields.entry("createdAt").or_insert_with(|| Value::String(self.now_rfc3339()));
         for (name, default) in [
             ("isActive", Value::Bool(true)),
@@ -35,13 +90,6 @@ impl Store {
                 fields.entry(spec.name).or_insert(default);
             }
         }
-        self.write(true, |store| {
-            if records::load(&store.conn, &store.origins, kind, &id)?.is_some() {
-                return Err(StoreError::AlreadyExists { kind, id: id.clone() });
-            }
-            store.check_references(kind, &id, &fields)?;
-            store.write_fields(kind, &id, RecordState::default(), fields, true)
-        })
     }
 
     /// Changes some fields of a live record. Returns the record as the API shows it.
@@ -78,6 +126,19 @@ impl Store {
             Some(state) if !state.deleted => Ok(state),
             _ => Err(StoreError::not_found(kind, id)),
         }
+    }
+
+    /// Whether a live (not deleted) record `id` of `kind` exists: one indexed read, without
+    /// decoding its fields and metadata as [`Store::live_record`] does.
+    pub(crate) fn is_live(&self, kind: EntityKind, id: &EntityId) -> Result<bool> {
+        let sql = match kind {
+            EntityKind::Product => "SELECT 1 FROM products WHERE id = ?1 AND deleted = 0",
+            EntityKind::Category => "SELECT 1 FROM categories WHERE id = ?1 AND deleted = 0",
+            EntityKind::Customer => "SELECT 1 FROM customers WHERE id = ?1 AND deleted = 0",
+            EntityKind::Ticket => "SELECT 1 FROM tickets WHERE id = ?1",
+            EntityKind::Stock => "SELECT 1 FROM stock_movements WHERE id = ?1",
+        };
+        Ok(self.conn.prepare_cached(sql)?.query_row([id.as_str()], |_| Ok(())).optional()?.is_some())
     }
 
     /// Writes local field values over `state` as one change; returns the API form.
@@ -133,7 +194,7 @@ impl Store {
             if kind == EntityKind::Category && &target == id {
                 return Err(StoreError::invalid(field, "a category cannot be its own parent"));
             }
-            if self.live_record(target_kind, &target).is_err() {
+            if !self.is_live(target_kind, &target)? {
                 return Err(StoreError::invalid(field, format!("{target_kind} {target} does not exist")));
             }
         }
@@ -155,6 +216,28 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// What [`Store::upsert_record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// The record did not exist: it was created.
+    Created,
+    /// It existed and some fields differed: they were written (one change).
+    Updated,
+    /// It existed with the same values: nothing was written.
+    Unchanged,
+    /// It was deleted on this terminal: nothing was written.
+    Deleted,
+}
+
+/// The keys a product can be found by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProductKey {
+    /// The SKU (unique among live products).
+    Sku,
+    /// The barcode (unique among live products that have one).
+    Barcode,
 }
 
 fn check_mutable(kind: EntityKind) -> Result<()> {

@@ -70,6 +70,37 @@ pub struct SaleRequest {
     pub notes: Option<String>,
 }
 
+/// A sale made before this terminal used possync, as an import brings it: its id, number,
+/// date, lines, payments and totals are kept as they were, and its status is the one it
+/// ended with. It moves no stock: an import brings stock as counted (one count per
+/// product), which already reflects every old sale, so moving it again would count each
+/// old sale twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoricalSale {
+    /// Ticket id (deterministic, so that importing twice writes it once).
+    pub id: EntityId,
+    /// Receipt number, unique across terminals (the importer prefixes it).
+    pub ticket_number: String,
+    /// The customer, if any (must be a live customer).
+    pub customer_id: Option<EntityId>,
+    /// What was sold.
+    pub lines: Vec<TicketLine>,
+    /// How it was paid (may be empty for old data).
+    pub payments: Vec<Payment>,
+    /// Sum of quantity * unitPrice of the lines.
+    pub subtotal: Decimal,
+    /// Sum of the lines' discounts.
+    pub discount_amount: Decimal,
+    /// subtotal - discountAmount.
+    pub total_amount: Decimal,
+    /// Notes.
+    pub notes: Option<String>,
+    /// When it was sold (RFC 3339).
+    pub created_at: String,
+    /// The status it ended with.
+    pub status: TicketStatus,
+}
+
 /// A line to refund: which product, how many.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -194,6 +225,80 @@ impl Store {
             let state = sale_state(&sale, local_version(&change), change.ctx.clone());
             store.insert_sale(&sale, &state)?;
             store.ticket_json(&id)
+        })
+    }
+
+    /// Records a sale made before possync (see [`HistoricalSale`]): one `sale` change with no
+    /// stock movement, then, if it ended cancelled or refunded, one status change with no
+    /// `return` movement. Returns false, writing nothing, when the ticket id exists already.
+    pub fn record_historical_sale(&mut self, request: HistoricalSale) -> Result<bool> {
+        if request.notes.as_ref().is_some_and(|notes| notes.chars().count() > 4000) {
+            return Err(StoreError::invalid("notes", "longer than 4000 characters"));
+        }
+        if possync_core::time::parse_rfc3339_ms(&request.created_at).is_none() {
+            return Err(StoreError::invalid("createdAt", "expected an RFC 3339 timestamp"));
+        }
+        for amount in [request.subtotal, request.discount_amount, request.total_amount] {
+            decimal::parse(&amount.to_string()).map_err(|err| {
+                StoreError::invalid("totalAmount", format!("total not representable: {err}"))
+            })?;
+        }
+        self.write(true, |store| {
+            if store.ticket_exists(&request.id)? {
+                return Ok(false);
+            }
+            if let Some(customer) = &request.customer_id
+                && !store.is_live(EntityKind::Customer, customer)?
+            {
+                return Err(StoreError::invalid("customerId", format!("customer {customer} does not exist")));
+            }
+            let status = request.status;
+            let sale = Sale {
+                id: request.id,
+                ticket_number: request.ticket_number,
+                pos_id: store.identity.pos_id.clone(),
+                customer_id: request.customer_id,
+                lines: request.lines,
+                payments: request.payments,
+                subtotal: request.subtotal,
+                discount_amount: request.discount_amount,
+                total_amount: request.total_amount,
+                notes: request.notes,
+                created_at: request.created_at,
+                movements: Vec::new(),
+            };
+            sale.validate()?;
+            let id = sale.id.clone();
+            let change = store.emit_local(
+                EntityKind::Ticket,
+                &id,
+                ChangeBody::Sale(Box::new(sale)),
+                &Default::default(),
+                None,
+            )?;
+            let ChangeBody::Sale(sale) = &change.body else {
+                return Err(StoreError::InvalidState("a sale change without its sale".into()));
+            };
+            let mut state = sale_state(sale, local_version(&change), change.ctx.clone());
+            store.insert_sale(sale, &state)?;
+            let action = match status {
+                TicketStatus::Completed => return Ok(true),
+                TicketStatus::Cancelled => TicketAction::Cancel,
+                TicketStatus::Refunded | TicketStatus::PartiallyRefunded => TicketAction::Refund,
+            };
+            let mut fields = FieldMap::new();
+            fields.insert("status", json!(status.as_str()));
+            let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: Vec::new() };
+            let newest = state.newest().cloned();
+            let change = store.emit_local(EntityKind::Ticket, &id, body, &state.ctx, newest.as_ref())?;
+            let version = local_version(&change);
+            for (name, value) in fields {
+                state.values.insert(name, value);
+                state.versions.insert(name, version.clone());
+            }
+            state.ctx = change.ctx;
+            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, &id, &state)?;
+            Ok(true)
         })
     }
 
@@ -336,7 +441,7 @@ impl Store {
             }
             _ => {}
         }
-        self.record_movement(product_id, quantity, kind, reference, false)
+        self.record_movement(None, product_id, quantity, kind, reference, false)
     }
 
     /// Records a stock count: an adjustment of (counted - stock as this terminal sees it).
@@ -350,11 +455,49 @@ impl Store {
             return Err(StoreError::invalid("counted", "must not be negative"));
         }
         let stock = records::product_stock(&self.conn, product_id)?;
-        self.record_movement(product_id, counted - stock, MovementType::Adjustment, reference, true)
+        self.record_movement(None, product_id, counted - stock, MovementType::Adjustment, reference, true)
+    }
+
+    /// Records a stock count once: a count (as [`Store::count_stock`]) whose movement has
+    /// the given id. When a movement with this id exists already, nothing is written and
+    /// `None` is returned, so a later count from the same source cannot undo the sales made
+    /// since. A count equal to the current stock is still written (a zero adjustment): it is
+    /// what marks the product as counted.
+    pub fn count_stock_once(
+        &mut self,
+        movement_id: &EntityId,
+        product_id: &EntityId,
+        counted: Decimal,
+        reference: Option<&str>,
+    ) -> Result<Option<Value>> {
+        if counted.is_sign_negative() && !counted.is_zero() {
+            return Err(StoreError::invalid("counted", "must not be negative"));
+        }
+        let exists = self
+            .conn
+            .prepare_cached("SELECT 1 FROM stock_movements WHERE id = ?1")?
+            .query_row([movement_id.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if exists {
+            return Ok(None);
+        }
+        let stock = records::product_stock(&self.conn, product_id)?;
+        let quantity = checked(counted.checked_sub(stock))?;
+        self.record_movement(
+            Some(movement_id),
+            product_id,
+            quantity,
+            MovementType::Adjustment,
+            reference,
+            true,
+        )
+        .map(Some)
     }
 
     fn record_movement(
         &mut self,
+        id: Option<&EntityId>,
         product_id: &EntityId,
         quantity: Decimal,
         kind: MovementType,
@@ -368,9 +511,11 @@ impl Store {
             .map_err(|err| StoreError::invalid("quantity", err.to_string()))?;
         let created_at = self.now_rfc3339();
         self.write(true, |store| {
-            store.live_record(EntityKind::Product, product_id)?;
+            if !store.is_live(EntityKind::Product, product_id)? {
+                return Err(StoreError::not_found(EntityKind::Product, product_id));
+            }
             let movement = StockMovement {
-                id: store.new_id(),
+                id: id.cloned().unwrap_or_else(|| store.new_id()),
                 product_id: product_id.clone(),
                 kind,
                 quantity,

@@ -761,3 +761,129 @@ fn two_contents_for_one_origin_and_seq_are_refused_and_logged_never_silent() {
     let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, real).unwrap();
     assert_eq!((report.forks, report.skipped), (0, 2));
 }
+
+#[test]
+fn imports_upsert_once_count_once_and_record_past_sales_without_moving_stock() {
+    use possync_core::entity::{Payment, TicketLine, TicketStatus};
+    use possync_store::{HistoricalSale, ProductKey, Upserted};
+
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let tea = json!({"sku": "T1", "name": "Tea", "price": "2.5"});
+    assert_eq!(a.store.upsert_record(EntityKind::Product, &id("tea"), &tea).unwrap(), Upserted::Created);
+    let changes = a.count("SELECT COUNT(*) FROM sync_changes");
+    assert_eq!(a.store.upsert_record(EntityKind::Product, &id("tea"), &tea).unwrap(), Upserted::Unchanged);
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), changes, "an unchanged upsert writes nothing");
+    let cheaper = json!({"sku": "T1", "name": "Tea", "price": 2.4});
+    assert_eq!(a.store.upsert_record(EntityKind::Product, &id("tea"), &cheaper).unwrap(), Upserted::Updated);
+    let update: String = a.query("SELECT payload FROM sync_changes ORDER BY seq DESC LIMIT 1")[0]["payload"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(update.contains("\"price\"") && !update.contains("\"name\""), "only the changed field: {update}");
+    assert_eq!(a.store.live_product_by(ProductKey::Sku, "T1").unwrap(), Some(id("tea")));
+    assert_eq!(a.store.live_product_by(ProductKey::Barcode, "T1").unwrap(), None);
+
+    // A count with a given id is written once: a second one cannot undo later sales.
+    let count = id("count-tea");
+    assert!(a.store.count_stock_once(&count, &id("tea"), dec("10"), None).unwrap().is_some());
+    a.store.record_sale(&sale("tea", "2", "5")).unwrap();
+    assert!(a.store.count_stock_once(&count, &id("tea"), dec("10"), None).unwrap().is_none());
+    let stock = |terminal: &common::Terminal| {
+        terminal.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap()["stock"]
+            .clone()
+    };
+    assert_eq!(stock(&a), json!(8.0));
+
+    // A past sale: no stock movement, its own number and date, its final status.
+    let line = TicketLine {
+        product_id: id("tea"),
+        product_name: "Tea".into(),
+        product_sku: "T1".into(),
+        quantity: dec("3"),
+        unit_price: dec("2.5"),
+        discount_rate: Decimal::ZERO,
+        discount_amount: Decimal::ZERO,
+        total_amount: dec("7.5"),
+    };
+    let past = HistoricalSale {
+        id: id("old-1"),
+        ticket_number: "AAAA-PP-T-1".into(),
+        customer_id: None,
+        lines: vec![line],
+        payments: vec![Payment { method: PaymentMethod::Cash, amount: dec("7.5"), reference: None }],
+        subtotal: dec("7.5"),
+        discount_amount: Decimal::ZERO,
+        total_amount: dec("7.5"),
+        notes: None,
+        created_at: "2025-11-20T10:00:00.000Z".into(),
+        status: TicketStatus::Refunded,
+    };
+    assert!(a.store.record_historical_sale(past.clone()).unwrap());
+    assert!(!a.store.record_historical_sale(past.clone()).unwrap(), "the same ticket id is recorded once");
+    assert_eq!(stock(&a), json!(8.0), "a past sale moves no stock");
+    let wrong = HistoricalSale { id: id("old-2"), total_amount: dec("9"), ..past.clone() };
+    assert!(matches!(a.store.record_historical_sale(wrong), Err(StoreError::Invalid(_))));
+    assert_eq!(
+        a.query("SELECT ticket_number, status, created_at FROM tickets WHERE id = 'old-1'"),
+        vec![
+            json!({"ticketNumber": "AAAA-PP-T-1", "status": "refunded", "createdAt": "2025-11-20T10:00:00.000Z"})
+        ]
+    );
+
+    // All of it travels as ordinary changes, and ends the same on the other terminal.
+    let report = sync(&mut a, &mut b, 100);
+    assert_eq!(report.errors, 0);
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(stock(&b), json!(8.0));
+}
+
+#[test]
+fn a_rehearsal_leaves_nothing_and_all_or_nothing_keeps_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let category = |name: &str| json!({"id": name, "name": name});
+    let created = a
+        .store
+        .rehearse(|store| {
+            store.create_record(EntityKind::Category, &category("c1")).unwrap();
+            store.create_record(EntityKind::Category, &category("c2")).unwrap();
+            2
+        })
+        .unwrap();
+    assert_eq!(created, 2);
+    assert_eq!(a.count("SELECT COUNT(*) FROM categories"), 0);
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), 0);
+    assert_eq!(a.store.summary().get(&a.pos_id()).0, 0, "the version vector is rolled back too");
+    assert!(a.store.drain_outbox().is_empty());
+
+    let failed: Result<(), &str> = a
+        .store
+        .all_or_nothing(|store| {
+            store.create_record(EntityKind::Category, &category("c1")).unwrap();
+            Err("stopped half way")
+        })
+        .unwrap();
+    assert_eq!(failed, Err("stopped half way"));
+    assert_eq!(a.count("SELECT COUNT(*) FROM categories"), 0, "nothing of a failed job is kept");
+
+    let kept: Result<(), &str> = a
+        .store
+        .all_or_nothing(|store| {
+            store.create_record(EntityKind::Category, &category("c1")).unwrap();
+            // A rejected write inside is rolled back alone.
+            assert!(store.create_record(EntityKind::Category, &category("c1")).is_err());
+            store.create_record(EntityKind::Category, &category("c2")).unwrap();
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(kept, Ok(()));
+    assert_eq!(a.count("SELECT COUNT(*) FROM categories"), 2);
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 2, "no gap left by the rejected write");
+    // The next local write goes on from there.
+    a.store.create_record(EntityKind::Category, &category("c3")).unwrap();
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 3);
+}

@@ -442,3 +442,11 @@ pub fn resolve(args: &ResolveArgs) -> Result<()> {
     println!("conflict {} resolved: {} version kept, by {}", args.id, args.keep, text(&answer, "resolvedBy"));
     Ok(())
 }
+
+/// The posId of the node answering at the API address of this data directory's config, if
+/// one answers (commands that write the database directly refuse to run beside it).
+pub fn running_pos_id(data_dir: &std::path::Path) -> Option<String> {
+    let config = load_config(data_dir).ok()?;
+    let status = Api::new(&config).call("GET", "/api/status", None).ok()?;
+    status.get("posId").and_then(Value::as_str).map(str::to_string)
+}

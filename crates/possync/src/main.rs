@@ -5,6 +5,7 @@
 mod chain_demo;
 mod client;
 mod demo;
+mod import;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +50,9 @@ enum Command {
     Logs(client::ListArgs),
     /// Delete log rows older than the retention period (or --older-than DAYS).
     Cleanup(client::CleanupArgs),
+    /// Import another till application's database into this terminal (the node must be
+    /// stopped): `possync import posplus --from posplus.db`.
+    Import(import::ImportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         Command::Resolve(args) => client::resolve(&args),
         Command::Logs(args) => client::logs(&args),
         Command::Cleanup(args) => client::cleanup(&args),
+        Command::Import(args) => import::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
