@@ -853,3 +853,55 @@ fn every_metric_is_documented() {
     }
     assert!(families >= 10, "{families} families");
 }
+
+#[test]
+fn the_change_feed_pages_by_cursor_and_streams_from_last_event_id() {
+    // Issue 11, part 3: a till app follows every change, resumable after a day off.
+    let test = TestNode::start();
+    let api = &test.client;
+    for sku in ["F1", "F2", "F3"] {
+        let created = api.post("/api/products", &json!({"sku": sku, "name": sku, "price": "1.00"}));
+        assert_eq!(created.status, 201, "{:?}", created.body);
+    }
+    let page = api.get("/api/changes?after=0&limit=10");
+    assert_eq!(page.status, 200, "{:?}", page.body);
+    let changes = page.body.as_array().unwrap().clone();
+    assert_eq!(changes.len(), 3);
+    let cursors: Vec<u64> = changes.iter().map(|change| change["cursor"].as_u64().unwrap()).collect();
+    assert!(cursors.windows(2).all(|pair| pair[0] < pair[1]), "commit order: {cursors:?}");
+    assert_eq!(changes[0]["entityType"], "product");
+    assert_eq!(changes[0]["action"], "create");
+    assert_eq!(changes[0]["origin"], "pos-api-test");
+    let rest = api.get(&format!("/api/changes?after={}", cursors[1]));
+    assert_eq!(rest.body.as_array().map(Vec::len), Some(1));
+    api.get("/api/changes?limit=0").error(400, "invalid_request");
+
+    // The stream resumes after the cursor a client last saw, then goes on live.
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let response = agent
+        .get(format!("{}/api/changes/stream", api.base))
+        .header("Last-Event-ID", cursors[0].to_string())
+        .call()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (sender, lines) = std::sync::mpsc::channel();
+    let reader = BufReader::new(response.into_body().into_reader());
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next_id = || loop {
+        let line = lines.recv_timeout(Duration::from_secs(30)).expect("a change event");
+        if let Some(id) = line.strip_prefix("id: ") {
+            return id.parse::<u64>().unwrap();
+        }
+    };
+    assert_eq!((next_id(), next_id()), (cursors[1], cursors[2]));
+    let created = api.post("/api/products", &json!({"sku": "F4", "name": "F4", "price": "1.00"}));
+    assert_eq!(created.status, 201);
+    assert!(next_id() > cursors[2], "the new change arrives live");
+}

@@ -428,6 +428,21 @@ impl StoreReader {
         )
     }
 
+    /// The change feed (`GET /api/changes`): the changes this node holds after log position
+    /// `after`, in commit order, at most `limit`: each with its `cursor` (the log position,
+    /// stable across restarts), the record it touched and where the change was made. Refused
+    /// changes are left out (they changed nothing).
+    pub fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Value>> {
+        rows_json(
+            &self.conn,
+            "SELECT c.log_id AS cursor, c.entity_type, c.entity_id, c.action, o.pos_id AS origin, c.seq
+             FROM sync_changes c JOIN sync_origins o ON o.idx = c.origin
+             WHERE c.log_id > ?1 AND c.rejected = 0
+             ORDER BY c.log_id LIMIT ?2",
+            rusqlite::params![i64::try_from(after).unwrap_or(i64::MAX), i64::from(limit)],
+        )
+    }
+
     /// Every peer that ever authenticated, with its last connection event (for `possync
     /// status` on a stopped node).
     pub fn known_peers(&self) -> Result<Vec<Value>> {

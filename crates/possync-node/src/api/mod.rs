@@ -15,6 +15,7 @@
 
 pub mod auth;
 mod chain;
+mod changes;
 mod dashboard;
 mod entities;
 pub mod error;
@@ -94,6 +95,7 @@ pub fn routes() -> Vec<Route> {
     table.extend(events::routes());
     table.extend(dashboard::routes());
     table.extend(chain::routes());
+    table.extend(changes::routes());
     table
 }
 
