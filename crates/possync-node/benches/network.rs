@@ -130,6 +130,7 @@ fn node_config(dir: &Path, peers: &[SocketAddr]) -> NodeConfig {
         max_connections: 1024,
         max_frame_bytes: 16 * 1024 * 1024,
         backoff_base_ms: 50,
+        api: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,16 @@ pub struct ConfigFile {
     /// Largest frame accepted from a peer, in bytes.
     #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// Other host names the API answers to (besides localhost and its addresses), e.g. a
+    /// name of the till on the shop's network; any other `Host` header is refused.
+    #[serde(default)]
+    pub api_allowed_hosts: Vec<String>,
+    /// Most simultaneous API connections.
+    #[serde(default = "default_api_max_connections")]
+    pub api_max_connections: usize,
+    /// An API connection that moves no byte for this long is closed (seconds).
+    #[serde(default = "default_api_idle_timeout_secs")]
+    pub api_idle_timeout_secs: u64,
 }
 
 fn default_peer_port() -> u16 {
@@ -72,6 +83,12 @@ fn default_max_connections() -> usize {
 }
 fn default_max_frame_bytes() -> usize {
     16 * 1024 * 1024
+}
+fn default_api_max_connections() -> usize {
+    ApiOptions::default().max_connections
+}
+fn default_api_idle_timeout_secs() -> u64 {
+    ApiOptions::default().idle_timeout.as_secs()
 }
 
 /// Why the configuration could not be read or written.
@@ -114,6 +131,9 @@ impl ConfigFile {
             peers: Vec::new(),
             max_connections: default_max_connections(),
             max_frame_bytes: default_max_frame_bytes(),
+            api_allowed_hosts: Vec::new(),
+            api_max_connections: default_api_max_connections(),
+            api_idle_timeout_secs: default_api_idle_timeout_secs(),
         }
     }
 
@@ -163,6 +183,34 @@ pub struct NodeConfig {
     pub max_frame_bytes: usize,
     /// Base of the redial backoff, in ms (5000 per SPEC; tests shorten it).
     pub backoff_base_ms: u64,
+    /// The API's names and connection limits.
+    pub api: ApiOptions,
+}
+
+/// The API's names and connection limits (see `api/guard.rs` and `api/server.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiOptions {
+    /// Host names the API answers to besides `localhost` and its own addresses.
+    pub allowed_hosts: Vec<String>,
+    /// Most connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time allowed for a request head, once started.
+    pub header_timeout: Duration,
+    /// A connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ApiOptions {
+    /// 256 connections (a till and its dashboard need a handful), 10 s for a request head,
+    /// 30 s idle (the dashboard refreshes every 30 s and its event stream every second).
+    fn default() -> ApiOptions {
+        ApiOptions {
+            allowed_hosts: Vec::new(),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl NodeConfig {
@@ -183,6 +231,12 @@ impl NodeConfig {
             max_connections: file.max_connections.max(1),
             max_frame_bytes: file.max_frame_bytes.max(64 * 1024),
             backoff_base_ms: 5_000,
+            api: ApiOptions {
+                allowed_hosts: file.api_allowed_hosts.clone(),
+                max_connections: file.api_max_connections.max(1),
+                idle_timeout: Duration::from_secs(file.api_idle_timeout_secs.max(1)),
+                ..ApiOptions::default()
+            },
         })
     }
 

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub connection_events: Family<Status, Counter>,
     /// Protocol violations by peers.
     pub protocol_violations: Counter,
+    /// HTTP API connections being served.
+    pub api_connections: Gauge,
 }
 
 impl Metrics {
@@ -92,6 +94,7 @@ impl Metrics {
             connection_events_dropped: Counter::default(),
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
+            api_connections: Gauge::default(),
         };
         registry.register(
             "peers_connected",
@@ -137,6 +140,11 @@ impl Metrics {
             "protocol_violations",
             "Frames refused as protocol violations",
             metrics.protocol_violations.clone(),
+        );
+        registry.register(
+            "api_connections",
+            "HTTP API connections being served",
+            metrics.api_connections.clone(),
         );
         Metrics { registry, ..metrics }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use possync_core::{EntityId, EntityKind, PosId};
-use possync_node::api::{AuthPolicy, route_list, router_with};
+use possync_node::api::{AuthPolicy, BrowserGuard, route_list, router_with};
 use possync_node::config::NodeConfig;
 use possync_node::{Node, NodeShared};
 use possync_store::{PeerRef, Store, SystemEnvironment};
@@ -59,7 +59,8 @@ impl Client {
         Client { base: format!("http://{address}"), agent, token: None }
     }
 
-    /// Sends `body` as raw text with a content type.
+    /// Sends `body` as raw text with a content type. A state-changing call without a body
+    /// still says `Content-Type: application/json`, as the API asks (api/guard.rs).
     fn raw(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Reply {
         let mut request = ureq::http::Request::builder().method(method).uri(format!("{}{path}", self.base));
         if let Some(token) = &self.token {
@@ -69,7 +70,8 @@ impl Client {
             Some((content_type, text)) => {
                 self.agent.run(request.header("Content-Type", content_type).body(text.to_string()).unwrap())
             }
-            None => self.agent.run(request.body(()).unwrap()),
+            None if method == "GET" => self.agent.run(request.body(()).unwrap()),
+            None => self.agent.run(request.header("Content-Type", "application/json").body(()).unwrap()),
         };
         let mut response = response.unwrap_or_else(|err| panic!("{method} {path}: {err}"));
         let status = response.status().as_u16();
@@ -131,6 +133,7 @@ fn config(dir: &std::path::Path, peers: Vec<String>) -> NodeConfig {
         max_connections: 16,
         max_frame_bytes: 1024 * 1024,
         backoff_base_ms: 50,
+        api: Default::default(),
     }
 }
 
@@ -148,9 +151,14 @@ impl TestNode {
     }
 
     fn with_store(dir: tempfile::TempDir, store: Store, peers: Vec<String>) -> TestNode {
+        let config = config(dir.path(), peers);
+        TestNode::with_config(dir, store, config)
+    }
+
+    fn with_config(dir: tempfile::TempDir, store: Store, config: NodeConfig) -> TestNode {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let node = runtime.block_on(Node::start_with_store(config(dir.path(), peers), store)).unwrap();
+        let node = runtime.block_on(Node::start_with_store(config, store)).unwrap();
         let client = Client::new(node.api_addr.unwrap());
         TestNode { runtime, node: Some(node), client, _dir: dir }
     }
@@ -753,9 +761,9 @@ fn a_token_is_required_off_loopback() {
     let test = TestNode::start();
     let policy = AuthPolicy::for_bind(Some("0.0.0.0:0".parse().unwrap()), TOKEN);
     assert_eq!(policy, AuthPolicy::Token(TOKEN.into()));
-    let app = router_with(Arc::clone(test.shared()), policy);
     let listener = test.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let address = listener.local_addr().unwrap();
+    let app = router_with(Arc::clone(test.shared()), policy, BrowserGuard::new(address, &[]));
     test.runtime.spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -813,6 +821,7 @@ fn openapi_documents_every_route() {
             drop(open_events(&api.base));
             continue;
         }
+        // State-changing calls carry the JSON content type even without a body (guard.rs).
         let reply = api.raw(method, &concrete, None);
         let code = reply.body["error"]["code"].as_str().unwrap_or("");
         assert!(
@@ -851,4 +860,197 @@ fn every_metric_is_documented() {
         families += 1;
     }
     assert!(families >= 10, "{families} families");
+}
+
+/// One HTTP/1.1 request written by hand on a fresh socket (`Connection: close`), so that
+/// `Host`, `Origin` and `Content-Type` are exactly what a browser or an attacker would send.
+/// Answers the status and the JSON body.
+fn hand_request(
+    address: SocketAddr,
+    request_line: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut text =
+        format!("{request_line} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    stream.write_all(text.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
+}
+
+#[track_caller]
+fn assert_refused(answer: &(u16, Value), status: u16, code: &str) {
+    assert_eq!(answer.0, status, "{:?}", answer.1);
+    assert_eq!(answer.1["error"]["code"], code, "{:?}", answer.1);
+}
+
+/// Issue 13, item 7: DNS rebinding (a foreign `Host`), a foreign `Origin`, and a form's
+/// body-less POST are refused before anything is written; the node's own names, its own
+/// origin and JSON calls still work.
+#[test]
+fn web_pages_cannot_drive_the_api() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let port = address.port();
+    let own_host = format!("127.0.0.1:{port}");
+    let (_, product_id) = category_and_product(api);
+    let sale = api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "payments": [{"method": "cash", "amount": 10}]}),
+    );
+    assert_eq!(sale.status, 201, "{:?}", sale.body);
+    let ticket_id = sale.body["id"].as_str().unwrap().to_string();
+    let json_type = ("Content-Type", "application/json");
+    let category = r#"{"name": "Rebound"}"#;
+
+    // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+    let evil_host = format!("rebind.evil.example:{port}");
+    assert_refused(
+        &hand_request(address, "POST /api/categories", &[("Host", &evil_host), json_type], category),
+        403,
+        "forbidden_host",
+    );
+    assert_refused(
+        &hand_request(address, "GET /api/status", &[("Host", &evil_host)], ""),
+        403,
+        "forbidden_host",
+    );
+    // The right name on another port (a proxy the node does not know) or no Host at all.
+    let other_port = format!("localhost:{}", port.wrapping_add(1));
+    assert_refused(
+        &hand_request(address, "GET /api/status", &[("Host", &other_port)], ""),
+        403,
+        "forbidden_host",
+    );
+
+    // A foreign origin, on writes and reads alike, `null` included.
+    for origin in ["http://shop-offers.example", "null", &format!("http://localhost:{port}")] {
+        let headers = [("Host", own_host.as_str()), ("Origin", origin), json_type];
+        assert_refused(
+            &hand_request(address, "POST /api/categories", &headers, category),
+            403,
+            "forbidden_origin",
+        );
+        let headers = [("Host", own_host.as_str()), ("Origin", origin)];
+        assert_refused(&hand_request(address, "GET /api/tickets", &headers, ""), 403, "forbidden_origin");
+    }
+
+    // What an HTML form can send: no body, or a form body, never a JSON content type.
+    let cancel = format!("POST /api/tickets/{ticket_id}/cancel");
+    for form_type in ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"] {
+        let headers = [("Host", own_host.as_str()), ("Content-Type", form_type)];
+        assert_refused(&hand_request(address, &cancel, &headers, ""), 415, "unsupported_media_type");
+    }
+    assert_refused(
+        &hand_request(address, &cancel, &[("Host", &own_host)], ""),
+        415,
+        "unsupported_media_type",
+    );
+    let delete = format!("DELETE /api/products/{product_id}");
+    assert_refused(
+        &hand_request(address, &delete, &[("Host", &own_host)], ""),
+        415,
+        "unsupported_media_type",
+    );
+
+    // Nothing of it was written.
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket_id}"))["status"], "completed");
+    assert_eq!(api.count("/api/categories"), 1);
+    assert_eq!(api.get(&format!("/api/products/{product_id}")).status, 200);
+
+    // The node's own page (same origin), by every name of the node, and the CLI's way.
+    let page = [("Host", own_host.as_str()), ("Origin", &format!("http://{own_host}")), json_type];
+    let created = hand_request(address, "POST /api/categories", &page, category);
+    assert_eq!(created.0, 201, "{:?}", created.1);
+    for host in [format!("localhost:{port}"), format!("[::1]:{port}"), format!("LOCALHOST.:{port}")] {
+        let status = hand_request(address, "GET /api/status", &[("Host", &host)], "");
+        assert_eq!(status.0, 200, "{host}: {:?}", status.1);
+    }
+    let cancelled = hand_request(address, &cancel, &[("Host", &own_host), json_type], "");
+    assert_eq!(cancelled.0, 200, "{:?}", cancelled.1);
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket_id}"))["status"], "cancelled");
+}
+
+/// `api_allowed_hosts` adds names (the till's name on the shop's network); others stay out.
+#[test]
+fn configured_host_names_are_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), "pos-named");
+    let mut config = config(dir.path(), Vec::new());
+    config.api.allowed_hosts = vec!["till-3.shop.lan".into()];
+    let test = TestNode::with_config(dir, store, config);
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let named = format!("till-3.shop.lan:{}", address.port());
+    assert_eq!(hand_request(address, "GET /api/status", &[("Host", &named)], "").0, 200);
+    let other = format!("till-4.shop.lan:{}", address.port());
+    assert_refused(&hand_request(address, "GET /api/status", &[("Host", &other)], ""), 403, "forbidden_host");
+}
+
+/// Issue 13, item 7: idle sockets cannot pile up. At most `max_connections` are served at
+/// once (the rest wait in the backlog), each is closed after `idle_timeout` without a byte,
+/// keep-alive connections included, and a real request behind a cap full of idle sockets is
+/// served once they are closed.
+#[test]
+fn idle_api_connections_are_capped_and_closed() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), "pos-idle");
+    let mut config = config(dir.path(), Vec::new());
+    config.api.max_connections = 4;
+    config.api.idle_timeout = Duration::from_millis(1500);
+    let test = TestNode::with_config(dir, store, config);
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let open = || test.shared().metrics.api_connections.get();
+
+    let mut idle: Vec<std::net::TcpStream> =
+        (0..10).map(|_| std::net::TcpStream::connect(address).unwrap()).collect();
+    eventually("the cap filled by idle sockets", || open() == 4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(open(), 4, "never more than the cap");
+
+    // A real request queued behind the idle ones is served once they time out.
+    let started = Instant::now();
+    let reply = test.client.get("/api/status");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+
+    // Every idle socket is closed by the node (end of stream), none left hanging.
+    for socket in &mut idle {
+        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buffer = [0u8; 64];
+        match socket.read(&mut buffer) {
+            Ok(0) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle socket was not closed: {other:?}"),
+        }
+    }
+
+    // A keep-alive connection left open after a request is closed too.
+    let mut kept = std::net::TcpStream::connect(address).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let host = format!("127.0.0.1:{}", address.port());
+    kept.write_all(format!("GET /api/status HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match kept.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => answer.extend_from_slice(&buffer[..read]),
+            Err(err) => panic!("the keep-alive connection was not closed: {err}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    eventually("every connection closed", || open() == 0);
 }

@@ -73,7 +73,14 @@ impl Api {
         let response = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             (_, Some(body)) => self.agent.post(&url).header("Authorization", &auth).send_json(body),
-            (_, None) => self.agent.post(&url).header("Authorization", &auth).send_empty(),
+            // The API refuses a state-changing call without the JSON content type, also
+            // without a body (it keeps web pages from posting to the till).
+            (_, None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send_empty(),
         };
         let mut response = response.with_context(|| {
             format!("no possync node answers at {} (is `possync run` running?)", self.base)

@@ -160,15 +160,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 
 /// The body's bytes, `None` when empty; checks the content type of a non-empty body.
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Option<Bytes>, ApiError> {
-    let json_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .map(|mime| {
-            let mime = mime.trim().to_ascii_lowercase();
-            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-        });
+    let json_type = super::guard::is_json(
+        request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()),
+    );
     let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -180,7 +174,7 @@ async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Option
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    if json_type != Some(true) {
+    if !json_type {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",

@@ -103,6 +103,7 @@ pub async fn start(options: Options) -> TestNode {
         max_connections: 16,
         max_frame_bytes: options.max_frame_bytes,
         backoff_base_ms: options.backoff_base_ms,
+        api: Default::default(),
     };
     let node = Node::start_with_store(config, store).await.expect("the node starts");
     TestNode { node, dir }
