@@ -403,6 +403,19 @@ mod tests {
     }
 
     #[test]
+    fn a_peers_text_with_control_characters_is_refused() {
+        // The same field rules as the API (issue 13, item 8): a NUL in a name from a peer
+        // is an invalid change, never stored.
+        let mut wire = category("till-1", 7).to_wire();
+        wire.edit_data(|data| data["name"] = json!("Dri\u{0}nks"));
+        assert!(
+            matches!(Change::from_wire(&wire), Err(ChangeError::Entity(_))),
+            "{:?}",
+            Change::from_wire(&wire)
+        );
+    }
+
+    #[test]
     fn edit_data_rewrites_the_text() {
         let mut wire = category("till-1", 7).to_wire();
         wire.edit_data(|data| data["name"] = json!("Snacks"));

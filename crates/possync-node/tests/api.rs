@@ -1054,3 +1054,163 @@ fn idle_api_connections_are_capped_and_closed() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
     eventually("every connection closed", || open() == 0);
 }
+
+/// Issue 13, item 8: text with control characters (a NUL in a SKU, an escape sequence in a
+/// name) is refused as an invalid field, and nothing is written; line breaks stay allowed in
+/// free text.
+#[test]
+fn text_with_control_characters_is_refused() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    let nul_sku = api.post("/api/products", &json!({"sku": "NUL\u{0}SKU", "name": "Ghost", "price": 1}));
+    nul_sku.error(422, "invalid_entity");
+    assert!(
+        nul_sku.body["error"]["message"].as_str().unwrap().contains("control characters"),
+        "{:?}",
+        nul_sku.body
+    );
+    api.post("/api/products", &json!({"sku": "ESC-1", "name": "Tea\u{1b}[2J", "price": 1}))
+        .error(422, "invalid_entity");
+    api.send("PATCH", &format!("/api/products/{product_id}"), &json!({"barcode": "12\u{7}34"}))
+        .error(422, "invalid_entity");
+    api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "payments": [{"method": "cash", "amount": 5}],
+                "notes": "bad\u{0}note"}),
+    )
+    .error(422, "invalid_entity");
+    assert_eq!(api.count("/api/products"), 1);
+    assert_eq!(api.count("/api/tickets"), 0);
+    assert_eq!(api.ok(&format!("/api/products/{product_id}"))["barcode"], Value::Null);
+
+    let described = api.send(
+        "PATCH",
+        &format!("/api/products/{product_id}"),
+        &json!({"description": "Fresh.\nKeep cold.\tSeriously."}),
+    );
+    assert_eq!(described.status, 200, "{:?}", described.body);
+}
+
+/// Issue 13, item 8: `?day=` must name a real calendar day.
+#[test]
+fn an_impossible_day_is_refused() {
+    let test = TestNode::start();
+    let api = &test.client;
+    for day in ["2025-13-45", "2025-02-30", "2025-00-10", "2025-04-31"] {
+        api.get(&format!("/api/tickets?day={day}")).error(400, "invalid_request");
+    }
+    assert_eq!(api.get("/api/tickets?day=2024-02-29").status, 200);
+    assert_eq!(api.get("/api/tickets?day=2025-12-31").status, 200);
+}
+
+/// Issue 13, item 8: tills choose their ticket ids and re-send a sale whose answer was lost:
+/// the same sale again answers 200 with the stored ticket and writes nothing; another sale
+/// under the same id is still 409.
+#[test]
+fn a_resent_sale_answers_the_stored_ticket() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    let sale = json!({
+        "id": "till-sale-0001",
+        "lines": [{"productId": product_id, "quantity": 2, "unitPrice": "2.5"}],
+        "payments": [{"method": "card", "amount": 5, "reference": "slip 7"}],
+        "notes": "table 4",
+    });
+    let first = api.post("/api/tickets", &sale);
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let local_changes = |api: &Client| {
+        let metrics = api.get("/metrics");
+        metrics
+            .body
+            .as_str()
+            .unwrap()
+            .lines()
+            .find(|line| line.starts_with("possync_local_changes_total"))
+            .map(str::to_string)
+    };
+    let changes_before = local_changes(api);
+    let stock_before = api.ok(&format!("/api/products/{product_id}"))["stock"].clone();
+
+    // The same body, and the same sale written differently (amounts as numbers or text).
+    let mut respelled = sale.clone();
+    respelled["lines"][0]["unitPrice"] = json!(2.50);
+    respelled["payments"][0]["amount"] = json!("5.00");
+    for again in [&sale, &respelled] {
+        let replay = api.post("/api/tickets", again);
+        assert_eq!(replay.status, 200, "{:?}", replay.body);
+        assert_eq!(replay.body, first.body, "the stored ticket, as first answered");
+    }
+    assert_eq!(api.count("/api/tickets"), 1);
+    assert_eq!(api.ok(&format!("/api/products/{product_id}"))["stock"], stock_before);
+    assert_eq!(local_changes(api), changes_before, "no change written");
+
+    // A different sale under the used id: refused, nothing written.
+    for (path, value) in [
+        ("/lines/0/quantity", json!(3)),
+        ("/lines/0/unitPrice", json!("2.4")),
+        ("/payments/0/method", json!("cash")),
+        ("/payments/0/reference", json!("slip 8")),
+        ("/notes", json!("table 5")),
+    ] {
+        let mut other = sale.clone();
+        *other.pointer_mut(path).unwrap() = value;
+        api.post("/api/tickets", &other).error(409, "already_exists");
+    }
+    let mut two_lines = sale.clone();
+    two_lines["lines"].as_array_mut().unwrap().push(json!({"productId": product_id, "quantity": 1}));
+    api.post("/api/tickets", &two_lines).error(409, "already_exists");
+    assert_eq!(api.count("/api/tickets"), 1);
+    assert_eq!(api.ok(&format!("/api/products/{product_id}"))["stock"], stock_before);
+
+    // A ticket cancelled since: the re-sent sale answers its current state, and stays cancelled.
+    let cancelled = api.raw("POST", "/api/tickets/till-sale-0001/cancel", None);
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    let replay = api.post("/api/tickets", &sale);
+    assert_eq!((replay.status, &replay.body["status"]), (200, &json!("cancelled")));
+}
+
+/// Issue 13, item 8: a full disk answers 507 `storage_full` (not a generic 500), writes
+/// nothing, leaves reads working, and writes work again once there is room. The database
+/// is capped with SQLite's `max_page_count`, which fails a write exactly as a full disk does
+/// (SQLITE_FULL).
+#[test]
+fn a_full_disk_answers_storage_full() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (category_id, _) = category_and_product(api);
+    let writer =
+        |pages: u32| {
+            let shared = Arc::clone(test.shared());
+            test.runtime
+                .block_on(shared.writer.call(possync_node::writer::Priority::Local, move |store| {
+                    store.set_max_page_count(pages)
+                }))
+                .unwrap()
+                .unwrap()
+        };
+    writer(1); // never below the current size: the database is full as it is
+    let description = "x".repeat(3900);
+    let mut refused = None;
+    for n in 0..200 {
+        let reply = api.post(
+            "/api/products",
+            &json!({"sku": format!("FULL-{n}"), "name": "Filler", "price": 1, "categoryId": category_id,
+                    "description": description}),
+        );
+        if reply.status != 201 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("the capped database filled up");
+    refused.error(507, "storage_full");
+    let products = api.count("/api/products");
+    assert!(api.get("/api/status").status == 200, "reads still work");
+
+    writer(1_000_000);
+    let created = api.post("/api/products", &json!({"sku": "AFTER", "name": "After", "price": 1}));
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(api.count("/api/products"), products + 1);
+}

@@ -56,6 +56,16 @@ impl ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_entity", message)
     }
 
+    /// 507 `storage_full`: the disk is full; nothing was written, the same call can
+    /// succeed once room is made.
+    pub fn storage_full() -> ApiError {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage_full",
+            "the till's disk is full: nothing was written; free some space (or run cleanup) and send it again",
+        )
+    }
+
     /// 503 `unavailable`: the node is stopping.
     pub fn unavailable() -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is stopping; try again later")
@@ -93,6 +103,10 @@ impl From<StoreError> for ApiError {
             StoreError::BadSetting(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_setting", err.to_string())
             }
+            StoreError::Sqlite(_) if err.is_storage_full() => {
+                tracing::error!(%err, "API write refused: the disk is full");
+                ApiError::storage_full()
+            }
             StoreError::Sqlite(_)
             | StoreError::Migration(_)
             | StoreError::Corrupt(_)
@@ -113,6 +127,10 @@ impl From<WriterError> for ApiError {
     fn from(err: WriterError) -> ApiError {
         match err {
             WriterError::Stopped => ApiError::unavailable(),
+            WriterError::StorageFull => {
+                tracing::error!(%err, "API write refused: the disk is full");
+                ApiError::storage_full()
+            }
             WriterError::CommitFailed(_) => {
                 tracing::error!(%err, "API call failed on the database");
                 ApiError::new(
@@ -246,6 +264,8 @@ mod tests {
             assert!(!mapped.message.contains("secret internals"));
         }
         assert_eq!(ApiError::from(WriterError::Stopped).status, StatusCode::SERVICE_UNAVAILABLE);
+        let full = ApiError::from(WriterError::StorageFull);
+        assert_eq!((full.status.as_u16(), full.code), (507, "storage_full"));
         let failed = ApiError::from(WriterError::CommitFailed("disk I/O error".into()));
         assert_eq!((failed.status, failed.code), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
         assert!(!failed.message.contains("disk"), "internals stay in the log");

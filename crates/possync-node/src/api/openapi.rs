@@ -211,11 +211,24 @@ impl Route {
         }));
         let mut responses = Map::new();
         let mut replies = self.replies.clone();
-        replies.push(Reply {
-            status: 401,
-            description: "Missing or wrong token (API bound beyond loopback)",
+        let error = |status, description| Reply {
+            status,
+            description,
             content: Some(("application/json", schema_ref("Error"))),
-        });
+        };
+        replies.push(error(401, "Missing or wrong token (API bound beyond loopback)"));
+        replies.push(error(
+            403,
+            "forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page",
+        ));
+        let state_changing = self.method != Method::Get;
+        if state_changing {
+            replies.push(error(
+                415,
+                "Not sent as Content-Type: application/json (required even without a body)",
+            ));
+            replies.push(error(507, "storage_full: the disk is full; nothing was written"));
+        }
         for reply in replies {
             let mut response = json!({"description": reply.description});
             if let Some((content_type, schema)) = reply.content {
@@ -230,9 +243,20 @@ impl Route {
             "parameters": parameters,
             "responses": responses,
         });
-        if let Some((schema, required)) = &self.body {
-            operation["requestBody"] =
-                json!({"required": required, "content": {"application/json": {"schema": schema}}});
+        match &self.body {
+            Some((schema, required)) => {
+                operation["requestBody"] =
+                    json!({"required": required, "content": {"application/json": {"schema": schema}}});
+            }
+            // No body is read, but the JSON content type is required (api/guard.rs).
+            None if state_changing => {
+                operation["requestBody"] = json!({
+                    "required": false,
+                    "description": "No body is needed; send `Content-Type: application/json` anyway",
+                    "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
+                });
+            }
+            None => {}
         }
         operation
     }
@@ -257,7 +281,11 @@ pub fn document(routes: &[Route]) -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": "The local HTTP API of a possync terminal (SPEC 6). JSON in camelCase; \
                 errors are {\"error\": {\"code\", \"message\"}}. Open on loopback; bound anywhere \
-                else, every call needs `Authorization: Bearer <api_token>` (or `?token=`).",
+                else, every call needs `Authorization: Bearer <api_token>` (or `?token=`). Web pages \
+                are kept out: the Host must be one of the node's names (403 forbidden_host), an \
+                Origin must be the node's own (403 forbidden_origin), and every POST, PUT, PATCH \
+                and DELETE must be sent with `Content-Type: application/json`, also without a \
+                body (415 unsupported_media_type).",
         },
         "servers": [{"url": "/"}],
         "paths": paths,
