@@ -272,7 +272,7 @@ pub fn check_text(name: &str, text: &str, max: usize) -> Result<(), EntityError>
     if text.chars().count() > max {
         return Err(invalid(name, format!("longer than {max} characters")));
     }
-    let multiline = max >= LONG_TEXT;
+    let multiline = text_allows_line_breaks(max);
     let allowed = |c: char| multiline && matches!(c, '\n' | '\r' | '\t');
     if let Some(bad) = text.chars().find(|&c| c.is_control() && !allowed(c)) {
         return Err(invalid(
@@ -281,6 +281,11 @@ pub fn check_text(name: &str, text: &str, max: usize) -> Result<(), EntityError>
         ));
     }
     Ok(())
+}
+
+/// Does a text field of at most `max` characters take line breaks and tabs (free text)?
+pub fn text_allows_line_breaks(max: usize) -> bool {
+    max >= LONG_TEXT
 }
 
 fn check_amount(name: &str, amount: Decimal, max_one: bool) -> Result<Value, EntityError> {

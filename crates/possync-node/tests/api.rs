@@ -803,6 +803,13 @@ fn openapi_documents_every_route() {
     let api = &test.client;
     let document = api.ok("/api/openapi.json");
     assert_eq!(document["openapi"], "3.0.3");
+    // The text rule (no control characters) and the browser guard are documented.
+    let sku = &document["components"]["schemas"]["ProductCreate"]["properties"]["sku"];
+    assert!(sku["pattern"].as_str().is_some_and(|pattern| pattern.contains("u001F")), "{sku}");
+    let cancel = &document["paths"]["/api/tickets/{id}/cancel"]["post"]["responses"];
+    for status in ["403", "415", "507"] {
+        assert!(cancel.get(status).is_some(), "{status} is not documented: {cancel}");
+    }
     let mut documented = BTreeSet::new();
     for (path, item) in document["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {

@@ -323,6 +323,16 @@ fn quantity_input() -> Value {
         {"type": "string", "pattern": "^-?[0-9]{1,10}(\\.[0-9]{1,3})?$"}]})
 }
 
+/// The rule of `entity::check_text` as a pattern: no control characters, except line
+/// breaks and tabs in free text.
+fn text_pattern(max: usize) -> &'static str {
+    if possync_core::entity::text_allows_line_breaks(max) {
+        "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+    } else {
+        "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    }
+}
+
 /// The schema of one field, for answers (`input`: false) or requests.
 fn field_schema(ty: FieldType, input: bool) -> Value {
     let amount = |minimum_one: bool| {
@@ -335,8 +345,12 @@ fn field_schema(ty: FieldType, input: bool) -> Value {
         }
     };
     match ty {
-        FieldType::Text(max) => json!({"type": "string", "minLength": 1, "maxLength": max}),
-        FieldType::OptText(max) => nullable(json!({"type": "string", "maxLength": max})),
+        FieldType::Text(max) => {
+            json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": text_pattern(max)})
+        }
+        FieldType::OptText(max) => {
+            nullable(json!({"type": "string", "maxLength": max, "pattern": text_pattern(max)}))
+        }
         FieldType::OptRef => nullable(json!({"type": "string", "minLength": 1, "maxLength": 64})),
         FieldType::Amount { max_one } => amount(max_one),
         FieldType::OptAmount => nullable(amount(false)),
@@ -390,6 +404,8 @@ fn schemas() -> Value {
         schemas.insert(format!("{name}Patch"), patch);
     }
     let text = |max: u32| json!({"type": "string", "maxLength": max});
+    // Text the store checks with `entity::check_text`.
+    let checked_text = |max: usize| json!({"type": "string", "maxLength": max, "pattern": text_pattern(max)});
     let id = json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^\\S+$"});
     let int = json!({"type": "integer"});
     let string = json!({"type": "string"});
@@ -456,12 +472,12 @@ fn schemas() -> Value {
         "Payment": {
             "type": "object", "required": ["method", "amount"], "additionalProperties": false,
             "properties": {"method": {"type": "string", "enum": ["cash", "card", "transfer", "check", "other"]},
-                "amount": amount_input(), "reference": nullable(text(500))},
+                "amount": amount_input(), "reference": nullable(checked_text(500))},
         },
         "Sale": {
             "type": "object", "required": ["lines", "payments"], "additionalProperties": false,
             "properties": {"id": id, "customerId": nullable(id.clone()), "lines": array_of("SaleLine"),
-                "payments": array_of("Payment"), "notes": nullable(text(4000))},
+                "payments": array_of("Payment"), "notes": nullable(checked_text(4000))},
         },
         "Ticket": {"type": "object", "properties": {
             "id": string, "ticketNumber": string, "posId": string, "customerId": nullable(string.clone()),
