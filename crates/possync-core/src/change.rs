@@ -295,6 +295,9 @@ impl Change {
             }
             (EntityKind::Stock, "adjust" | "count") => {
                 let movement: StockMovement = decode(data)?;
+                if let Some(reference) = &movement.reference {
+                    entity::check_text("reference", reference, entity::REFERENCE_CHARS)?;
+                }
                 if movement.id != id {
                     return Err(ChangeError::Malformed("movement id differs from data.id".into()));
                 }

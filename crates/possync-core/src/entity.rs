@@ -132,6 +132,8 @@ const fn field(name: &'static str, column: &'static str, ty: FieldType, required
 }
 
 const TEXT: usize = 500;
+/// Longest reference of a stock movement or payment (a delivery note, a card slip).
+pub const REFERENCE_CHARS: usize = TEXT;
 const LONG_TEXT: usize = 4000;
 
 static PRODUCT_FIELDS: &[FieldSpec] = &[

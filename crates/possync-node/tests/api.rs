@@ -1087,9 +1087,23 @@ fn text_with_control_characters_is_refused() {
                 "notes": "bad\u{0}note"}),
     )
     .error(422, "invalid_entity");
+    api.post(
+        "/api/stock/adjust",
+        &json!({"productId": product_id, "quantity": 5, "type": "in", "reference": "DN\u{0}1"}),
+    )
+    .error(422, "invalid_entity");
     assert_eq!(api.count("/api/products"), 1);
     assert_eq!(api.count("/api/tickets"), 0);
     assert_eq!(api.ok(&format!("/api/products/{product_id}"))["barcode"], Value::Null);
+    assert_eq!(api.count(&format!("/api/products/{product_id}/movements")), 0);
+    let sold = api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "payments": [{"method": "cash", "amount": 5}]}),
+    );
+    let ticket = sold.body["id"].as_str().unwrap().to_string();
+    api.post(&format!("/api/tickets/{ticket}/cancel"), &json!({"reason": "oops\u{0}"}))
+        .error(422, "invalid_entity");
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket}"))["status"], "completed");
 
     let described = api.send(
         "PATCH",

@@ -302,8 +302,8 @@ impl Store {
         lines: Option<&[RefundLine]>,
         reason: Option<&str>,
     ) -> Result<Value> {
-        if reason.is_some_and(|reason| reason.chars().count() > 4000) {
-            return Err(StoreError::invalid("reason", "longer than 4000 characters"));
+        if let Some(reason) = reason {
+            possync_core::entity::check_text("reason", reason, 4000)?;
         }
         let now = self.now_rfc3339();
         self.write(true, |store| {
@@ -442,8 +442,8 @@ impl Store {
         reference: Option<&str>,
         count: bool,
     ) -> Result<Value> {
-        if reference.is_some_and(|reference| reference.chars().count() > 500) {
-            return Err(StoreError::invalid("reference", "longer than 500 characters"));
+        if let Some(reference) = reference {
+            possync_core::entity::check_text("reference", reference, possync_core::entity::REFERENCE_CHARS)?;
         }
         let quantity = decimal::parse(&quantity.to_string())
             .map_err(|err| StoreError::invalid("quantity", err.to_string()))?;

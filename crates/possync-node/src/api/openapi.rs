@@ -403,7 +403,6 @@ fn schemas() -> Value {
         schemas.insert(format!("{name}Create"), create);
         schemas.insert(format!("{name}Patch"), patch);
     }
-    let text = |max: u32| json!({"type": "string", "maxLength": max});
     // Text the store checks with `entity::check_text`.
     let checked_text = |max: usize| json!({"type": "string", "maxLength": max, "pattern": text_pattern(max)});
     let id = json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^\\S+$"});
@@ -491,18 +490,18 @@ fn schemas() -> Value {
             "properties": {
                 "lines": nullable(json!({"type": "array", "items": {"type": "object", "required": ["productId", "quantity"],
                     "additionalProperties": false, "properties": {"productId": id, "quantity": quantity_input()}}})),
-                "reason": nullable(text(4000)),
+                "reason": nullable(checked_text(4000)),
             },
         },
-        "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": nullable(text(4000))}},
+        "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": nullable(checked_text(4000))}},
         "StockAdjust": {
             "type": "object", "required": ["productId", "quantity", "type"], "additionalProperties": false,
             "properties": {"productId": id, "quantity": quantity_input(),
-                "type": {"type": "string", "enum": ["in", "out", "adjustment"]}, "reference": nullable(text(500))},
+                "type": {"type": "string", "enum": ["in", "out", "adjustment"]}, "reference": nullable(checked_text(500))},
         },
         "StockCount": {
             "type": "object", "required": ["productId", "counted"], "additionalProperties": false,
-            "properties": {"productId": id, "counted": quantity_input(), "reference": nullable(text(500))},
+            "properties": {"productId": id, "counted": quantity_input(), "reference": nullable(checked_text(500))},
         },
         "Movement": {"type": "object", "properties": {
             "id": string, "productId": string, "type": string, "quantity": {"type": "number"},
