@@ -192,7 +192,7 @@ pub struct NodeConfig {
 pub struct ApiOptions {
     /// Host names the API answers to besides `localhost` and its own addresses.
     pub allowed_hosts: Vec<String>,
-    /// Most connections served at once; more wait in the listen backlog.
+    /// Most connections served at once; at the cap a new one closes the one idle the longest.
     pub max_connections: usize,
     /// Time allowed for a request head, once started.
     pub header_timeout: Duration,
