@@ -245,3 +245,29 @@ impl NodeConfig {
         self.data_dir.join(possync_store::DB_FILE)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_limits_and_names_come_from_the_file_with_defaults() {
+        let base = "pos_id = \"till-1\"\nname = \"Till 1\"\napi_token = \"t\"\n";
+        let file: ConfigFile = toml::from_str(base).unwrap();
+        let config = NodeConfig::from_file(Path::new("/tmp/x"), &file, "s".into()).unwrap();
+        assert_eq!(config.api, ApiOptions::default());
+        assert_eq!((config.api.max_connections, config.api.idle_timeout.as_secs()), (256, 30));
+
+        let text = format!(
+            "{base}api_allowed_hosts = [\"till-1.shop.lan\"]\napi_max_connections = 0\napi_idle_timeout_secs = 5\n"
+        );
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = NodeConfig::from_file(Path::new("/tmp/x"), &file, "s".into()).unwrap();
+        assert_eq!(config.api.allowed_hosts, vec!["till-1.shop.lan".to_string()]);
+        assert_eq!(config.api.max_connections, 1, "at least one connection");
+        assert_eq!(config.api.idle_timeout, Duration::from_secs(5));
+        // `init` writes every key, so the file documents them.
+        let written = toml::to_string_pretty(&ConfigFile::new("till-1", "Till 1", "t".into())).unwrap();
+        assert!(written.contains("api_max_connections = 256"), "{written}");
+    }
+}

@@ -10,9 +10,10 @@
 //!   are kept out by the Host, Origin and content-type rules of [`guard`], checked first.
 //! - [`server`] accepts the connections itself: a cap and an idle timeout.
 //!
-//! Modules: [`error`], [`guard`], [`auth`], [`server`], `entities` (products, categories, customers), `sales`
-//! (tickets, stock), `sync` (status, stats, audit lists, control, settings, cleanup,
-//! metrics), `events` (SSE), `dashboard` (assets and indicators), [`openapi`].
+//! Modules: [`error`], [`guard`], [`auth`], [`server`], `entities` (products, categories,
+//! customers), `sales` (tickets, stock), `sync` (status, stats, audit lists, control,
+//! settings, cleanup, metrics), `events` (SSE), `dashboard` (assets and indicators),
+//! [`openapi`].
 
 pub mod auth;
 mod dashboard;
