@@ -91,6 +91,38 @@ fn default_api_idle_timeout_secs() -> u64 {
     ApiOptions::default().idle_timeout.as_secs()
 }
 
+/// Fewest characters a shop secret may have.
+pub const MIN_SECRET_CHARS: usize = 20;
+/// Fewest different characters a shop secret may have.
+pub const MIN_SECRET_DISTINCT_CHARS: usize = 10;
+
+/// A shop secret too weak to stand guessing over the LAN (anyone there can try secrets
+/// against the peer port, as fast as handshakes go).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the shop secret is too weak: it needs at least {MIN_SECRET_CHARS} characters with at least \
+     {MIN_SECRET_DISTINCT_CHARS} different ones (this one has {chars}, {distinct} different); \
+     leave --secret out and `possync init` generates a strong one"
+)]
+pub struct WeakSecret {
+    /// Characters in the secret.
+    pub chars: usize,
+    /// Different characters in it.
+    pub distinct: usize,
+}
+
+/// Checks the shop secret against the rule: at least [`MIN_SECRET_CHARS`] characters and
+/// [`MIN_SECRET_DISTINCT_CHARS`] different ones. A random secret of 16 bytes written in hex
+/// (32 characters) passes; `secret123` or `aaaaaaaaaaaaaaaaaaaaaaaa` do not.
+pub fn check_secret(secret: &str) -> Result<(), WeakSecret> {
+    let chars = secret.chars().count();
+    let distinct = secret.chars().collect::<std::collections::BTreeSet<char>>().len();
+    if chars < MIN_SECRET_CHARS || distinct < MIN_SECRET_DISTINCT_CHARS {
+        return Err(WeakSecret { chars, distinct });
+    }
+    Ok(())
+}
+
 /// Why the configuration could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -229,7 +261,9 @@ impl NodeConfig {
             secret,
             api_token: file.api_token.clone(),
             max_connections: file.max_connections.max(1),
-            max_frame_bytes: file.max_frame_bytes.max(64 * 1024),
+            // Never below the largest frame a node sends (a batch or a change at their
+            // limits): a smaller limit would refuse a valid change and stall its origin.
+            max_frame_bytes: file.max_frame_bytes.max(possync_core::protocol::MAX_FRAME_LEN),
             backoff_base_ms: 5_000,
             api: ApiOptions {
                 allowed_hosts: file.api_allowed_hosts.clone(),
@@ -269,5 +303,25 @@ mod tests {
         // `init` writes every key, so the file documents them.
         let written = toml::to_string_pretty(&ConfigFile::new("till-1", "Till 1", "t".into())).unwrap();
         assert!(written.contains("api_max_connections = 256"), "{written}");
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn weak_secrets_are_refused_and_random_ones_pass() {
+        for weak in ["short", "secret123", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "abababababababababababab"] {
+            assert!(check_secret(weak).is_err(), "{weak}");
+        }
+        let refused = check_secret("short").unwrap_err();
+        assert_eq!((refused.chars, refused.distinct), (5, 5));
+        assert!(refused.to_string().contains("at least 20 characters"));
+        for strong in
+            ["test-shop-secret-5a1f0c9e2b7d4e3a", "correct horse battery staple", "0123456789abcdef0123"]
+        {
+            assert!(check_secret(strong).is_ok(), "{strong}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
-use possync_core::protocol::{self, Event, Role, Session, SessionConfig};
+use possync_core::protocol::{self, CatchUpWatch, Event, Role, Session, SessionConfig};
 use possync_core::{PosId, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
 use tokio::sync::broadcast;
@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, Status};
 use crate::node::{NodeShared, now_ms};
-use crate::peers::{ConnectionCommand, Mailbox, Registration};
+use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
 use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
 
@@ -28,6 +28,16 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most frames read in one turn of the loop (a burst of live changes).
 const MAX_FRAMES_PER_TURN: usize = 256;
+
+/// How often a connection compares what the peer holds with what this node holds
+/// (catch-up progress, stall detection).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// No progress for this long while behind the peer is a stall: two heartbeat periods, and
+/// never less than 10 s (a large batch on a slow till takes a few seconds to apply).
+fn stalled_after_ms(heartbeat_interval_ms: u64) -> u64 {
+    heartbeat_interval_ms.saturating_mul(2).max(10_000)
+}
 
 /// How a connection ended, for the dialer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +92,11 @@ fn drive(
         let mut config = SessionConfig::new(node.identity.pos_id.clone(), node.identity.pos_name.clone());
         config.heartbeat_interval_ms = settings.heartbeat_interval_ms;
         config.batch_size = settings.batch_size;
+        config.auto_sync = settings.auto_sync;
         let mut session = Session::new(config, role, summary, now_ms());
+        let mut catch_up = CatchUpWatch::new(now_ms(), stalled_after_ms(settings.heartbeat_interval_ms));
+        let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
+        progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mailbox = Arc::new(Mailbox::default());
         let mut shutdown = node.shutdown.subscribe();
         let mut peer: Option<(PosId, String)> = None;
@@ -91,6 +105,9 @@ fn drive(
         let mut close_reason = String::from("closed");
         let mut counted = protocol::ConnectionStats::default();
         let mut heard = false;
+        // When this connection lost the tie-break on the peer's side (it told us): the link
+        // goes on through the other connection, so its end is not a disconnection.
+        let mut superseded_at: Option<u64> = None;
         // A read result taken while draining a burst, handled at the next turn.
         let mut carried: Option<Result<Option<String>, TransportError>> = None;
 
@@ -125,8 +142,16 @@ fn drive(
                         match registration {
                             Registration::Duplicate => {
                                 debug!("duplicate connection, closing it");
-                                session.close("duplicate connection");
+                                session.close_as_duplicate();
                                 outcome = Some(Ended::Duplicate(info.pos_id.clone()));
+                            }
+                            Registration::Continued => {
+                                // It replaces a connection that lost the tie-break: the link
+                                // goes on, nothing to log.
+                                debug!("connection continues the link of a duplicate");
+                                registered = true;
+                                session.set_neighbors(neighbors.borrow_and_update().clone());
+                                node.metrics.peers_connected.set(node.peers.connected() as i64);
                             }
                             Registration::New | Registration::Returning => {
                                 registered = true;
@@ -221,20 +246,36 @@ fn drive(
                         node.metrics.protocol_violations.inc();
                         warn!(%code, %message, "protocol violation");
                         let (id, name) = match &peer {
-                            Some((id, name)) => (id.to_string(), name.clone()),
-                            None => (address.to_string(), String::new()),
+                            Some((id, name)) => (id.to_string(), Some(name.clone())),
+                            None => (address.ip().to_string(), None),
                         };
                         let error = format!("{code}: {message}");
                         let _ = node
                             .writer
                             .call(Priority::Sync, move |store| {
-                                store.log_rejected_message(&id, &name, &message_type, &message_action, &error)
+                                store.log_rejected_message(
+                                    &id,
+                                    name.as_deref(),
+                                    &message_type,
+                                    &message_action,
+                                    &error,
+                                )
                             })
                             .await;
                         if !session.is_established() {
-                            let mut row = event_row_raw(address, ConnectionEventKind::SyncFailed);
-                            row.error_message = Some(format!("{code}: {message}"));
-                            node.record_event(row);
+                            let detail = format!("{code}: {message}");
+                            node.record_rejected(
+                                address.ip().to_string(),
+                                "protocol handshake refused",
+                                &detail,
+                            );
+                        }
+                    }
+                    Event::Superseded => {
+                        debug!("the peer keeps another connection to us; closing this one");
+                        superseded_at = Some(now_ms());
+                        if let Some((id, _)) = &peer {
+                            outcome = Some(Ended::Duplicate(id.clone()));
                         }
                     }
                     Event::PeerError { code, message } => {
@@ -325,9 +366,36 @@ fn drive(
                             session.request_sync(summary);
                         }
                     }
+                    ConnectionCommand::Superseded => {
+                        session.close_as_duplicate();
+                        if let Some((id, _)) = &peer {
+                            outcome = Some(Ended::Duplicate(id.clone()));
+                        }
+                    }
                     ConnectionCommand::Close(reason) => session.close(&reason),
                 },
                 _ = shutdown.changed() => session.close("node shutting down"),
+                _ = progress_tick.tick(), if registered => {
+                    if let (Some((id, name)), Some(ours)) = (&peer, node.summary().await) {
+                        // With auto-sync off, being behind until the next "sync now" is the point.
+                        let stall = catch_up.observe(now_ms(), session.peer_known(), &ours)
+                            .filter(|_| node.settings().auto_sync);
+                        node.peers.set_behind(id, connection_id, catch_up.behind());
+                        if let Some(stall) = stall {
+                            warn!(behind = stall.behind, for_ms = stall.for_ms, "catch-up stalled");
+                            node.metrics.sync_stalls.inc();
+                            let mut row = event_row(id, name, ConnectionEventKind::SyncFailed, session.stats());
+                            row.error_message = Some(format!(
+                                "catch-up stalled: {} changes the peer holds have not arrived for {} s",
+                                stall.behind,
+                                stall.for_ms / 1000
+                            ));
+                            node.record_event(row);
+                            // Ask once more: a transient refusal may have cleared.
+                            session.request_sync(ours);
+                        }
+                    }
+                }
                 changed = neighbors.changed(), if registered => {
                     if changed.is_ok() {
                         session.set_neighbors(neighbors.borrow_and_update().clone());
@@ -341,7 +409,11 @@ fn drive(
                         // the heartbeat period and batch size apply from the next ping or batch.
                         let settings = settings_watch.borrow_and_update().clone();
                         if settings.enabled {
-                            session.update_settings(settings.heartbeat_interval_ms, settings.batch_size);
+                            session.update_settings(
+                                settings.heartbeat_interval_ms,
+                                settings.batch_size,
+                                settings.auto_sync,
+                            );
                         } else {
                             session.close("P2P disabled");
                         }
@@ -357,11 +429,29 @@ fn drive(
         sender.close(&close_reason).await;
         if let Some((id, name)) = &peer
             && registered
-            && node.peers.unregister(id, connection_id)
+            && node.peers.unregister(id, connection_id, superseded_at)
         {
             node.metrics.peers_connected.set(node.peers.connected() as i64);
-            info!(reason = %close_reason, "peer disconnected");
-            node.record_event(event_row(id, name, ConnectionEventKind::Disconnected, session.stats()));
+            let row = event_row(id, name, ConnectionEventKind::Disconnected, session.stats());
+            match superseded_at {
+                None => {
+                    info!(reason = %close_reason, "peer disconnected");
+                    node.record_event(row);
+                }
+                Some(at) => {
+                    // The connection that won the tie-break continues the link when it
+                    // registers; if none does in time, the link did end here.
+                    let node = Arc::clone(&node);
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(SUPERSEDED_GRACE_MS)).await;
+                        if node.peers.take_unsucceeded(&id, at) {
+                            info!(peer = %id, "peer disconnected (its other connection never came)");
+                            node.record_event(row);
+                        }
+                    });
+                }
+            }
         }
         match (outcome, peer) {
             (Some(outcome), _) => outcome,
@@ -379,12 +469,12 @@ async fn log_rejected(
     error: String,
 ) {
     let (id, name) = match peer {
-        Some((id, name)) => (id.to_string(), name.clone()),
-        None => (address.to_string(), String::new()),
+        Some((id, name)) => (id.to_string(), Some(name.clone())),
+        None => (address.ip().to_string(), None),
     };
     let logged = node
         .writer
-        .call(Priority::Sync, move |store| store.log_rejected_message(&id, &name, "", "", &error))
+        .call(Priority::Sync, move |store| store.log_rejected_message(&id, name.as_deref(), "", "", &error))
         .await;
     if let Ok(Err(err)) = logged {
         warn!(%err, "could not log a refused frame");
@@ -498,28 +588,12 @@ fn event_row(
     let counter = |value: u64| if final_counters { value } else { 0 };
     ConnectionEvent {
         peer_id: peer.to_string(),
-        peer_name: name.to_string(),
+        peer_name: Some(name.to_string()),
         kind,
         messages_sent: counter(stats.messages_sent),
         messages_received: counter(stats.messages_received),
         bytes_sent: counter(stats.bytes_sent),
         bytes_received: counter(stats.bytes_received),
-        sync_duration_ms: None,
-        error_message: None,
-        at_ms: now_ms(),
-    }
-}
-
-/// A connection event about a peer that never said who it is.
-pub(crate) fn event_row_raw(address: SocketAddr, kind: ConnectionEventKind) -> ConnectionEvent {
-    ConnectionEvent {
-        peer_id: address.to_string(),
-        peer_name: String::new(),
-        kind,
-        messages_sent: 0,
-        messages_received: 0,
-        bytes_sent: 0,
-        bytes_received: 0,
         sync_duration_ms: None,
         error_message: None,
         at_ms: now_ms(),

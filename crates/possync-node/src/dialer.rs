@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use possync_core::protocol::Role;
-use possync_store::ConnectionEventKind;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -138,9 +137,7 @@ async fn dial_once(
         Err(err) => {
             if matches!(err, TransportError::HandshakeFailed { .. }) {
                 warn!(%address, %err, "peer refused the secure channel (different shop secret?)");
-                let mut row = connection::event_row_raw(address, ConnectionEventKind::SyncFailed);
-                row.error_message = Some(format!("secure channel: {err}"));
-                node.record_event(row);
+                node.record_rejected(address.to_string(), err.rejection_label(), &err.to_string());
             }
             return Err(err.to_string());
         }

@@ -15,6 +15,7 @@
 //! - [`api`] — the HTTP API and dashboard.
 //! - [`config`] — `possync.toml`.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod connection;

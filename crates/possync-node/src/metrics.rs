@@ -73,6 +73,18 @@ pub struct Metrics {
     pub protocol_violations: Counter,
     /// HTTP API connections being served.
     pub api_connections: Gauge,
+    /// Incoming catch-ups that stopped progressing while connected.
+    pub sync_stalls: Counter,
+    /// Connections that never authenticated, by reason (wrong shop secret, not a possync
+    /// peer, handshake timeout, over the handshake budget...).
+    pub connections_rejected: Family<Reason, Counter>,
+}
+
+/// Label: why a connection was rejected.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// A short fixed label.
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -95,6 +107,8 @@ impl Metrics {
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
             api_connections: Gauge::default(),
+            sync_stalls: Counter::default(),
+            connections_rejected: Family::default(),
         };
         registry.register(
             "peers_connected",
@@ -145,6 +159,16 @@ impl Metrics {
             "api_connections",
             "HTTP API connections being served",
             metrics.api_connections.clone(),
+        );
+        registry.register(
+            "sync_stalls",
+            "Incoming catch-ups that stopped progressing while the link stayed up (a change the node cannot take blocks its origin's later ones)",
+            metrics.sync_stalls.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections that never authenticated (never a peer), by reason",
+            metrics.connections_rejected.clone(),
         );
         Metrics { registry, ..metrics }
     }

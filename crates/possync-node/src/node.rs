@@ -12,17 +12,19 @@ use std::time::Duration;
 use possync_core::protocol::Role;
 use possync_core::{PosId, VersionVector};
 use possync_store::{
-    ConnectionEvent, NodeIdentity, Selection, Settings, Store, StoreError, StoreReader, SystemEnvironment,
+    ConnectionEvent, ConnectionEventKind, NodeIdentity, Selection, Settings, Store, StoreError, StoreReader,
+    SystemEnvironment,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::admission::{ACCEPT_HANDSHAKE_TIMEOUT, Admission};
 use crate::config::NodeConfig;
 use crate::connection::{self, Ended};
 use crate::dialer;
-use crate::metrics::{Metrics, Queue};
+use crate::metrics::{Metrics, Queue, Reason};
 use crate::peers::{ConnectionCommand, PeerTable};
 use crate::transport::{self, ChannelConfig};
 use crate::writer::{Priority, WriterHandle};
@@ -170,6 +172,26 @@ impl NodeShared {
         }
     }
 
+    /// Records a connection that never authenticated: never a peer, only a rejected
+    /// connection (a `sync_failed` row with a NULL peer name, as the seed asks, and the
+    /// `connections_rejected` metric). `source` is the remote IP of an inbound connection
+    /// (its port is ephemeral) or the `host:port` this node dialled.
+    pub fn record_rejected(&self, source: String, label: &'static str, detail: &str) {
+        self.metrics.connections_rejected.get_or_create(&crate::metrics::Reason { reason: label }).inc();
+        self.record_event(ConnectionEvent {
+            peer_id: source,
+            peer_name: None,
+            kind: ConnectionEventKind::SyncFailed,
+            messages_sent: 0,
+            messages_received: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            sync_duration_ms: None,
+            error_message: Some(format!("{label}: {detail}")),
+            at_ms: now_ms(),
+        });
+    }
+
     /// Changes a setting (validated, stored) and applies it at once.
     pub async fn set_setting(&self, key: String, value: String) -> Result<Settings, StoreError> {
         let updated = self
@@ -308,9 +330,12 @@ impl Node {
     }
 }
 
-/// Accepts peers while P2P is enabled; at most `max_connections` at once.
+/// Accepts peers while P2P is enabled: at most `max_connections` authenticated peers, and
+/// connections still proving the secret within their own budget ([`crate::admission`]).
 async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Semaphore>) {
-    let cap = Arc::new(Semaphore::new(node.config.max_connections));
+    let admission = Arc::new(Admission::new(node.config.max_connections));
+    let accept_channel =
+        ChannelConfig { handshake_timeout: ACCEPT_HANDSHAKE_TIMEOUT, ..node.channel.clone() };
     let mut settings = node.watch_settings();
     let mut shutdown = node.shutdown.subscribe();
     loop {
@@ -342,25 +367,37 @@ async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Se
                         continue;
                     }
                 };
-                let Ok(slot) = Arc::clone(&cap).try_acquire_owned() else {
-                    warn!(%address, "connection cap reached, refusing a peer");
-                    continue;
+                let seat = match admission.begin_handshake(address.ip()) {
+                    Ok(seat) => seat,
+                    Err(refusal) => {
+                        // Counted, not logged row by row: a flood would flood the database.
+                        tracing::debug!(%address, reason = refusal.label(), "refusing a connection");
+                        node.metrics.connections_rejected.get_or_create(&Reason { reason: refusal.label() }).inc();
+                        continue;
+                    }
                 };
                 let Ok(permit) = Arc::clone(&completion).try_acquire_owned() else { continue };
                 let node = Arc::clone(&node);
+                let accept_channel = accept_channel.clone();
+                let admission = Arc::clone(&admission);
                 tokio::spawn(async move {
-                    let _slot = slot;
                     let _permit = permit;
                     let _ = stream.set_nodelay(true);
                     // Bound by value so that the `Result` is not kept in this task's
                     // future for the connection's whole life.
-                    let channel = match transport::accept(stream, &node.channel).await {
+                    let channel = match transport::accept(stream, &accept_channel).await {
                         Ok(channel) => channel,
                         Err(err) => {
                             warn!(%address, %err, "inbound secure channel failed");
-                            let mut row = connection::event_row_raw(address, possync_store::ConnectionEventKind::SyncFailed);
-                            row.error_message = Some(format!("secure channel: {err}"));
-                            node.record_event(row);
+                            node.record_rejected(address.ip().to_string(), err.rejection_label(), &err.to_string());
+                            return;
+                        }
+                    };
+                    let _peer_seat = match admission.admit_peer(seat) {
+                        Ok(peer_seat) => peer_seat,
+                        Err(refusal) => {
+                            warn!(%address, "peer connection cap reached, refusing a peer");
+                            node.metrics.connections_rejected.get_or_create(&Reason { reason: refusal.label() }).inc();
                             return;
                         }
                     };

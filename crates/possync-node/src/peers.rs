@@ -3,7 +3,11 @@
 //!
 //! One connection per pair of terminals: when a second connection to the same peer completes
 //! its handshake (both dialled at once), both sides keep the one initiated by the smaller
-//! posId, so they agree without talking.
+//! posId, so they agree without talking. That tie-break is invisible in the audit trail: the
+//! link goes on, so the connection that loses it logs no `disconnected` and the one that
+//! wins no `connected`/`reconnected` (the losing side tells its peer with a
+//! `duplicate_connection` error frame, and a winner that registers within
+//! [`SUPERSEDED_GRACE_MS`] of such a close continues the link).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,6 +23,9 @@ use tokio::sync::{Notify, watch};
 pub enum ConnectionCommand {
     /// Run a full catch-up with this peer now.
     SyncNow,
+    /// Another connection to the same peer won the tie-break: close this one quietly (the
+    /// link goes on through the other one).
+    Superseded,
     /// Close the connection with this reason.
     Close(String),
 }
@@ -96,9 +103,18 @@ pub struct PeerEntry {
     pub stats: ConnectionStats,
     /// Redials since the last successful handshake.
     pub reconnect_attempts: u32,
+    /// Changes the peer holds that this node lacks (incoming catch-up still to do), as last
+    /// measured on the live connection.
+    pub behind: u64,
     /// The live connection: its id, its mailbox and whether we dialled it.
     connection: Option<(u64, Arc<Mailbox>, bool)>,
+    /// When the last connection was closed by the tie-break with no successor registered yet.
+    superseded_at: Option<u64>,
 }
+
+/// How long after a connection lost the tie-break its successor may register and continue
+/// the link (no `disconnected`, no `reconnected`). Past it, the link is over and logged so.
+pub const SUPERSEDED_GRACE_MS: u64 = 10_000;
 
 /// `GET /api/status` (SPEC 6).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -134,6 +150,9 @@ pub struct PeerStatus {
     pub online: bool,
     /// RFC 3339.
     pub last_seen: Option<String>,
+    /// Changes this peer holds that this node has not taken yet: non-zero while catching
+    /// up ("catching up, N behind"), 0 once in step (measured every 5 s on a live link).
+    pub behind: u64,
 }
 
 /// The seed's `getDetailedStats()` object, exactly.
@@ -183,6 +202,8 @@ pub enum Registration {
     New,
     /// A known peer came back.
     Returning,
+    /// This connection continues the link of one that lost the tie-break: nothing to log.
+    Continued,
     /// There is already a connection to keep: close this one.
     Duplicate,
 }
@@ -244,8 +265,12 @@ impl PeerTable {
             last_seen_ms: now_ms,
             stats: ConnectionStats::default(),
             reconnect_attempts: 0,
+            behind: 0,
             connection: None,
+            superseded_at: None,
         });
+        let mut continued =
+            entry.superseded_at.take().is_some_and(|at| now_ms.saturating_sub(at) <= SUPERSEDED_GRACE_MS);
         if let Some((_, existing, existing_we_initiated)) = &entry.connection {
             // Keep the connection initiated by the smaller posId; both sides compute the same.
             let keep_initiated_by_us = own_id < peer;
@@ -253,7 +278,8 @@ impl PeerTable {
             if !new_wins {
                 return Registration::Duplicate;
             }
-            existing.post(ConnectionCommand::Close("replaced by a newer connection".into()));
+            existing.post(ConnectionCommand::Superseded);
+            continued = true;
         }
         entry.name = name.to_string();
         entry.address = Some(address);
@@ -262,11 +288,16 @@ impl PeerTable {
         // `reconnect_attempts` keeps the redials this connection took (the dialer counts them
         // while the peer is away): a flaky peer shows it while connected.
         entry.stats = ConnectionStats::default();
+        entry.behind = 0;
         entry.connection = Some((connection_id, commands, we_initiated));
         self.publish_connected(&peers);
         drop(peers);
         self.changed.notify_waiters();
-        if known { Registration::Returning } else { Registration::New }
+        match (continued, known) {
+            (true, _) => Registration::Continued,
+            (false, true) => Registration::Returning,
+            (false, false) => Registration::New,
+        }
     }
 
     /// Updates a connection's counters (only while it is the registered one).
@@ -289,6 +320,16 @@ impl PeerTable {
         }
     }
 
+    /// Records how far behind the peer this node is (only from the registered connection).
+    pub fn set_behind(&self, peer: &PosId, connection_id: u64, behind: u64) {
+        let mut peers = self.lock();
+        if let Some(entry) = peers.get_mut(peer)
+            && entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id)
+        {
+            entry.behind = behind;
+        }
+    }
+
     /// Watches the set of peers with a live connection.
     pub fn watch_connected(&self) -> watch::Receiver<Arc<BTreeSet<PosId>>> {
         self.connected_ids.subscribe()
@@ -307,15 +348,31 @@ impl PeerTable {
     }
 
     /// Marks a connection gone; returns false when it had been replaced already.
-    pub fn unregister(&self, peer: &PosId, connection_id: u64) -> bool {
+    /// `superseded_at`: it lost the tie-break (the peer said so) at this time, and a successor
+    /// registering within [`SUPERSEDED_GRACE_MS`] continues the link.
+    pub fn unregister(&self, peer: &PosId, connection_id: u64, superseded_at: Option<u64>) -> bool {
         let mut peers = self.lock();
         match peers.get_mut(peer) {
             Some(entry) if entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id) => {
                 entry.connection = None;
                 entry.online = false;
+                entry.superseded_at = superseded_at;
                 self.publish_connected(&peers);
                 drop(peers);
                 self.changed.notify_waiters();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True when the link closed by the tie-break at `at` had no successor: nothing
+    /// registered since. Clears the mark, so only one caller ever learns it.
+    pub fn take_unsucceeded(&self, peer: &PosId, at: u64) -> bool {
+        let mut peers = self.lock();
+        match peers.get_mut(peer) {
+            Some(entry) if entry.connection.is_none() && entry.superseded_at == Some(at) => {
+                entry.superseded_at = None;
                 true
             }
             _ => false,
@@ -397,6 +454,7 @@ impl PeerTable {
                 address: entry.address.map(|address| address.to_string()),
                 online: entry.online,
                 last_seen: rfc3339(Some(entry.last_seen_ms)),
+                behind: if entry.online { entry.behind } else { 0 },
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));

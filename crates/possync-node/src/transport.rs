@@ -254,6 +254,28 @@ impl TransportError {
         }
     }
 
+    /// A short fixed label for a connection refused before it authenticated, for the
+    /// rejected-connections panel and metric: who is knocking, in an owner's words.
+    pub fn rejection_label(&self) -> &'static str {
+        match self {
+            Self::HandshakeFailed { reason, .. }
+                if reason.contains("did not authenticate") || reason.contains("authentication failed") =>
+            {
+                "wrong shop secret"
+            }
+            Self::HandshakeFailed { reason, .. } if reason.contains("closed") => {
+                "closed during the handshake"
+            }
+            Self::HandshakeFailed { .. }
+            | Self::WebSocket(_)
+            | Self::NotUtf8(_)
+            | Self::FrameTooLarge { .. }
+            | Self::Decrypt => "not a possync peer",
+            Self::Timeout => "handshake timeout",
+            Self::Io(_) | Self::Closed => "closed during the handshake",
+        }
+    }
+
     fn handshake(reason: &'static str) -> Self {
         Self::HandshakeFailed { reason, source: None }
     }
@@ -415,6 +437,12 @@ async fn read_handshake_message(ws: &mut WsStream, limit: usize) -> Result<Bytes
             Message::Ping(_) | Message::Pong(_) => {}
             Message::Close(frame) => {
                 tracing::debug!(?frame, "peer closed the connection during the secure channel handshake");
+                if frame.is_some_and(|frame| {
+                    frame.code == CloseCode::Policy && frame.reason == AUTHENTICATION_FAILED
+                }) {
+                    // What a node answers to a handshake that did not authenticate.
+                    return Err(TransportError::handshake("the peer refused it: authentication failed"));
+                }
                 return Err(TransportError::handshake("the peer closed the connection"));
             }
             Message::Text(_) | Message::Frame(_) => {

@@ -15,7 +15,7 @@
 //! 3. Merge: mutable records through `possync_core::merge_record`; facts (sales, movements)
 //!    inserted once by id.
 
-use possync_core::merge::{RemoteWrite, Verdict};
+use possync_core::merge::{RemoteWrite, Verdict, Winner};
 use possync_core::{Change, ChangeBody, ChangeError, EntityKind, PosId, Seq, WireChange, merge_record};
 use serde_json::{Map, Value, json};
 
@@ -91,10 +91,12 @@ impl Store {
 
     /// Logs a frame from a peer that was refused before reaching the merge (malformed
     /// JSON, unknown type, a protocol violation): one `p2p_sync_logs` row with status error.
+    /// `peer_name` is `None` when the connection never authenticated (`peer_id` is then its
+    /// address).
     pub fn log_rejected_message(
         &mut self,
         peer_id: &str,
-        peer_name: &str,
+        peer_name: Option<&str>,
         message_type: &str,
         message_action: &str,
         error: &str,
@@ -123,7 +125,7 @@ impl Store {
             .map(|id| id.chars().take(64).collect::<String>());
         let log = SyncLog {
             peer_id: peer.id,
-            peer_name: peer.name,
+            peer_name: Some(peer.name),
             message_type: &wire.entity,
             message_action: &wire.action,
             entity_type,
@@ -303,11 +305,22 @@ impl Store {
         Ok(match outcome.verdict {
             Verdict::Applied => Logged::success(),
             Verdict::AlreadySeen => Logged::skipped("already incorporated"),
-            Verdict::Conflict(report) => Logged {
-                status: SyncStatus::Conflict,
-                reason: Some(report.conflict_type.as_str().to_string()),
-                conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
-            },
+            // The seed's statuses: remote wins, the update is applied and logged `conflict`;
+            // local wins, the update is skipped and logged `skipped` (when no value changed:
+            // fields it alone edited still apply, and then it is a `conflict`). Either way the
+            // `p2p_conflicts` row is written.
+            Verdict::Conflict(report) => {
+                let kept_local = report.winner == Winner::Local && report.final_data == report.local_data;
+                Logged {
+                    status: if kept_local { SyncStatus::Skipped } else { SyncStatus::Conflict },
+                    reason: Some(if kept_local {
+                        format!("{}: the local version is kept", report.conflict_type.as_str())
+                    } else {
+                        report.conflict_type.as_str().to_string()
+                    }),
+                    conflict: Some(ConflictRow { entity: kind, id: change.id.clone(), report: *report }),
+                }
+            }
         })
     }
 }

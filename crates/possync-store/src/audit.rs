@@ -44,7 +44,8 @@ impl SyncStatus {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SyncLog<'a> {
     pub(crate) peer_id: &'a str,
-    pub(crate) peer_name: &'a str,
+    /// None for a connection that never authenticated (stored as NULL: not a peer).
+    pub(crate) peer_name: Option<&'a str>,
     pub(crate) message_type: &'a str,
     pub(crate) message_action: &'a str,
     pub(crate) entity_type: Option<EntityKind>,
@@ -94,10 +95,13 @@ impl ConnectionEventKind {
 /// One row of `p2p_connection_metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionEvent {
-    /// The peer's posId (or its address when it never said who it is).
+    /// The peer's posId, or, for a connection that never authenticated, its address (the
+    /// IP alone for an inbound one: its port is ephemeral).
     pub peer_id: String,
-    /// The peer's name.
-    pub peer_name: String,
+    /// The peer's name; `None` for a connection that never authenticated, stored as NULL.
+    /// Such a row is a rejected connection, never a peer: the dashboard's peer lists,
+    /// uptime, reliability and sync alerts leave NULL-named rows out (docs/DASHBOARD.md).
+    pub peer_name: Option<String>,
     /// What happened.
     pub kind: ConnectionEventKind,
     /// Counters at the time (final ones for `disconnected`).
@@ -201,7 +205,7 @@ impl Store {
             )?
             .execute(params![
                 truncate(&event.peer_id, 128),
-                truncate(&event.peer_name, 256),
+                event.peer_name.as_deref().map(|name| truncate(name, 256)),
                 event.kind.as_str(),
                 as_i64(event.messages_sent),
                 as_i64(event.messages_received),

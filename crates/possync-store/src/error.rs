@@ -61,6 +61,19 @@ pub enum StoreError {
     /// The conflict was already resolved.
     #[error("conflict {0} is already resolved")]
     ConflictResolved(i64),
+    /// The write would make a change larger than any peer accepts
+    /// ([`possync_core::protocol::MAX_CHANGE_BYTES`]); nothing was written.
+    #[error(
+        "this {kind} would be a change of {bytes} bytes, over the limit of {limit} bytes that peers accept: split it (a sale into several tickets)"
+    )]
+    TooLarge {
+        /// The record's kind.
+        kind: EntityKind,
+        /// Size of the change's data.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Unknown setting, or a value of the wrong type.
     #[error("{0}")]
     BadSetting(String),

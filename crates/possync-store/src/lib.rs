@@ -30,6 +30,7 @@ pub mod settings;
 
 use std::path::{Path, PathBuf};
 
+use possync_core::protocol::MAX_CHANGE_BYTES;
 use possync_core::{
     Change, ChangeBody, EntityId, EntityKind, Hlc, HybridClock, PosId, Seq, VersionVector, WireChange,
 };
@@ -486,6 +487,10 @@ impl Store {
             body,
         };
         let wire = change.to_wire();
+        let bytes = wire.data.get().len();
+        if bytes > MAX_CHANGE_BYTES {
+            return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });
+        }
         self.append_change(&change.origin, seq, change.hlc, kind.as_str(), id.as_str(), &wire, false)?;
         self.outbox.push(Outgoing { change: wire, from_peer: None });
         Ok(change)

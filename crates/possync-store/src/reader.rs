@@ -372,6 +372,15 @@ pub struct DashboardRows {
     pub alert_slow_sync: Vec<Value>,
     /// `alert_sync_errors`: peers whose changes fail more than usual.
     pub alert_sync_errors: Vec<Value>,
+    /// `rejected_connections`, last 24 h: connections that never authenticated, by address
+    /// and reason.
+    pub rejected_connections: Vec<Value>,
+    /// `alert_handshake_failures`: addresses failing their handshake again and again.
+    pub alert_handshake_failures: Vec<Value>,
+    /// `alert_heartbeat_timeouts`: peers timing out again and again.
+    pub alert_heartbeat_timeouts: Vec<Value>,
+    /// `alert_sync_stalled`: peers whose catch-up stopped progressing in the last hour.
+    pub alert_sync_stalled: Vec<Value>,
 }
 
 impl StoreReader {
@@ -394,6 +403,10 @@ impl StoreReader {
             peer_reliability: rows_json_named(&self.conn, PEER_RELIABILITY_SQL, &week_window)?,
             alert_slow_sync: rows_json_named(&self.conn, ALERT_SLOW_SYNC_SQL, &day_window)?,
             alert_sync_errors: rows_json_named(&self.conn, ALERT_SYNC_ERRORS_SQL, &day_window)?,
+            rejected_connections: rows_json_named(&self.conn, REJECTED_CONNECTIONS_SQL, &day_window)?,
+            alert_handshake_failures: rows_json_named(&self.conn, ALERT_HANDSHAKE_FAILURES_SQL, &day_window)?,
+            alert_heartbeat_timeouts: rows_json_named(&self.conn, ALERT_HEARTBEAT_TIMEOUTS_SQL, &day_window)?,
+            alert_sync_stalled: rows_json_named(&self.conn, ALERT_SYNC_STALLED_SQL, &day_window)?,
         })
     }
 
@@ -576,7 +589,7 @@ uptime AS (
 sync AS (
   SELECT peer_id, 100.0 * SUM(status IN ('success', 'conflict', 'skipped')) / COUNT(*) AS s
   FROM p2p_sync_logs
-  WHERE created_at >= :since AND created_at <= :now AND peer_id IS NOT NULL
+  WHERE created_at >= :since AND created_at <= :now AND peer_id IS NOT NULL AND peer_name IS NOT NULL
   GROUP BY peer_id
 ),
 events AS (
@@ -585,7 +598,7 @@ events AS (
          100.0 * SUM(event_type = 'sync_failed')
                / NULLIF(SUM(event_type IN ('sync_completed', 'sync_failed')), 0) AS f
   FROM p2p_connection_metrics
-  WHERE created_at >= :since AND created_at <= :now
+  WHERE created_at >= :since AND created_at <= :now AND peer_name IS NOT NULL
   GROUP BY peer_id
 ),
 peers AS (
@@ -662,7 +675,7 @@ ORDER BY level = 'warning', peer;"#;
 const ALERT_SYNC_ERRORS_SQL: &str = r#"WITH logs AS (
   SELECT id, peer_id, peer_name, status, created_at
   FROM p2p_sync_logs
-  WHERE created_at >= datetime(:now, '-7 days') AND created_at <= :now
+  WHERE created_at >= datetime(:now, '-7 days') AND created_at <= :now AND peer_name IS NOT NULL
 ),
 recent AS (
   SELECT peer_id, COUNT(*) AS n, SUM(status = 'error') AS errors,
@@ -693,3 +706,57 @@ SELECT peer_id, peer,
 FROM shares
 WHERE recent_rows >= 10 AND recent_share > MAX(0.05, 2 * baseline_share)
 ORDER BY level = 'warning', peer;"#;
+
+/// `rejected_connections` of docs/DASHBOARD.md.
+const REJECTED_CONNECTIONS_SQL: &str = r#"SELECT peer_id AS address, error_message AS reason,
+       COUNT(*) AS attempts,
+       SUM(created_at >= datetime(:now, '-1 hour')) AS last_hour,
+       MIN(created_at) AS first_seen, MAX(created_at) AS last_seen
+FROM p2p_connection_metrics
+WHERE event_type = 'sync_failed' AND peer_name IS NULL
+  AND created_at >= :since AND created_at <= :now
+GROUP BY peer_id, error_message
+ORDER BY last_seen DESC, address, reason
+LIMIT 50;"#;
+
+/// `alert_handshake_failures` of docs/DASHBOARD.md.
+const ALERT_HANDSHAKE_FAILURES_SQL: &str = r#"WITH failures AS (
+  SELECT id, peer_id, error_message, created_at
+  FROM p2p_connection_metrics
+  WHERE event_type = 'sync_failed' AND peer_name IS NULL
+    AND created_at >= datetime(:now, '-1 hour') AND created_at <= :now
+)
+SELECT peer_id AS address, COUNT(*) AS attempts,
+       (SELECT f2.error_message FROM failures f2 WHERE f2.peer_id = f.peer_id
+         ORDER BY f2.created_at DESC, f2.id DESC LIMIT 1) AS reason,
+       CASE WHEN COUNT(*) >= 30 THEN 'critical' ELSE 'warning' END AS level
+FROM failures f
+GROUP BY peer_id
+HAVING COUNT(*) >= 3
+ORDER BY level = 'warning', address;"#;
+
+/// `alert_heartbeat_timeouts` of docs/DASHBOARD.md.
+const ALERT_HEARTBEAT_TIMEOUTS_SQL: &str = r#"SELECT peer_id,
+       (SELECT m2.peer_name FROM p2p_connection_metrics m2 WHERE m2.peer_id = m.peer_id
+         AND m2.peer_name IS NOT NULL ORDER BY m2.created_at DESC, m2.id DESC LIMIT 1) AS peer,
+       COUNT(*) AS timeouts,
+       CASE WHEN COUNT(*) >= 10 THEN 'critical' ELSE 'warning' END AS level
+FROM p2p_connection_metrics m
+WHERE event_type = 'heartbeat_timeout' AND peer_name IS NOT NULL
+  AND created_at >= datetime(:now, '-1 hour') AND created_at <= :now
+GROUP BY peer_id
+HAVING COUNT(*) >= 3
+ORDER BY level = 'warning', peer;"#;
+
+/// `alert_sync_stalled` of docs/DASHBOARD.md.
+const ALERT_SYNC_STALLED_SQL: &str = r#"SELECT peer_id, COALESCE(MAX(peer_name), peer_id) AS peer,
+       COUNT(*) AS stalls,
+       (SELECT m2.error_message FROM p2p_connection_metrics m2 WHERE m2.peer_id = m.peer_id
+         AND m2.event_type = 'sync_failed' AND m2.error_message LIKE 'catch-up stalled:%'
+         ORDER BY m2.created_at DESC, m2.id DESC LIMIT 1) AS message,
+       'critical' AS level
+FROM p2p_connection_metrics m
+WHERE event_type = 'sync_failed' AND peer_name IS NOT NULL AND error_message LIKE 'catch-up stalled:%'
+  AND created_at >= datetime(:now, '-1 hour') AND created_at <= :now
+GROUP BY peer_id
+ORDER BY peer;"#;

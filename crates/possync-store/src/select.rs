@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use possync_core::protocol::MAX_BATCH_BYTES;
 use possync_core::{PosId, Seq, VersionVector, WireChange};
 use rusqlite::Connection;
 
@@ -21,7 +22,9 @@ pub struct Selection {
 }
 
 /// Selects up to `limit` changes the holder of `since` lacks, after log position
-/// `after_cursor` (0 to start).
+/// `after_cursor` (0 to start). A batch also stops before its changes pass
+/// [`MAX_BATCH_BYTES`] (it always holds at least one), so that its frame fits what every
+/// peer accepts however large the changes are.
 pub(crate) fn select_changes(
     conn: &Connection,
     since: &VersionVector,
@@ -57,6 +60,7 @@ pub(crate) fn select_changes(
         i64::try_from(after_cursor).unwrap_or(i64::MAX)
     };
     let mut changes = Vec::with_capacity(limit);
+    let mut bytes = 0usize;
     let chunk = (limit * 2).max(256) as i64;
     let mut scan = conn.prepare_cached(
         "SELECT log_id, origin, seq, payload FROM sync_changes WHERE log_id > ?1 ORDER BY log_id LIMIT ?2",
@@ -74,6 +78,11 @@ pub(crate) fn select_changes(
                     StoreError::Corrupt(format!("sync_changes {log_id}: {err}"))
                 };
                 let payload = row.get_ref(3)?.as_str().map_err(|err| corrupt(&err))?;
+                if !changes.is_empty() && bytes + payload.len() > MAX_BATCH_BYTES {
+                    // Full by size: this change opens the next batch.
+                    return Ok(Selection { changes, next_cursor: cursor as u64, has_more: true });
+                }
+                bytes += payload.len();
                 let change: WireChange = serde_json::from_str(payload).map_err(|err| corrupt(&err))?;
                 changes.push(change);
             }

@@ -395,3 +395,111 @@ fn a_group_commit_keeps_the_good_writes_and_rolls_back_the_bad_one_alone() {
     a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 4})).unwrap();
     assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 4);
 }
+
+/// A sale of `lines` lines of one product.
+fn big_sale(product: &str, lines: usize) -> SaleRequest {
+    let line = SaleLineRequest {
+        product_id: id(product),
+        quantity: dec("1"),
+        unit_price: None,
+        discount_rate: None,
+    };
+    SaleRequest { lines: vec![line; lines], ..sale(product, "1", &lines.to_string()) }
+}
+
+#[test]
+fn a_write_whose_change_no_peer_could_receive_is_refused_and_leaves_nothing() {
+    use possync_core::protocol::MAX_CHANGE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    let changes_before = a.count("SELECT COUNT(*) FROM sync_changes");
+    let seq_before = a.store.summary().get(&a.pos_id());
+
+    // About 343 bytes a line: 13,000 lines is about 4.5 MB of change data.
+    let refused = a.store.record_sale(&big_sale("tea", 13_000)).map(|_| ()).unwrap_err();
+    match &refused {
+        StoreError::TooLarge { kind: EntityKind::Ticket, bytes, limit } => {
+            assert_eq!(*limit, MAX_CHANGE_BYTES);
+            assert!(*bytes > MAX_CHANGE_BYTES, "{bytes}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(refused.to_string().contains("split it"), "{refused}");
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), changes_before);
+    assert_eq!(a.count("SELECT COUNT(*) FROM tickets"), 0);
+    assert_eq!(a.count("SELECT COUNT(*) FROM stock_movements"), 0);
+    assert_eq!(a.store.summary().get(&a.pos_id()), seq_before);
+
+    // The next write takes the next seq: nothing was consumed by the refused one.
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap();
+    assert_eq!(a.store.summary().get(&a.pos_id()).0, seq_before.0 + 1);
+}
+
+#[test]
+fn catch_up_batches_are_cut_by_size_so_every_frame_fits() {
+    use possync_core::protocol::MAX_BATCH_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    // Three sales of about 2.4 MB each: under the change limit, but two would not fit a frame.
+    for _ in 0..3 {
+        a.store.record_sale(&big_sale("tea", 7_000)).unwrap();
+    }
+    let reader = a.store.reader().unwrap();
+    let since = b.store.summary().clone();
+    let (mut cursor, mut sizes) = (0, Vec::new());
+    loop {
+        let selection = reader.select_changes(&since, cursor, 100).unwrap();
+        let bytes: usize = selection.changes.iter().map(|c| serde_json::to_string(c).unwrap().len()).sum();
+        assert!(bytes <= MAX_BATCH_BYTES, "a batch of {bytes} bytes");
+        sizes.push(selection.changes.len());
+        cursor = selection.next_cursor;
+        if !selection.has_more {
+            break;
+        }
+    }
+    // The product with the first sale, then one sale a batch.
+    assert_eq!(sizes, [2, 1, 1]);
+    assert_eq!(sizes.iter().sum::<usize>() as u64, a.store.summary().get(&a.pos_id()).0);
+    drop(reader);
+    sync(&mut a, &mut b, 100);
+    assert_eq!(a.dump(), b.dump());
+}
+
+#[test]
+fn a_conflict_the_local_version_wins_is_logged_skipped_as_the_seed_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(1000);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
+    clock.advance(10);
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 6})).unwrap();
+    // B's edit is newer: on B the local version wins (skipped), on A the remote one (conflict).
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump());
+    let last_status = |t: &common::Terminal| {
+        t.query("SELECT status, conflict_reason FROM p2p_sync_logs WHERE entity_id = 'tea' ORDER BY id DESC LIMIT 1")[0].clone()
+    };
+    let on_b = last_status(&b);
+    assert_eq!(on_b["status"], json!("skipped"), "{on_b}");
+    assert!(on_b["conflictReason"].as_str().unwrap().contains("local version is kept"), "{on_b}");
+    assert_eq!(last_status(&a)["status"], json!("conflict"));
+    for t in [&a, &b] {
+        assert_eq!(t.count("SELECT COUNT(*) FROM p2p_conflicts"), 1, "{}", t.name);
+    }
+}

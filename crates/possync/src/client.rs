@@ -165,6 +165,7 @@ pub fn status(args: &ClientArgs) -> Result<()> {
             ("id", "POS ID"),
             ("address", "ADDRESS"),
             ("online", "ONLINE"),
+            ("behind", "BEHIND"),
             ("lastSeen", "LAST SEEN"),
         ],
     );

@@ -56,7 +56,7 @@ impl Terminal {
 pub async fn run(args: DemoArgs) -> Result<()> {
     let temp = tempfile_dir(args.data_dir.as_ref())?;
     let root = temp.path.clone();
-    let secret = crate::random_hex();
+    let secret = crate::random_hex(16);
     let mut terminals: Vec<Terminal> = Vec::new();
     let mut peer_addrs: Vec<SocketAddr> = Vec::new();
     for (i, name) in NAMES.iter().enumerate() {
@@ -77,7 +77,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             static_peers: peer_addrs.iter().map(ToString::to_string).collect(),
             discovery: false,
             secret: secret.clone(),
-            api_token: crate::random_hex(),
+            api_token: crate::random_hex(16),
             max_connections: 16,
             max_frame_bytes: 16 * 1024 * 1024,
             backoff_base_ms: 1_000,

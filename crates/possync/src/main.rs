@@ -62,7 +62,8 @@ struct InitArgs {
     /// API port.
     #[arg(long, default_value_t = possync_node::config::DEFAULT_API_PORT)]
     api_port: u16,
-    /// The shop's shared secret (else set POSSYNC_SECRET when running).
+    /// The shop's shared secret: at least 20 characters, 10 different ones. Left out, a
+    /// strong one is generated, stored and printed once (to give to the other tills).
     #[arg(long)]
     secret: Option<String>,
     /// Use this posId instead of a new UUIDv7.
@@ -126,14 +127,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
-/// A random token or secret: 32 hex characters.
-pub(crate) fn random_hex() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+/// `bytes` random bytes in hex (a token or a secret).
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut random = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut random);
+    random.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn init(args: &InitArgs) -> Result<()> {
+    if let Some(secret) = &args.secret {
+        possync_node::config::check_secret(secret)?;
+    }
     let dir = &args.data_dir;
     if dir.join(CONFIG_FILE).exists() || dir.join(DB_FILE).exists() {
         bail!("{} already holds a possync node; refusing to overwrite it", dir.display());
@@ -143,12 +147,23 @@ fn init(args: &InitArgs) -> Result<()> {
     let store = Store::init(&dir.join(DB_FILE), pos_id, &args.name, Box::new(SystemEnvironment::default()))
         .with_context(|| format!("cannot create the database in {}", dir.display()))?;
     let pos_id = store.identity().pos_id.to_string();
-    let mut config = ConfigFile::new(&pos_id, &args.name, random_hex());
+    let mut config = ConfigFile::new(&pos_id, &args.name, random_hex(16));
     config.port = args.port;
     config.api_port = args.api_port;
-    config.secret = args.secret.clone();
+    let generated = args.secret.is_none();
+    let secret = args.secret.clone().unwrap_or_else(|| random_hex(24));
+    config.secret = Some(secret.clone());
     config.save(dir).context("cannot write the config file")?;
     println!("{pos_id}");
+    if generated {
+        // Shown once, on stderr (stdout is the posId, for scripts).
+        eprintln!(
+            "A new shop secret was generated and stored in {}:\n\n    {secret}\n\n\
+             Every till of this shop needs the same one: give it to the others with\n\
+             `possync init --secret {secret} ...` (or POSSYNC_SECRET when they run).",
+            dir.join(CONFIG_FILE).display()
+        );
+    }
     Ok(())
 }
 
@@ -179,6 +194,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let secret = std::env::var("POSSYNC_SECRET").ok().or_else(|| file.secret.clone()).context(
         "no shop secret: set POSSYNC_SECRET or `secret` in possync.toml (every terminal of the shop needs the same one)",
     )?;
+    if let Err(weak) = possync_node::config::check_secret(&secret) {
+        // Refused by `init`; a shop set up before the rule keeps running, loudly.
+        tracing::warn!("{weak}: choose a stronger one for every till of the shop");
+    }
     let config = NodeConfig::from_file(&args.data_dir, &file, secret)?;
     let node = Node::start(config).await.context("cannot start the node")?;
     if let Some(api) = node.api_addr {

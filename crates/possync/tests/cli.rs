@@ -151,7 +151,13 @@ fn client_commands_explain_what_is_wrong() {
             predicate::str::contains("no possync node answers").and(predicate::str::contains("possync run")),
         );
     }
-    // `run` without the shop secret.
+    // `run` without the shop secret (`init` stores a generated one: take it out).
+    let config = node.join("possync.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String =
+        text.lines().filter(|line| !line.starts_with("secret")).map(|line| format!("{line}\n")).collect();
+    assert_ne!(text, without, "init stored a secret");
+    std::fs::write(&config, without).unwrap();
     possync()
         .args(["run", "--no-discovery", "--data-dir"])
         .arg(&node)
@@ -217,4 +223,34 @@ fn a_running_node_answers_the_client_commands() {
     let log = std::fs::read_to_string(node.join("node.log")).unwrap();
     assert!(log.contains("stopping"), "{log}");
     assert!(!run(&["status"]).status.success());
+}
+
+#[test]
+fn init_refuses_a_weak_secret_and_generates_a_strong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = dir.path().join("weak");
+    possync()
+        .args(["init", "--secret", "short", "--data-dir"])
+        .arg(&weak)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("too weak").and(predicate::str::contains("at least 20 characters")));
+    assert!(!weak.join("possync.toml").exists() && !weak.join("possync.db").exists(), "nothing written");
+
+    let strong = dir.path().join("strong");
+    let output = possync().args(["init", "--data-dir"]).arg(&strong).output().unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let config = std::fs::read_to_string(strong.join("possync.toml")).unwrap();
+    let secret = config
+        .lines()
+        .find_map(|line| line.strip_prefix("secret = "))
+        .map(|value| value.trim_matches('"').to_string())
+        .expect("a generated secret in possync.toml");
+    assert!(possync_node::config::check_secret(&secret).is_ok(), "{secret}");
+    assert!(
+        stderr.contains(&secret) && stderr.contains("--secret"),
+        "printed once with how to share it: {stderr}"
+    );
+    assert_eq!(String::from_utf8(output.stdout).unwrap().lines().count(), 1, "stdout stays the posId");
 }

@@ -27,9 +27,29 @@ use crate::vv::VersionVector;
 /// The protocol version this node speaks (`protocolVersion` in `hello` and `hello-ack`).
 pub const PROTOCOL_VERSION: u64 = 1;
 
-/// Largest frame accepted from a peer, in bytes of text. A batch of 100 large sales is well
-/// under 1 MiB; the limit only stops a peer from making us parse something absurd.
+/// Largest frame accepted from a peer, in bytes of text. The two limits below keep every
+/// frame this node sends under it: one change is at most [`MAX_CHANGE_BYTES`], and a catch-up
+/// batch is cut before its changes pass [`MAX_BATCH_BYTES`] (a batch always holds at least one
+/// change), so a frame is at most `max(MAX_BATCH_BYTES, MAX_CHANGE_BYTES)` plus the envelope.
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+
+/// Largest change (its JSON `data` text) a node writes. A local write whose change would pass
+/// it is refused before anything is stored: a change no peer can receive would otherwise stop
+/// its origin's later changes at every peer (they cannot be applied over the gap). 4 MiB holds
+/// a sale of about 10,000 lines.
+pub const MAX_CHANGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most bytes of change data selected into one catch-up batch (see [`MAX_FRAME_LEN`]).
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+// Room for the envelope and each change's `type`/`action` wrapping.
+const _: () =
+    assert!(MAX_CHANGE_BYTES + 1024 * 1024 < MAX_FRAME_LEN && MAX_BATCH_BYTES + 1024 * 1024 < MAX_FRAME_LEN);
+
+/// The `error` code a node sends before closing a connection that lost the tie-break between
+/// two connections of the same pair of terminals (both dialled at once): the link goes on
+/// through the other connection.
+pub const DUPLICATE_CONNECTION: &str = "duplicate_connection";
 
 /// Longest piece of peer-supplied text echoed back in an error message or a log row.
 const ECHO_LEN: usize = 64;

@@ -54,14 +54,16 @@
 //! run a day of heartbeats in a microsecond.
 
 pub mod message;
+pub mod progress;
 pub mod session;
 #[cfg(test)]
 mod test_util;
 
 pub use message::{
-    Body, ErrorData, Hello, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError,
-    StampedChange, SyncAck, SyncBatch, SyncRequest,
+    Body, DUPLICATE_CONNECTION, ErrorData, Hello, MAX_BATCH_BYTES, MAX_CHANGE_BYTES, MAX_FRAME_LEN, Message,
+    PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck, SyncBatch, SyncRequest,
 };
+pub use progress::{CatchUpWatch, Stall, changes_behind};
 pub use session::{
     ApplyReport, ConnectionStats, DEAD_AFTER_EXTRA_MS, Event, MAX_BUFFERED_CHANGES, PeerInfo, Role, Session,
     SessionConfig,

@@ -20,8 +20,8 @@ use crate::time::rfc3339_ms;
 use crate::vv::VersionVector;
 
 use super::message::{
-    Body, ErrorData, Hello, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError, StampedChange, SyncAck,
-    SyncBatch, SyncRequest, peek_type_action,
+    Body, DUPLICATE_CONNECTION, ErrorData, Hello, Message, PROTOCOL_VERSION, Peers, Pong, ProtocolError,
+    StampedChange, SyncAck, SyncBatch, SyncRequest, peek_type_action,
 };
 
 /// How long past a heartbeat interval a silent peer is still considered alive (SPEC 4:
@@ -48,6 +48,10 @@ pub struct SessionConfig {
     /// Protocol violations tolerated before the connection is closed with
     /// `too_many_errors`; zero is treated as 1.
     pub max_violations: u32,
+    /// `p2p_auto_sync`: send the peer what it lacks on connect, then push every change
+    /// live. When false, this node sends only when asked: a `sync_request` from the peer
+    /// (its "sync now" or a gap), or [`Session::request_sync`] here ("sync now", both ways).
+    pub auto_sync: bool,
 }
 
 /// Which side of the connection this session is; decides who speaks first.
@@ -155,6 +159,10 @@ pub enum Event {
         /// The offending frame's `action`, empty when unreadable.
         message_action: String,
     },
+    /// The peer closes this connection because it keeps another one between the same two
+    /// terminals (the tie-break, [`DUPLICATE_CONNECTION`]): the link goes on through the other
+    /// connection, so this is not a disconnection to log.
+    Superseded,
     /// The peer sent an `error` frame: it refused something we sent (log it; the session
     /// stays open unless this happens during the handshake).
     PeerError {
@@ -209,8 +217,12 @@ pub struct Session {
     outgoing: Outgoing,
     /// The peer's catch-up towards us and the applies in progress.
     incoming: Incoming,
-    /// When the last frame (of any kind) arrived; the peer is dead a heartbeat after it.
+    /// When the last frame (of any kind) arrived.
     last_received_ms: u64,
+    /// When the peer counts as dead: a heartbeat period (plus the grace) after the last frame,
+    /// with the period in force when that frame arrived. A period changed later applies
+    /// from the next frame: a peer is judged on the deadline it was given.
+    dead_at_ms: u64,
     /// When to send the next ping (only once established).
     next_ping_ms: Option<u64>,
     /// Protocol violations so far.
@@ -317,6 +329,7 @@ impl SessionConfig {
             heartbeat_interval_ms: 30_000,
             batch_size: 100,
             max_violations: 10,
+            auto_sync: true,
         }
     }
 }
@@ -344,6 +357,7 @@ impl Session {
             },
             incoming: Incoming::default(),
             last_received_ms: now_ms,
+            dead_at_ms: 0,
             next_ping_ms: None,
             violations: 0,
             transmits: VecDeque::new(),
@@ -353,6 +367,7 @@ impl Session {
             neighbors_sent: None,
             peer_neighbors: BTreeSet::new(),
         };
+        session.dead_at_ms = now_ms + session.dead_after();
         if role == Role::Initiator {
             let hello = session.hello();
             session.queue(Body::Hello(hello));
@@ -416,6 +431,7 @@ impl Session {
         }
         self.now_ms = now_ms;
         self.last_received_ms = now_ms;
+        self.dead_at_ms = now_ms + self.dead_after();
         self.stats.messages_received += 1;
         self.stats.bytes_received += text.len() as u64;
         let message = match Message::parse(text) {
@@ -442,7 +458,8 @@ impl Session {
         self.now_ms = now_ms;
         if now_ms >= self.dead_at() {
             self.events.push_back(Event::HeartbeatTimeout);
-            self.close_with(format!("heartbeat timeout: nothing received for {} ms", self.dead_after()));
+            let silent = now_ms.saturating_sub(self.last_received_ms);
+            self.close_with(format!("heartbeat timeout: nothing received for {silent} ms"));
             return;
         }
         if let Some(ping_at) = self.next_ping_ms
@@ -471,6 +488,10 @@ impl Session {
             return;
         }
         if self.peer_known.get(&change.origin) >= change.seq {
+            return;
+        }
+        if !self.config.auto_sync && self.outgoing.phase == Phase::Idle {
+            // Not pushed: the next "sync now" selects it from the store.
             return;
         }
         if self.outgoing.buffered.len() >= MAX_BUFFERED_CHANGES {
@@ -542,6 +563,11 @@ impl Session {
             return;
         }
         self.send_sync_request(local_summary);
+        if !self.config.auto_sync {
+            // Both ways: with no live push, the peer lacks what was written since.
+            let since = self.peer_known.clone();
+            self.restart_catch_up(since);
+        }
     }
 
     /// Tells the session which terminals this node is directly connected to (other than
@@ -556,17 +582,30 @@ impl Session {
     /// this when it fell behind the node's stream of changes and some never reached
     /// [`send_change`](Self::send_change): the store still has them.
     pub fn resync(&mut self) {
-        if self.is_established() {
+        if self.is_established() && self.config.auto_sync {
             let since = self.peer_known.clone();
             self.restart_catch_up(since);
         }
     }
 
     /// Applies changed settings to a live session (SPEC: settings take effect without a
-    /// restart): the heartbeat period from the next ping on, the batch size from the next batch.
-    pub fn update_settings(&mut self, heartbeat_interval_ms: u64, batch_size: usize) {
+    /// restart): the heartbeat period from the next ping on (the peer keeps the deadline it
+    /// was given until it next answers), the batch size from the next batch.
+    pub fn update_settings(&mut self, heartbeat_interval_ms: u64, batch_size: usize, auto_sync: bool) {
         self.config.heartbeat_interval_ms = heartbeat_interval_ms;
         self.config.batch_size = batch_size;
+        if auto_sync != self.config.auto_sync {
+            self.config.auto_sync = auto_sync;
+            if self.is_established() {
+                if auto_sync {
+                    // Switched on: send what the peer lacks, then live.
+                    let since = self.peer_known.clone();
+                    self.restart_catch_up(since);
+                } else if self.outgoing.phase == Phase::Live {
+                    self.outgoing.phase = Phase::Idle;
+                }
+            }
+        }
         if let Some(ping_at) = self.next_ping_ms {
             self.next_ping_ms = Some(ping_at.min(self.now_ms + self.heartbeat_interval()));
         }
@@ -576,6 +615,15 @@ impl Session {
     /// polled; nothing new is queued.
     pub fn close(&mut self, reason: &str) {
         self.close_with(reason.to_string());
+    }
+
+    /// Ends the session because this node keeps another connection to the same peer (the
+    /// tie-break): tells the peer so ([`DUPLICATE_CONNECTION`], which it sees as
+    /// [`Event::Superseded`]), then closes.
+    pub fn close_as_duplicate(&mut self) {
+        let message = "another connection between these two terminals is kept".to_string();
+        self.queue(Body::Error(ErrorData { code: DUPLICATE_CONNECTION.to_string(), message }));
+        self.close_with("duplicate connection".to_string());
     }
 
     // ----- outputs -----
@@ -653,7 +701,13 @@ impl Session {
         let since = peer.summary.clone();
         self.events.push_back(Event::Established { peer });
         self.send_neighbors();
-        self.begin_catch_up(since);
+        if self.config.auto_sync {
+            self.begin_catch_up(since);
+        } else {
+            // Nothing is sent until asked; what the peer holds is remembered for then.
+            self.outgoing.since = since;
+            self.incoming.round_started_ms = None;
+        }
     }
 
     // ----- established -----
@@ -713,6 +767,9 @@ impl Session {
                     self.resync();
                 }
             }
+            Body::Error(error) if error.code == DUPLICATE_CONNECTION => {
+                self.events.push_back(Event::Superseded)
+            }
             Body::Error(error) => {
                 self.events.push_back(Event::PeerError { code: error.code, message: error.message });
             }
@@ -769,6 +826,12 @@ impl Session {
         if self.outgoing.overflowed {
             let since = self.peer_known.clone();
             self.begin_catch_up(since);
+            return;
+        }
+        if !self.config.auto_sync {
+            // A catch-up asked for is done; nothing is pushed live.
+            self.outgoing.phase = Phase::Idle;
+            self.outgoing.buffered.clear();
             return;
         }
         self.outgoing.phase = Phase::Live;
@@ -881,7 +944,7 @@ impl Session {
     }
 
     fn dead_at(&self) -> u64 {
-        self.last_received_ms + self.dead_after()
+        self.dead_at_ms
     }
 }
 
@@ -1232,12 +1295,87 @@ mod tests {
     fn settings_apply_to_a_live_session() {
         let mut session = established();
         let first_deadline = session.poll_timeout().unwrap();
-        session.update_settings(200, 7);
+        session.update_settings(200, 7, true);
         assert!(session.poll_timeout().unwrap() <= T0 + 200, "the next ping moves closer");
         assert!(session.poll_timeout().unwrap() < first_deadline);
         session.handle_timeout(T0 + 200);
         let (frames, _) = drain(&mut session);
         assert!(frames.iter().any(|frame| frame["type"] == "ping"));
+    }
+
+    #[test]
+    fn a_shorter_heartbeat_does_not_judge_a_peer_on_a_deadline_it_was_never_given() {
+        // Idle for 22 s under a 30 s period, then the period drops to 3 s (issue 10, item 9).
+        let mut session = established();
+        session.update_settings(3_000, 100, true);
+        session.handle_timeout(T0 + 22_000);
+        let (frames, events) = drain(&mut session);
+        assert!(!session.is_closed(), "{events:?}");
+        assert_eq!(frames.iter().filter(|frame| frame["type"] == "ping").count(), 1);
+        // The peer answers: from then on the new period is its deadline.
+        session.handle_frame(T0 + 22_050, &frame("pong", "heartbeat", json!({"ping": "b-9"}), "a"));
+        drain(&mut session);
+        assert_eq!(session.poll_timeout(), Some(T0 + 25_000), "next ping at the new period");
+        for ping_at in [T0 + 25_000, T0 + 28_000, T0 + 31_000, T0 + 34_000] {
+            session.handle_timeout(ping_at);
+        }
+        assert!(!session.is_closed());
+        session.handle_timeout(T0 + 22_050 + 13_000);
+        let (_, events) = drain(&mut session);
+        assert!(matches!(events[..], [Event::HeartbeatTimeout, Event::Closed { .. }]), "{events:?}");
+        if let Event::Closed { reason } = &events[1] {
+            assert!(reason.contains("13000 ms"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn the_loser_of_the_tie_break_is_told_so_and_sees_superseded_not_an_error() {
+        let mut net = Net::pair(0, 0);
+        net.drive();
+        net.links[0].sessions[0].close_as_duplicate();
+        net.drive();
+        let events = net.events(0, 1);
+        assert!(events.contains(&Event::Superseded), "{events:?}");
+        assert!(!events.iter().any(|event| matches!(event, Event::PeerError { .. })), "{events:?}");
+        assert!(net.links[0].sessions[0].is_closed());
+    }
+
+    #[test]
+    fn with_auto_sync_off_nothing_moves_until_sync_now_which_goes_both_ways() {
+        let mut net = Net::new(&["a", "b"]);
+        for _ in 0..3 {
+            net.nodes[0].store.commit_local("a");
+        }
+        net.nodes[1].store.commit_local("b");
+        let manual = |id: &str| SessionConfig { auto_sync: false, ..config(id) };
+        net.connect_with(0, 1, manual);
+        net.drive();
+        net.write(0);
+        net.drive();
+        for end in 0..2 {
+            let types = net.sent_types(0, end);
+            assert!(!types.iter().any(|t| t == "sync_batch" || t == "product"), "{types:?}");
+        }
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 0);
+        // "Sync now" on b: b gets a's four changes, a gets b's one.
+        let summary = net.nodes[1].store.vv.clone();
+        net.links[0].sessions[1].request_sync(summary);
+        net.drive();
+        net.assert_converged();
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 4);
+        // Still no live push afterwards.
+        net.write(0);
+        net.drive();
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 4);
+        // Switched on live: what b lacks goes, and then changes flow live.
+        for end in 0..2 {
+            net.links[0].sessions[end].update_settings(30_000, 100, true);
+        }
+        net.drive();
+        net.write(0);
+        net.drive();
+        net.assert_converged();
+        assert_eq!(net.nodes[1].store.vv.get(&pos("a")).0, 6);
     }
 
     #[test]

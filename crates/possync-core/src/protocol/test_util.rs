@@ -39,6 +39,7 @@ pub(crate) fn config(id: &str) -> SessionConfig {
         heartbeat_interval_ms: 30_000,
         batch_size: 3,
         max_violations: 3,
+        auto_sync: true,
     }
 }
 

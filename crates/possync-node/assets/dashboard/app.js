@@ -507,8 +507,9 @@
     if (name.textContent !== peer.name) name.textContent = peer.name;
     name.title = peer.name + " · " + peer.id;
     var badge = $('[data-field="online"]', card);
-    badge.dataset.state = peer.online ? "online" : "offline";
-    badge.textContent = peer.online ? "Online" : "Offline";
+    var behind = peer.online && isNum(peer.behind) && peer.behind > 0 ? peer.behind : 0;
+    badge.dataset.state = peer.online ? (behind > 0 ? "catching-up" : "online") : "offline";
+    badge.textContent = peer.online ? (behind > 0 ? "Catching up · " + fmtInt(behind) + " behind" : "Online") : "Offline";
 
     card._peer = peer;
     setCounter($('[data-field="messagesSent"]', card), c ? c.messagesSent : null, fmtInt);
@@ -928,6 +929,24 @@
             className: "rel-sub",
             text: "Uptime " + fmtPercent(p.uptimePercent) + " · " + fmtInt(p.failures) + " failure" + (p.failures === 1 ? "" : "s"),
           }),
+        ])
+      );
+    });
+
+    var rejectedList = $("#rejected-list");
+    rejectedList.textContent = "";
+    var rejected = Array.isArray(state.dashboard && state.dashboard.rejected) ? state.dashboard.rejected : [];
+    if (!state.dashboard) {
+      rejectedList.appendChild(el("li", { className: "empty", text: "No data yet." }));
+    } else if (rejected.length === 0) {
+      rejectedList.appendChild(el("li", { className: "all-clear", text: "None: every connection proved the shop secret." }));
+    }
+    rejected.forEach(function (r) {
+      rejectedList.appendChild(
+        el("li", { "data-address": r.address }, [
+          el("span", { className: "rel-name", text: r.address }),
+          el("span", { className: "rel-score", text: fmtInt(r.attempts) + " attempt" + (r.attempts === 1 ? "" : "s") }),
+          el("span", { className: "rel-sub", text: (r.reason || "") + " · last " + (r.lastSeen || "—") + " UTC" }),
         ])
       );
     });

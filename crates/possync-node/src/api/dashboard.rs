@@ -117,11 +117,16 @@ pub fn compose(rows: &DashboardRows) -> Value {
             "conflictsPerHour": field(&rows.conflicts_per_hour, "conflictsPerHour"),
         },
         "history": {"daily": daily, "peers": peers},
+        "rejected": rows.rejected_connections.iter().map(|row| {
+            json!({"address": field(row, "address"), "reason": field(row, "reason"),
+                   "attempts": field(row, "attempts"), "lastHour": field(row, "lastHour"),
+                   "firstSeen": field(row, "firstSeen"), "lastSeen": field(row, "lastSeen")})
+        }).collect::<Vec<Value>>(),
         "alerts": alerts(rows),
     })
 }
 
-/// Both kinds of alert, critical first, then by peer name.
+/// Every kind of alert, critical first, then by peer name (or address).
 fn alerts(rows: &DashboardRows) -> Vec<Value> {
     let text = |row: &Value, key: &str| {
         row.get(key).and_then(Value::as_str).unwrap_or("an unknown peer").to_string()
@@ -144,6 +149,31 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
             number(row, "recentSharePercent"),
             number(row, "recentRows"),
             number(row, "baselineSharePercent"),
+        );
+        alerts.push((text(row, "level"), peer, message));
+    }
+    for row in &rows.alert_handshake_failures {
+        let address = text(row, "address");
+        let message = format!(
+            "Connections from {address} keep failing their handshake ({} in the last hour): {}. A till with another shop secret, or something else knocking on the peer port.",
+            number(row, "attempts"),
+            text(row, "reason"),
+        );
+        alerts.push((text(row, "level"), address, message));
+    }
+    for row in &rows.alert_sync_stalled {
+        let peer = text(row, "peer");
+        let message = format!(
+            "Sync with {peer} is stuck: {}. Changes it holds cannot reach this till; see the node's log and the sync logs.",
+            text(row, "message"),
+        );
+        alerts.push((text(row, "level"), peer, message));
+    }
+    for row in &rows.alert_heartbeat_timeouts {
+        let peer = text(row, "peer");
+        let message = format!(
+            "The link to {peer} keeps timing out: {} heartbeat timeouts in the last hour (Wi-Fi or power trouble?).",
+            number(row, "timeouts"),
         );
         alerts.push((text(row, "level"), peer, message));
     }

@@ -107,6 +107,9 @@ impl From<StoreError> for ApiError {
                 tracing::error!(%err, "API write refused: the disk is full");
                 ApiError::storage_full()
             }
+            StoreError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "change_too_large", err.to_string())
+            }
             StoreError::Sqlite(_)
             | StoreError::Migration(_)
             | StoreError::Corrupt(_)
@@ -256,6 +259,7 @@ mod tests {
             (StoreError::Invalid(EntityError::MissingField("sku")), 422, "invalid_entity"),
             (StoreError::InvalidState("cancelled".into()), 422, "invalid_state"),
             (StoreError::BadSetting("no".into()), 422, "invalid_setting"),
+            (StoreError::TooLarge { kind: EntityKind::Ticket, bytes: 5, limit: 4 }, 413, "change_too_large"),
             (StoreError::Corrupt("secret internals".into()), 500, "internal"),
         ];
         for (err, status, code) in cases {

@@ -422,7 +422,9 @@ fn schemas() -> Value {
                 "enabled": {"type": "boolean"}, "posId": string, "posName": string,
                 "peers": {"type": "array", "items": {"type": "object", "properties": {
                     "id": string, "name": string, "address": nullable(string.clone()),
-                    "online": {"type": "boolean"}, "lastSeen": nullable(string.clone())}}},
+                    "online": {"type": "boolean"}, "lastSeen": nullable(string.clone()),
+                    "behind": {"type": "integer", "minimum": 0,
+                               "description": "changes this peer holds that this node has not taken yet (catching up while > 0)"}}}},
             },
         },
         "DetailedStats": {
@@ -506,7 +508,7 @@ fn schemas() -> Value {
         "Movement": {"type": "object", "properties": {
             "id": string, "productId": string, "type": string, "quantity": {"type": "number"},
             "reference": nullable(string.clone()), "posId": string, "createdAt": string}},
-        "Dashboard": {"type": "object", "required": ["health", "history", "alerts"], "properties": {
+        "Dashboard": {"type": "object", "required": ["health", "history", "rejected", "alerts"], "properties": {
             "health": {"type": "object", "properties": {
                 "uptimePercent": nullable(json!({"type": "number"})), "avgReconnectMs": nullable(int.clone()),
                 "syncSuccessRate": nullable(json!({"type": "number"})), "conflictsPerHour": nullable(json!({"type": "number"}))}},
@@ -514,6 +516,9 @@ fn schemas() -> Value {
                 "daily": {"type": "array", "items": {"type": "object", "properties": {
                     "day": string, "changes": int, "conflicts": int, "errors": int}}},
                 "peers": {"type": "array", "items": {"type": "object"}}}},
+            "rejected": {"type": "array", "items": {"type": "object", "properties": {
+                "address": string, "reason": string, "attempts": int, "lastHour": int,
+                "firstSeen": string, "lastSeen": string}}},
             "alerts": {"type": "array", "items": {"type": "object", "properties": {
                 "level": {"type": "string", "enum": ["warning", "critical"]}, "message": string}}}}},
     });

@@ -56,6 +56,8 @@ pub struct Options {
     pub peers: Vec<SocketAddr>,
     pub backoff_base_ms: u64,
     pub max_frame_bytes: usize,
+    /// The peer listener's address (default 127.0.0.1:0).
+    pub listen: Option<SocketAddr>,
     /// Settings written before the node starts.
     pub settings: Vec<(&'static str, String)>,
 }
@@ -68,6 +70,7 @@ impl Options {
             peers: Vec::new(),
             backoff_base_ms: 100,
             max_frame_bytes: 16 * 1024 * 1024,
+            listen: None,
             settings: Vec::new(),
         }
     }
@@ -94,7 +97,7 @@ pub async fn start(options: Options) -> TestNode {
     }
     let config = NodeConfig {
         data_dir: dir.path().to_path_buf(),
-        peer_listen: "127.0.0.1:0".parse().expect("an address"),
+        peer_listen: options.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("an address")),
         api_listen: None,
         static_peers: options.peers.iter().map(ToString::to_string).collect(),
         discovery: false,
@@ -243,6 +246,13 @@ pub async fn wait_connected(a: &TestNode, b: &TestNode) {
 pub async fn metric_rows(node: &TestNode, event: &str) -> Vec<Value> {
     rows(node, &format!("SELECT * FROM p2p_connection_metrics WHERE event_type = '{event}' ORDER BY id"))
         .await
+}
+
+/// A free port on 127.0.0.1 (bound then released: for nodes that must know each other's
+/// address before either starts).
+pub fn free_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address")
 }
 
 /// The data directory path of a node.
