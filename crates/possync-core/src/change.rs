@@ -313,6 +313,9 @@ impl Change {
             }
             (EntityKind::Stock, "adjust" | "count") => {
                 let movement: StockMovement = decode(data)?;
+                if let Some(reference) = &movement.reference {
+                    entity::check_text("reference", reference, entity::REFERENCE_CHARS)?;
+                }
                 if movement.id != id {
                     return Err(ChangeError::Malformed("movement id differs from data.id".into()));
                 }
@@ -418,6 +421,19 @@ mod tests {
         let wire = WireChange::new("category", "create", &json!("cat-1"));
         assert_eq!(wire.data_object(), Err(ChangeError::Malformed("data is not an object".into())));
         assert!(matches!(Change::from_wire(&wire), Err(ChangeError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_peers_text_with_control_characters_is_refused() {
+        // The same field rules as the API (issue 13, item 8): a NUL in a name from a peer
+        // is an invalid change, never stored.
+        let mut wire = category("till-1", 7).to_wire();
+        wire.edit_data(|data| data["name"] = json!("Dri\u{0}nks"));
+        assert!(
+            matches!(Change::from_wire(&wire), Err(ChangeError::Entity(_))),
+            "{:?}",
+            Change::from_wire(&wire)
+        );
     }
 
     #[test]

@@ -132,6 +132,8 @@ const fn field(name: &'static str, column: &'static str, ty: FieldType, required
 }
 
 const TEXT: usize = 500;
+/// Longest reference of a stock movement or payment (a delivery note, a card slip).
+pub const REFERENCE_CHARS: usize = TEXT;
 const LONG_TEXT: usize = 4000;
 
 static PRODUCT_FIELDS: &[FieldSpec] = &[
@@ -215,18 +217,12 @@ impl FieldSpec {
         match self.ty {
             FieldType::Text(max) => match &value {
                 Value::String(text) if text.trim().is_empty() => Err(invalid(name, "must not be empty")),
-                Value::String(text) if text.chars().count() > max => {
-                    Err(invalid(name, format!("longer than {max} characters")))
-                }
-                Value::String(_) => Ok(value),
+                Value::String(text) => check_text(name, text, max).map(|()| value),
                 _ => Err(invalid(name, "expected a string")),
             },
             FieldType::OptText(max) => match &value {
                 Value::Null => Ok(Value::Null),
-                Value::String(text) if text.chars().count() > max => {
-                    Err(invalid(name, format!("longer than {max} characters")))
-                }
-                Value::String(_) => Ok(value),
+                Value::String(text) => check_text(name, text, max).map(|()| value),
                 _ => Err(invalid(name, "expected a string or null")),
             },
             FieldType::OptRef => match &value {
@@ -266,6 +262,32 @@ impl FieldSpec {
             },
         }
     }
+}
+
+/// Text fields hold what a person typed: at most `max` characters and no control
+/// characters (a NUL truncates the text in C code, receipts and the sqlite3 shell; others
+/// garble receipts and terminals). Long free text (descriptions, notes: a `max` of
+/// `LONG_TEXT` and more) may hold line breaks and tabs; short fields (SKUs, names,
+/// barcodes) are one line. The same rule holds for changes from peers, which are
+/// validated by the same field table.
+pub fn check_text(name: &str, text: &str, max: usize) -> Result<(), EntityError> {
+    if text.chars().count() > max {
+        return Err(invalid(name, format!("longer than {max} characters")));
+    }
+    let multiline = text_allows_line_breaks(max);
+    let allowed = |c: char| multiline && matches!(c, '\n' | '\r' | '\t');
+    if let Some(bad) = text.chars().find(|&c| c.is_control() && !allowed(c)) {
+        return Err(invalid(
+            name,
+            format!("must not contain control characters (found U+{:04X})", u32::from(bad)),
+        ));
+    }
+    Ok(())
+}
+
+/// Does a text field of at most `max` characters take line breaks and tabs (free text)?
+pub fn text_allows_line_breaks(max: usize) -> bool {
+    max >= LONG_TEXT
 }
 
 fn check_amount(name: &str, amount: Decimal, max_one: bool) -> Result<Value, EntityError> {
@@ -536,6 +558,18 @@ impl Sale {
         if self.payments.iter().any(|payment| payment.amount <= Decimal::ZERO) {
             return Err(invalid("payments", "amounts must be positive"));
         }
+        for line in &self.lines {
+            check_text("productName", &line.product_name, TEXT)?;
+            check_text("productSku", &line.product_sku, TEXT)?;
+        }
+        for payment in &self.payments {
+            if let Some(reference) = &payment.reference {
+                check_text("reference", reference, TEXT)?;
+            }
+        }
+        if let Some(notes) = &self.notes {
+            check_text("notes", notes, LONG_TEXT)?;
+        }
         if self.movements.iter().any(|movement| movement.kind != MovementType::Sale) {
             return Err(invalid("movements", "a sale only moves stock by sale movements"));
         }
@@ -570,10 +604,23 @@ mod tests {
             json!({"colour": "red"}),
             json!({"createdAt": "noon"}),
             json!([1]),
+            json!({"sku": "A\u{0}1"}),
+            json!({"sku": "A\n1"}),
+            json!({"name": "Tea\u{7f}"}),
+            json!({"barcode": "123\u{1b}[2J"}),
+            json!({"description": "bad \u{0} byte"}),
+            json!({"name": "Tea\u{85}"}),
         ];
         for body in bad {
             assert!(parse_fields(EntityKind::Product, &body).is_err(), "{body}");
         }
+        // Free text keeps its line breaks and tabs; any script's letters are fine.
+        let text = parse_fields(
+            EntityKind::Product,
+            &json!({"name": "Thé vert 緑茶", "description": "line 1\r\nline 2\tend"}),
+        )
+        .unwrap();
+        assert_eq!(text["description"], json!("line 1\r\nline 2\tend"));
         assert_eq!(
             check_required(EntityKind::Product, &FieldMap::new()),
             Err(EntityError::MissingField("sku"))

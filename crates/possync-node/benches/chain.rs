@@ -248,6 +248,7 @@ async fn chain_ingest(dir: &std::path::Path, template: &std::path::Path, stores:
             },
             silent_store_alert_secs: 900,
         })),
+        api: Default::default(),
     };
     let store = Store::open(&hq_dir.join(DB_FILE), Box::new(SystemEnvironment::default())).unwrap();
     let hq = Node::start_with_store(config.clone(), store).await.unwrap();

@@ -131,6 +131,7 @@ fn node_config(dir: &Path, peers: &[SocketAddr]) -> NodeConfig {
         max_frame_bytes: 16 * 1024 * 1024,
         backoff_base_ms: 50,
         chain: None,
+        api: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,16 @@ pub struct ConfigFile {
     /// Largest frame accepted from a peer, in bytes.
     #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// Other host names the API answers to (besides localhost and its addresses), e.g. a
+    /// name of the till on the shop's network; any other `Host` header is refused.
+    #[serde(default)]
+    pub api_allowed_hosts: Vec<String>,
+    /// Most simultaneous API connections.
+    #[serde(default = "default_api_max_connections")]
+    pub api_max_connections: usize,
+    /// An API connection that moves no byte for this long is closed (seconds).
+    #[serde(default = "default_api_idle_timeout_secs")]
+    pub api_idle_timeout_secs: u64,
     /// `[uplink]`: this till belongs to a store of a chain (docs/CHAIN.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<UplinkSection>,
@@ -127,6 +138,12 @@ fn default_max_connections() -> usize {
 }
 fn default_max_frame_bytes() -> usize {
     16 * 1024 * 1024
+}
+fn default_api_max_connections() -> usize {
+    ApiOptions::default().max_connections
+}
+fn default_api_idle_timeout_secs() -> u64 {
+    ApiOptions::default().idle_timeout.as_secs()
 }
 
 /// Fewest characters a shop secret may have.
@@ -206,6 +223,9 @@ impl ConfigFile {
             max_frame_bytes: default_max_frame_bytes(),
             uplink: None,
             hq: None,
+            api_allowed_hosts: Vec::new(),
+            api_max_connections: default_api_max_connections(),
+            api_idle_timeout_secs: default_api_idle_timeout_secs(),
         }
     }
 
@@ -255,6 +275,8 @@ pub struct NodeConfig {
     pub max_frame_bytes: usize,
     /// Base of the redial backoff, in ms (5000 per SPEC; tests shorten it).
     pub backoff_base_ms: u64,
+    /// The API's names and connection limits.
+    pub api: ApiOptions,
     /// This node's part in a chain of stores, if any.
     pub chain: Option<ChainRole>,
 }
@@ -358,6 +380,32 @@ impl HqSection {
     }
 }
 
+/// The API's names and connection limits (see `api/guard.rs` and `api/server.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiOptions {
+    /// Host names the API answers to besides `localhost` and its own addresses.
+    pub allowed_hosts: Vec<String>,
+    /// Most connections served at once; at the cap a new one closes the one idle the longest.
+    pub max_connections: usize,
+    /// Time allowed for a request head, once started.
+    pub header_timeout: Duration,
+    /// A connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ApiOptions {
+    /// 256 connections (a till and its dashboard need a handful), 10 s for a request head,
+    /// 30 s idle (the dashboard refreshes every 30 s and its event stream every second).
+    fn default() -> ApiOptions {
+        ApiOptions {
+            allowed_hosts: Vec::new(),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 impl NodeConfig {
     /// Builds the runtime configuration from the file.
     pub fn from_file(data_dir: &Path, file: &ConfigFile, secret: String) -> Result<NodeConfig, ConfigError> {
@@ -385,6 +433,12 @@ impl NodeConfig {
                 (Some(_), Some(_)) => {
                     return Err(ConfigError::Chain("a node has [uplink] or [hq], not both".into()));
                 }
+            },
+            api: ApiOptions {
+                allowed_hosts: file.api_allowed_hosts.clone(),
+                max_connections: file.api_max_connections.max(1),
+                idle_timeout: Duration::from_secs(file.api_idle_timeout_secs.max(1)),
+                ..ApiOptions::default()
             },
         })
     }
@@ -440,6 +494,27 @@ mod tests {
         ] {
             assert!(parse(extra).is_err(), "{what} must be refused");
         }
+    }
+
+    #[test]
+    fn the_api_limits_and_names_come_from_the_file_with_defaults() {
+        let base = "pos_id = \"till-1\"\nname = \"Till 1\"\napi_token = \"t\"\n";
+        let file: ConfigFile = toml::from_str(base).unwrap();
+        let config = NodeConfig::from_file(Path::new("/tmp/x"), &file, "s".into()).unwrap();
+        assert_eq!(config.api, ApiOptions::default());
+        assert_eq!((config.api.max_connections, config.api.idle_timeout.as_secs()), (256, 30));
+
+        let text = format!(
+            "{base}api_allowed_hosts = [\"till-1.shop.lan\"]\napi_max_connections = 0\napi_idle_timeout_secs = 5\n"
+        );
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = NodeConfig::from_file(Path::new("/tmp/x"), &file, "s".into()).unwrap();
+        assert_eq!(config.api.allowed_hosts, vec!["till-1.shop.lan".to_string()]);
+        assert_eq!(config.api.max_connections, 1, "at least one connection");
+        assert_eq!(config.api.idle_timeout, Duration::from_secs(5));
+        // `init` writes every key, so the file documents them.
+        let written = toml::to_string_pretty(&ConfigFile::new("till-1", "Till 1", "t".into())).unwrap();
+        assert!(written.contains("api_max_connections = 256"), "{written}");
     }
 }
 

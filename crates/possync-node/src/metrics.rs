@@ -86,6 +86,8 @@ pub struct Metrics {
     pub protocol_violations: Counter,
     /// The chain backbone.
     pub chain: ChainMetrics,
+    /// HTTP API connections being served.
+    pub api_connections: Gauge,
     /// Incoming catch-ups that stopped progressing while connected.
     pub sync_stalls: Counter,
     /// Changes each connected peer holds that this node has not taken yet.
@@ -135,6 +137,7 @@ impl Metrics {
             connection_events: Family::default(),
             protocol_violations: Counter::default(),
             chain: ChainMetrics::default(),
+            api_connections: Gauge::default(),
             sync_stalls: Counter::default(),
             changes_behind: Family::default(),
             remote_clock_ahead: Counter::default(),
@@ -211,6 +214,11 @@ impl Metrics {
             "chain_changes",
             "Chain backbone changes by outcome",
             metrics.chain.changes.clone(),
+        );
+        registry.register(
+            "api_connections",
+            "HTTP API connections being served",
+            metrics.api_connections.clone(),
         );
         registry.register(
             "sync_stalls",

@@ -65,6 +65,7 @@
 //! the read buffer's initial capacity per connection; see `docs/BENCHMARKS.md`.
 
 mod codec;
+mod plain_http;
 #[cfg(test)]
 mod tests;
 
@@ -320,11 +321,18 @@ pub async fn connect(addr: SocketAddr, config: &ChannelConfig) -> Result<SecureC
 /// WebSocket upgrade (path `/p2p` only), handshake, key confirmation; all within
 /// `config.handshake_timeout`. On a failed handshake the peer gets a Close frame with the
 /// reason `authentication failed` and the connection is dropped.
-pub async fn accept(stream: TcpStream, config: &ChannelConfig) -> Result<SecureChannel, TransportError> {
+pub async fn accept(mut stream: TcpStream, config: &ChannelConfig) -> Result<SecureChannel, TransportError> {
     let deadline = Instant::now() + config.handshake_timeout;
     let limit = config.max_frame_bytes;
     let peer_addr = stream.peer_addr()?;
     stream.set_nodelay(true)?;
+    // A plain HTTP request (not an upgrade) gets the documented 404, not a silent close.
+    if timeout_at(deadline, plain_http::answer_plain_http(&mut stream))
+        .await
+        .map_err(|_| TransportError::Timeout)??
+    {
+        return Err(TransportError::handshake("plain HTTP request (answered 404)"));
+    }
     let mut ws = timeout_at(
         deadline,
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(config.websocket())),

@@ -33,7 +33,7 @@ pub enum Priority {
 type Job = Box<dyn FnOnce(&mut Store) -> Answer + Send>;
 
 /// Sends a job's result to its caller; `Err` when the group it ran in failed to commit.
-type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Answer = Box<dyn FnOnce(Result<(), WriterError>) + Send>;
 
 /// Most of the till's waiting writes committed together.
 const GROUP_MAX: usize = 64;
@@ -48,6 +48,10 @@ pub enum WriterError {
     /// wrote was kept.
     #[error("the write could not be committed: {0}")]
     CommitFailed(String),
+    /// The group's commit found the disk full: nothing it wrote was kept; it can succeed
+    /// once room is made.
+    #[error("the write could not be committed: the disk is full")]
+    StorageFull,
 }
 
 /// Queue lengths, for the metrics.
@@ -106,8 +110,8 @@ impl WriterHandle {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |store| {
             let value = job(store);
-            Box::new(move |committed: Result<(), String>| {
-                let _ = reply.send(committed.map(|()| value).map_err(WriterError::CommitFailed));
+            Box::new(move |committed: Result<(), WriterError>| {
+                let _ = reply.send(committed.map(|()| value));
             })
         });
         self.queue(priority).send(job).await.map_err(|_| WriterError::Stopped)?;
@@ -140,7 +144,7 @@ impl WriterHandle {
 
 /// Runs one job as it is, or several in one group commit; returns their answers and whether
 /// the group committed.
-fn run_jobs(store: &mut Store, jobs: Vec<Job>) -> (Vec<Answer>, Result<(), String>) {
+fn run_jobs(store: &mut Store, jobs: Vec<Job>) -> (Vec<Answer>, Result<(), WriterError>) {
     if jobs.len() == 1 {
         let answers = jobs.into_iter().map(|job| job(store)).collect();
         return (answers, Ok(()));
@@ -154,7 +158,14 @@ fn run_jobs(store: &mut Store, jobs: Vec<Job>) -> (Vec<Answer>, Result<(), Strin
     if let Err(err) = &committed {
         tracing::error!(%err, writes = answers.len(), "a group of local writes failed to commit");
     }
-    (answers, committed.map_err(|err| err.to_string()))
+    let committed = committed.map_err(|err| {
+        if err.is_storage_full() {
+            WriterError::StorageFull
+        } else {
+            WriterError::CommitFailed(err.to_string())
+        }
+    });
+    (answers, committed)
 }
 
 fn run(

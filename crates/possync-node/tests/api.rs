@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use possync_core::{EntityId, EntityKind, PosId};
-use possync_node::api::{AuthPolicy, route_list, router_with};
+use possync_node::api::{AuthPolicy, BrowserGuard, route_list, router_with};
 use possync_node::config::NodeConfig;
 use possync_node::{Node, NodeShared};
 use possync_store::{PeerRef, Store, SystemEnvironment};
@@ -59,7 +59,8 @@ impl Client {
         Client { base: format!("http://{address}"), agent, token: None }
     }
 
-    /// Sends `body` as raw text with a content type.
+    /// Sends `body` as raw text with a content type. A state-changing call without a body
+    /// still says `Content-Type: application/json`, as the API asks (api/guard.rs).
     fn raw(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Reply {
         let mut request = ureq::http::Request::builder().method(method).uri(format!("{}{path}", self.base));
         if let Some(token) = &self.token {
@@ -69,7 +70,8 @@ impl Client {
             Some((content_type, text)) => {
                 self.agent.run(request.header("Content-Type", content_type).body(text.to_string()).unwrap())
             }
-            None => self.agent.run(request.body(()).unwrap()),
+            None if method == "GET" => self.agent.run(request.body(()).unwrap()),
+            None => self.agent.run(request.header("Content-Type", "application/json").body(()).unwrap()),
         };
         let mut response = response.unwrap_or_else(|err| panic!("{method} {path}: {err}"));
         let status = response.status().as_u16();
@@ -132,6 +134,7 @@ fn config(dir: &std::path::Path, peers: Vec<String>) -> NodeConfig {
         max_frame_bytes: 1024 * 1024,
         backoff_base_ms: 50,
         chain: None,
+        api: Default::default(),
     }
 }
 
@@ -149,9 +152,14 @@ impl TestNode {
     }
 
     fn with_store(dir: tempfile::TempDir, store: Store, peers: Vec<String>) -> TestNode {
+        let config = config(dir.path(), peers);
+        TestNode::with_config(dir, store, config)
+    }
+
+    fn with_config(dir: tempfile::TempDir, store: Store, config: NodeConfig) -> TestNode {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let node = runtime.block_on(Node::start_with_store(config(dir.path(), peers), store)).unwrap();
+        let node = runtime.block_on(Node::start_with_store(config, store)).unwrap();
         let client = Client::new(node.api_addr.unwrap());
         TestNode { runtime, node: Some(node), client, _dir: dir }
     }
@@ -754,9 +762,9 @@ fn a_token_is_required_off_loopback() {
     let test = TestNode::start();
     let policy = AuthPolicy::for_bind(Some("0.0.0.0:0".parse().unwrap()), TOKEN);
     assert_eq!(policy, AuthPolicy::Token(TOKEN.into()));
-    let app = router_with(Arc::clone(test.shared()), policy);
     let listener = test.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let address = listener.local_addr().unwrap();
+    let app = router_with(Arc::clone(test.shared()), policy, BrowserGuard::new(address, &[]));
     test.runtime.spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -796,6 +804,13 @@ fn openapi_documents_every_route() {
     let api = &test.client;
     let document = api.ok("/api/openapi.json");
     assert_eq!(document["openapi"], "3.0.3");
+    // The text rule (no control characters) and the browser guard are documented.
+    let sku = &document["components"]["schemas"]["ProductCreate"]["properties"]["sku"];
+    assert!(sku["pattern"].as_str().is_some_and(|pattern| pattern.contains("u001F")), "{sku}");
+    let cancel = &document["paths"]["/api/tickets/{id}/cancel"]["post"]["responses"];
+    for status in ["403", "415", "507"] {
+        assert!(cancel.get(status).is_some(), "{status} is not documented: {cancel}");
+    }
     let mut documented = BTreeSet::new();
     for (path, item) in document["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
@@ -814,6 +829,7 @@ fn openapi_documents_every_route() {
             drop(open_events(&api.base));
             continue;
         }
+        // State-changing calls carry the JSON content type even without a body (guard.rs).
         let reply = api.raw(method, &concrete, None);
         let code = reply.body["error"]["code"].as_str().unwrap_or("");
         assert!(
@@ -852,6 +868,441 @@ fn every_metric_is_documented() {
         families += 1;
     }
     assert!(families >= 10, "{families} families");
+}
+
+/// One HTTP/1.1 request written by hand on a fresh socket (`Connection: close`), so that
+/// `Host`, `Origin` and `Content-Type` are exactly what a browser or an attacker would send.
+/// Answers the status and the JSON body.
+fn hand_request(
+    address: SocketAddr,
+    request_line: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut text =
+        format!("{request_line} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    stream.write_all(text.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
+}
+
+#[track_caller]
+fn assert_refused(answer: &(u16, Value), status: u16, code: &str) {
+    assert_eq!(answer.0, status, "{:?}", answer.1);
+    assert_eq!(answer.1["error"]["code"], code, "{:?}", answer.1);
+}
+
+/// Issue 13, item 7: DNS rebinding (a foreign `Host`), a foreign `Origin`, and a form's
+/// body-less POST are refused before anything is written; the node's own names, its own
+/// origin and JSON calls still work.
+#[test]
+fn web_pages_cannot_drive_the_api() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let port = address.port();
+    let own_host = format!("127.0.0.1:{port}");
+    let (_, product_id) = category_and_product(api);
+    let sale = api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "payments": [{"method": "cash", "amount": 10}]}),
+    );
+    assert_eq!(sale.status, 201, "{:?}", sale.body);
+    let ticket_id = sale.body["id"].as_str().unwrap().to_string();
+    let json_type = ("Content-Type", "application/json");
+    let category = r#"{"name": "Rebound"}"#;
+
+    // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+    let evil_host = format!("rebind.evil.example:{port}");
+    assert_refused(
+        &hand_request(address, "POST /api/categories", &[("Host", &evil_host), json_type], category),
+        403,
+        "forbidden_host",
+    );
+    assert_refused(
+        &hand_request(address, "GET /api/status", &[("Host", &evil_host)], ""),
+        403,
+        "forbidden_host",
+    );
+    // The right name on another port (a proxy the node does not know) or no Host at all.
+    let other_port = format!("localhost:{}", port.wrapping_add(1));
+    assert_refused(
+        &hand_request(address, "GET /api/status", &[("Host", &other_port)], ""),
+        403,
+        "forbidden_host",
+    );
+
+    // A foreign origin, on writes and reads alike, `null` included.
+    for origin in ["http://shop-offers.example", "null", &format!("http://localhost:{port}")] {
+        let headers = [("Host", own_host.as_str()), ("Origin", origin), json_type];
+        assert_refused(
+            &hand_request(address, "POST /api/categories", &headers, category),
+            403,
+            "forbidden_origin",
+        );
+        let headers = [("Host", own_host.as_str()), ("Origin", origin)];
+        assert_refused(&hand_request(address, "GET /api/tickets", &headers, ""), 403, "forbidden_origin");
+    }
+
+    // What an HTML form can send: no body, or a form body, never a JSON content type.
+    let cancel = format!("POST /api/tickets/{ticket_id}/cancel");
+    for form_type in ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"] {
+        let headers = [("Host", own_host.as_str()), ("Content-Type", form_type)];
+        assert_refused(&hand_request(address, &cancel, &headers, ""), 415, "unsupported_media_type");
+    }
+    assert_refused(
+        &hand_request(address, &cancel, &[("Host", &own_host)], ""),
+        415,
+        "unsupported_media_type",
+    );
+    let delete = format!("DELETE /api/products/{product_id}");
+    assert_refused(
+        &hand_request(address, &delete, &[("Host", &own_host)], ""),
+        415,
+        "unsupported_media_type",
+    );
+
+    // Nothing of it was written.
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket_id}"))["status"], "completed");
+    assert_eq!(api.count("/api/categories"), 1);
+    assert_eq!(api.get(&format!("/api/products/{product_id}")).status, 200);
+
+    // The node's own page (same origin), by every name of the node, and the CLI's way.
+    let page = [("Host", own_host.as_str()), ("Origin", &format!("http://{own_host}")), json_type];
+    let created = hand_request(address, "POST /api/categories", &page, category);
+    assert_eq!(created.0, 201, "{:?}", created.1);
+    for host in [format!("localhost:{port}"), format!("[::1]:{port}"), format!("LOCALHOST.:{port}")] {
+        let status = hand_request(address, "GET /api/status", &[("Host", &host)], "");
+        assert_eq!(status.0, 200, "{host}: {:?}", status.1);
+    }
+    let cancelled = hand_request(address, &cancel, &[("Host", &own_host), json_type], "");
+    assert_eq!(cancelled.0, 200, "{:?}", cancelled.1);
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket_id}"))["status"], "cancelled");
+}
+
+/// `api_allowed_hosts` adds names (the till's name on the shop's network); others stay out.
+#[test]
+fn configured_host_names_are_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), "pos-named");
+    let mut config = config(dir.path(), Vec::new());
+    config.api.allowed_hosts = vec!["till-3.shop.lan".into()];
+    let test = TestNode::with_config(dir, store, config);
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let named = format!("till-3.shop.lan:{}", address.port());
+    assert_eq!(hand_request(address, "GET /api/status", &[("Host", &named)], "").0, 200);
+    let other = format!("till-4.shop.lan:{}", address.port());
+    assert_refused(&hand_request(address, "GET /api/status", &[("Host", &other)], ""), 403, "forbidden_host");
+}
+
+/// Issue 13, item 7: idle sockets cannot pile up. A connection that moves no byte for
+/// `idle_timeout` is closed by the node (end of stream), one that never sent anything as well
+/// as a keep-alive connection left open after a request.
+#[test]
+fn idle_api_connections_are_closed_after_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), "pos-idle");
+    let mut config = config(dir.path(), Vec::new());
+    config.api.idle_timeout = Duration::from_millis(1500);
+    let test = TestNode::with_config(dir, store, config);
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let open = || test.shared().metrics.api_connections.get();
+
+    let mut idle: Vec<std::net::TcpStream> =
+        (0..10).map(|_| std::net::TcpStream::connect(address).unwrap()).collect();
+    eventually("the idle sockets accepted", || open() == 10);
+    let started = Instant::now();
+    for socket in &mut idle {
+        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buffer = [0u8; 64];
+        match socket.read(&mut buffer) {
+            Ok(0) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle socket was not closed: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    eventually("every idle connection closed", || open() == 0);
+
+    // A keep-alive connection left open after a request is closed too.
+    let mut kept = std::net::TcpStream::connect(address).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let host = format!("127.0.0.1:{}", address.port());
+    kept.write_all(format!("GET /api/status HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match kept.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => answer.extend_from_slice(&buffer[..read]),
+            Err(err) => panic!("the keep-alive connection was not closed: {err}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    eventually("every connection closed", || open() == 0);
+}
+
+/// Issue 13, item 7: at most `max_connections` are served at once, and a cap full of idle
+/// sockets does not keep a till waiting: a new connection closes the one idle the longest
+/// (the idle timeout here is far longer than the test).
+#[test]
+fn a_cap_full_of_idle_connections_still_serves_a_real_request() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), "pos-capped");
+    let mut config = config(dir.path(), Vec::new());
+    config.api.max_connections = 4;
+    config.api.idle_timeout = Duration::from_secs(600);
+    let test = TestNode::with_config(dir, store, config);
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let open = || test.shared().metrics.api_connections.get();
+
+    let mut idle: Vec<std::net::TcpStream> = Vec::new();
+    for _ in 0..10 {
+        idle.push(std::net::TcpStream::connect(address).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Each new socket evicts an older one: the count stays at the cap.
+    eventually("the cap filled by idle sockets", || open() == 4);
+    for _ in 0..5 {
+        assert!(open() <= 4, "never more than the cap: {}", open());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    for _ in 0..3 {
+        let reply = test.client.get("/api/status");
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    assert!(started.elapsed() < Duration::from_secs(15), "served at once, not after the idle timeout");
+    // The oldest idle sockets were closed by the node to make room.
+    let mut closed = 0;
+    for socket in &mut idle {
+        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut buffer = [0u8; 64];
+        if matches!(socket.read(&mut buffer), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 6, "{closed} idle sockets closed");
+    assert!(open() <= 4);
+}
+
+/// When every slot is busy (event streams, which are never idle) and none frees up, a new
+/// connection is refused cleanly: 503 `too_many_connections`.
+#[test]
+fn a_cap_full_of_busy_connections_refuses_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), "pos-busy");
+    let mut config = config(dir.path(), Vec::new());
+    config.api.max_connections = 2;
+    let test = TestNode::with_config(dir, store, config);
+    let address = test.node.as_ref().unwrap().api_addr.unwrap();
+    let base = format!("http://{address}");
+    let mut streams = vec![open_events(&base), open_events(&base)];
+    // The first refused connections each evict a stream, which (never ending) cannot close.
+    let mut refused = None;
+    for _ in 0..4 {
+        let (status, body) = hand_request(
+            address,
+            "GET /api/status",
+            &[("Host", &format!("127.0.0.1:{}", address.port()))],
+            "",
+        );
+        if status == 503 {
+            refused = Some(body);
+            break;
+        }
+    }
+    let body = refused.expect("a connection refused at the cap");
+    assert_eq!(body["error"]["code"], "too_many_connections", "{body:?}");
+    assert!(test.shared().metrics.api_connections.get() <= 2);
+    streams.clear();
+}
+
+/// Issue 13, item 8: text with control characters (a NUL in a SKU, an escape sequence in a
+/// name) is refused as an invalid field, and nothing is written; line breaks stay allowed in
+/// free text.
+#[test]
+fn text_with_control_characters_is_refused() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    let nul_sku = api.post("/api/products", &json!({"sku": "NUL\u{0}SKU", "name": "Ghost", "price": 1}));
+    nul_sku.error(422, "invalid_entity");
+    assert!(
+        nul_sku.body["error"]["message"].as_str().unwrap().contains("control characters"),
+        "{:?}",
+        nul_sku.body
+    );
+    api.post("/api/products", &json!({"sku": "ESC-1", "name": "Tea\u{1b}[2J", "price": 1}))
+        .error(422, "invalid_entity");
+    api.send("PATCH", &format!("/api/products/{product_id}"), &json!({"barcode": "12\u{7}34"}))
+        .error(422, "invalid_entity");
+    api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "payments": [{"method": "cash", "amount": 5}],
+                "notes": "bad\u{0}note"}),
+    )
+    .error(422, "invalid_entity");
+    api.post(
+        "/api/stock/adjust",
+        &json!({"productId": product_id, "quantity": 5, "type": "in", "reference": "DN\u{0}1"}),
+    )
+    .error(422, "invalid_entity");
+    assert_eq!(api.count("/api/products"), 1);
+    assert_eq!(api.count("/api/tickets"), 0);
+    assert_eq!(api.ok(&format!("/api/products/{product_id}"))["barcode"], Value::Null);
+    assert_eq!(api.count(&format!("/api/products/{product_id}/movements")), 0);
+    let sold = api.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product_id, "quantity": 1}], "payments": [{"method": "cash", "amount": 5}]}),
+    );
+    let ticket = sold.body["id"].as_str().unwrap().to_string();
+    api.post(&format!("/api/tickets/{ticket}/cancel"), &json!({"reason": "oops\u{0}"}))
+        .error(422, "invalid_entity");
+    assert_eq!(api.ok(&format!("/api/tickets/{ticket}"))["status"], "completed");
+
+    let described = api.send(
+        "PATCH",
+        &format!("/api/products/{product_id}"),
+        &json!({"description": "Fresh.\nKeep cold.\tSeriously."}),
+    );
+    assert_eq!(described.status, 200, "{:?}", described.body);
+}
+
+/// Issue 13, item 8: `?day=` must name a real calendar day.
+#[test]
+fn an_impossible_day_is_refused() {
+    let test = TestNode::start();
+    let api = &test.client;
+    for day in ["2025-13-45", "2025-02-30", "2025-00-10", "2025-04-31"] {
+        api.get(&format!("/api/tickets?day={day}")).error(400, "invalid_request");
+    }
+    assert_eq!(api.get("/api/tickets?day=2024-02-29").status, 200);
+    assert_eq!(api.get("/api/tickets?day=2025-12-31").status, 200);
+}
+
+/// Issue 13, item 8: tills choose their ticket ids and re-send a sale whose answer was lost:
+/// the same sale again answers 200 with the stored ticket and writes nothing; another sale
+/// under the same id is still 409.
+#[test]
+fn a_resent_sale_answers_the_stored_ticket() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (_, product_id) = category_and_product(api);
+    let sale = json!({
+        "id": "till-sale-0001",
+        "lines": [{"productId": product_id, "quantity": 2, "unitPrice": "2.5"}],
+        "payments": [{"method": "card", "amount": 5, "reference": "slip 7"}],
+        "notes": "table 4",
+    });
+    let first = api.post("/api/tickets", &sale);
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let local_changes = |api: &Client| {
+        let metrics = api.get("/metrics");
+        metrics
+            .body
+            .as_str()
+            .unwrap()
+            .lines()
+            .find(|line| line.starts_with("possync_local_changes_total"))
+            .map(str::to_string)
+    };
+    let changes_before = local_changes(api);
+    let stock_before = api.ok(&format!("/api/products/{product_id}"))["stock"].clone();
+
+    // The same body, and the same sale written differently (amounts as numbers or text).
+    let mut respelled = sale.clone();
+    respelled["lines"][0]["unitPrice"] = json!(2.50);
+    respelled["payments"][0]["amount"] = json!("5.00");
+    for again in [&sale, &respelled] {
+        let replay = api.post("/api/tickets", again);
+        assert_eq!(replay.status, 200, "{:?}", replay.body);
+        assert_eq!(replay.body, first.body, "the stored ticket, as first answered");
+    }
+    assert_eq!(api.count("/api/tickets"), 1);
+    assert_eq!(api.ok(&format!("/api/products/{product_id}"))["stock"], stock_before);
+    assert_eq!(local_changes(api), changes_before, "no change written");
+
+    // A different sale under the used id: refused, nothing written.
+    for (path, value) in [
+        ("/lines/0/quantity", json!(3)),
+        ("/lines/0/unitPrice", json!("2.4")),
+        ("/payments/0/method", json!("cash")),
+        ("/payments/0/reference", json!("slip 8")),
+        ("/notes", json!("table 5")),
+    ] {
+        let mut other = sale.clone();
+        *other.pointer_mut(path).unwrap() = value;
+        api.post("/api/tickets", &other).error(409, "already_exists");
+    }
+    let mut two_lines = sale.clone();
+    two_lines["lines"].as_array_mut().unwrap().push(json!({"productId": product_id, "quantity": 1}));
+    api.post("/api/tickets", &two_lines).error(409, "already_exists");
+    assert_eq!(api.count("/api/tickets"), 1);
+    assert_eq!(api.ok(&format!("/api/products/{product_id}"))["stock"], stock_before);
+
+    // A ticket cancelled since: the re-sent sale answers its current state, and stays cancelled.
+    let cancelled = api.raw("POST", "/api/tickets/till-sale-0001/cancel", None);
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    let replay = api.post("/api/tickets", &sale);
+    assert_eq!((replay.status, &replay.body["status"]), (200, &json!("cancelled")));
+}
+
+/// Issue 13, item 8: a full disk answers 507 `storage_full` (not a generic 500), writes
+/// nothing, leaves reads working, and writes work again once there is room. The database
+/// is capped with SQLite's `max_page_count`, which fails a write exactly as a full disk does
+/// (SQLITE_FULL).
+#[test]
+fn a_full_disk_answers_storage_full() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let (category_id, _) = category_and_product(api);
+    let writer =
+        |pages: u32| {
+            let shared = Arc::clone(test.shared());
+            test.runtime
+                .block_on(shared.writer.call(possync_node::writer::Priority::Local, move |store| {
+                    store.set_max_page_count(pages)
+                }))
+                .unwrap()
+                .unwrap()
+        };
+    writer(1); // never below the current size: the database is full as it is
+    let description = "x".repeat(3900);
+    let mut refused = None;
+    for n in 0..200 {
+        let reply = api.post(
+            "/api/products",
+            &json!({"sku": format!("FULL-{n}"), "name": "Filler", "price": 1, "categoryId": category_id,
+                    "description": description}),
+        );
+        if reply.status != 201 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("the capped database filled up");
+    refused.error(507, "storage_full");
+    let products = api.count("/api/products");
+    assert!(api.get("/api/status").status == 200, "reads still work");
+
+    writer(1_000_000);
+    let created = api.post("/api/products", &json!({"sku": "AFTER", "name": "After", "price": 1}));
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(api.count("/api/products"), products + 1);
 }
 
 #[test]

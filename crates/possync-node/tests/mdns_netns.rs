@@ -146,6 +146,7 @@ fn child() {
             max_frame_bytes: 1 << 20,
             backoff_base_ms: 500,
             chain: None,
+            api: Default::default(),
         };
         let node = Node::start_with_store(config, store).await.unwrap();
         let body = serde_json::json!({"id": me, "sku": me, "name": me, "price": "1.00"});

@@ -83,6 +83,14 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
+    /// Did SQLite find no room to write: the disk (or the file system quota) is full, or
+    /// the database reached its `max_page_count`? Such a write changed nothing and can
+    /// succeed once room is made; the API answers it as 507 `storage_full`.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(error, _))
+            if error.code == rusqlite::ErrorCode::DiskFull)
+    }
+
     pub(crate) fn not_found(kind: EntityKind, id: &EntityId) -> StoreError {
         StoreError::NotFound { kind, id: id.clone() }
     }

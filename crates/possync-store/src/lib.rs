@@ -44,7 +44,9 @@ pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
 pub use crate::error::{Result, StoreError};
 pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;
-pub use crate::sales::{HistoricalSale, PaymentRequest, RefundLine, SaleLineRequest, SaleRequest};
+pub use crate::sales::{
+    HistoricalSale, PaymentRequest, RefundLine, SaleLineRequest, SaleOutcome, SaleRequest,
+};
 pub use crate::select::Selection;
 pub use crate::settings::{SettingRow, Settings};
 
@@ -348,6 +350,14 @@ impl Store {
         self.conn.pragma_update(None, "cache_size", -i64::from(cache_kib))?;
         self.conn.pragma_update(None, "temp_store", "MEMORY")?;
         Ok(())
+    }
+
+    /// Caps the database at `pages` pages (SQLite's `max_page_count`; never below its
+    /// current size) and answers the cap. A write that would grow it further fails as on a
+    /// full disk ([`StoreError::is_storage_full`]) and leaves nothing behind. For tests of
+    /// what a full disk does, and for operators who want a hard size limit.
+    pub fn set_max_page_count(&mut self, pages: u32) -> Result<i64> {
+        Ok(self.conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |row| row.get(0))?)
     }
 
     /// Takes the changes written since the last call, in log order, for broadcast and relay.

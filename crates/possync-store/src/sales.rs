@@ -112,6 +112,16 @@ pub struct RefundLine {
     pub quantity: Decimal,
 }
 
+/// What [`Store::record_sale_once`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaleOutcome {
+    /// The sale is new and was recorded: the ticket.
+    Recorded(Value),
+    /// This till already recorded a sale with this id and the same content (the till
+    /// re-sent it after losing the answer): nothing was written; the stored ticket.
+    AlreadyRecorded(Value),
+}
+
 /// An arithmetic result, or a clear error instead of an overflow panic.
 fn checked(value: Option<Decimal>) -> Result<Decimal> {
     value.ok_or_else(|| StoreError::invalid("amount", "too large"))
@@ -302,6 +312,79 @@ impl Store {
         })
     }
 
+    /// Records a sale exactly once per ticket id: tills choose their ticket ids and re-send
+    /// a sale whose answer was lost. A re-sent sale (same id, same customer, lines,
+    /// payments and notes, sold on this till) answers the stored ticket and writes nothing;
+    /// a different sale under a used id is [`StoreError::AlreadyExists`].
+    pub fn record_sale_once(&mut self, request: &SaleRequest) -> Result<SaleOutcome> {
+        if let Some(id) = &request.id
+            && self.ticket_exists(id)?
+        {
+            if self.is_recorded_as(id, request)? {
+                return Ok(SaleOutcome::AlreadyRecorded(self.ticket_json(id)?));
+            }
+            return Err(StoreError::AlreadyExists { kind: EntityKind::Ticket, id: id.clone() });
+        }
+        self.record_sale(request).map(SaleOutcome::Recorded)
+    }
+
+    /// Is ticket `id` the sale `request` asks for? Prices and discount rates the request
+    /// leaves to the catalog are not compared (the catalog may have changed since).
+    fn is_recorded_as(&self, id: &EntityId, request: &SaleRequest) -> Result<bool> {
+        let stored_decimal =
+            |raw: &str| decimal::parse_stored(raw).map_err(|err| StoreError::Corrupt(err.to_string()));
+        let (pos_id, customer_id, notes): (String, Option<String>, Option<String>) = self
+            .conn
+            .prepare_cached("SELECT pos_id, customer_id, notes FROM tickets WHERE id = ?1")?
+            .query_row([id.as_str()], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        if pos_id != self.identity.pos_id.as_str()
+            || customer_id.as_deref() != request.customer_id.as_ref().map(EntityId::as_str)
+            || notes != request.notes
+        {
+            return Ok(false);
+        }
+        let lines: Vec<(String, String, String, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT product_id, quantity, unit_price, discount_rate FROM ticket_lines
+                 WHERE ticket_id = ?1 ORDER BY line_no",
+            )?
+            .query_map([id.as_str()], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if lines.len() != request.lines.len() {
+            return Ok(false);
+        }
+        for ((product, quantity, unit_price, discount_rate), asked) in lines.iter().zip(&request.lines) {
+            let (unit_price, discount_rate) = (stored_decimal(unit_price)?, stored_decimal(discount_rate)?);
+            if product != asked.product_id.as_str()
+                || stored_decimal(quantity)? != asked.quantity
+                || asked.unit_price.is_some_and(|price| price != unit_price)
+                || asked.discount_rate.is_some_and(|rate| rate != discount_rate)
+            {
+                return Ok(false);
+            }
+        }
+        let payments: Vec<(String, String, Option<String>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT method, amount, reference FROM ticket_payments WHERE ticket_id = ?1 ORDER BY line_no",
+            )?
+            .query_map([id.as_str()], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if payments.len() != request.payments.len() {
+            return Ok(false);
+        }
+        for ((method, amount, reference), asked) in payments.iter().zip(&request.payments) {
+            if method != asked.method.as_str()
+                || stored_decimal(amount)? != asked.amount
+                || *reference != asked.reference
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Refunds a ticket: some lines (`lines`) or everything not yet refunded (`None`).
     /// Stock comes back by `return` movements.
     pub fn refund_ticket(
@@ -325,8 +408,8 @@ impl Store {
         lines: Option<&[RefundLine]>,
         reason: Option<&str>,
     ) -> Result<Value> {
-        if reason.is_some_and(|reason| reason.chars().count() > 4000) {
-            return Err(StoreError::invalid("reason", "longer than 4000 characters"));
+        if let Some(reason) = reason {
+            possync_core::entity::check_text("reason", reason, 4000)?;
         }
         let now = self.now_rfc3339();
         self.write(true, |store| {
@@ -504,8 +587,8 @@ impl Store {
         reference: Option<&str>,
         count: bool,
     ) -> Result<Value> {
-        if reference.is_some_and(|reference| reference.chars().count() > 500) {
-            return Err(StoreError::invalid("reference", "longer than 500 characters"));
+        if let Some(reference) = reference {
+            possync_core::entity::check_text("reference", reference, possync_core::entity::REFERENCE_CHARS)?;
         }
         let quantity = decimal::parse(&quantity.to_string())
             .map_err(|err| StoreError::invalid("quantity", err.to_string()))?;

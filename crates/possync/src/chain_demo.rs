@@ -236,6 +236,7 @@ async fn start_node(
         max_frame_bytes: 16 * 1024 * 1024,
         backoff_base_ms: 500,
         chain,
+        api: Default::default(),
     };
     Node::start_with_store(config, store).await.with_context(|| format!("cannot start {name}"))
 }

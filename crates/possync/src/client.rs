@@ -143,7 +143,14 @@ impl Api {
         let response = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             (_, Some(body)) => self.agent.post(&url).header("Authorization", &auth).send_json(body),
-            (_, None) => self.agent.post(&url).header("Authorization", &auth).send_empty(),
+            // The API refuses a state-changing call without the JSON content type, also
+            // without a body (it keeps web pages from posting to the till).
+            (_, None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send_empty(),
         };
         let mut response = response.map_err(|_| Unreachable(self.base.clone()))?;
         let status = response.status();

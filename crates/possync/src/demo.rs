@@ -89,6 +89,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             max_frame_bytes: 16 * 1024 * 1024,
             backoff_base_ms: 1_000,
             chain: None,
+            api: Default::default(),
         };
         let node =
             Node::start_with_store(config, store).await.with_context(|| format!("cannot start {name}"))?;

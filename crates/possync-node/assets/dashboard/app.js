@@ -227,7 +227,8 @@
   function request(method, path, body) {
     var headers = { Accept: "application/json" };
     if (TOKEN) headers.Authorization = "Bearer " + TOKEN;
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    // The node refuses POST/PUT/PATCH/DELETE without this type, body or not (CSRF guard).
+    if (body !== undefined || method !== "GET") headers["Content-Type"] = "application/json";
     return fetch(apiUrl(path), {
       method: method,
       headers: headers,

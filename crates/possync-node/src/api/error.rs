@@ -56,6 +56,16 @@ impl ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_entity", message)
     }
 
+    /// 507 `storage_full`: the disk is full; nothing was written, the same call can
+    /// succeed once room is made.
+    pub fn storage_full() -> ApiError {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage_full",
+            "the till's disk is full: nothing was written; free some space (or run cleanup) and send it again",
+        )
+    }
+
     /// 503 `unavailable`: the node is stopping.
     pub fn unavailable() -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is stopping; try again later")
@@ -93,6 +103,10 @@ impl From<StoreError> for ApiError {
             StoreError::BadSetting(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_setting", err.to_string())
             }
+            StoreError::Sqlite(_) if err.is_storage_full() => {
+                tracing::error!(%err, "API write refused: the disk is full");
+                ApiError::storage_full()
+            }
             StoreError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "change_too_large", err.to_string())
             }
@@ -116,6 +130,10 @@ impl From<WriterError> for ApiError {
     fn from(err: WriterError) -> ApiError {
         match err {
             WriterError::Stopped => ApiError::unavailable(),
+            WriterError::StorageFull => {
+                tracing::error!(%err, "API write refused: the disk is full");
+                ApiError::storage_full()
+            }
             WriterError::CommitFailed(_) => {
                 tracing::error!(%err, "API call failed on the database");
                 ApiError::new(
@@ -163,15 +181,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 
 /// The body's bytes, `None` when empty; checks the content type of a non-empty body.
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Option<Bytes>, ApiError> {
-    let json_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .map(|mime| {
-            let mime = mime.trim().to_ascii_lowercase();
-            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-        });
+    let json_type = super::guard::is_json(
+        request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()),
+    );
     let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -183,7 +195,7 @@ async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Option
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    if json_type != Some(true) {
+    if !json_type {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -256,6 +268,8 @@ mod tests {
             assert!(!mapped.message.contains("secret internals"));
         }
         assert_eq!(ApiError::from(WriterError::Stopped).status, StatusCode::SERVICE_UNAVAILABLE);
+        let full = ApiError::from(WriterError::StorageFull);
+        assert_eq!((full.status.as_u16(), full.code), (507, "storage_full"));
         let failed = ApiError::from(WriterError::CommitFailed("disk I/O error".into()));
         assert_eq!((failed.status, failed.code), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
         assert!(!failed.message.contains("disk"), "internals stay in the log");

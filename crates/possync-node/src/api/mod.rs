@@ -6,12 +6,14 @@
 //! - Every write goes through the single writer's local queue ([`write_change`]), which also
 //!   publishes the change to the peers; reads use the reader pool.
 //! - Every error, axum's own rejections included, is `{"error": {"code", "message"}}`
-//!   ([`error`]). Access: open on loopback, a bearer token elsewhere ([`auth`]).
+//!   ([`error`]). Access: open on loopback, a bearer token elsewhere ([`auth`]); web pages
+//!   are kept out by the Host, Origin and content-type rules of [`guard`], checked first.
+//! - [`server`] accepts the connections itself: a cap and an idle timeout.
 //!
-//! Modules: [`error`], [`auth`], `entities` (products, categories, customers), `sales`
-//! (tickets, stock), `sync` (status, stats, audit lists, control, settings, cleanup,
-//! metrics), `events` (SSE), `dashboard` (assets and indicators), `chain` (the chain of
-//! stores' views), [`openapi`].
+//! Modules: [`error`], [`guard`], [`auth`], [`server`], `entities` (products, categories,
+//! customers), `sales` (tickets, stock), `sync` (status, stats, audit lists, control,
+//! settings, cleanup, metrics), `events` (SSE), `dashboard` (assets and indicators), `chain`
+//! (the chain of stores' views), `changes` (the change feed), [`openapi`].
 
 pub mod auth;
 mod chain;
@@ -20,10 +22,13 @@ mod dashboard;
 mod entities;
 pub mod error;
 mod events;
+pub mod guard;
 pub mod openapi;
 mod sales;
+pub mod server;
 mod sync;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -35,6 +40,7 @@ use tokio::net::TcpListener;
 
 pub use self::auth::AuthPolicy;
 pub use self::error::ApiError;
+pub use self::guard::BrowserGuard;
 use self::openapi::{Method, Route};
 use crate::node::NodeShared;
 use crate::writer::Priority;
@@ -45,6 +51,8 @@ pub struct ApiState {
     pub node: Arc<NodeShared>,
     /// Who may call.
     pub auth: AuthPolicy,
+    /// Which Host and Origin headers are the node's own.
+    pub guard: BrowserGuard,
     /// The OpenAPI document (built once, from the route table).
     openapi: Value,
     /// The SSE fan-out.
@@ -53,29 +61,38 @@ pub struct ApiState {
 
 /// Serves the API on `listener` until the node shuts down.
 pub async fn serve(node: Arc<NodeShared>, listener: TcpListener) {
-    let mut shutdown = node.shutdown.subscribe();
-    let app = router(node);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await;
-    if let Err(err) = served {
-        tracing::warn!(%err, "API server stopped");
-    }
+    let bound = match listener.local_addr() {
+        Ok(bound) => bound,
+        Err(err) => {
+            tracing::warn!(%err, "API listener has no address; not serving");
+            return;
+        }
+    };
+    let shutdown = node.shutdown.subscribe();
+    let options = node.config.api.clone();
+    let open_connections = node.metrics.api_connections.clone();
+    let app = router(node, bound);
+    server::serve(listener, app, options, open_connections, shutdown).await;
 }
 
-/// Every route, with the access policy of the configured bind address.
-pub fn router(node: Arc<NodeShared>) -> Router {
+/// Every route, with the access policy of the configured bind address, for an API
+/// listening on `bound`.
+pub fn router(node: Arc<NodeShared>, bound: SocketAddr) -> Router {
     let auth = AuthPolicy::for_bind(node.config.api_listen, &node.config.api_token);
-    router_with(node, auth)
+    let guard = BrowserGuard::new(bound, &node.config.api.allowed_hosts);
+    router_with(node, auth, guard)
 }
 
-/// Every route, with the given access policy.
-pub fn router_with(node: Arc<NodeShared>, auth: AuthPolicy) -> Router {
+/// Every route, with the given access policy and browser guard.
+pub fn router_with(node: Arc<NodeShared>, auth: AuthPolicy, guard: BrowserGuard) -> Router {
     let table = routes();
-    let state =
-        Arc::new(ApiState { node, auth, openapi: openapi::document(&table), hub: events::Hub::default() });
+    let state = Arc::new(ApiState {
+        node,
+        auth,
+        guard,
+        openapi: openapi::document(&table),
+        hub: events::Hub::default(),
+    });
     let mut router = Router::new();
     for route in table {
         router = router.route(route.path, route.handler);
@@ -84,6 +101,7 @@ pub fn router_with(node: Arc<NodeShared>, auth: AuthPolicy) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .fallback(no_route)
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), auth::require_token))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), guard::guard))
         .with_state(state)
 }
 

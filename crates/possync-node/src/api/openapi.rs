@@ -211,11 +211,24 @@ impl Route {
         }));
         let mut responses = Map::new();
         let mut replies = self.replies.clone();
-        replies.push(Reply {
-            status: 401,
-            description: "Missing or wrong token (API bound beyond loopback)",
+        let error = |status, description| Reply {
+            status,
+            description,
             content: Some(("application/json", schema_ref("Error"))),
-        });
+        };
+        replies.push(error(401, "Missing or wrong token (API bound beyond loopback)"));
+        replies.push(error(
+            403,
+            "forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page",
+        ));
+        let state_changing = self.method != Method::Get;
+        if state_changing {
+            replies.push(error(
+                415,
+                "Not sent as Content-Type: application/json (required even without a body)",
+            ));
+            replies.push(error(507, "storage_full: the disk is full; nothing was written"));
+        }
         for reply in replies {
             let mut response = json!({"description": reply.description});
             if let Some((content_type, schema)) = reply.content {
@@ -230,9 +243,20 @@ impl Route {
             "parameters": parameters,
             "responses": responses,
         });
-        if let Some((schema, required)) = &self.body {
-            operation["requestBody"] =
-                json!({"required": required, "content": {"application/json": {"schema": schema}}});
+        match &self.body {
+            Some((schema, required)) => {
+                operation["requestBody"] =
+                    json!({"required": required, "content": {"application/json": {"schema": schema}}});
+            }
+            // No body is read, but the JSON content type is required (api/guard.rs).
+            None if state_changing => {
+                operation["requestBody"] = json!({
+                    "required": false,
+                    "description": "No body is needed; send `Content-Type: application/json` anyway",
+                    "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
+                });
+            }
+            None => {}
         }
         operation
     }
@@ -257,7 +281,11 @@ pub fn document(routes: &[Route]) -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": "The local HTTP API of a possync terminal (SPEC 6). JSON in camelCase; \
                 errors are {\"error\": {\"code\", \"message\"}}. Open on loopback; bound anywhere \
-                else, every call needs `Authorization: Bearer <api_token>` (or `?token=`).",
+                else, every call needs `Authorization: Bearer <api_token>` (or `?token=`). Web pages \
+                are kept out: the Host must be one of the node's names (403 forbidden_host), an \
+                Origin must be the node's own (403 forbidden_origin), and every POST, PUT, PATCH \
+                and DELETE must be sent with `Content-Type: application/json`, also without a \
+                body (415 unsupported_media_type).",
         },
         "servers": [{"url": "/"}],
         "paths": paths,
@@ -295,6 +323,16 @@ fn quantity_input() -> Value {
         {"type": "string", "pattern": "^-?[0-9]{1,10}(\\.[0-9]{1,3})?$"}]})
 }
 
+/// The rule of `entity::check_text` as a pattern: no control characters, except line
+/// breaks and tabs in free text.
+fn text_pattern(max: usize) -> &'static str {
+    if possync_core::entity::text_allows_line_breaks(max) {
+        "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$"
+    } else {
+        "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    }
+}
+
 /// The schema of one field, for answers (`input`: false) or requests.
 fn field_schema(ty: FieldType, input: bool) -> Value {
     let amount = |minimum_one: bool| {
@@ -307,8 +345,12 @@ fn field_schema(ty: FieldType, input: bool) -> Value {
         }
     };
     match ty {
-        FieldType::Text(max) => json!({"type": "string", "minLength": 1, "maxLength": max}),
-        FieldType::OptText(max) => nullable(json!({"type": "string", "maxLength": max})),
+        FieldType::Text(max) => {
+            json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": text_pattern(max)})
+        }
+        FieldType::OptText(max) => {
+            nullable(json!({"type": "string", "maxLength": max, "pattern": text_pattern(max)}))
+        }
         FieldType::OptRef => nullable(json!({"type": "string", "minLength": 1, "maxLength": 64})),
         FieldType::Amount { max_one } => amount(max_one),
         FieldType::OptAmount => nullable(amount(false)),
@@ -361,7 +403,8 @@ fn schemas() -> Value {
         schemas.insert(format!("{name}Create"), create);
         schemas.insert(format!("{name}Patch"), patch);
     }
-    let text = |max: u32| json!({"type": "string", "maxLength": max});
+    // Text the store checks with `entity::check_text`.
+    let checked_text = |max: usize| json!({"type": "string", "maxLength": max, "pattern": text_pattern(max)});
     let id = json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^\\S+$"});
     let int = json!({"type": "integer"});
     let string = json!({"type": "string"});
@@ -430,12 +473,12 @@ fn schemas() -> Value {
         "Payment": {
             "type": "object", "required": ["method", "amount"], "additionalProperties": false,
             "properties": {"method": {"type": "string", "enum": ["cash", "card", "transfer", "check", "other"]},
-                "amount": amount_input(), "reference": nullable(text(500))},
+                "amount": amount_input(), "reference": nullable(checked_text(500))},
         },
         "Sale": {
             "type": "object", "required": ["lines", "payments"], "additionalProperties": false,
             "properties": {"id": id, "customerId": nullable(id.clone()), "lines": array_of("SaleLine"),
-                "payments": array_of("Payment"), "notes": nullable(text(4000))},
+                "payments": array_of("Payment"), "notes": nullable(checked_text(4000))},
         },
         "Ticket": {"type": "object", "properties": {
             "id": string, "ticketNumber": string, "posId": string, "customerId": nullable(string.clone()),
@@ -449,18 +492,18 @@ fn schemas() -> Value {
             "properties": {
                 "lines": nullable(json!({"type": "array", "items": {"type": "object", "required": ["productId", "quantity"],
                     "additionalProperties": false, "properties": {"productId": id, "quantity": quantity_input()}}})),
-                "reason": nullable(text(4000)),
+                "reason": nullable(checked_text(4000)),
             },
         },
-        "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": nullable(text(4000))}},
+        "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": nullable(checked_text(4000))}},
         "StockAdjust": {
             "type": "object", "required": ["productId", "quantity", "type"], "additionalProperties": false,
             "properties": {"productId": id, "quantity": quantity_input(),
-                "type": {"type": "string", "enum": ["in", "out", "adjustment"]}, "reference": nullable(text(500))},
+                "type": {"type": "string", "enum": ["in", "out", "adjustment"]}, "reference": nullable(checked_text(500))},
         },
         "StockCount": {
             "type": "object", "required": ["productId", "counted"], "additionalProperties": false,
-            "properties": {"productId": id, "counted": quantity_input(), "reference": nullable(text(500))},
+            "properties": {"productId": id, "counted": quantity_input(), "reference": nullable(checked_text(500))},
         },
         "Movement": {"type": "object", "properties": {
             "id": string, "productId": string, "type": string, "quantity": {"type": "number"},

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use possync_core::EntityKind;
 use possync_core::entity::MovementType;
 use possync_store::reader::TicketQuery;
-use possync_store::{RefundLine, SaleRequest};
+use possync_store::{RefundLine, SaleOutcome, SaleRequest};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use super::entities::path_id;
 use super::error::{ApiError, ApiJson, ApiQuery, OptionalJson, PathParam};
 use super::openapi::{Method, Route, array_of, schema_ref};
-use super::{ApiState, check_amount, check_paging, check_quantity, read, write_change};
+use super::{ApiState, check_amount, check_paging, check_quantity, read, write, write_change};
 
 /// Filters of `GET /api/tickets`.
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +106,11 @@ pub(super) fn routes() -> Vec<Route> {
             .tag("tickets")
             .body(schema_ref("Sale"))
             .reply(201, "The ticket", schema_ref("Ticket"))
+            .reply(
+                200,
+                "Already recorded: a re-sent sale (same id and content); the stored ticket",
+                schema_ref("Ticket"),
+            )
             .errors(&[400, 409, 415, 422, 503]),
         Route::new(Method::Get, "/api/tickets", "listTickets", list_tickets)
             .summary("Tickets, newest first")
@@ -164,17 +169,27 @@ async fn create_ticket(
     for payment in &sale.payments {
         check_amount("amount", payment.amount)?;
     }
-    let ticket = write_change(&api.node, move |store| store.record_sale(&sale)).await?;
-    Ok((StatusCode::CREATED, Json(ticket)).into_response())
+    // A re-sent sale (same id, same content) answers 200 with the stored ticket: tills
+    // re-send after a lost answer. Another sale under a used id stays a 409.
+    match write(&api.node, move |store| store.record_sale_once(&sale)).await? {
+        SaleOutcome::Recorded(ticket) => {
+            api.node.metrics.local_changes.inc();
+            Ok((StatusCode::CREATED, Json(ticket)).into_response())
+        }
+        SaleOutcome::AlreadyRecorded(ticket) => Ok((StatusCode::OK, Json(ticket)).into_response()),
+    }
 }
 
+/// `YYYY-MM-DD` naming a real calendar day (`2025-13-45` matches the shape, names no day,
+/// and would only find nothing).
 fn is_day(text: &str) -> bool {
     let bytes = text.as_bytes();
-    bytes.len() == 10
+    let shaped = bytes.len() == 10
         && bytes
             .iter()
             .enumerate()
-            .all(|(i, byte)| if i == 4 || i == 7 { *byte == b'-' } else { byte.is_ascii_digit() })
+            .all(|(i, byte)| if i == 4 || i == 7 { *byte == b'-' } else { byte.is_ascii_digit() });
+    shaped && possync_core::time::parse_rfc3339_ms(&format!("{text}T00:00:00Z")).is_some()
 }
 
 async fn list_tickets(

@@ -602,3 +602,42 @@ fn close_reasons_are_cut_at_a_character_boundary() {
     assert!(cut.len() <= MAX_CLOSE_REASON_BYTES);
     assert_eq!(cut.len(), 122);
 }
+
+/// Issue 13, item 8: plain HTTP on the peer port (a browser, curl) gets the `404 Not Found`
+/// that PROTOCOL.md documents instead of a silent close, also when its head arrives in
+/// pieces; a real peer on the same listener still connects.
+#[tokio::test]
+async fn plain_http_on_the_peer_port_answers_404() {
+    within(async {
+        let (listener, addr) = listen().await;
+        let server = tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..4 {
+                let (stream, _) = listener.accept().await.unwrap();
+                outcomes.push(accept(stream, &config()).await.map(|_| ()));
+            }
+            outcomes
+        });
+        for pieces in [
+            vec!["GET / HTTP/1.1\r\nHost: till\r\n\r\n"],
+            vec!["GET /p2p HTTP/1.1\r\n", "Host: till\r\nAccept: */*\r\n\r\n"],
+            vec!["POST /api/categories HTTP/1.1\r\nHost: till\r\nContent-Length: 0\r\n\r\n"],
+        ] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            for piece in &pieces {
+                client.write_all(piece.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{pieces:?}: {answer:?}");
+            assert!(answer.ends_with("(WebSocket upgrade at /p2p)\n"), "{answer:?}");
+        }
+        let peer = connect(addr, &config()).await;
+        assert!(peer.is_ok(), "a real peer still connects: {peer:?}");
+        let outcomes = server.await.unwrap();
+        assert!(outcomes[..3].iter().all(Result::is_err), "{outcomes:?}");
+        assert!(outcomes[3].is_ok(), "{outcomes:?}");
+    })
+    .await;
+}

@@ -118,6 +118,7 @@ pub async fn start_as(options: Options, pos_id: Option<PosId>) -> TestNode {
         max_frame_bytes: options.max_frame_bytes,
         backoff_base_ms: options.backoff_base_ms,
         chain: options.chain.clone(),
+        api: Default::default(),
     };
     let node = Node::start_with_store(config, store).await.expect("the node starts");
     TestNode { node, dir }
