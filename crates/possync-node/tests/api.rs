@@ -1356,3 +1356,24 @@ fn the_change_feed_pages_by_cursor_and_streams_from_last_event_id() {
     assert_eq!(created.status, 201);
     assert!(next_id() > cursors[2], "the new change arrives live");
 }
+
+#[test]
+fn a_sale_too_large_for_any_peer_is_refused_with_the_limit_and_nothing_is_stored() {
+    // Issue 13, item 1: a 13,000-line sale would be a change over 4 MiB, which no peer takes.
+    let test = TestNode::start();
+    let api = &test.client;
+    let product = api.post("/api/products", &json!({"sku": "BIG", "name": "Big", "price": "1.00"}));
+    assert_eq!(product.status, 201);
+    let id = product.body["id"].as_str().unwrap().to_string();
+    let lines: Vec<Value> = (0..13_000).map(|_| json!({"productId": id, "quantity": 1})).collect();
+    let sale = api.post(
+        "/api/tickets",
+        &json!({"lines": lines, "payments": [{"method": "cash", "amount": "13000.00"}]}),
+    );
+    sale.error(413, "change_too_large");
+    assert!(sale.body["error"]["message"].as_str().unwrap().contains("4194304"), "{:?}", sale.body);
+    assert_eq!(api.get("/api/tickets").body.as_array().map(Vec::len), Some(0));
+    // The till goes on: the next write is accepted.
+    let ok = api.post("/api/tickets", &json!({"lines": [{"productId": id, "quantity": 1}], "payments": [{"method": "cash", "amount": "1.00"}]}));
+    assert_eq!(ok.status, 201, "{:?}", ok.body);
+}
