@@ -462,6 +462,7 @@
         el("span", { className: "state", "data-field": "online" }),
       ]),
       el("p", { className: "peer-sub", "data-field": "sub" }),
+      el("p", { className: "peer-sub counters-note", text: "This connection (counters start at 0 on each reconnect)" }),
       el("dl", { className: "counters" }, [
         counter("Messages sent", "messagesSent"),
         counter("Messages received", "messagesReceived"),
