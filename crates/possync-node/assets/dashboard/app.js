@@ -462,7 +462,7 @@
         el("span", { className: "state", "data-field": "online" }),
       ]),
       el("p", { className: "peer-sub", "data-field": "sub" }),
-      el("p", { className: "peer-sub counters-note", text: "This connection (counters start at 0 on each reconnect)" }),
+      el("p", { className: "peer-sub counters-note", text: "Counters of this connection (reset on reconnect)", title: "They start at 0 at each reconnect; totals over time are in p2p_connection_metrics" }),
       el("dl", { className: "counters" }, [
         counter("Messages sent", "messagesSent"),
         counter("Messages received", "messagesReceived"),
