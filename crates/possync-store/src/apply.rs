@@ -294,7 +294,7 @@ impl Store {
             ));
             self.log_conflict(&origin, peer, &conflict)?;
         }
-        if matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
+        if self.open_decidable && matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
             let origin_name =
                 if origin.as_str() == peer.id { peer.name.to_string() } else { origin.to_string() };
             self.close_decided_conflicts(&change, decided_by.as_deref(), &origin_name)?;

@@ -240,6 +240,7 @@ impl Store {
                     "INSERT INTO conflict_sides (conflict_id, ctx) VALUES (last_insert_rowid(), ?1)",
                 )?
                 .execute([ctx])?;
+            self.open_decidable = true;
         }
         Ok(())
     }

@@ -144,6 +144,10 @@ pub struct Store {
     /// decided, written into the change's `data.sync.decidedBy` so that every till closes
     /// its copy of the conflict with the same name.
     decided_by: Option<String>,
+    /// False while no open conflict with recorded sides exists (the common case, with any
+    /// strategy but `manual`): applying a change then skips looking for conflicts it closes.
+    /// Set when such a conflict is written; cleared only at open.
+    open_decidable: bool,
     /// The open batch of writes ([`Store::begin_batch`]), if any.
     batch: Option<Batch>,
 }
@@ -289,6 +293,12 @@ impl Store {
             .transpose()
             .map_err(|err| StoreError::Corrupt(err.to_string()))?;
         let settings = Settings::load(&conn)?;
+        let open_decidable: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM conflict_sides s JOIN p2p_conflicts c ON c.id = s.conflict_id
+                            WHERE c.resolved_by IS NULL)",
+            [],
+            |row| row.get(0),
+        )?;
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -300,6 +310,7 @@ impl Store {
             settings,
             outbox: Vec::new(),
             decided_by: None,
+            open_decidable,
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
