@@ -61,7 +61,13 @@ impl Running {
         let mut running = Running { child };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if possync().args(["status", "--data-dir"]).arg(dir).output().unwrap().status.success() {
+            // `status` also answers for a stopped node (from its database): wait until it
+            // is the running node that answers.
+            let status = possync().args(["status", "--json", "--data-dir"]).arg(dir).output().unwrap();
+            if status.status.success()
+                && serde_json::from_slice::<Value>(&status.stdout)
+                    .is_ok_and(|status| status["serverRunning"] == Value::Bool(true))
+            {
                 return running;
             }
             if let Some(status) = running.child.try_wait().unwrap() {
