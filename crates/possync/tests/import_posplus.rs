@@ -465,7 +465,12 @@ fn the_import_refuses_to_run_beside_the_running_node() {
         .unwrap();
     let _running = Running(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !possync().args(["status", "--data-dir"]).arg(&node).output().unwrap().status.success() {
+    // `status` also answers for a stopped node: wait until the running node answers.
+    let answers = || {
+        let status = possync().args(["status", "--json", "--data-dir"]).arg(&node).output().unwrap();
+        serde_json::from_slice::<Value>(&status.stdout).is_ok_and(|status| status["serverRunning"] == true)
+    };
+    while !answers() {
         assert!(Instant::now() < deadline, "the node did not answer in 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
