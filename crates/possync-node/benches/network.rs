@@ -864,10 +864,7 @@ async fn raw_peer(
             progressed = true;
             match event {
                 Event::NeedBatch { .. } => session.provide_batch(Vec::new(), 0, false),
-                Event::Apply { .. } => session.batch_applied(
-                    now_ms(),
-                    ApplyReport { gap: false, local_summary: VersionVector::new(), rejections: Vec::new() },
-                ),
+                Event::Apply { .. } => session.batch_applied(now_ms(), ApplyReport::default()),
                 Event::CatchUpCompleted { .. } => caught_up = true,
                 Event::Closed { reason } => panic!("raw peer closed: {reason}"),
                 _ => {}

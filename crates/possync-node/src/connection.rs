@@ -549,7 +549,7 @@ async fn apply(
             // The session only reads the summary to ask for what a gap is missing: copy it
             // only then (or when the batch failed, which is answered like a gap).
             let summary = match &report {
-                Ok(report) if !report.gap => VersionVector::new(),
+                Ok(report) if !report.gap && !report.must_retry() => VersionVector::new(),
                 _ => store.summary().clone(),
             };
             (report, summary)
@@ -562,7 +562,7 @@ async fn apply(
         Err(err) => {
             // A database failure, not bad input: nothing was applied; ask again later.
             warn!(%err, "applying a batch failed");
-            return Some(protocol::ApplyReport { gap: true, local_summary: summary, rejections: Vec::new() });
+            return Some(protocol::ApplyReport { gap: true, local_summary: summary, ..Default::default() });
         }
     };
     if report.forks > 0 {
@@ -571,6 +571,14 @@ async fn apply(
             "two different changes with one origin and number: refused (see p2p_sync_logs)"
         );
         node.metrics.forks.inc_by(u64::from(report.forks));
+    }
+    if report.held_back > 0 {
+        warn!(
+            changes = report.held_back,
+            retry_at_ms = report.retry_at_ms,
+            "changes stamped further ahead of this till's clock than p2p_max_clock_ahead: held back (see p2p_sync_logs)"
+        );
+        node.metrics.changes_held_back.inc_by(u64::from(report.held_back));
     }
     if report.clock_ahead > 0 {
         warn!(
@@ -605,7 +613,12 @@ async fn apply(
             })
             .inc();
     }
-    Some(protocol::ApplyReport { gap: report.gap, local_summary: summary, rejections: report.rejections })
+    Some(protocol::ApplyReport {
+        gap: report.gap,
+        local_summary: summary,
+        rejections: report.rejections,
+        retry_at_ms: report.retry_at_ms,
+    })
 }
 
 /// The origin clock time of a wire change, in ms.

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub changes_behind: Family<PeerLabel, Gauge>,
     /// Remote changes stamped further ahead of this terminal's clock than it follows.
     pub remote_clock_ahead: Counter,
+    /// Remote changes held back: stamped further ahead of this clock than `p2p_max_clock_ahead`.
+    pub changes_held_back: Counter,
     /// Signs that another terminal uses this one's identity (a clone, a restored backup).
     pub identity_clashes: Counter,
     /// Changes refused because another change with the same (origin, seq) is held.
@@ -141,6 +143,7 @@ impl Metrics {
             sync_stalls: Counter::default(),
             changes_behind: Family::default(),
             remote_clock_ahead: Counter::default(),
+            changes_held_back: Counter::default(),
             identity_clashes: Counter::default(),
             forks: Counter::default(),
             connections_rejected: Family::default(),
@@ -229,6 +232,11 @@ impl Metrics {
             "remote_clock_ahead",
             "Remote changes stamped more than an hour ahead of this terminal's clock (a till with a wrong clock, or a forged stamp)",
             metrics.remote_clock_ahead.clone(),
+        );
+        registry.register(
+            "changes_held_back",
+            "Remote changes held back because they are stamped further ahead of this terminal's clock than p2p_max_clock_ahead (retried when the clock catches up)",
+            metrics.changes_held_back.clone(),
         );
         registry.register(
             "identity_clashes",

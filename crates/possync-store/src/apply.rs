@@ -73,9 +73,27 @@ pub struct ApplyReport {
     /// or a cloned or restored till numbering again); refused, logged as errors.
     pub forks: u32,
     /// Changes stamped more than [`possync_core::hlc::MAX_OBSERVED_AHEAD_MS`] ahead of this
-    /// terminal's clock: merged by their stamp, but not followed by the clock (their log
-    /// rows carry `clockAheadMs`).
+    /// terminal's clock but within `p2p_max_clock_ahead` (when set above it): merged by their
+    /// stamp, but not followed by the clock (their log rows carry `clockAheadMs`).
     pub clock_ahead: u32,
+    /// Changes held back because they are stamped more than `p2p_max_clock_ahead` ahead of
+    /// this terminal's clock: not applied, not held, logged as errors with `clockAheadMs`
+    /// and `heldBack`. Their origin's later changes wait behind them.
+    pub held_back: u32,
+    /// Changes not applied because they come after (or depend on) a held-back change: they
+    /// are not gaps to ask for at once, they come again with it.
+    pub waiting: u32,
+    /// The earliest time (this terminal's clock, ms) at which a held-back change comes within
+    /// the limit: the session asks the peer for it again then.
+    pub retry_at_ms: Option<u64>,
+}
+
+impl ApplyReport {
+    /// True when changes were held back or wait behind one: a transport that acknowledges
+    /// what was applied (the chain's streams) must deliver them again later.
+    pub fn must_retry(&self) -> bool {
+        self.held_back > 0 || self.waiting > 0
+    }
 }
 
 /// The outcome of one change, for its log row.
@@ -197,8 +215,18 @@ impl Store {
         }
         if seq != held.next() {
             report.skipped += 1;
-            report.gap = true;
-            let reason = format!("gap: change {seq} of {origin} before change {}", held.next());
+            let reason = if self.is_held_back(&origin) {
+                report.waiting += 1;
+                // Asking again would only bring the held-back change back: it is retried when
+                // the clock catches up (`retry_at_ms`).
+                format!(
+                    "waiting: change {} of {origin} is held back (stamped ahead of this clock)",
+                    held.next()
+                )
+            } else {
+                report.gap = true;
+                format!("gap: change {seq} of {origin} before change {}", held.next())
+            };
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
         let decoded =
@@ -248,11 +276,26 @@ impl Store {
             change.ctx.iter().find(|(pos, needed)| **pos != origin && self.vv.get(pos) < *needed)
         {
             report.skipped += 1;
-            report.gap = true;
-            let reason = format!(
-                "gap: change {seq} of {origin} depends on change {missing_seq} of {missing}, not held yet"
-            );
+            let reason = if self.is_held_back(missing) {
+                report.waiting += 1;
+                format!(
+                    "waiting: change {seq} of {origin} depends on change {missing_seq} of {missing}, held back (stamped ahead of this clock)"
+                )
+            } else {
+                report.gap = true;
+                format!(
+                    "gap: change {seq} of {origin} depends on change {missing_seq} of {missing}, not held yet"
+                )
+            };
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
+        }
+        if let Some(hlc) = change.hlc {
+            let now = self.env.now_ms();
+            let ahead_ms = hlc.ms().saturating_sub(now);
+            let limit_ms = self.settings.max_clock_ahead_ms;
+            if ahead_ms > limit_ms {
+                return self.hold_back(&log, origin, seq, ahead_ms, hlc.ms() - limit_ms, report);
+            }
         }
         let clock_ahead_ms = change
             .hlc
@@ -301,6 +344,39 @@ impl Store {
         }
         self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())
+    }
+
+    /// True while `origin`'s next change is one held back for its clock stamp.
+    fn is_held_back(&self, origin: &PosId) -> bool {
+        self.held_back.get(origin).is_some_and(|seq| *seq == self.vv.get(origin).next())
+    }
+
+    /// Holds back a change stamped `ahead_ms` ahead of this terminal's clock, more than
+    /// `p2p_max_clock_ahead` allows: merged, its stamp would win every concurrent edit of the
+    /// record on every till and drag their clocks along. Refused for now, logged with
+    /// `clockAheadMs` (the dashboard's clock alert) and retried from `retry_at_ms`, when the
+    /// clock has caught up: every till applies it then, so they still end identical.
+    fn hold_back(
+        &mut self,
+        log: &SyncLog<'_>,
+        origin: PosId,
+        seq: Seq,
+        ahead_ms: u64,
+        retry_at_ms: u64,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        report.errors += 1;
+        report.held_back += 1;
+        report.retry_at_ms = Some(report.retry_at_ms.map_or(retry_at_ms, |at| at.min(retry_at_ms)));
+        let reason = format!(
+            "clock ahead: change {seq} of {origin} is stamped {} s ahead of this terminal's clock (p2p_max_clock_ahead allows {} s); held back until the clock catches up",
+            ahead_ms / 1000,
+            self.settings.max_clock_ahead_ms / 1000
+        );
+        let details =
+            json!({"origin": origin, "seq": seq, "clockAheadMs": ahead_ms, "heldBack": true}).to_string();
+        self.held_back.insert(origin, seq);
+        self.log_sync(log, SyncStatus::Error, Some(&reason), None, Some(&details))
     }
 
     /// The payload held for (origin, seq) when it differs from `wire` (compared as the text

@@ -90,8 +90,8 @@ impl Store {
 
     /// Store till: applies a run of the head office's changes read at stream sequence
     /// `stream_seq` of `stream`, and advances the stream's cursor in the same durable
-    /// transaction, unless the run met a gap (then the cursor stays, and the caller reads
-    /// again from it).
+    /// transaction, unless the run met a gap or a change held back for its clock stamp (then
+    /// the cursor stays, and the caller reads again from it).
     pub fn apply_chain_down(
         &mut self,
         stream: &str,
@@ -109,7 +109,7 @@ impl Store {
                 .conn
                 .prepare_cached("INSERT INTO chain_hq_origins (pos_id) VALUES (?1) ON CONFLICT DO NOTHING")?
                 .execute([origin.as_str()])?;
-            if !report.gap {
+            if !report.gap && !report.must_retry() {
                 store.set_cursor(stream, stream_seq)?;
             }
             Ok(report)

@@ -148,6 +148,11 @@ pub struct Store {
     /// strategy but `manual`): applying a change then skips looking for conflicts it closes.
     /// Set when such a conflict is written; cleared only at open.
     open_decidable: bool,
+    /// Origins whose next change was held back because it is stamped too far ahead of this
+    /// terminal's clock (origin, that change's seq). Changes after it are not gaps to ask
+    /// for again (they wait for it), see [`apply`]. A hint only: an entry counts while the
+    /// origin's next change is still that seq.
+    held_back: std::collections::HashMap<PosId, Seq>,
     /// The open batch of writes ([`Store::begin_batch`]), if any.
     batch: Option<Batch>,
 }
@@ -292,6 +297,8 @@ impl Store {
             .map(Hlc::from_i64)
             .transpose()
             .map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        // Settings added by a later version get their default row (existing values are kept).
+        settings::insert_defaults(&conn)?;
         let settings = Settings::load(&conn)?;
         let open_decidable: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM conflict_sides s JOIN p2p_conflicts c ON c.id = s.conflict_id
@@ -311,6 +318,7 @@ impl Store {
             outbox: Vec::new(),
             decided_by: None,
             open_decidable,
+            held_back: std::collections::HashMap::new(),
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,

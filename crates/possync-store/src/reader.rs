@@ -806,7 +806,8 @@ ORDER BY peer;"#;
 
 /// `alert_clock_ahead` of docs/DASHBOARD.md.
 const ALERT_CLOCK_AHEAD_SQL: &str = r#"SELECT json_extract(details, '$.origin') AS origin, COUNT(*) AS changes,
-       MAX(json_extract(details, '$.clockAheadMs')) AS max_ahead_ms, 'critical' AS level
+       MAX(json_extract(details, '$.clockAheadMs')) AS max_ahead_ms,
+       SUM(json_extract(details, '$.heldBack') IS 1) AS held_back, 'critical' AS level
 FROM p2p_sync_logs
 WHERE created_at >= datetime(:now, '-1 hour') AND created_at <= :now
   AND details LIKE '%"clockAheadMs"%'

@@ -56,6 +56,12 @@ pub const DEFAULT_SETTINGS: &[(&str, &str, &str, &str)] = &[
     ),
     ("p2p_sync_batch_size", "100", "number", "Changes per catch-up batch"),
     ("p2p_log_retention_days", "30", "number", "Days of sync logs, conflicts and connection metrics kept"),
+    (
+        "p2p_max_clock_ahead",
+        "3600000",
+        "number",
+        "Milliseconds a remote change may be stamped ahead of this clock; further ahead it is held back until the clock catches up",
+    ),
 ];
 
 const V1_INITIAL: &str = r#"

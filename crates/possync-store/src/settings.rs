@@ -26,7 +26,18 @@ pub struct Settings {
     pub batch_size: usize,
     /// `p2p_log_retention_days`.
     pub log_retention_days: u32,
+    /// `p2p_max_clock_ahead`, in ms: a remote change stamped further ahead of this
+    /// terminal's clock is held back (not applied, logged, alerted) until the clock catches
+    /// up. See docs/DESIGN.md, "Clocks".
+    pub max_clock_ahead_ms: u64,
 }
+
+/// The default of `p2p_max_clock_ahead`: one hour, far above the drift of a till whose clock
+/// is set by hand, far below a poisoned or mistyped date.
+pub const DEFAULT_MAX_CLOCK_AHEAD_MS: u64 = 60 * 60 * 1000;
+
+/// The largest `p2p_max_clock_ahead` accepted (366 days).
+pub const MAX_CLOCK_AHEAD_LIMIT_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 
 /// One row of the settings table, as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,6 +63,7 @@ impl Default for Settings {
             reconnect_max_attempts: 10,
             batch_size: 100,
             log_retention_days: 30,
+            max_clock_ahead_ms: DEFAULT_MAX_CLOCK_AHEAD_MS,
         }
     }
 }
@@ -93,6 +105,9 @@ impl Settings {
             }
             "p2p_sync_batch_size" => self.batch_size = parse_number(key, value, 1, 10_000)?,
             "p2p_log_retention_days" => self.log_retention_days = parse_number(key, value, 1, 36_500)?,
+            "p2p_max_clock_ahead" => {
+                self.max_clock_ahead_ms = parse_number(key, value, 1_000, MAX_CLOCK_AHEAD_LIMIT_MS)?
+            }
             _ => return Err(StoreError::BadSetting(format!("unknown setting {key:?}"))),
         }
         Ok(())

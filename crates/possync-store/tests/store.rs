@@ -5,10 +5,10 @@ mod common;
 
 use common::{ManualClock, sync, terminal};
 use possync_core::entity::{MovementType, PaymentMethod};
-use possync_core::{EntityId, EntityKind};
+use possync_core::{EntityId, EntityKind, PosId, Seq};
 use possync_store::{PaymentRequest, Resolution, SaleLineRequest, SaleRequest, Store, StoreError};
 use rust_decimal::Decimal;
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn dec(raw: &str) -> Decimal {
     raw.parse().unwrap()
@@ -286,7 +286,16 @@ fn the_seed_analysis_queries_run() {
     ] {
         a.query(sql);
     }
-    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 7);
+    // The spec's seven settings, plus `p2p_max_clock_ahead`.
+    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 8);
+    assert_eq!(
+        a.count(
+            "SELECT COUNT(*) FROM settings WHERE key IN ('p2p_enabled', 'p2p_auto_sync',
+             'p2p_conflict_resolution', 'p2p_heartbeat_interval', 'p2p_reconnect_max_attempts',
+             'p2p_sync_batch_size', 'p2p_log_retention_days')"
+        ),
+        7
+    );
 }
 
 #[test]
@@ -505,10 +514,11 @@ fn a_conflict_the_local_version_wins_is_logged_skipped_as_the_seed_says() {
 }
 
 #[test]
-fn a_change_stamped_at_the_end_of_time_neither_corrupts_nor_blocks_the_till() {
+fn a_change_stamped_at_the_end_of_time_is_held_back_and_blocks_nothing_else() {
     // Issue 13, item 4: one update stamped with the largest clock value used to overflow the
     // receiver's clock on its next edits (a negative stamp, "database content is corrupt",
-    // sales refused). Now the clock does not follow a stamp that far ahead.
+    // sales refused). Now a stamp further ahead than `p2p_max_clock_ahead` (1 h by default)
+    // is held back: not applied, logged as an error with `clockAheadMs`, retried later.
     use possync_core::hlc::MAX_MS;
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_700_000_000_000);
@@ -523,31 +533,36 @@ fn a_change_stamped_at_the_end_of_time_neither_corrupts_nor_blocks_the_till() {
         .unwrap();
     sync(&mut a, &mut evil, 100);
     evil.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 99})).unwrap();
+    evil.store.update_record(EntityKind::Product, &id("cake"), &json!({"price": 98})).unwrap();
     // The last stamp there is: the counter at its top too.
     let since = a.store.summary().clone();
     let mut forged = evil.store.reader().unwrap().select_changes(&since, 0, 100).unwrap().changes;
-    assert_eq!(forged.len(), 1);
+    assert_eq!(forged.len(), 2);
     let text = serde_json::to_string(&forged[0])
         .unwrap()
         .replace(&format!("{MAX_MS}-0"), &format!("{MAX_MS}-65535"));
     forged[0] = serde_json::from_str(&text).unwrap();
     let report =
         a.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged.clone()).unwrap();
-    assert_eq!((report.applied, report.clock_ahead), (1, 1));
-    let details = a.query("SELECT details FROM p2p_sync_logs ORDER BY id DESC LIMIT 1")[0]["details"].clone();
-    assert!(details.as_str().unwrap().contains("clockAheadMs"), "{details}");
+    assert_eq!((report.applied, report.held_back, report.waiting), (0, 1, 1), "{report:?}");
+    assert!(!report.gap, "a change waiting behind a held-back one is not a gap to ask for at once");
+    let limit = 3_600_000;
+    assert_eq!(report.retry_at_ms, Some(MAX_MS - limit));
+    let rows = a.query("SELECT status, conflict_reason, details FROM p2p_sync_logs ORDER BY id DESC LIMIT 2");
+    let held = &rows[1];
+    assert_eq!(held["status"], json!("error"), "{held}");
+    assert!(held["conflictReason"].as_str().unwrap().starts_with("clock ahead:"), "{held}");
+    let details: Value = serde_json::from_str(held["details"].as_str().unwrap()).unwrap();
+    assert_eq!(details["heldBack"], json!(true));
+    assert!(details["clockAheadMs"].as_u64().unwrap() > 100 * 365 * 86_400_000, "{details}");
+    assert!(rows[0]["conflictReason"].as_str().unwrap().starts_with("waiting:"), "{}", rows[0]);
+    assert_eq!(a.store.summary().get(&PosId::parse("evil").unwrap()), Seq(0), "nothing of evil is held");
 
     // Later local edits and sales: no overflow, every row readable, sales go on.
     for price in 2..10 {
         a.store.update_record(EntityKind::Product, &id("cake"), &json!({"price": price})).unwrap();
     }
-    // The record the forged change wrote cannot be edited over a stamp at the end of time:
-    // refused with a clear error here, rather than kept here and lost everywhere else.
-    let refused = a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap_err();
-    assert!(
-        matches!(&refused, StoreError::InvalidState(message) if message.contains("end of time")),
-        "{refused}"
-    );
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 2})).unwrap();
     a.store.record_sale(&sale("tea", "1", "200")).unwrap();
     a.store.record_sale(&sale("cake", "1", "200")).unwrap();
     assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes WHERE hlc < 0"), 0);
@@ -562,28 +577,79 @@ fn a_change_stamped_at_the_end_of_time_neither_corrupts_nor_blocks_the_till() {
     let reader = a.store.reader().unwrap();
     let tea = reader.record(EntityKind::Product, &id("tea")).unwrap().unwrap();
     let cake = reader.record(EntityKind::Product, &id("cake")).unwrap().unwrap();
-    assert_eq!(cake["price"], json!(9.0), "records the stamp never touched edit normally");
-    assert_eq!(tea["price"], json!(99.0));
+    assert_eq!(cake["price"], json!(9.0));
+    assert_eq!(tea["price"], json!(2.0), "the forged price never landed");
     assert_eq!(tea["stock"], json!(-1.0));
     drop(reader);
-    // Every terminal ends identical all the same.
+    // Every honest terminal ends identical: b holds the forged changes back the same way.
     sync(&mut a, &mut b, 100);
-    b.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged).unwrap();
+    let report = b.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged).unwrap();
+    assert_eq!(report.held_back, 1);
     sync(&mut b, &mut a, 100);
     assert_eq!(a.dump(), b.dump());
     assert_eq!(b.count("SELECT COUNT(*) FROM sync_changes WHERE hlc < 0"), 0);
 }
 
 #[test]
+fn a_till_two_hours_ahead_is_held_back_until_the_clock_catches_up_then_every_till_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let mut ahead = terminal(&dir, "ahead", &clock, 2 * 3_600_000);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut ahead, 100);
+    sync(&mut a, &mut b, 100);
+    ahead.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 50})).unwrap();
+    ahead.store.record_sale(&sale("tea", "1", "50")).unwrap();
+    let report = sync(&mut ahead, &mut a, 100);
+    assert_eq!((report.applied, report.errors, report.gap), (0, 1, false), "{report:?}");
+    assert!(report.retry_at_ms.is_some() && report.must_retry(), "{report:?}");
+    let alert = a
+        .store
+        .reader()
+        .unwrap()
+        .dashboard_rows(clock.0.load(std::sync::atomic::Ordering::SeqCst))
+        .unwrap()
+        .alert_clock_ahead;
+    assert_eq!(alert.len(), 1, "{alert:?}");
+    assert_eq!((&alert[0]["origin"], &alert[0]["heldBack"]), (&json!(ahead.name), &json!(1)), "{alert:?}");
+    // A's own edit meanwhile, stamped at its (right) time.
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    sync(&mut a, &mut b, 100);
+    // An hour and a minute later the first change is within the hour allowed: applied, and
+    // the sale behind it too, on every till; the later stamp wins the price everywhere.
+    clock.advance(3_660_000);
+    for t in [&mut a, &mut b] {
+        let report = sync(&mut ahead, t, 100);
+        assert_eq!((report.applied + report.conflicts, report.errors), (2, 0), "{}: {report:?}", t.name);
+    }
+    sync(&mut a, &mut ahead, 100);
+    for t in [&a, &b, &ahead] {
+        let tea = t.store.reader().unwrap().record(EntityKind::Product, &id("tea")).unwrap().unwrap();
+        assert_eq!(tea["price"], json!(50.0), "{}", t.name);
+        assert_eq!(tea["stock"], json!(-1.0), "{}", t.name);
+    }
+    assert_eq!(a.dump(), b.dump());
+    assert_eq!(a.dump(), ahead.dump());
+}
+
+#[test]
 fn an_edit_after_a_change_stamped_far_ahead_still_wins_on_every_terminal() {
-    // A till whose clock runs a year ahead: its edit is merged by its stamp; a later edit of
-    // the same record here is stamped after it (not at this clock's time), so it wins here
-    // and everywhere, and this terminal's clock stays where it was for other records.
+    // A shop that accepts clocks up to a year ahead (`p2p_max_clock_ahead` raised): a till
+    // whose clock runs a year ahead has its edit merged by its stamp; a later edit of the
+    // same record here is stamped after it (not at this clock's time), so it wins here and
+    // everywhere, and this terminal's clock stays where it was for other records.
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_700_000_000_000);
     let mut a = terminal(&dir, "a", &clock, 0);
     let mut b = terminal(&dir, "b", &clock, 0);
     let mut ahead = terminal(&dir, "ahead", &clock, 365 * 86_400_000);
+    for t in [&mut a, &mut b] {
+        t.store.set_setting("p2p_max_clock_ahead", &(366u64 * 86_400_000).to_string()).unwrap();
+    }
     a.store
         .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
         .unwrap();

@@ -78,7 +78,7 @@ pub struct PeerInfo {
 }
 
 /// What the driver answers to an [`Event::Apply`] once the store has applied it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyReport {
     /// True when the store refused a change because an earlier change from the same origin
     /// is missing; the session then asks the peer for what is missing.
@@ -89,6 +89,11 @@ pub struct ApplyReport {
     /// each is reported to the peer with an `invalid_entity` error frame (SPEC 8). The peer
     /// is not disconnected for them: the change is valid protocol, only its content is bad.
     pub rejections: Vec<String>,
+    /// Set when the store held changes back because they are stamped too far ahead of this
+    /// terminal's clock: the time (ms) at which the first of them comes within the limit. The
+    /// session asks the peer again then (with `local_summary`), not at once: asking now would
+    /// only bring them back to be refused again.
+    pub retry_at_ms: Option<u64>,
 }
 
 /// Most `invalid_entity` error frames sent for one applied batch.
@@ -313,6 +318,9 @@ struct Incoming {
     round_changes: u64,
     /// A `sync_request` was sent and its catch-up has not finished.
     request_outstanding: bool,
+    /// When to ask the peer again for changes held back for their clock stamp, and the
+    /// summary to ask with ([`ApplyReport::retry_at_ms`]).
+    retry: Option<(u64, VersionVector)>,
 }
 
 /// What an `Apply` event was for.
@@ -429,7 +437,8 @@ impl Session {
             return None;
         }
         let dead_at = self.dead_at();
-        Some(self.next_ping_ms.map_or(dead_at, |ping_at| ping_at.min(dead_at)))
+        let next = self.next_ping_ms.map_or(dead_at, |ping_at| ping_at.min(dead_at));
+        Some(self.incoming.retry.as_ref().map_or(next, |(retry_at, _)| next.min(*retry_at)))
     }
 
     // ----- inputs -----
@@ -478,6 +487,14 @@ impl Session {
             self.queue(Body::Ping);
             self.stats.last_ping = Some(now_ms);
             self.next_ping_ms = Some(now_ms + self.heartbeat_interval());
+        }
+        // A catch-up already under way brings the held-back changes again by itself.
+        if self.incoming.retry.as_ref().is_some_and(|(retry_at, _)| now_ms >= *retry_at)
+            && let Some((_, summary)) = self.incoming.retry.take()
+            && self.state == State::Established
+            && !self.incoming.request_outstanding
+        {
+            self.send_sync_request(summary);
         }
     }
 
@@ -560,6 +577,10 @@ impl Session {
         for rejection in report.rejections.iter().take(MAX_REJECTIONS_REPORTED) {
             let message: String = rejection.chars().take(500).collect();
             self.queue(Body::Error(ErrorData { code: "invalid_entity".into(), message }));
+        }
+        if let Some(retry_at) = report.retry_at_ms {
+            let at = self.incoming.retry.as_ref().map_or(retry_at, |(at, _)| retry_at.min(*at));
+            self.incoming.retry = Some((at, report.local_summary.clone()));
         }
         if report.gap && !self.incoming.request_outstanding {
             self.send_sync_request(report.local_summary);
@@ -1303,7 +1324,10 @@ mod tests {
         session.handle_frame(T0, &frame("product", "update", data_json(&change("a", 1)), "a"));
         drain(&mut session);
         let rejections = vec!["product/update p1: invalid price: must not be negative".to_string()];
-        session.batch_applied(T0, ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections });
+        session.batch_applied(
+            T0,
+            ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections, retry_at_ms: None },
+        );
         let (frames, events) = drain(&mut session);
         let errors: Vec<&Value> = frames.iter().filter(|frame| frame["type"] == "error").collect();
         assert_eq!(errors.len(), 1);
@@ -1577,9 +1601,44 @@ mod tests {
         assert_eq!(session.peer_known(), &vv(&[("a", 1)]));
         session.batch_applied(
             T0,
-            ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections: Vec::new() },
+            ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), ..ApplyReport::default() },
         );
         assert_eq!(drain(&mut session).0, Vec::<Value>::new());
+    }
+
+    #[test]
+    fn changes_held_back_for_their_clock_are_asked_for_again_when_due_not_at_once() {
+        let mut session = established();
+        // The catch-up asked for on connect ends empty.
+        session.handle_frame(T0, &frame("sync_batch", "push", json!({"changes": [], "hasMore": false}), "a"));
+        session.batch_applied(T0, ApplyReport::default());
+        assert_eq!(catch_ups(&drain(&mut session).1), [0]);
+        let ahead = change("a", 1);
+        session.handle_frame(T0, &frame("category", "create", data_json(&ahead), "a"));
+        drain(&mut session);
+        let retry_at = T0 + 20_000; // Within the heartbeat window: the peer is not dead yet.
+        session.batch_applied(
+            T0,
+            ApplyReport {
+                local_summary: vv(&[("b", 3)]),
+                retry_at_ms: Some(retry_at),
+                ..ApplyReport::default()
+            },
+        );
+        assert_eq!(drain(&mut session).0, Vec::<Value>::new(), "no request before the clock catches up");
+        assert!(session.poll_timeout().is_some_and(|at| at <= retry_at));
+        session.handle_timeout(retry_at - 1);
+        let early: Vec<Value> =
+            drain(&mut session).0.into_iter().filter(|f| f["type"] == "sync_request").collect();
+        assert!(early.is_empty(), "{early:?}");
+        session.handle_timeout(retry_at);
+        let requests: Vec<Value> =
+            drain(&mut session).0.into_iter().filter(|f| f["type"] == "sync_request").collect();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0]["data"]["summary"], json!({"b": 3}));
+        // Asked once: the next timeout does not ask again.
+        session.handle_timeout(retry_at + 1);
+        assert!(drain(&mut session).0.iter().all(|f| f["type"] != "sync_request"));
     }
 
     #[test]
@@ -1595,10 +1654,7 @@ mod tests {
         session.request_sync(VersionVector::new());
         session.handle_timeout(T0 + 1_000_000);
         session.provide_batch(vec![], 0, false);
-        session.batch_applied(
-            T0,
-            ApplyReport { gap: true, local_summary: VersionVector::new(), rejections: Vec::new() },
-        );
+        session.batch_applied(T0, ApplyReport { gap: true, ..ApplyReport::default() });
         assert_eq!(drain(&mut session), (vec![], vec![]));
         assert_eq!(session.stats().messages_received, received);
         assert_eq!(session.poll_timeout(), None);

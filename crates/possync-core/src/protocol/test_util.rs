@@ -356,6 +356,7 @@ impl Net {
                             gap,
                             local_summary: self.nodes[node].store.vv.clone(),
                             rejections: Vec::new(),
+                            retry_at_ms: None,
                         };
                         self.links[link_index].sessions[end].batch_applied(self.now, report);
                         self.relay(node, &applied);

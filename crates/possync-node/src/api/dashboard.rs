@@ -184,8 +184,16 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
     }
     for row in &rows.alert_clock_ahead {
         let origin = text(row, "origin");
+        let held_back = number(row, "heldBack");
+        let outcome = if held_back > 0.0 {
+            format!(
+                "{held_back} held back (with that till's later changes) until this clock catches up; raise p2p_max_clock_ahead on every till to take them now"
+            )
+        } else {
+            "the fields they set can only be edited after them".to_string()
+        };
         let message = format!(
-            "{} change(s) from till {origin} in the last hour are stamped up to {:.1} h ahead of this till's clock: check that till's clock. The fields they set can only be edited after them.",
+            "{} change(s) from till {origin} in the last hour are stamped up to {:.1} h ahead of this till's clock: check that till's clock. {outcome}.",
             number(row, "changes"),
             number(row, "maxAheadMs") / 3_600_000.0,
         );

@@ -35,6 +35,9 @@ pub(crate) const CONSUMER: &str = "possync-hq";
 /// Messages of one subject kept by the UP stream: far more than a store sends while the
 /// head office is down for a day, and what bounds the stream's size.
 const MAX_MESSAGES_PER_SUBJECT: i64 = 10_000;
+/// The longest wait before a message held back for its clock stamp is delivered again.
+const HELD_BACK_RETRY: Duration = Duration::from_secs(60);
+
 /// Deliveries of a message that keeps meeting a gap before its subject is purged.
 /// (120 deliveries 500 ms apart: about a minute, longer than any redelivery reordering.)
 const GAP_DELIVERIES: i64 = 120;
@@ -236,6 +239,16 @@ async fn handle_group(
         }
     };
     for (good, report) in checked.into_iter().zip(reports) {
+        if report.must_retry() {
+            // Stamped further ahead of head office's clock than it accepts: delivered again
+            // later (not a lost message, so never purged).
+            let wait = report
+                .retry_at_ms
+                .map_or(HELD_BACK_RETRY, |at| Duration::from_millis(at.saturating_sub(crate::node::now_ms())))
+                .clamp(Duration::from_secs(1), HELD_BACK_RETRY);
+            good.message.ack_with(AckKind::Nak(Some(wait))).await.map_err(ack_failed)?;
+            continue;
+        }
         if report.gap {
             let delivered = good.message.info().map(|info| info.delivered).unwrap_or(1);
             if delivered >= GAP_DELIVERIES {

@@ -169,6 +169,13 @@ async fn consume(
             status.received_messages += 1;
             status.applied_changes += u64::from(report.applied + report.conflicts);
         });
+        if report.must_retry() {
+            // Stamped further ahead of this till's clock than it accepts: the cursor stays,
+            // and the stream is read again from it after the usual back-off.
+            return Err(ChainError::JetStream(format!(
+                "a head office change at stream seq {stream_seq} is stamped ahead of this till's clock: held back"
+            )));
+        }
         if report.gap {
             // This till misses earlier changes of the head office that the stream should
             // have delivered first: read the whole stream again (the catalog is small).
