@@ -115,7 +115,12 @@ fn met(ok: bool) -> &'static str {
 
 fn new_store(dir: &Path, name: &str) -> Store {
     std::fs::create_dir_all(dir).expect("create the node directory");
-    Store::init(&dir.join(DB_FILE), None, name, Box::new(SystemEnvironment::default())).expect("init store")
+    let mut store = Store::init(&dir.join(DB_FILE), None, name, Box::new(SystemEnvironment::default()))
+        .expect("init store");
+    // These benches measure what the engine can carry, not the shop's policy: lift the
+    // per-peer live rate limit (1,000 changes/s by default).
+    store.set_setting("p2p_peer_max_changes_per_second", "1000000").expect("setting");
+    store
 }
 
 fn node_config(dir: &Path, peers: &[SocketAddr]) -> NodeConfig {

@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, Status};
 use crate::node::{NodeShared, now_ms};
+use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
 use crate::transport::{SecureChannel, TransportError};
 use crate::writer::Priority;
@@ -32,6 +33,10 @@ const MAX_FRAMES_PER_TURN: usize = 256;
 /// How often a connection compares what the peer holds with what this node holds
 /// (catch-up progress, stall detection).
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A wait for the live-change budget this long or longer counts as throttling (shorter ones
+/// are the scheduler's noise).
+const THROTTLE_NOTICED: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// No progress for this long while behind the peer is a stall: two heartbeat periods, and
 /// never less than 10 s (a large batch on a slow till takes a few seconds to apply).
@@ -96,6 +101,8 @@ fn drive(
         config.instance = Some(node.instance.clone());
         let mut session = Session::new(config, role, summary, now_ms());
         let mut catch_up = CatchUpWatch::new(now_ms(), stalled_after_ms(settings.heartbeat_interval_ms));
+        let mut live_budget = LiveChangeBudget::new(settings.peer_max_changes_per_second);
+        let mut throttled: u64 = 0;
         let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
         progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mailbox = Arc::new(Mailbox::default());
@@ -234,6 +241,23 @@ fn drive(
                         }
                         let (id, name) =
                             peer.clone().unwrap_or_else(|| (node.identity.pos_id.clone(), String::new()));
+                        if !from_batch {
+                            // Nothing more is read from this peer while it waits: TCP pushes back.
+                            let waited = live_budget.admit(changes.len()).await;
+                            if waited >= THROTTLE_NOTICED && peer.is_some() {
+                                let count = changes.len() as u64;
+                                if throttled == 0 {
+                                    warn!(
+                                        per_second = live_budget.per_second(),
+                                        "peer pushes changes faster than p2p_peer_max_changes_per_second: throttled"
+                                    );
+                                }
+                                throttled += count;
+                                node.peers.add_throttled(&id, connection_id, count);
+                                let label = PeerLabel { peer: id.to_string() };
+                                node.metrics.changes_throttled.get_or_create(&label).inc_by(count);
+                            }
+                        }
                         match apply(&node, &id, &name, changes, from_batch).await {
                             Some(report) => {
                                 // The session expects one answer per `Apply`, in order; the
@@ -452,6 +476,9 @@ fn drive(
                         // Settings take effect on live connections (SPEC): P2P off closes them;
                         // the heartbeat period and batch size apply from the next ping or batch.
                         let settings = settings_watch.borrow_and_update().clone();
+                        if settings.peer_max_changes_per_second != live_budget.per_second() {
+                            live_budget = LiveChangeBudget::new(settings.peer_max_changes_per_second);
+                        }
                         if settings.enabled {
                             session.update_settings(
                                 settings.heartbeat_interval_ms,

@@ -25,6 +25,7 @@ pub mod dialer;
 pub mod discovery;
 pub mod metrics;
 pub mod node;
+pub mod peer_rate;
 pub mod peers;
 pub mod transport;
 pub mod writer;

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub remote_clock_ahead: Counter,
     /// Remote changes held back: stamped further ahead of this clock than `p2p_max_clock_ahead`.
     pub changes_held_back: Counter,
+    /// Live changes each peer pushed faster than `p2p_peer_max_changes_per_second`.
+    pub changes_throttled: Family<PeerLabel, Counter>,
     /// Signs that another terminal uses this one's identity (a clone, a restored backup).
     pub identity_clashes: Counter,
     /// Changes refused because another change with the same (origin, seq) is held.
@@ -144,6 +146,7 @@ impl Metrics {
             changes_behind: Family::default(),
             remote_clock_ahead: Counter::default(),
             changes_held_back: Counter::default(),
+            changes_throttled: Family::default(),
             identity_clashes: Counter::default(),
             forks: Counter::default(),
             connections_rejected: Family::default(),
@@ -237,6 +240,11 @@ impl Metrics {
             "changes_held_back",
             "Remote changes held back because they are stamped further ahead of this terminal's clock than p2p_max_clock_ahead (retried when the clock catches up)",
             metrics.changes_held_back.clone(),
+        );
+        registry.register(
+            "changes_throttled",
+            "Live changes a peer pushed faster than p2p_peer_max_changes_per_second: applied late, its frames read no faster than the limit",
+            metrics.changes_throttled.clone(),
         );
         registry.register(
             "identity_clashes",

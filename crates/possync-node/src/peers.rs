@@ -109,6 +109,9 @@ pub struct PeerEntry {
     /// Changes the peer holds that this node lacks (incoming catch-up still to do), as last
     /// measured on the live connection.
     pub behind: u64,
+    /// Live changes of the current connection applied late because the peer pushed them
+    /// faster than `p2p_peer_max_changes_per_second` (see `peer_rate`).
+    pub throttled: u64,
     /// The live connection: its id, its mailbox and whether we dialled it.
     connection: Option<(u64, Arc<Mailbox>, bool)>,
     /// When the last connection was closed by the tie-break with no successor registered yet.
@@ -156,6 +159,9 @@ pub struct PeerStatus {
     /// Changes this peer holds that this node has not taken yet: non-zero while catching
     /// up ("catching up, N behind"), 0 once in step (measured every 5 s on a live link).
     pub behind: u64,
+    /// Live changes of the current connection that this peer pushed faster than
+    /// `p2p_peer_max_changes_per_second`, applied late (0 when it never exceeded it).
+    pub throttled: u64,
 }
 
 /// The seed's `getDetailedStats()` object, exactly.
@@ -270,6 +276,7 @@ impl PeerTable {
             stats: ConnectionStats::default(),
             reconnect_attempts: 0,
             behind: 0,
+            throttled: 0,
             connection: None,
             superseded_at: None,
         });
@@ -294,6 +301,7 @@ impl PeerTable {
         // while the peer is away): a flaky peer shows it while connected.
         entry.stats = ConnectionStats::default();
         entry.behind = 0;
+        entry.throttled = 0;
         entry.connection = Some((connection_id, commands, we_initiated));
         self.publish_connected(&peers);
         drop(peers);
@@ -332,6 +340,17 @@ impl PeerTable {
             && entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id)
         {
             entry.behind = behind;
+        }
+    }
+
+    /// Counts live changes the peer pushed faster than its budget (only from the registered
+    /// connection).
+    pub fn add_throttled(&self, peer: &PosId, connection_id: u64, changes: u64) {
+        let mut peers = self.lock();
+        if let Some(entry) = peers.get_mut(peer)
+            && entry.connection.as_ref().is_some_and(|(id, ..)| *id == connection_id)
+        {
+            entry.throttled = entry.throttled.saturating_add(changes);
         }
     }
 
@@ -462,6 +481,7 @@ impl PeerTable {
                 online: entry.online,
                 last_seen: rfc3339(Some(entry.last_seen_ms)),
                 behind: if entry.online { entry.behind } else { 0 },
+                throttled: entry.throttled,
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));

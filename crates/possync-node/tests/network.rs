@@ -742,3 +742,37 @@ async fn an_oversized_frame_closes_the_connection_and_the_node_goes_on() {
     b.shutdown().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_live_changes_is_slowed_to_its_budget_and_shown_nothing_lost() {
+    // 20 changes a second: bursts of 200 pass at once, the rest at the rate.
+    let a = start(Options::new("Till A").setting("p2p_peer_max_changes_per_second", 20)).await;
+    let mut channel = raw_established(&a, "raw-peer").await;
+    for seq in 1..=300 {
+        channel
+            .send(&product_change(seq + 1, "raw-peer", seq, &format!("p-{seq:03}"), "1.00"))
+            .await
+            .unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    let raw_peer = possync_core::PosId::parse("raw-peer").unwrap();
+    let node = a.shared().clone();
+    wait_until("all 300 flooded products applied", SOON, || {
+        let (node, raw_peer) = (node.clone(), raw_peer.clone());
+        async move { node.summary().await.is_some_and(|vv| vv.get(&raw_peer) == possync_core::Seq(300)) }
+    })
+    .await;
+    // The 100 past the burst could not all pass before the rate allowed them.
+    assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(product_count(&a).await, 300, "nothing lost");
+    let status = a.shared().peers.status(true, true, &a.pos_id(), "Till A");
+    let raw = status.peers.iter().find(|peer| peer.id == "raw-peer").expect("the raw peer is listed");
+    assert!((100..=300).contains(&raw.throttled), "{raw:?}");
+    let metrics = a.shared().metrics.encode();
+    assert!(
+        metrics.lines().any(|line| line.starts_with("possync_changes_throttled_total{peer=\"raw-peer\"}")),
+        "{metrics}"
+    );
+    drop(channel);
+    a.shutdown().await;
+}

@@ -62,6 +62,12 @@ pub const DEFAULT_SETTINGS: &[(&str, &str, &str, &str)] = &[
         "number",
         "Milliseconds a remote change may be stamped ahead of this clock; further ahead it is held back until the clock catches up",
     ),
+    (
+        "p2p_peer_max_changes_per_second",
+        "1000",
+        "number",
+        "Live changes one peer may push per second (bursts of 10 s worth pass); faster, its frames are read no faster",
+    ),
 ];
 
 const V1_INITIAL: &str = r#"

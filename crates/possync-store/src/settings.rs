@@ -30,7 +30,16 @@ pub struct Settings {
     /// terminal's clock is held back (not applied, logged, alerted) until the clock catches
     /// up. See docs/DESIGN.md, "Clocks".
     pub max_clock_ahead_ms: u64,
+    /// `p2p_peer_max_changes_per_second`: changes a peer may push live per second (bursts
+    /// of ten seconds' worth pass at once); faster, the connection reads its frames no faster
+    /// than that. Catch-up batches are paced by the protocol (asked for, acknowledged) and
+    /// not counted. See docs/DESIGN.md, "A peer that floods".
+    pub peer_max_changes_per_second: u32,
 }
+
+/// The default of `p2p_peer_max_changes_per_second`: far above what people at a till write,
+/// far below a script flooding the shop with records.
+pub const DEFAULT_PEER_MAX_CHANGES_PER_SECOND: u32 = 1_000;
 
 /// The default of `p2p_max_clock_ahead`: one hour, far above the drift of a till whose clock
 /// is set by hand, far below a poisoned or mistyped date.
@@ -64,6 +73,7 @@ impl Default for Settings {
             batch_size: 100,
             log_retention_days: 30,
             max_clock_ahead_ms: DEFAULT_MAX_CLOCK_AHEAD_MS,
+            peer_max_changes_per_second: DEFAULT_PEER_MAX_CHANGES_PER_SECOND,
         }
     }
 }
@@ -107,6 +117,9 @@ impl Settings {
             "p2p_log_retention_days" => self.log_retention_days = parse_number(key, value, 1, 36_500)?,
             "p2p_max_clock_ahead" => {
                 self.max_clock_ahead_ms = parse_number(key, value, 1_000, MAX_CLOCK_AHEAD_LIMIT_MS)?
+            }
+            "p2p_peer_max_changes_per_second" => {
+                self.peer_max_changes_per_second = parse_number(key, value, 1, 1_000_000)?
             }
             _ => return Err(StoreError::BadSetting(format!("unknown setting {key:?}"))),
         }

@@ -286,8 +286,9 @@ fn the_seed_analysis_queries_run() {
     ] {
         a.query(sql);
     }
-    // The spec's seven settings, plus `p2p_max_clock_ahead`.
-    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 8);
+    // The spec's seven settings, plus `p2p_max_clock_ahead` and
+    // `p2p_peer_max_changes_per_second`.
+    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 9);
     assert_eq!(
         a.count(
             "SELECT COUNT(*) FROM settings WHERE key IN ('p2p_enabled', 'p2p_auto_sync',

@@ -533,6 +533,7 @@
       if (peer.online) {
         var rate = state.peerRates.get(peer.id);
         if (rate) parts.push("↑ " + fmtRate(rate.msgOut) + " ↓ " + fmtRate(rate.msgIn) + " msg/s");
+        if (isNum(peer.throttled) && peer.throttled > 0) parts.push("throttled: " + fmtInt(peer.throttled) + " changes late");
         if (peer.address) parts.push(peer.address);
       } else {
         parts.push(peer.lastSeen ? "Last seen " + fmtAge(parseTime(peer.lastSeen)) : "Never connected");

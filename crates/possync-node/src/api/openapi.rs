@@ -424,7 +424,9 @@ fn schemas() -> Value {
                     "id": string, "name": string, "address": nullable(string.clone()),
                     "online": {"type": "boolean"}, "lastSeen": nullable(string.clone()),
                     "behind": {"type": "integer", "minimum": 0,
-                               "description": "changes this peer holds that this node has not taken yet (catching up while > 0)"}}}},
+                               "description": "changes this peer holds that this node has not taken yet (catching up while > 0)"},
+                    "throttled": {"type": "integer", "minimum": 0,
+                                  "description": "live changes of the current connection that the peer pushed faster than p2p_peer_max_changes_per_second, applied late"}}}},
             },
         },
         "DetailedStats": {
