@@ -22,7 +22,7 @@ use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, Status};
 use crate::node::{NodeShared, now_ms};
 use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
-use crate::transport::{SecureChannel, TransportError};
+use crate::transport::{SecureChannel, SecureReceiver, SecureSender, TransportError};
 use crate::writer::Priority;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
@@ -121,8 +121,10 @@ fn drive(
 
         loop {
             while let Some(frame) = session.poll_transmit() {
-                if let Err(err) = sender.send(&frame).await {
-                    session.close(&format!("send failed: {err}"));
+                match send_frame(&mut sender, &mut receiver, &mut session, &mut carried, &frame).await {
+                    Ok(()) => {}
+                    Err(SendStopped::Transport(err)) => session.close(&format!("send failed: {err}")),
+                    Err(SendStopped::Abandoned) => break,
                 }
             }
             let mut progressed = false;
@@ -538,6 +540,61 @@ fn drive(
 }
 
 /// Records a frame refused by the secure channel: one `p2p_sync_logs` error row.
+/// Why [`send_frame`] gave up on a frame.
+enum SendStopped {
+    /// The channel failed.
+    Transport(TransportError),
+    /// The session closed while the frame waited (the peer's heartbeat deadline passed):
+    /// the frame is dropped with the connection.
+    Abandoned,
+}
+
+/// How long a frame may wait for a closed session (its final frames) before it is dropped.
+const CLOSING_SEND_GRACE_MS: u64 = 1_000;
+
+/// Sends one frame without freezing the connection. A peer behind a cut link stops reading,
+/// its socket buffer fills and the send waits, for TCP's own retransmission timeout (many
+/// minutes) if nothing else happens: the peer would stay "online" with no timeout logged.
+/// So while the frame waits, the session's timers still run (a peer silent past its
+/// heartbeat deadline is timed out, and the frame abandoned), and frames from the peer are
+/// still read and handed to the session, so that two tills sending to each other at once
+/// cannot block each other.
+async fn send_frame(
+    sender: &mut SecureSender,
+    receiver: &mut SecureReceiver,
+    session: &mut Session,
+    carried: &mut Option<Result<Option<String>, TransportError>>,
+    frame: &str,
+) -> Result<(), SendStopped> {
+    let send = sender.send(frame);
+    tokio::pin!(send);
+    loop {
+        let now = now_ms();
+        let wake_at = match session.poll_timeout() {
+            Some(at) if !session.is_closed() => at,
+            _ => now + CLOSING_SEND_GRACE_MS,
+        };
+        let wait = std::time::Duration::from_millis(wake_at.saturating_sub(now));
+        tokio::select! {
+            sent = &mut send => return sent.map_err(SendStopped::Transport),
+            read = receiver.recv(), if carried.is_none() => match read {
+                Ok(Some(text)) => session.handle_frame(now_ms(), &text),
+                // The end of the channel (or an error) is handled by the main loop.
+                other => *carried = Some(other),
+            },
+            () = tokio::time::sleep(wait) => {
+                if session.is_closed() {
+                    return Err(SendStopped::Abandoned);
+                }
+                session.handle_timeout(now_ms());
+                if session.is_closed() {
+                    return Err(SendStopped::Abandoned);
+                }
+            }
+        }
+    }
+}
+
 async fn log_rejected(
     node: &Arc<NodeShared>,
     peer: Option<&(PosId, String)>,
