@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::publisher::{self, Lane};
-use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause};
+use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::config::HqConfig;
 use crate::node::NodeShared;
 use crate::writer::Priority;
@@ -116,20 +116,8 @@ async fn ingest_forever(
     subjects: Subjects,
     status: Arc<ChainStatus>,
 ) {
-    let mut failures = 0;
-    loop {
-        match ingest(&node, &js, &subjects, &status).await {
-            Ok(()) => return,
-            Err(err) => {
-                warn!(%err, "head office ingest interrupted; starting again");
-                status.update(|status| status.last_error = Some(err.to_string()));
-                failures += 1;
-                if !pause(&node, backoff(failures)).await {
-                    return;
-                }
-            }
-        }
-    }
+    retry_until_shutdown(&node, &status, "head office ingest", || ingest(&node, &js, &subjects, &status))
+        .await;
 }
 
 /// Creates the streams and the durable consumer, then applies messages until shutdown.

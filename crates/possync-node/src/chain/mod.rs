@@ -180,6 +180,34 @@ async fn pause(node: &NodeShared, delay: Duration) -> bool {
     }
 }
 
+/// Runs `attempt` again and again until it returns `Ok` (it does at shutdown) or the node
+/// shuts down during a back-off; each failure is logged (`what` says which task), kept as
+/// the status's last error, and followed by a growing pause.
+async fn retry_until_shutdown<Attempt, Running>(
+    node: &NodeShared,
+    status: &ChainStatus,
+    what: &str,
+    mut attempt: Attempt,
+) where
+    Attempt: FnMut() -> Running,
+    Running: std::future::Future<Output = Result<(), ChainError>>,
+{
+    let mut failures = 0;
+    loop {
+        match attempt().await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(%err, "{what} interrupted; starting again");
+                status.update(|status| status.last_error = Some(err.to_string()));
+                failures += 1;
+                if !pause(node, backoff(failures)).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Backoff after the `attempt`th failure in a row: 200 ms doubling to 5 s.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((200u64 << attempt.min(5)).min(5_000))

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::publisher::{self, Lane};
-use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause};
+use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::config::UplinkConfig;
 use crate::node::NodeShared;
 use crate::writer::Priority;
@@ -75,20 +75,10 @@ async fn downlink(
     subjects: Subjects,
     status: Arc<ChainStatus>,
 ) {
-    let mut failures = 0;
-    loop {
-        match consume(&node, &js, &subjects, &status).await {
-            Ok(()) => return,
-            Err(err) => {
-                warn!(%err, "downlink interrupted; reading again from the cursor");
-                status.update(|status| status.last_error = Some(err.to_string()));
-                failures += 1;
-                if !pause(&node, backoff(failures)).await {
-                    return;
-                }
-            }
-        }
-    }
+    retry_until_shutdown(&node, &status, "downlink (reading again from the cursor)", || {
+        consume(&node, &js, &subjects, &status)
+    })
+    .await;
 }
 
 /// Reads the DOWN stream from the cursor with an ordered consumer (the server delivers in
