@@ -692,8 +692,8 @@ async fn apply(
         node.metrics
             .conflicts
             .get_or_create(&ConflictLabels {
-                conflict_type: conflict_type.clone(),
-                strategy: strategy.clone(),
+                conflict_type: conflict_type.as_str().to_string(),
+                strategy: strategy.as_str().to_string(),
             })
             .inc();
     }

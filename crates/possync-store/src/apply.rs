@@ -16,7 +16,9 @@
 //!    inserted once by id.
 
 use possync_core::merge::{RemoteWrite, Verdict, Winner};
-use possync_core::{Change, ChangeBody, ChangeError, EntityKind, PosId, Seq, WireChange, merge_record};
+use possync_core::{
+    Change, ChangeBody, ChangeError, ConflictType, EntityKind, PosId, Seq, Strategy, WireChange, merge_record,
+};
 use serde_json::{Map, Value, json};
 
 use crate::Outgoing;
@@ -64,8 +66,8 @@ pub struct ApplyReport {
     /// True when a change was refused because an earlier one from its origin is missing:
     /// the session should ask the peer to catch up again.
     pub gap: bool,
-    /// (conflict_type, strategy) of each conflict, for the metrics.
-    pub conflict_kinds: Vec<(String, String)>,
+    /// The type and strategy of each conflict, for the metrics.
+    pub conflict_kinds: Vec<(ConflictType, Strategy)>,
     /// Why each invalid change was refused (`<type>/<action> <id>: <reason>`), so that the
     /// sender can be told with an `error` frame.
     pub rejections: Vec<String>,
@@ -101,15 +103,27 @@ struct Logged {
     status: SyncStatus,
     reason: Option<String>,
     conflict: Option<ConflictRow>,
+    /// The change needs a record that has not arrived (a ticket's status before the sale):
+    /// not held, treated like a gap so that it comes again.
+    dependency_missing: bool,
 }
 
 impl Logged {
     fn success() -> Logged {
-        Logged { status: SyncStatus::Success, reason: None, conflict: None }
+        Logged { status: SyncStatus::Success, reason: None, conflict: None, dependency_missing: false }
     }
 
     fn skipped(reason: impl Into<String>) -> Logged {
-        Logged { status: SyncStatus::Skipped, reason: Some(reason.into()), conflict: None }
+        Logged {
+            status: SyncStatus::Skipped,
+            reason: Some(reason.into()),
+            conflict: None,
+            dependency_missing: false,
+        }
+    }
+
+    fn dependency_missing(reason: impl Into<String>) -> Logged {
+        Logged { dependency_missing: true, ..Logged::skipped(reason) }
     }
 }
 
@@ -305,7 +319,7 @@ impl Store {
             report.clock_ahead += 1;
         }
         let outcome = self.merge_change(&change)?;
-        if outcome.reason.as_deref().is_some_and(|reason| reason.starts_with("missing:")) {
+        if outcome.dependency_missing {
             // A dependency has not arrived (should not happen with causal delivery): treat
             // it like a gap, do not log the change as held.
             report.skipped += 1;
@@ -331,10 +345,7 @@ impl Store {
         let details = stamp_details(&origin, seq, clock_ahead_ms);
         self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
         if let Some(conflict) = outcome.conflict {
-            report.conflict_kinds.push((
-                conflict.report.conflict_type.as_str().to_string(),
-                conflict.report.strategy.as_str().to_string(),
-            ));
+            report.conflict_kinds.push((conflict.report.conflict_type, conflict.report.strategy));
             self.log_conflict(&origin, peer, &conflict)?;
         }
         if self.open_decidable && matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
@@ -414,7 +425,10 @@ impl Store {
             }
             ChangeBody::TicketStatus { fields, returns, .. } => {
                 if !self.ticket_exists(&change.id)? {
-                    return Ok(Logged::skipped(format!("missing: ticket {} not received yet", change.id)));
+                    return Ok(Logged::dependency_missing(format!(
+                        "missing: ticket {} not received yet",
+                        change.id
+                    )));
                 }
                 let logged = self.merge_fields(change, Some(fields), &version)?;
                 for movement in returns {
@@ -476,6 +490,7 @@ impl Store {
                         report: *report,
                         ctx: outcome.state.ctx.clone(),
                     }),
+                    dependency_missing: false,
                 }
             }
         })
