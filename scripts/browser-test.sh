@@ -186,11 +186,27 @@ done
 until_ok 30 "A and B to reconnect" peer_online "$A" "$ID_B"
 log "open conflict $CONFLICT on A; running the browser test"
 
+# --- a chain's head office, when a nats-server is there (the Stores section) -----------------
+HQ_URL=""
+if [ -n "${NATS_SERVER:-}" ] && [ -x "$NATS_SERVER" ]; then
+  QH=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$BIN" demo --chain --duration 200 --api-port "$QH" >"$WORK/hq.log" 2>&1 &
+  PIDS+=($!)
+  HQ_URL=http://127.0.0.1:$QH
+  three_stores() {
+    curl -sf --max-time 2 --noproxy '*' "$HQ_URL/api/chain/stores" | json "len(d) >= 3 and all(s['tickets'] > 0 for s in d)" | grep -qx True
+  }
+  until_ok 90 "the chain demo's head office to hear from 3 stores" three_stores
+  log "chain demo running; head office at $HQ_URL"
+else
+  log "no NATS_SERVER: the head office's Stores section is not checked"
+fi
+
 # --- the browser -----------------------------------------------------------------------------
 SHOTS=${SCREENSHOT_DIR:-$ROOT/docs}
 mkdir -p "$SHOTS"
 status=0
-DASHBOARD_URL=$A PEER_ID=$ID_B SELL_URLS="$A,$B" SELL_PRODUCT_ID=$TEA CONFLICT_ID=$CONFLICT CHECK_RECORD=1 \
+HQ_URL=$HQ_URL DASHBOARD_URL=$A PEER_ID=$ID_B SELL_URLS="$A,$B" SELL_PRODUCT_ID=$TEA CONFLICT_ID=$CONFLICT CHECK_RECORD=1 \
   SCREENSHOT_DIR=$SHOTS CHROMIUM=$CHROMIUM timeout 240 node tests/browser/dashboard.test.mjs || status=$?
 [ "$status" = 0 ] || die "the browser test failed (exit $status)"
 

@@ -17,6 +17,9 @@
 //                   resolved, always goes to a temporary directory)
 //   CHART_SECONDS   how long the charts gather data before the screenshots (default 30)
 //   CHROMIUM        the browser (default /usr/bin/chromium)
+//   HQ_URL          a chain's head office API base: its dashboard must show the Stores
+//                   section (one row per store, the stock lookup); without it that check is
+//                   skipped, saying so
 
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
@@ -35,6 +38,12 @@ for (const url of sellUrls) {
     console.error(`SELL_URLS: ${url} is not http://127.0.0.1:PORT`);
     process.exit(2);
   }
+}
+// A chain's head office (e.g. `possync demo --chain --api-port P`): its Stores section.
+const hqBase = (process.env.HQ_URL || "").replace(/\/+$/, "");
+if (hqBase && !LOCAL.test(hqBase + "/")) {
+  console.error("HQ_URL must be http://127.0.0.1:PORT (this test talks to nothing else)");
+  process.exit(2);
 }
 const sellProduct = process.env.SELL_PRODUCT_ID || "";
 if (sellUrls.length && !sellProduct) {
@@ -182,7 +191,7 @@ async function main() {
   // The page must reach nothing but the node: every other request is refused and reported.
   await context.route("**/*", (route) => {
     const url = route.request().url();
-    if (url.startsWith(base + "/")) return route.continue();
+    if (url.startsWith(base + "/") || (hqBase && url.startsWith(hqBase + "/"))) return route.continue();
     blocked.push(url);
     return route.abort();
   });
@@ -355,8 +364,52 @@ async function main() {
   await page.close();
 }
 
+// The Stores section: hidden on a shop's till, shown on a head office with its stores.
+async function checkHeadOffice() {
+  const shop = await newPage(1280, 800);
+  await shop.goto(`${base}/`);
+  await shop.waitForSelector("#pos-name", { timeout: 10000 });
+  await new Promise((r) => setTimeout(r, 2000));
+  check(await shop.isHidden("#chain"), "a shop till's dashboard has no Stores section");
+  await shop.close();
+  if (!hqBase) {
+    console.log("  SKIP  the head office's Stores section (no HQ_URL: no nats-server for the chain demo)");
+    return;
+  }
+  const stores = await api("GET", `${hqBase}/api/chain/stores`);
+  const page = await newPage(1280, 800);
+  await page.goto(`${hqBase}/`);
+  const section = await page.waitForSelector("#chain:not([hidden])", { timeout: 15000 }).catch(() => null);
+  check(section !== null, "the head office's dashboard shows its Stores section");
+  const rows = await waitFor("store rows", async () => {
+    const count = await page.locator("#chain-stores-body tr[data-store-id]").count();
+    return count >= stores.length && count > 0 ? count : null;
+  }, 15000);
+  check(rows !== null, `one row per store (${stores.map((store) => store.storeId).join(", ")})`, `${rows} rows`);
+  const busiest = stores.reduce((a, b) => (b.tickets > a.tickets ? b : a), stores[0]);
+  const shownTickets = Number(
+    (await page.innerText(`#chain-stores-body tr[data-store-id="${busiest.storeId}"] [data-field="tickets"]`).catch(() => ""))
+      .replace(/[^0-9]/g, "")
+  );
+  check(busiest.tickets > 0 && shownTickets >= busiest.tickets,
+    `store ${busiest.storeId}'s row shows its tickets (${busiest.tickets} or more, sales go on)`, `shows ${shownTickets}`);
+  const products = await api("GET", `${hqBase}/api/products`);
+  const list = Array.isArray(products) ? products : products.items || products.data || [];
+  const productId = list.length ? list[0].id : "";
+  await page.fill("#chain-stock-product", productId);
+  await page.click('#chain-stock-form button[type="submit"]');
+  const table = await page.waitForSelector("#chain-stock-table:not([hidden])", { timeout: 10000 }).catch(() => null);
+  const stock = await api("GET", `${hqBase}/api/chain/stock?productId=${encodeURIComponent(productId)}`);
+  const stockRows = await page.locator("#chain-stock-body tr[data-store-id]").count();
+  check(table !== null && stockRows === stock.stores.length && (await page.innerText("#chain-stock-total")).trim() !== "—",
+    `the stock of ${productId} per store (${stock.stores.length}) and for the chain`, `${stockRows} rows`);
+  await page.screenshot({ path: join(extraShotDir, "head-office.png") });
+  await page.close();
+}
+
 try {
   await main();
+  await checkHeadOffice();
 } catch (error) {
   check(false, "the test ran to its end", error.stack || String(error));
 } finally {

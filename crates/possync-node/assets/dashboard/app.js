@@ -1344,6 +1344,86 @@
       });
   }
 
+  // ---- head office: the chain's stores -----------------------------------------
+
+  // Shown only on a head office; the answer of /api/chain/status decides, once.
+  function loadChain() {
+    if (state.chainRole === "other") return Promise.resolve();
+    var first = state.chainRole === undefined;
+    var roleCheck = first ? request("GET", "/api/chain/status") : Promise.resolve(null);
+    return roleCheck
+      .then(function (status) {
+        if (first) {
+          state.chainRole = status && status.role && status.role.hq ? "hq" : "other";
+          if (state.chainRole !== "hq") return;
+          $("#chain").hidden = false;
+          $("#chain-nav").hidden = false;
+          if (status.role.hq.chain) $("#chain-sub").textContent = "Chain " + status.role.hq.chain + ": every store as this head office sees it";
+        }
+        return request("GET", "/api/chain/stores").then(function (stores) {
+          state.chainStores = stores || [];
+          showSectionError("stores", null);
+          renderChainStores();
+        });
+      })
+      .catch(function (error) {
+        if (state.chainRole === "hq") showSectionError("stores", error);
+      });
+  }
+
+  function renderChainStores() {
+    var body = $("#chain-stores-body");
+    var stores = state.chainStores || [];
+    body.textContent = "";
+    if (!stores.length) {
+      body.appendChild(el("tr", { className: "empty-row" }, [el("td", { colspan: 7, text: "No store has sent anything yet." })]));
+      return;
+    }
+    var today = new Date(serverNow()).toISOString().slice(0, 10);
+    stores.forEach(function (store) {
+      var todays = (store.salesPerDay || []).filter(function (day) { return day.day === today; })[0];
+      var last = isNum(store.lastReceivedUnix) ? store.lastReceivedUnix * 1000 : null;
+      var lastText = fmtAge(last) + (store.alert ? " · silent" : "");
+      body.appendChild(
+        el("tr", { "data-store-id": store.storeId, "data-alert": store.alert ? "true" : "false" }, [
+          el("th", { scope: "row", text: store.storeId }),
+          el("td", { "data-field": "terminals", text: fmtInt((store.terminals || []).length) }),
+          el("td", { "data-field": "lastReceived", className: store.alert ? "late" : null, text: lastText }),
+          el("td", { "data-field": "changes", text: fmtInt(store.changesReceived) }),
+          el("td", { "data-field": "ticketsToday", text: fmtInt(todays ? todays.tickets : 0) }),
+          el("td", { "data-field": "salesToday", text: todays ? todays.total : "0" }),
+          el("td", { "data-field": "tickets", text: fmtInt(store.tickets) }),
+        ])
+      );
+    });
+  }
+
+  function loadChainStock(productId) {
+    return request("GET", "/api/chain/stock?productId=" + encodeURIComponent(productId))
+      .then(function (stock) {
+        var body = $("#chain-stock-body");
+        body.textContent = "";
+        (stock.stores || []).forEach(function (row) {
+          body.appendChild(el("tr", { "data-store-id": row.storeId }, [
+            el("th", { scope: "row", text: row.storeId }),
+            el("td", { "data-field": "stock", text: row.stock }),
+          ]));
+        });
+        $("#chain-stock-total").textContent = stock.total;
+        $("#chain-stock-table").hidden = false;
+        showSectionError("stores", null);
+      })
+      .catch(function (error) {
+        showSectionError("stores", error);
+      });
+  }
+
+  $("#chain-stock-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    var productId = $("#chain-stock-product").value.trim();
+    if (productId) loadChainStock(productId);
+  });
+
   function loadStatusAndStats() {
     return Promise.all([request("GET", "/api/status"), request("GET", "/api/stats")])
       .then(function (answers) {
@@ -1370,6 +1450,7 @@
   function refreshSlow() {
     loadConflicts(false);
     loadDashboard();
+    loadChain();
   }
 
   function connectEvents() {
@@ -1441,6 +1522,10 @@
   }, 1000);
 
   window.setInterval(refreshSlow, REFRESH_MS);
+  // A head office's store table moves faster than conflicts: every 5 s.
+  window.setInterval(function () {
+    if (state.chainRole === "hq") loadChain();
+  }, 5000);
 
   document.addEventListener("visibilitychange", function () {
     if (!document.hidden) refreshSlow();
