@@ -253,29 +253,36 @@ pub fn merge_record(
 
     let mut state = before.clone();
     let mut contested: Vec<&'static str> = Vec::new();
+    let mut existence_contested = false;
     let mut remote_took = 0usize;
     let mut local_kept = 0usize;
-    // Decides one register: `concurrent` says whether the local value clashes with the remote
-    // write (then the strategy decides); otherwise the newer version wins.
-    let mut decide = |name: &'static str, local_version: Option<&Version>, concurrent: bool| -> bool {
-        let Some(local_version) = local_version else { return true };
-        let remote_newer = remote.version > local_version;
-        if !concurrent {
-            return remote_newer;
-        }
-        contested.push(name);
-        let take = match strategy {
-            Strategy::LastWriteWins => remote_newer,
-            Strategy::RemoteWins => true,
-            Strategy::LocalWins | Strategy::Manual => false,
+    // Decides one register, a field (`Some(name)`) or the record's existence (`None`):
+    // `concurrent` says whether the local value clashes with the remote write (then the
+    // strategy decides); otherwise the newer version wins. Contested fields are listed for
+    // the conflict's notes; a contested existence makes it a delete conflict.
+    let mut decide =
+        |field: Option<&'static str>, local_version: Option<&Version>, concurrent: bool| -> bool {
+            let Some(local_version) = local_version else { return true };
+            let remote_newer = remote.version > local_version;
+            if !concurrent {
+                return remote_newer;
+            }
+            match field {
+                Some(name) => contested.push(name),
+                None => existence_contested = true,
+            }
+            let take = match strategy {
+                Strategy::LastWriteWins => remote_newer,
+                Strategy::RemoteWins => true,
+                Strategy::LocalWins | Strategy::Manual => false,
+            };
+            if take {
+                remote_took += 1;
+            } else {
+                local_kept += 1;
+            }
+            take
         };
-        if take {
-            remote_took += 1;
-        } else {
-            local_kept += 1;
-        }
-        take
-    };
 
     // Existence: every write sets it; a delete sets it to "deleted". A delete clashes with a
     // live record holding any write the deleter had not seen (not only the newest one, which
@@ -287,7 +294,7 @@ pub fn merge_record(
         before.deleted && before.existence.as_ref().is_some_and(unseen_by_remote)
     };
     let take_existence = if delete_clash {
-        decide("(deleted)", before.existence.as_ref(), true)
+        decide(None, before.existence.as_ref(), true)
     } else {
         before.existence.as_ref().is_none_or(|version| remote.version > version)
     };
@@ -299,7 +306,7 @@ pub fn merge_record(
     if let Some(fields) = remote.fields {
         for (name, value) in fields {
             let local_version = before.versions.get(name);
-            if decide(name, local_version, local_version.is_some_and(unseen_by_remote)) {
+            if decide(Some(name), local_version, local_version.is_some_and(unseen_by_remote)) {
                 state.values.insert(name, value.clone());
                 state.versions.insert(name, remote.version.clone());
             }
@@ -318,10 +325,9 @@ pub fn merge_record(
         return MergeOutcome { state, changed, verdict: Verdict::Applied };
     }
 
-    let field_contested: Vec<&str> = contested.iter().copied().filter(|name| *name != "(deleted)").collect();
     let conflict_type = if delete_clash {
         ConflictType::DeleteConflict
-    } else if field_contested.is_empty() {
+    } else if contested.is_empty() {
         ConflictType::FieldMerge
     } else {
         ConflictType::UpdateConflict
@@ -343,7 +349,7 @@ pub fn merge_record(
         local_updated_at: before.updated_at(),
         remote_updated_at: remote.version.hlc.map(|hlc| rfc3339_ms(hlc.ms())),
         final_data: state.to_json(remote.id),
-        open: strategy == Strategy::Manual && !contested.is_empty(),
+        open: strategy == Strategy::Manual && (existence_contested || !contested.is_empty()),
         notes,
     };
     MergeOutcome { state, changed, verdict: Verdict::Conflict(Box::new(report)) }
