@@ -1,12 +1,14 @@
 //! The `possync` command line (SPEC 6.1): `init` and `run` a terminal's node, `demo` several
 //! terminals in one process, and talk to a running node (`status`, `stats`, `conflicts`,
-//! `logs`, `cleanup`). Errors are reported with context and a non-zero exit code.
+//! `logs`, `cleanup`), `import` another till app's database, print the API's `openapi`
+//! document. Errors are reported with context and a non-zero exit code.
 
 mod chain_demo;
 mod client;
 mod demo;
 mod import;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -53,6 +55,9 @@ enum Command {
     /// Import another till application's database into this terminal (the node must be
     /// stopped): `possync import posplus --from posplus.db`.
     Import(import::ImportArgs),
+    /// Print the API's OpenAPI document (what `GET /api/openapi.json` answers), e.g. to
+    /// generate a typed client: `possync openapi > openapi.json`.
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +129,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => client::logs(&args),
         Command::Cleanup(args) => client::cleanup(&args),
         Command::Import(args) => import::run(&args),
+        Command::Openapi => print_openapi(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,5 +232,17 @@ async fn wait_for_signal() -> Result<()> {
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT"),
         _ = terminate.recv() => Ok(()),
+    }
+}
+
+/// `possync openapi`: the route table's OpenAPI document, pretty-printed.
+fn print_openapi() -> Result<()> {
+    let document = possync_node::api::routes_document();
+    let text = serde_json::to_string_pretty(&document).context("serialising the OpenAPI document")?;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        // A reader that stopped early (`| head`) is not an error.
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing the OpenAPI document"),
     }
 }

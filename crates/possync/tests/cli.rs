@@ -121,6 +121,15 @@ fn every_command_has_help() {
 }
 
 #[test]
+fn openapi_prints_the_document_a_node_serves() {
+    let output = possync().arg("openapi").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let document: Value = serde_json::from_slice(&output.stdout).expect("the document is JSON");
+    assert_eq!(document, possync_node::api::routes_document());
+    assert!(document["paths"]["/api/tickets"]["post"].is_object(), "selling is described");
+}
+
+#[test]
 fn init_prints_the_pos_id_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let node = dir.path().join("till");
