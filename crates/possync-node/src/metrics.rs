@@ -50,6 +50,10 @@ pub struct ChainMetrics {
     pub backlog: Gauge,
     /// Backbone messages by outcome: published, received, rejected, wrong_sequence.
     pub messages: Family<Status, Counter>,
+    /// Unix time (s) of the last acknowledged publish of changes (0: none yet in this run).
+    pub last_published: Gauge,
+    /// Unix time (s) of the last change applied from the backbone (0: none yet in this run).
+    pub last_applied: Gauge,
     /// Changes by outcome: published, applied.
     pub changes: Family<Status, Counter>,
 }
@@ -220,6 +224,16 @@ impl Metrics {
             "chain_changes",
             "Chain backbone changes by outcome",
             metrics.chain.changes.clone(),
+        );
+        registry.register(
+            "chain_last_published_timestamp_seconds",
+            "Unix time of the last changes published to the backbone and acknowledged (0: none yet in this run)",
+            metrics.chain.last_published.clone(),
+        );
+        registry.register(
+            "chain_last_applied_timestamp_seconds",
+            "Unix time of the last change applied from the backbone (0: none yet in this run)",
+            metrics.chain.last_applied.clone(),
         );
         registry.register(
             "api_connections",

@@ -387,6 +387,20 @@ async fn two_tills_uploading_the_same_origins_leave_no_gap_and_no_duplicate() {
         .map(|till| till.shared().chain.snapshot()["publishedChanges"].as_u64().unwrap())
         .sum();
     assert_eq!(published, 80);
+    // The last publish and the last apply are dated, in the status and as metrics.
+    let hq_status = hq.shared().chain.snapshot();
+    assert!(hq_status["lastAppliedAt"].is_string(), "{hq_status}");
+    let hq_metrics = hq.shared().metrics.encode();
+    let applied_at = hq_metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("possync_chain_last_applied_timestamp_seconds "))
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    let now_s = possync_node::node::now_ms() / 1000;
+    assert!(applied_at.is_some_and(|at| at <= now_s && at + 60 > now_s), "{applied_at:?} vs {now_s}");
+    assert!(
+        [&a1, &a2].iter().any(|till| till.shared().chain.snapshot()["lastPublishedAt"].is_string()),
+        "a till published"
+    );
     for till in [&a1, &a2] {
         assert_eq!(sales_of(&hq, till.pos_id().as_str()).await, sales_of(till, till.pos_id().as_str()).await);
     }

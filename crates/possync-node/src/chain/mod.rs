@@ -68,6 +68,10 @@ struct StatusInner {
     rejected_messages: u64,
     backlog: u64,
     last_error: Option<String>,
+    /// When changes were last published and acknowledged (Unix ms).
+    last_published_ms: Option<u64>,
+    /// When a change from the backbone was last applied (Unix ms).
+    last_applied_ms: Option<u64>,
 }
 
 impl ChainStatus {
@@ -89,6 +93,8 @@ impl ChainStatus {
             "rejectedMessages": inner.rejected_messages,
             "backlog": inner.backlog,
             "lastError": inner.last_error,
+            "lastPublishedAt": inner.last_published_ms.map(possync_core::time::rfc3339_ms),
+            "lastAppliedAt": inner.last_applied_ms.map(possync_core::time::rfc3339_ms),
         })
     }
 
@@ -106,7 +112,17 @@ impl ChainStatus {
         let mut inner = self.lock();
         let before = inner.clone();
         change(&mut inner);
+        let now = crate::node::now_ms();
+        if inner.published_changes > before.published_changes {
+            inner.last_published_ms = Some(now);
+        }
+        if inner.applied_changes > before.applied_changes {
+            inner.last_applied_ms = Some(now);
+        }
         let metrics = &self.metrics;
+        let seconds = |ms: Option<u64>| ms.map_or(0, |ms| i64::try_from(ms / 1000).unwrap_or(i64::MAX));
+        metrics.last_published.set(seconds(inner.last_published_ms));
+        metrics.last_applied.set(seconds(inner.last_applied_ms));
         metrics.connected.set(i64::from(inner.connected));
         metrics.backlog.set(i64::try_from(inner.backlog).unwrap_or(i64::MAX));
         let count = |family: &Family<Status, Counter>, status: &str, before: u64, after: u64| {
