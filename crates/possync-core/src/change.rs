@@ -283,16 +283,14 @@ impl Change {
             return Err(ChangeError::Malformed("data.sync.seq must be at least 1".into()));
         }
         let body = match (kind, action) {
-            (EntityKind::Product | EntityKind::Category | EntityKind::Customer, "create" | "update") => {
+            (kind, "create" | "update") if kind.is_record() => {
                 data.remove("sync");
                 ChangeBody::Upsert {
                     create: action == "create",
                     fields: entity::parse_field_object(kind, data)?,
                 }
             }
-            (EntityKind::Product | EntityKind::Category | EntityKind::Customer, "delete") => {
-                ChangeBody::Delete
-            }
+            (kind, "delete") if kind.is_record() => ChangeBody::Delete,
             (EntityKind::Ticket, "create") => {
                 let sale: Sale = decode(data)?;
                 sale.validate()?;

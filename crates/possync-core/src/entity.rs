@@ -31,16 +31,19 @@ pub enum EntityKind {
     Ticket,
     /// A stock movement.
     Stock,
+    /// A cashier account (user name, role, password or PIN hash), shared by every till.
+    User,
 }
 
 impl EntityKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [EntityKind; 5] = [
+    pub const ALL: [EntityKind; 6] = [
         EntityKind::Product,
         EntityKind::Category,
         EntityKind::Customer,
         EntityKind::Ticket,
         EntityKind::Stock,
+        EntityKind::User,
     ];
 
     /// The name used on the wire and in `entity_type` columns.
@@ -51,6 +54,7 @@ impl EntityKind {
             EntityKind::Customer => "customer",
             EntityKind::Ticket => "ticket",
             EntityKind::Stock => "stock",
+            EntityKind::User => "user",
         }
     }
 
@@ -62,7 +66,13 @@ impl EntityKind {
             EntityKind::Customer => CUSTOMER_FIELDS,
             EntityKind::Ticket => TICKET_FIELDS,
             EntityKind::Stock => &[],
+            EntityKind::User => USER_FIELDS,
         }
+    }
+
+    /// A mutable record (merged field by field, created, edited and deleted), not a fact.
+    pub fn is_record(self) -> bool {
+        matches!(self, EntityKind::Product | EntityKind::Category | EntityKind::Customer | EntityKind::User)
     }
 
     /// The spec of the mutable field called `name` (JSON camelCase), if there is one.
@@ -112,6 +122,8 @@ pub enum FieldType {
     Timestamp,
     /// A ticket status (completed, cancelled, refunded, partially_refunded).
     TicketStatus,
+    /// A cashier's role: admin, manager or cashier (POSPlus's roles).
+    Role,
 }
 
 /// One mutable field of a record kind.
@@ -169,6 +181,24 @@ static CUSTOMER_FIELDS: &[FieldSpec] = &[
     field("notes", "notes", FieldType::OptText(LONG_TEXT), false),
     field("createdAt", "created_at", FieldType::Timestamp, false),
 ];
+
+/// Cashier accounts. `passwordHash` holds a PHC string (argon2id for passwords and PINs set
+/// through possync, or a bcrypt hash imported from POSPlus): only hashes travel and are
+/// stored; the API never answers them.
+static USER_FIELDS: &[FieldSpec] = &[
+    field("username", "username", FieldType::Text(64), true),
+    field("firstName", "first_name", FieldType::OptText(TEXT), false),
+    field("lastName", "last_name", FieldType::OptText(TEXT), false),
+    field("email", "email", FieldType::OptText(TEXT), false),
+    field("role", "role", FieldType::Role, true),
+    field("isActive", "is_active", FieldType::Bool, false),
+    field("passwordHash", "password_hash", FieldType::OptText(200), false),
+    field("lastLogin", "last_login", FieldType::OptText(64), false),
+    field("createdAt", "created_at", FieldType::Timestamp, false),
+];
+
+/// The roles a cashier account may have.
+pub const USER_ROLES: [&str; 3] = ["admin", "manager", "cashier"];
 
 static TICKET_FIELDS: &[FieldSpec] = &[
     field("status", "status", FieldType::TicketStatus, true),
@@ -259,6 +289,10 @@ impl FieldSpec {
             FieldType::TicketStatus => match value.as_str().map(TicketStatus::from_str) {
                 Some(Ok(status)) => Ok(Value::String(status.as_str().to_string())),
                 _ => Err(invalid(name, "expected completed, cancelled, refunded or partially_refunded")),
+            },
+            FieldType::Role => match value.as_str() {
+                Some(role) if USER_ROLES.contains(&role) => Ok(value),
+                _ => Err(invalid(name, "expected admin, manager or cashier")),
             },
         }
     }

@@ -1377,3 +1377,123 @@ fn a_sale_too_large_for_any_peer_is_refused_with_the_limit_and_nothing_is_stored
     let ok = api.post("/api/tickets", &json!({"lines": [{"productId": id, "quantity": 1}], "payments": [{"method": "cash", "amount": "1.00"}]}));
     assert_eq!(ok.status, 201, "{:?}", ok.body);
 }
+
+/// Issue 11: a cashier account created on one till logs in on the other; only hashes are
+/// stored and synced, and no answer carries one.
+#[test]
+fn a_cashier_created_on_one_till_logs_in_on_the_other_and_no_answer_carries_a_hash() {
+    let b = TestNode::named("pos-b", Vec::new());
+    let a = TestNode::named("pos-a", vec![b.node.as_ref().unwrap().peer_addr.unwrap().to_string()]);
+    let created = a.client.post(
+        "/api/users",
+        &json!({"id": "u-alice", "username": "alice", "firstName": "Alice", "role": "cashier", "password": "s3cret-pass"}),
+    );
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(created.body["hasPassword"], true);
+    assert!(
+        created.body.get("passwordHash").is_none() && created.body.get("password").is_none(),
+        "{:?}",
+        created.body
+    );
+    let pin_user = a.client.post("/api/users", &json!({"username": "bob", "role": "manager", "pin": "4711"}));
+    assert_eq!(pin_user.status, 201, "{:?}", pin_user.body);
+
+    // Stored as an argon2id hash, never as the password.
+    let stored: String = a
+        .runtime
+        .block_on(
+            a.shared()
+                .readers
+                .with(|reader| reader.record(EntityKind::User, &EntityId::parse("u-alice").unwrap())),
+        )
+        .unwrap()
+        .unwrap()["passwordHash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(stored.starts_with("$argon2id$") && !stored.contains("s3cret-pass"), "{stored}");
+
+    // On the other till: listed without hashes, and the login works there.
+    eventually("alice reaches till B", || b.client.get("/api/users/u-alice").status == 200);
+    for user in b.client.ok("/api/users").as_array().unwrap() {
+        assert!(user.get("passwordHash").is_none(), "{user}");
+    }
+    let login = b.client.post("/api/users/verify", &json!({"username": "alice", "password": "s3cret-pass"}));
+    assert_eq!(login.status, 200, "{:?}", login.body);
+    assert_eq!(login.body["id"], "u-alice");
+    assert!(login.body["lastLogin"].is_string(), "lastLogin set: {:?}", login.body);
+    assert!(login.body.get("passwordHash").is_none());
+    eventually("bob reaches till B", || {
+        b.client.get("/api/users?search=bob").body.as_array().is_some_and(|u| u.len() == 1)
+    });
+    let pin = b.client.post("/api/users/verify", &json!({"username": "bob", "pin": "4711"}));
+    assert_eq!(pin.status, 200, "{:?}", pin.body);
+
+    // A new password set on B works on A, the old one no longer does.
+    let changed = b.client.send("PATCH", "/api/users/u-alice", &json!({"password": "another-pass-9"}));
+    assert_eq!(changed.status, 200, "{:?}", changed.body);
+    eventually("the new password reaches till A", || {
+        a.client.post("/api/users/verify", &json!({"username": "alice", "password": "another-pass-9"})).status
+            == 200
+    });
+    a.client
+        .post("/api/users/verify", &json!({"username": "alice", "password": "s3cret-pass"}))
+        .error(401, "invalid_credentials");
+
+    // Deactivated: refused like a wrong password.
+    let off = a.client.send("PATCH", "/api/users/u-alice", &json!({"isActive": false}));
+    assert_eq!(off.status, 200, "{:?}", off.body);
+    a.client
+        .post("/api/users/verify", &json!({"username": "alice", "password": "another-pass-9"}))
+        .error(401, "invalid_credentials");
+}
+
+#[test]
+fn bad_cashier_input_and_guessing_get_clear_errors_and_change_nothing() {
+    let test = TestNode::start();
+    let api = &test.client;
+    let created = api.post("/api/users", &json!({"username": "carol", "role": "cashier", "pin": "1234"}));
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let users_before = api.count("/api/users");
+    for (body, status, code) in [
+        (json!({"username": "carol", "role": "cashier", "pin": "9999"}), 409, "duplicate"),
+        (json!({"username": "dave", "role": "boss", "pin": "1234"}), 422, "invalid_entity"),
+        (json!({"username": "dave", "role": "cashier", "pin": "12a4"}), 422, "invalid_entity"),
+        (json!({"username": "dave", "role": "cashier", "password": "short"}), 422, "invalid_entity"),
+        (
+            json!({"username": "dave", "role": "cashier", "pin": "1234", "password": "long-enough-1"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"username": "dave", "role": "cashier", "passwordHash": "$argon2id$forged"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"username": "dave", "role": "cashier", "lastLogin": "2026-01-01T00:00:00Z"}),
+            400,
+            "invalid_request",
+        ),
+        (json!({"username": "da\u{0}ve", "role": "cashier", "pin": "1234"}), 422, "invalid_entity"),
+    ] {
+        api.post("/api/users", &body).error(status, code);
+    }
+    assert_eq!(api.count("/api/users"), users_before, "nothing stored");
+
+    // Unknown user and wrong PIN answer the same; the 6th failure in a minute is 429.
+    let unknown = api.post("/api/users/verify", &json!({"username": "nobody", "pin": "1234"}));
+    unknown.error(401, "invalid_credentials");
+    for _ in 0..5 {
+        api.post("/api/users/verify", &json!({"username": "carol", "pin": "0000"}))
+            .error(401, "invalid_credentials");
+    }
+    let blocked = api.post("/api/users/verify", &json!({"username": "carol", "pin": "1234"}));
+    blocked.error(429, "too_many_attempts");
+    let retry: u64 = blocked.header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Another username is not blocked by carol's failures.
+    api.post("/api/users/verify", &json!({"username": "nobody", "pin": "1234"}))
+        .error(401, "invalid_credentials");
+    api.post("/api/users/verify", &json!({"username": "carol"})).error(400, "invalid_request");
+}

@@ -42,10 +42,13 @@ pub enum StoreError {
         /// Its id.
         id: EntityId,
     },
-    /// Another live product already has this SKU or barcode.
-    #[error("{field} {value:?} is already used by product {other}")]
+    /// Another live record already has this unique key (a product's SKU or barcode, a
+    /// cashier's username).
+    #[error("{field} {value:?} is already used by {kind} {other}")]
     Duplicate {
-        /// sku or barcode.
+        /// The kind of record.
+        kind: EntityKind,
+        /// sku, barcode or username.
         field: &'static str,
         /// The value.
         value: String,

@@ -135,6 +135,7 @@ impl Store {
             EntityKind::Product => "SELECT 1 FROM products WHERE id = ?1 AND deleted = 0",
             EntityKind::Category => "SELECT 1 FROM categories WHERE id = ?1 AND deleted = 0",
             EntityKind::Customer => "SELECT 1 FROM customers WHERE id = ?1 AND deleted = 0",
+            EntityKind::User => "SELECT 1 FROM users WHERE id = ?1 AND deleted = 0",
             EntityKind::Ticket => "SELECT 1 FROM tickets WHERE id = ?1",
             EntityKind::Stock => "SELECT 1 FROM stock_movements WHERE id = ?1",
         };
@@ -198,19 +199,27 @@ impl Store {
                 return Err(StoreError::invalid(field, format!("{target_kind} {target} does not exist")));
             }
         }
-        if kind == EntityKind::Product {
-            for field in ["sku", "barcode"] {
+        // Keys unique among the live records of a kind (for local writes: two tills may
+        // still create the same one while apart; both records then exist).
+        let unique: &[&str] = match kind {
+            EntityKind::Product => &["sku", "barcode"],
+            EntityKind::User => &["username"],
+            _ => &[],
+        };
+        if !unique.is_empty() {
+            let table = records::table(kind);
+            for &field in unique {
                 let Some(Value::String(value)) = fields.get(field) else { continue };
                 let other: Option<String> = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT id FROM products WHERE {field} = ?1 AND deleted = 0 AND id <> ?2 LIMIT 1"
+                        "SELECT id FROM {table} WHERE {field} = ?1 AND deleted = 0 AND id <> ?2 LIMIT 1"
                     ))?
                     .query_row([value.as_str(), id.as_str()], |row| row.get(0))
                     .optional()?;
                 if let Some(other) = other {
                     let other = EntityId::parse(other).map_err(|err| StoreError::Corrupt(err.to_string()))?;
-                    return Err(StoreError::Duplicate { field, value: value.clone(), other });
+                    return Err(StoreError::Duplicate { kind, field, value: value.clone(), other });
                 }
             }
         }
@@ -241,9 +250,10 @@ pub enum ProductKey {
 }
 
 fn check_mutable(kind: EntityKind) -> Result<()> {
-    match kind {
-        EntityKind::Product | EntityKind::Category | EntityKind::Customer => Ok(()),
-        _ => Err(StoreError::InvalidState(format!("{kind} records are not created or edited this way"))),
+    if kind.is_record() {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidState(format!("{kind} records are not created or edited this way")))
     }
 }
 

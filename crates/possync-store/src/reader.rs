@@ -98,17 +98,20 @@ impl StoreReader {
         let (limit, offset) = paging(query.limit, query.offset);
         let search =
             query.search.as_ref().map(|text| format!("%{}%", text.replace('%', "\\%").replace('_', "\\_")));
+        // Cashier accounts are named by their username.
+        let name = if kind == EntityKind::User { "username" } else { "name" };
         let search_clause = match kind {
             EntityKind::Product => {
                 "(?1 IS NULL OR name LIKE ?1 ESCAPE '\\' OR sku LIKE ?1 ESCAPE '\\' OR barcode = ?4)"
+                    .to_string()
             }
-            _ => "(?1 IS NULL OR name LIKE ?1 ESCAPE '\\' OR ?4 IS NULL)",
+            _ => format!("(?1 IS NULL OR {name} LIKE ?1 ESCAPE '\\' OR ?4 IS NULL)"),
         };
         let category_clause =
             if kind == EntityKind::Product { "(?5 IS NULL OR category_id = ?5)" } else { "?5 IS NULL" };
         let sql = format!(
             "SELECT id FROM {table} WHERE deleted = 0 AND {search_clause} AND {category_clause}
-             ORDER BY name COLLATE NOCASE, id LIMIT ?2 OFFSET ?3"
+             ORDER BY {name} COLLATE NOCASE, id LIMIT ?2 OFFSET ?3"
         );
         let ids: Vec<String> = self
             .conn
@@ -121,6 +124,22 @@ impl StoreReader {
         for id in ids {
             let id = EntityId::parse(id).map_err(|err| StoreError::Corrupt(err.to_string()))?;
             out.extend(self.record(kind, &id)?);
+        }
+        Ok(out)
+    }
+
+    /// The live cashier accounts called `username` (one, unless two tills created the same
+    /// name while apart), with their password hashes: for checking a login, never for display.
+    pub fn users_named(&self, username: &str) -> Result<Vec<Value>> {
+        let ids: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT id FROM users WHERE username = ?1 AND deleted = 0 ORDER BY id")?
+            .query_map([username], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = EntityId::parse(id).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            out.extend(self.record(EntityKind::User, &id)?);
         }
         Ok(out)
     }
@@ -173,7 +192,7 @@ impl StoreReader {
 
     /// `p2p_conflicts`, newest first.
     pub fn conflicts(&self, limit: Option<u32>, offset: Option<u32>) -> Result<Vec<Value>> {
-        self.audit_rows("p2p_conflicts", limit, offset)
+        Ok(self.audit_rows("p2p_conflicts", limit, offset)?.into_iter().map(hide_secrets).collect())
     }
 
     /// One conflict row.
@@ -220,6 +239,10 @@ impl StoreReader {
                 "id, sku, barcode, name, description, category_id, price, cost, discount_rate, stock, min_stock, max_stock, unit, is_active, image_url, created_at, updated_at, deleted",
             ),
             ("customers", "id, name, email, phone, notes, created_at, updated_at, deleted"),
+            (
+                "users",
+                "id, username, first_name, last_name, email, role, is_active, password_hash, last_login, created_at, updated_at, deleted",
+            ),
             (
                 "tickets",
                 "id, ticket_number, pos_id, customer_id, subtotal, discount_amount, total_amount, status, notes, created_at, updated_at",
@@ -293,7 +316,32 @@ pub(crate) fn ticket_json(conn: &Connection, id: &EntityId) -> Result<Option<Val
 
 /// One conflict row as the API shows it.
 pub(crate) fn conflict_json(conn: &Connection, id: i64) -> Result<Option<Value>> {
-    Ok(rows_json(conn, "SELECT * FROM p2p_conflicts WHERE id = ?1", [id])?.into_iter().next())
+    Ok(rows_json(conn, "SELECT * FROM p2p_conflicts WHERE id = ?1", [id])?
+        .into_iter()
+        .next()
+        .map(hide_secrets))
+}
+
+/// A conflict row as shown (API, dashboard, live feed): a cashier account's password hash
+/// in its snapshots is replaced by `"(hidden)"`. The stored row keeps it: resolving the
+/// conflict writes the chosen snapshot back.
+fn hide_secrets(mut row: Value) -> Value {
+    if row.get("entityType").and_then(Value::as_str) != Some(EntityKind::User.as_str()) {
+        return row;
+    }
+    if let Value::Object(object) = &mut row {
+        for (_, value) in object.iter_mut() {
+            let Value::String(text) = value else { continue };
+            let Ok(Value::Object(mut snapshot)) = serde_json::from_str::<Value>(text) else { continue };
+            if let Some(hash) = snapshot.get_mut("passwordHash")
+                && !hash.is_null()
+            {
+                *hash = Value::String("(hidden)".into());
+                *value = Value::String(Value::Object(snapshot).to_string());
+            }
+        }
+    }
+    row
 }
 
 fn amounts_to_numbers(mut row: Value, fields: &[&str]) -> Value {
@@ -421,11 +469,14 @@ impl StoreReader {
 
     /// Conflict rows with an id above `after_id`, oldest first (the live feed of new rows).
     pub fn conflicts_after(&self, after_id: i64, limit: u32) -> Result<Vec<Value>> {
-        rows_json(
+        Ok(rows_json(
             &self.conn,
             "SELECT * FROM p2p_conflicts WHERE id > ?1 ORDER BY id LIMIT ?2",
             rusqlite::params![after_id, i64::from(limit)],
-        )
+        )?
+        .into_iter()
+        .map(hide_secrets)
+        .collect())
     }
 
     /// The change feed (`GET /api/changes`): the changes this node holds after log position

@@ -24,6 +24,7 @@ pub(crate) fn table(kind: EntityKind) -> &'static str {
         EntityKind::Customer => "customers",
         EntityKind::Ticket => "tickets",
         EntityKind::Stock => "stock_movements",
+        EntityKind::User => "users",
     }
 }
 
@@ -68,7 +69,7 @@ fn build_sql(kind: EntityKind) -> KindSql {
 }
 
 static SQL: LazyLock<Vec<(EntityKind, KindSql)>> = LazyLock::new(|| {
-    [EntityKind::Product, EntityKind::Category, EntityKind::Customer, EntityKind::Ticket]
+    [EntityKind::Product, EntityKind::Category, EntityKind::Customer, EntityKind::User, EntityKind::Ticket]
         .into_iter()
         .map(|kind| (kind, build_sql(kind)))
         .collect()

@@ -10,7 +10,7 @@ use rusqlite_migration::{M, Migrations};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS), M::up(V_CHAIN)])
+    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS), M::up(V_CHAIN), M::up(V_USERS)])
 }
 
 /// The terminals this node has heard of by name, so that the audit trail can name the till
@@ -330,10 +330,106 @@ CREATE TABLE chain_origins (
 CREATE INDEX chain_origins_store ON chain_origins(store_id);
 "#;
 
+/// Cashier accounts, a mutable record like customers (docs/DESIGN.md, "Cashier accounts").
+/// `password_hash` is a PHC string (argon2id, or an imported bcrypt hash), never a password.
+const V_USERS: &str = r#"
+CREATE TABLE users (
+    id            TEXT PRIMARY KEY,
+    username      TEXT,
+    first_name    TEXT,
+    last_name     TEXT,
+    email         TEXT,
+    role          TEXT,
+    is_active     INTEGER,
+    password_hash TEXT,
+    last_login    TEXT,
+    created_at    TEXT,
+    updated_at    TEXT,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    sync_meta     TEXT NOT NULL
+);
+CREATE INDEX users_username ON users(username) WHERE deleted = 0;
+
+-- The audit log's entity_type CHECK admits 'user': SQLite cannot change a CHECK in place,
+-- so the table is rebuilt (same columns, rows, ids and indexes; the view that reads it is
+-- recreated).
+DROP VIEW v_p2p_recent_activity;
+CREATE TABLE p2p_sync_logs_v4 (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer_id             TEXT,
+    peer_name           TEXT,
+    message_type        TEXT,
+    message_action      TEXT,
+    entity_type         TEXT CHECK (entity_type = 'product' OR entity_type = 'category' OR entity_type = 'customer'
+                                    OR entity_type = 'ticket' OR entity_type = 'stock' OR entity_type = 'user'),
+    entity_id           TEXT,
+    status              TEXT NOT NULL CHECK (status = 'success' OR status = 'conflict' OR status = 'error'
+                                             OR status = 'skipped'),
+    conflict_reason     TEXT,
+    resolution_strategy TEXT,
+    details             TEXT,
+    created_at          DATETIME NOT NULL DEFAULT (datetime('now'))
+);
+INSERT INTO p2p_sync_logs_v4 SELECT * FROM p2p_sync_logs;
+DROP TABLE p2p_sync_logs;
+ALTER TABLE p2p_sync_logs_v4 RENAME TO p2p_sync_logs;
+CREATE INDEX idx_p2p_sync_logs_created ON p2p_sync_logs(created_at);
+CREATE INDEX idx_p2p_sync_logs_peer ON p2p_sync_logs(peer_id, created_at);
+CREATE VIEW v_p2p_recent_activity AS
+SELECT peer_id, peer_name, message_type, message_action, entity_type, status,
+       COUNT(*) AS count, MAX(created_at) AS last_activity
+FROM p2p_sync_logs
+WHERE created_at >= datetime('now', '-1 hour')
+GROUP BY peer_id, peer_name, message_type, message_action, entity_type, status;
+"#;
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn migrations_are_valid() {
         super::migrations().validate().unwrap();
+    }
+
+    #[test]
+    fn the_users_migration_keeps_the_audit_log_and_admits_user_rows() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let migrations = super::migrations();
+        migrations.to_version(&mut conn, 3).unwrap();
+        conn.execute(
+            "INSERT INTO p2p_sync_logs (peer_id, entity_type, status) VALUES ('a', 'product', 'success')",
+            [],
+        )
+        .unwrap();
+        assert!(
+            conn.execute(
+                "INSERT INTO p2p_sync_logs (peer_id, entity_type, status) VALUES ('a', 'user', 'success')",
+                []
+            )
+            .is_err(),
+            "version 3 refuses user rows"
+        );
+        migrations.to_latest(&mut conn).unwrap();
+        let kept: (i64, String) = conn
+            .query_row("SELECT id, entity_type FROM p2p_sync_logs", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap();
+        assert_eq!(kept, (1, "product".to_string()));
+        conn.execute(
+            "INSERT INTO p2p_sync_logs (peer_id, entity_type, status) VALUES ('a', 'user', 'success')",
+            [],
+        )
+        .unwrap();
+        assert!(
+            conn.execute(
+                "INSERT INTO p2p_sync_logs (peer_id, entity_type, status) VALUES ('a', 'dragon', 'success')",
+                []
+            )
+            .is_err(),
+            "the CHECK still refuses unknown kinds"
+        );
+        let next: i64 = conn.query_row("SELECT MAX(id) FROM p2p_sync_logs", [], |row| row.get(0)).unwrap();
+        assert_eq!(next, 2, "ids go on after the kept rows");
+        let viewed: i64 =
+            conn.query_row("SELECT COUNT(*) FROM v_p2p_recent_activity", [], |row| row.get(0)).unwrap();
+        assert_eq!(viewed, 2, "the view reads the rebuilt table");
     }
 }

@@ -23,11 +23,11 @@ use super::{ApiState, check_amount, check_paging, read, write_change};
 #[serde(rename_all = "camelCase")]
 pub struct ListParams {
     /// At most this many (1..=1000, default 100).
-    limit: Option<u32>,
+    pub(super) limit: Option<u32>,
     /// Skip this many.
-    offset: Option<u32>,
-    /// Name (or SKU, or exact barcode, for products) containing this text.
-    search: Option<String>,
+    pub(super) offset: Option<u32>,
+    /// Name (or SKU, or exact barcode, for products; username for users) containing this text.
+    pub(super) search: Option<String>,
     /// Products of this category only.
     category_id: Option<String>,
 }

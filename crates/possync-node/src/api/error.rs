@@ -254,7 +254,16 @@ mod tests {
             (StoreError::NotFound { kind: EntityKind::Product, id: id.clone() }, 404, "not_found"),
             (StoreError::ConflictNotFound(3), 404, "not_found"),
             (StoreError::AlreadyExists { kind: EntityKind::Product, id: id.clone() }, 409, "already_exists"),
-            (StoreError::Duplicate { field: "sku", value: "A".into(), other: id }, 409, "duplicate"),
+            (
+                StoreError::Duplicate {
+                    kind: EntityKind::Product,
+                    field: "sku",
+                    value: "A".into(),
+                    other: id,
+                },
+                409,
+                "duplicate",
+            ),
             (StoreError::ConflictResolved(3), 409, "already_resolved"),
             (StoreError::Invalid(EntityError::MissingField("sku")), 422, "invalid_entity"),
             (StoreError::InvalidState("cancelled".into()), 422, "invalid_state"),

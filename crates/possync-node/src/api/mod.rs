@@ -27,6 +27,7 @@ pub mod openapi;
 mod sales;
 pub mod server;
 mod sync;
+mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub struct ApiState {
     openapi: Value,
     /// The SSE fan-out.
     hub: events::Hub,
+    /// Failed cashier logins, for the rate limit of `POST /api/users/verify`.
+    logins: users::LoginGuard,
 }
 
 /// Serves the API on `listener` until the node shuts down.
@@ -92,6 +95,7 @@ pub fn router_with(node: Arc<NodeShared>, auth: AuthPolicy, guard: BrowserGuard)
         guard,
         openapi: openapi::document(&table),
         hub: events::Hub::default(),
+        logins: users::LoginGuard::default(),
     });
     let mut router = Router::new();
     for route in table {
@@ -114,6 +118,7 @@ pub fn routes() -> Vec<Route> {
     table.extend(dashboard::routes());
     table.extend(chain::routes());
     table.extend(changes::routes());
+    table.extend(users::routes());
     table
 }
 

@@ -360,6 +360,7 @@ fn field_schema(ty: FieldType, input: bool) -> Value {
         FieldType::TicketStatus => {
             json!({"type": "string", "enum": ["completed", "cancelled", "refunded", "partially_refunded"]})
         }
+        FieldType::Role => json!({"type": "string", "enum": possync_core::entity::USER_ROLES}),
     }
 }
 
@@ -527,6 +528,7 @@ fn schemas() -> Value {
     if let Value::Object(more) = more {
         schemas.extend(more);
     }
+    schemas.extend(super::users::schemas(record_schemas));
     Value::Object(schemas)
 }
 
