@@ -954,3 +954,40 @@ fn a_rehearsal_leaves_nothing_and_all_or_nothing_keeps_all_or_nothing() {
     a.store.create_record(EntityKind::Category, &category("c3")).unwrap();
     assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 3);
 }
+
+#[test]
+fn a_cashier_accounts_conflict_is_shown_without_its_password_hash_and_resolves_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    for t in [&mut a, &mut b] {
+        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    }
+    a.store
+        .create_record(
+            EntityKind::User,
+            &json!({"id": "u1", "username": "alice", "role": "cashier", "passwordHash": "$argon2id$v=19$old"}),
+        )
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    // The password changed on both tills while apart.
+    a.store
+        .update_record(EntityKind::User, &id("u1"), &json!({"passwordHash": "$argon2id$v=19$from-a"}))
+        .unwrap();
+    clock.advance(1_000);
+    b.store
+        .update_record(EntityKind::User, &id("u1"), &json!({"passwordHash": "$argon2id$v=19$from-b"}))
+        .unwrap();
+    sync(&mut b, &mut a, 100);
+    let shown = a.store.reader().unwrap().conflicts(Some(10), None).unwrap();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    let text = shown[0].to_string();
+    assert!(!text.contains("from-a") && !text.contains("from-b") && !text.contains("$old"), "{text}");
+    assert!(text.contains("(hidden)"), "{text}");
+    // Taking the remote version writes B's real hash back, not the placeholder.
+    let conflict = shown[0]["id"].as_i64().unwrap();
+    a.store.resolve_conflict(conflict, &possync_store::Resolution::Remote, "manager").unwrap();
+    let user = a.store.reader().unwrap().record(EntityKind::User, &id("u1")).unwrap().unwrap();
+    assert_eq!(user["passwordHash"], json!("$argon2id$v=19$from-b"));
+}
