@@ -150,6 +150,7 @@ fn a_posplus_database_is_imported_as_ordinary_changes() {
     assert_eq!(counts(&summary, "products"), (3, 0, 0, 0));
     assert_eq!(counts(&summary, "stock"), (3, 0, 0, 0));
     assert_eq!(counts(&summary, "customers"), (2, 0, 0, 0));
+    assert_eq!(counts(&summary, "users"), (1, 0, 0, 0));
     assert_eq!(counts(&summary, "tickets"), (2, 0, 0, 1));
     assert_eq!(counts(&summary, "ticket_lines"), (2, 0, 0, 1));
     assert_eq!(counts(&summary, "settings"), (0, 1, 0, 0));
@@ -159,12 +160,16 @@ fn a_posplus_database_is_imported_as_ordinary_changes() {
     assert!(skipped[0]["reason"].as_str().unwrap().contains("pending"), "{skipped:?}");
     let not_imported: Vec<&str> =
         summary["notImported"].as_array().unwrap().iter().map(|row| row["table"].as_str().unwrap()).collect();
-    for table in ["users", "cash_sessions", "z_reports", "stock_logs", "settings"] {
+    for table in ["cash_sessions", "z_reports", "stock_logs", "settings"] {
         assert!(not_imported.contains(&table), "{table} missing from {not_imported:?}");
     }
 
     let db = node_db(&node);
-    // The catalog, with stock as one count per product (a sum of movements).
+    // The cashier, with POSPlus's bcrypt hash kept as it is and its role mapped.
+    assert_eq!(
+        scalar(&db, "SELECT username || ' ' || role || ' ' || password_hash || ' ' || is_active FROM users"),
+        "admin admin $2b$10$abcdefghijklmnopqrstuv 1"
+    );
     assert_eq!(scalar(&db, "SELECT stock FROM products WHERE sku = 'COF-1'"), "10");
     assert_eq!(scalar(&db, "SELECT stock FROM products WHERE sku = 'TEA-1'"), "5");
     assert_eq!(scalar(&db, "SELECT price FROM products WHERE sku = 'TEA-1'"), "1.3");
@@ -206,8 +211,8 @@ fn a_posplus_database_is_imported_as_ordinary_changes() {
     assert_eq!(scalar(&db, "SELECT COUNT(*) FROM ticket_payments"), "2");
     assert_eq!(scalar(&db, "SELECT pos_id FROM tickets LIMIT 1"), pos_id);
     // Everything is an ordinary local change of this till: 3 categories, 3 products,
-    // 3 counts, 2 customers, 2 sales and 1 refund status.
-    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM sync_changes"), "14");
+    // 3 counts, 2 customers, 1 cashier, 2 sales and 1 refund status.
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM sync_changes"), "15");
     // A POSPlus setting possync has under the same name is taken; the others are listed.
     assert_eq!(scalar(&db, "SELECT value FROM settings WHERE key = 'p2p_sync_batch_size'"), "250");
 
@@ -244,7 +249,7 @@ fn the_text_summary_reports_counts_skips_and_rounding() {
         "tickets #3: pending: never completed",
         "rounded values: 2",
         "products #3 price: 1.005 -> 1.01",
-        "not imported: users (1 rows): not imported yet",
+        "not imported: cash_sessions (1 rows): not imported yet",
     ] {
         assert!(text.contains(expected), "{expected:?} not in:\n{text}");
     }

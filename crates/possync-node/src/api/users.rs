@@ -186,8 +186,12 @@ fn hash(secret: &str) -> Result<String, ApiError> {
     })
 }
 
-/// Whether `secret` matches the PHC string `stored` (false for a hash it cannot read).
+/// Whether `secret` matches the stored hash: an argon2id PHC string, or a bcrypt hash
+/// (`$2a$`, `$2b$`, `$2y$`) imported from POSPlus. False for a hash it cannot read.
 fn matches(secret: &str, stored: &str) -> bool {
+    if stored.starts_with("$2") {
+        return bcrypt::verify(secret, stored).unwrap_or(false);
+    }
     PasswordHash::new(stored)
         .is_ok_and(|parsed| Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok())
 }
@@ -359,5 +363,37 @@ impl LoginGuard {
 
     fn succeeded(&self, username: &str) {
         self.lock().remove(username);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argon2id_hashes_made_here_and_imported_bcrypt_hashes_both_verify() {
+        let made = hash("4711").unwrap();
+        assert!(made.starts_with("$argon2id$"), "{made}");
+        assert!(matches("4711", &made) && !matches("4712", &made));
+        assert_ne!(hash("4711").unwrap(), made, "a fresh salt each time");
+        let imported = bcrypt::hash("posplus-pass", 4).unwrap();
+        assert!(matches("posplus-pass", &imported) && !matches("other", &imported));
+        for unreadable in ["", "plain-text", "$2b$10$short", "$argon2id$broken"] {
+            assert!(!matches("plain-text", unreadable), "{unreadable:?}");
+        }
+    }
+
+    #[test]
+    fn the_login_guard_blocks_a_username_after_five_failures_only() {
+        let guard = LoginGuard::default();
+        for _ in 0..MAX_FAILURES {
+            assert_eq!(guard.blocked("carol"), None);
+            guard.failed("carol");
+        }
+        let wait = guard.blocked("carol").expect("blocked after 5 failures");
+        assert!(wait <= FAILURE_WINDOW && wait > Duration::from_secs(50), "{wait:?}");
+        assert_eq!(guard.blocked("dave"), None, "per username");
+        guard.succeeded("carol");
+        assert_eq!(guard.blocked("carol"), None);
     }
 }

@@ -123,7 +123,22 @@ const REQUIRED: &[(&str, &[&str])] = &[
     ),
     ("payments", &["id", "ticket_id", "method", "amount", "reference"]),
     ("settings", &["key", "value"]),
-    ("users", &["id"]),
+    (
+        "users",
+        &[
+            "id",
+            "username",
+            "email",
+            "password_hash",
+            "first_name",
+            "last_name",
+            "role_id",
+            "is_active",
+            "last_login",
+            "created_at",
+        ],
+    ),
+    ("roles", &["id", "name"]),
     ("cash_sessions", &["id"]),
     ("stock_logs", &["id"]),
     ("z_reports", &["id"]),
@@ -460,6 +475,7 @@ pub fn import(
     importer.categories()?;
     importer.products()?;
     importer.customers()?;
+    importer.users()?;
     importer.tickets()?;
     importer.settings()?;
     importer.not_imported()?;
@@ -878,6 +894,53 @@ impl Importer<'_> {
         Ok(())
     }
 
+    /// Cashier accounts, with their bcrypt hash kept as it is (the node checks it at login),
+    /// matched by username: the same cashier imported on every till of the shop is one
+    /// account. A role possync does not have is a skipped row.
+    fn users(&mut self) -> Result<(), PosplusError> {
+        let mut statement = self.source.conn.prepare(
+            "SELECT u.id, u.username, u.email, u.password_hash, u.first_name, u.last_name, r.name, u.is_active,
+                    u.last_login, u.created_at
+             FROM users u LEFT JOIN roles r ON r.id = u.role_id ORDER BY u.id",
+        )?;
+        let rows = statement
+            .query_map([], |row| (0..10).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>())?
+            .collect::<Result<Vec<_>, _>>()?;
+        for values in rows {
+            let id = integer(&values[0]).unwrap_or_default();
+            self.summary.table("users").read += 1;
+            let field = |index: usize| text(values[index].clone()).filter(|value| !value.trim().is_empty());
+            let Some(username) = field(1) else {
+                self.summary.skip("users", id, "no username");
+                continue;
+            };
+            let Some(role) = field(6).as_deref().and_then(possync_role) else {
+                let role = field(6).unwrap_or_else(|| "none".into());
+                self.summary.skip("users", id, format!("role {role:?} is not admin, manager or cashier"));
+                continue;
+            };
+            let mut body = Map::new();
+            body.insert("username".into(), json!(username.trim()));
+            body.insert("email".into(), json!(field(2)));
+            body.insert("passwordHash".into(), json!(field(3)));
+            body.insert("firstName".into(), json!(field(4)));
+            body.insert("lastName".into(), json!(field(5)));
+            body.insert("role".into(), json!(role));
+            body.insert("isActive".into(), json!(flag(&values[7])));
+            body.insert("lastLogin".into(), json!(field(8).and_then(|raw| rfc3339(&raw))));
+            self.created_at(&mut body, "users", id, field(9).as_deref());
+            let target = derived_id(&format!("user:username:{}", username.trim()));
+            match self.store.upsert_record(possync_core::EntityKind::User, &target, &Value::Object(body)) {
+                Ok(outcome) => self.summary.count("users", outcome),
+                Err(err) => {
+                    let reason = rejected(err)?;
+                    self.summary.skip("users", id, reason);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Tickets with their lines and payments, read as three streams ordered by ticket id
     /// and walked together (one pass over each table).
     fn tickets(&mut self) -> Result<(), PosplusError> {
@@ -1212,7 +1275,6 @@ impl Importer<'_> {
 
     fn not_imported(&mut self) -> Result<(), PosplusError> {
         for (table, reason) in [
-            ("users", "not imported yet: possync has no cashier accounts"),
             ("cash_sessions", "not imported yet: possync has no cash sessions"),
             ("z_reports", "not imported yet: possync has no Z reports"),
             (
@@ -1378,6 +1440,21 @@ pub fn derived_id(name: &str) -> EntityId {
     // Invariant: a hyphenated UUID is 36 characters of hex digits and hyphens, a valid id.
     EntityId::parse(Uuid::new_v5(&namespace(), name.as_bytes()).hyphenated().to_string())
         .expect("a UUID is a valid id")
+}
+
+/// possync's role for a POSPlus role name (`Administrator`, `Manager`, `Cashier`, in any
+/// case; French `Caissier` and `Gérant` too).
+fn possync_role(name: &str) -> Option<&'static str> {
+    let name = name.trim().to_lowercase();
+    if name.starts_with("admin") {
+        Some("admin")
+    } else if name.contains("manager") || name.starts_with("gérant") || name.starts_with("gerant") {
+        Some("manager")
+    } else if name.contains("cashier") || name.starts_with("caissi") {
+        Some("cashier")
+    } else {
+        None
+    }
 }
 
 /// The id a product with this SKU gets when the node has none with it yet.
