@@ -751,6 +751,8 @@ export interface components {
             conflictType?: string;
             createdAt?: string;
             entityId?: string;
+            /** @description the record's readable name (name, username, ticket number or SKU), as POSPlus's p2p_conflicts has it */
+            entityName?: string | null;
             entityType?: string;
             finalData?: string | null;
             id?: number;

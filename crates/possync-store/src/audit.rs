@@ -213,8 +213,8 @@ impl Store {
             .prepare_cached(
                 "INSERT INTO p2p_conflicts (peer_id, peer_name, entity_type, entity_id, conflict_type, local_data,
                                             remote_data, local_updated_at, remote_updated_at, resolution_strategy,
-                                            final_data, resolved_by, resolved_at, notes, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                            final_data, resolved_by, resolved_at, notes, created_at, entity_name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 origin.as_str(),
@@ -232,6 +232,7 @@ impl Store {
                 if report.open { None } else { Some(now.clone()) },
                 notes,
                 now,
+                readable_name(&[&report.final_data, &report.local_data, &report.remote_data]),
             ])?;
         if report.open {
             let ctx = serde_json::to_string(&row.ctx).map_err(|err| StoreError::Corrupt(err.to_string()))?;
@@ -451,4 +452,15 @@ type ConflictColumns = (String, String, Option<String>, Option<String>, Option<S
 
 fn truncate(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
+}
+
+/// A record's readable name for `p2p_conflicts.entity_name` (POSPlus migration 007): its
+/// `name`, a cashier's `username`, a ticket's `ticketNumber` or a product's `sku`, from the
+/// first snapshot that has one.
+fn readable_name(snapshots: &[&Value]) -> Option<String> {
+    ["name", "username", "ticketNumber", "sku"].iter().find_map(|field| {
+        snapshots.iter().find_map(|snapshot| {
+            snapshot.get(*field).and_then(Value::as_str).filter(|text| !text.is_empty()).map(str::to_string)
+        })
+    })
 }

@@ -350,9 +350,12 @@ CREATE TABLE users (
 );
 CREATE INDEX users_username ON users(username) WHERE deleted = 0;
 
--- The audit log's entity_type CHECK admits 'user': SQLite cannot change a CHECK in place,
--- so the table is rebuilt (same columns, rows, ids and indexes; the view that reads it is
--- recreated).
+-- POSPlus compatibility of the audit trail (its migration 007): the audit log's entity_type
+-- CHECK admits 'user' and POSPlus's other entity types ('payment', 'cash_session',
+-- 'z_report'), and a conflict row names its record (`entity_name`). SQLite cannot change a
+-- CHECK in place, so the log is rebuilt (same columns, rows, ids and indexes; the view that
+-- reads it is recreated).
+ALTER TABLE p2p_conflicts ADD COLUMN entity_name TEXT;
 DROP VIEW v_p2p_recent_activity;
 CREATE TABLE p2p_sync_logs_v4 (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -361,7 +364,9 @@ CREATE TABLE p2p_sync_logs_v4 (
     message_type        TEXT,
     message_action      TEXT,
     entity_type         TEXT CHECK (entity_type = 'product' OR entity_type = 'category' OR entity_type = 'customer'
-                                    OR entity_type = 'ticket' OR entity_type = 'stock' OR entity_type = 'user'),
+                                    OR entity_type = 'ticket' OR entity_type = 'stock' OR entity_type = 'user'
+                                    OR entity_type = 'payment' OR entity_type = 'cash_session'
+                                    OR entity_type = 'z_report'),
     entity_id           TEXT,
     status              TEXT NOT NULL CHECK (status = 'success' OR status = 'conflict' OR status = 'error'
                                              OR status = 'skipped'),
@@ -431,5 +436,13 @@ mod tests {
         let viewed: i64 =
             conn.query_row("SELECT COUNT(*) FROM v_p2p_recent_activity", [], |row| row.get(0)).unwrap();
         assert_eq!(viewed, 2, "the view reads the rebuilt table");
+        for kind in ["payment", "cash_session", "z_report"] {
+            conn.execute(
+                "INSERT INTO p2p_sync_logs (peer_id, entity_type, status) VALUES ('a', ?1, 'success')",
+                [kind],
+            )
+            .unwrap();
+        }
+        conn.execute("UPDATE p2p_conflicts SET entity_name = 'x' WHERE 0", []).unwrap();
     }
 }

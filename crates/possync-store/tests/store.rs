@@ -982,6 +982,7 @@ fn a_cashier_accounts_conflict_is_shown_without_its_password_hash_and_resolves_w
     sync(&mut b, &mut a, 100);
     let shown = a.store.reader().unwrap().conflicts(Some(10), None).unwrap();
     assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["entityName"], json!("alice"), "POSPlus's entity_name: the readable name");
     let text = shown[0].to_string();
     assert!(!text.contains("from-a") && !text.contains("from-b") && !text.contains("$old"), "{text}");
     assert!(text.contains("(hidden)"), "{text}");

@@ -449,7 +449,9 @@ fn schemas() -> Value {
             "localUpdatedAt": nullable(string.clone()), "remoteUpdatedAt": nullable(string.clone()),
             "resolutionStrategy": string, "finalData": nullable(string.clone()),
             "resolvedBy": nullable(string.clone()), "resolvedAt": nullable(string.clone()),
-            "notes": nullable(string.clone()), "createdAt": string}},
+            "notes": nullable(string.clone()), "createdAt": string,
+            "entityName": nullable(json!({"type": "string",
+                "description": "the record's readable name (name, username, ticket number or SKU), as POSPlus's p2p_conflicts has it"}))}},
         "Resolve": {
             "type": "object", "required": ["choice", "resolvedBy"], "additionalProperties": false,
             "properties": {
