@@ -18,6 +18,75 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/cash-sessions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Cash sessions of every till, newest first */
+        get: operations["listCashSessions"];
+        put?: never;
+        /** Open this till's cash session with its float (409 cash_session_open when one is open) */
+        post: operations["openCashSession"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/cash-sessions/current": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** This till's open session with its figures so far (what its Z report would say now) */
+        get: operations["getCurrentCashSession"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/cash-sessions/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One cash session */
+        get: operations["getCashSession"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/cash-sessions/{id}/close": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Close this till's session with the cash counted: expected cash, difference and the Z report */
+        post: operations["closeCashSession"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/categories": {
         parameters: {
             query?: never;
@@ -643,6 +712,40 @@ export interface paths {
         patch: operations["updateUser"];
         trace?: never;
     };
+    "/api/z-reports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Z reports of every till, newest first */
+        get: operations["listZReports"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/z-reports/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One Z report */
+        get: operations["getZReport"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/dashboard/app.js": {
         parameters: {
             query?: never;
@@ -708,6 +811,45 @@ export interface components {
         };
         Cancel: {
             reason?: string | null;
+        };
+        CashSession: {
+            /** Format: date-time */
+            closedAt?: string;
+            closedBy?: string | null;
+            countedCash?: number | null;
+            difference?: number | null;
+            expectedCash?: number | null;
+            id?: string;
+            notes?: string | null;
+            /** Format: date-time */
+            openedAt?: string;
+            openedBy?: string | null;
+            openingCash?: number;
+            posId?: string;
+            /** @enum {string} */
+            status?: "open" | "closed";
+            /** @description current session only: ticketCount, totalSales, totalDiscount, totalRefunds, totalCash, totalCard, totalTransfer, totalCheck, totalOther, openingCash and expectedCash so far */
+            totals?: Record<string, never>;
+            /** Format: date-time */
+            updatedAt?: string | null;
+            zReportId?: string | null;
+        };
+        CashSessionClose: {
+            /** @description a cashier account's id */
+            closedBy?: string | null;
+            countedCash: number | string;
+            notes?: string | null;
+        };
+        CashSessionClosed: {
+            session: components["schemas"]["CashSession"];
+            zReport: components["schemas"]["ZReport"];
+        };
+        CashSessionOpen: {
+            id?: string;
+            notes?: string | null;
+            /** @description a cashier account's id */
+            openedBy?: string | null;
+            openingCash: number | string;
         };
         Category: {
             /** Format: date-time */
@@ -994,6 +1136,8 @@ export interface components {
             reference?: string | null;
         };
         Ticket: {
+            /** @description the cash session open on the selling till, if any */
+            cashSessionId?: string | null;
             createdAt?: string;
             customerId?: string | null;
             discountAmount?: number;
@@ -1067,6 +1211,31 @@ export interface components {
             pin?: string;
             username: string;
         };
+        ZReport: {
+            countedCash?: number | null;
+            /** Format: date-time */
+            createdAt?: string;
+            difference?: number | null;
+            expectedCash?: number | null;
+            id?: string;
+            openingCash?: number;
+            posId?: string;
+            /** Format: date */
+            reportDate?: string;
+            sessionId?: string | null;
+            ticketCount?: number;
+            totalCard?: number;
+            totalCash?: number;
+            totalCheck?: number;
+            totalDiscount?: number;
+            totalOther?: number;
+            totalRefunds?: number;
+            totalSales?: number;
+            totalTransfer?: number;
+            /** Format: date-time */
+            updatedAt?: string | null;
+            userId?: string | null;
+        };
     };
     responses: never;
     parameters: never;
@@ -1105,6 +1274,361 @@ export interface operations {
             };
             /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listCashSessions: {
+        parameters: {
+            query?: {
+                /** @description Sessions of this till. */
+                posId?: string;
+                /** @description Open or closed ones only. */
+                status?: "open" | "closed";
+                /** @description At most this many rows. */
+                limit?: number;
+                /** @description Skip this many rows. */
+                offset?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The sessions */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CashSession"][];
+                };
+            };
+            /** @description Malformed JSON, a missing field or a wrong type */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    openCashSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CashSessionOpen"];
+            };
+        };
+        responses: {
+            /** @description The open session */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CashSession"];
+                };
+            };
+            /** @description Malformed JSON, a missing field or a wrong type */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Already exists, duplicate SKU or barcode, or already resolved */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Well-formed but invalid (a rule is broken) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The node is stopping */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description storage_full: the disk is full; nothing was written */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getCurrentCashSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The open session, with `totals` */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CashSession"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such record */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getCashSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The session */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CashSession"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such record */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    closeCashSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CashSessionClose"];
+            };
+        };
+        responses: {
+            /** @description The closed session and its Z report */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CashSessionClosed"];
+                };
+            };
+            /** @description Malformed JSON, a missing field or a wrong type */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such record */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Already exists, duplicate SKU or barcode, or already resolved */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Well-formed but invalid (a rule is broken) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The node is stopping */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description storage_full: the disk is full; nothing was written */
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4490,6 +5014,111 @@ export interface operations {
             };
             /** @description storage_full: the disk is full; nothing was written */
             507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listZReports: {
+        parameters: {
+            query?: {
+                /** @description Reports closed on this UTC day (YYYY-MM-DD). */
+                day?: string;
+                /** @description Reports of this till. */
+                posId?: string;
+                /** @description At most this many rows. */
+                limit?: number;
+                /** @description Skip this many rows. */
+                offset?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The reports */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ZReport"][];
+                };
+            };
+            /** @description Malformed JSON, a missing field or a wrong type */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getZReport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The report */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ZReport"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No such record */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

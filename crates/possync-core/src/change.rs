@@ -283,14 +283,14 @@ impl Change {
             return Err(ChangeError::Malformed("data.sync.seq must be at least 1".into()));
         }
         let body = match (kind, action) {
-            (kind, "create" | "update") if kind.is_record() => {
+            (kind, "create" | "update") if kind.allows_record_action(action) => {
                 data.remove("sync");
                 ChangeBody::Upsert {
                     create: action == "create",
                     fields: entity::parse_field_object(kind, data)?,
                 }
             }
-            (kind, "delete") if kind.is_record() => ChangeBody::Delete,
+            (kind, "delete") if kind.allows_record_action(action) => ChangeBody::Delete,
             (EntityKind::Ticket, "create") => {
                 let sale: Sale = decode(data)?;
                 sale.validate()?;
@@ -432,6 +432,24 @@ mod tests {
             "{:?}",
             Change::from_wire(&wire)
         );
+    }
+
+    #[test]
+    fn a_z_report_is_only_ever_created_and_a_cash_session_never_deleted() {
+        let stamp = json!({"origin": "till-1", "seq": 3});
+        let decode = |entity: &str, action: &str| {
+            Change::from_wire(&WireChange::new(entity, action, &json!({"id": "r-1", "sync": stamp})))
+        };
+        for (entity, action) in [("z_report", "update"), ("z_report", "delete"), ("cash_session", "delete")] {
+            assert!(
+                matches!(decode(entity, action), Err(ChangeError::Unsupported { .. })),
+                "{entity}/{action}"
+            );
+        }
+        assert!(matches!(
+            decode("cash_session", "update"),
+            Ok(Change { entity: EntityKind::CashSession, .. })
+        ));
     }
 
     #[test]

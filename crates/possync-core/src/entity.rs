@@ -33,17 +33,23 @@ pub enum EntityKind {
     Stock,
     /// A cashier account (user name, role, password or PIN hash), shared by every till.
     User,
+    /// A till's cash session: opened with a float, closed with the counted cash.
+    CashSession,
+    /// The end-of-day totals of a closed cash session: written once, never edited.
+    ZReport,
 }
 
 impl EntityKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [EntityKind; 6] = [
+    pub const ALL: [EntityKind; 8] = [
         EntityKind::Product,
         EntityKind::Category,
         EntityKind::Customer,
         EntityKind::Ticket,
         EntityKind::Stock,
         EntityKind::User,
+        EntityKind::CashSession,
+        EntityKind::ZReport,
     ];
 
     /// The name used on the wire and in `entity_type` columns.
@@ -55,6 +61,8 @@ impl EntityKind {
             EntityKind::Ticket => "ticket",
             EntityKind::Stock => "stock",
             EntityKind::User => "user",
+            EntityKind::CashSession => "cash_session",
+            EntityKind::ZReport => "z_report",
         }
     }
 
@@ -67,12 +75,38 @@ impl EntityKind {
             EntityKind::Ticket => TICKET_FIELDS,
             EntityKind::Stock => &[],
             EntityKind::User => USER_FIELDS,
+            EntityKind::CashSession => CASH_SESSION_FIELDS,
+            EntityKind::ZReport => Z_REPORT_FIELDS,
         }
     }
 
-    /// A mutable record (merged field by field, created, edited and deleted), not a fact.
+    /// A record merged field by field (created, and for most kinds edited and deleted), not
+    /// a fact carried whole like a sale or a stock movement.
     pub fn is_record(self) -> bool {
-        matches!(self, EntityKind::Product | EntityKind::Category | EntityKind::Customer | EntityKind::User)
+        matches!(
+            self,
+            EntityKind::Product
+                | EntityKind::Category
+                | EntityKind::Customer
+                | EntityKind::User
+                | EntityKind::CashSession
+                | EntityKind::ZReport
+        )
+    }
+
+    /// Whether a change of this kind may carry `action` (`create`, `update`, `delete`) as a
+    /// record write. A Z report is only ever created (an immutable fact, like a sale); a
+    /// cash session is opened and closed, never deleted. A peer's change breaking this is
+    /// refused as unsupported, so no till can rewrite another's end-of-day totals.
+    pub fn allows_record_action(self, action: &str) -> bool {
+        match (self, action) {
+            (EntityKind::ZReport, "create") => true,
+            (EntityKind::ZReport, _) => false,
+            (EntityKind::CashSession, "create" | "update") => true,
+            (EntityKind::CashSession, _) => false,
+            (kind, "create" | "update" | "delete") => kind.is_record(),
+            _ => false,
+        }
     }
 
     /// The spec of the mutable field called `name` (JSON camelCase), if there is one.
@@ -124,6 +158,12 @@ pub enum FieldType {
     TicketStatus,
     /// A cashier's role: admin, manager or cashier (POSPlus's roles).
     Role,
+    /// A decimal amount of either sign (a cash difference), or null.
+    OptSignedAmount,
+    /// A cash session's state: open or closed.
+    SessionStatus,
+    /// A calendar day, `YYYY-MM-DD`.
+    Date,
 }
 
 /// One mutable field of a record kind.
@@ -196,6 +236,51 @@ static USER_FIELDS: &[FieldSpec] = &[
     field("lastLogin", "last_login", FieldType::OptText(64), false),
     field("createdAt", "created_at", FieldType::Timestamp, false),
 ];
+
+/// A till's cash sessions (POSPlus `cash_sessions`). Opened by the till with its float;
+/// closed by the same till with the counted cash, when `expectedCash` (float + cash taken -
+/// cash given back) and `difference` (counted - expected) are computed and the Z report is
+/// written. Only the till that opened a session writes it (docs/DESIGN.md, "Cash sessions").
+static CASH_SESSION_FIELDS: &[FieldSpec] = &[
+    field("posId", "pos_id", FieldType::Text(64), true),
+    field("openedBy", "opened_by", FieldType::OptRef, false),
+    field("openingCash", "opening_cash", FieldType::Amount { max_one: false }, true),
+    field("openedAt", "opened_at", FieldType::Timestamp, true),
+    field("status", "status", FieldType::SessionStatus, true),
+    field("closedBy", "closed_by", FieldType::OptRef, false),
+    field("closedAt", "closed_at", FieldType::Timestamp, false),
+    field("countedCash", "counted_cash", FieldType::OptAmount, false),
+    field("expectedCash", "expected_cash", FieldType::OptSignedAmount, false),
+    field("difference", "difference", FieldType::OptSignedAmount, false),
+    field("zReportId", "z_report_id", FieldType::OptRef, false),
+    field("notes", "notes", FieldType::OptText(LONG_TEXT), false),
+];
+
+/// The end-of-day report of one closed cash session (POSPlus `z_reports`, with the session's
+/// cash count and the refunds given back). Created once, in the same write as the close.
+static Z_REPORT_FIELDS: &[FieldSpec] = &[
+    field("sessionId", "session_id", FieldType::OptRef, true),
+    field("posId", "pos_id", FieldType::Text(64), true),
+    field("userId", "user_id", FieldType::OptRef, false),
+    field("reportDate", "report_date", FieldType::Date, true),
+    field("ticketCount", "ticket_count", FieldType::Int, true),
+    field("totalSales", "total_sales", FieldType::Amount { max_one: false }, true),
+    field("totalDiscount", "total_discount", FieldType::Amount { max_one: false }, true),
+    field("totalRefunds", "total_refunds", FieldType::Amount { max_one: false }, true),
+    field("totalCash", "total_cash", FieldType::Amount { max_one: false }, true),
+    field("totalCard", "total_card", FieldType::Amount { max_one: false }, true),
+    field("totalTransfer", "total_transfer", FieldType::Amount { max_one: false }, true),
+    field("totalCheck", "total_check", FieldType::Amount { max_one: false }, true),
+    field("totalOther", "total_other", FieldType::Amount { max_one: false }, true),
+    field("openingCash", "opening_cash", FieldType::Amount { max_one: false }, true),
+    field("countedCash", "counted_cash", FieldType::OptAmount, false),
+    field("expectedCash", "expected_cash", FieldType::OptSignedAmount, false),
+    field("difference", "difference", FieldType::OptSignedAmount, false),
+    field("createdAt", "created_at", FieldType::Timestamp, true),
+];
+
+/// The states of a cash session.
+pub const SESSION_STATUSES: [&str; 2] = ["open", "closed"];
 
 /// The roles a cashier account may have.
 pub const USER_ROLES: [&str; 3] = ["admin", "manager", "cashier"];
@@ -294,6 +379,21 @@ impl FieldSpec {
                 Some(role) if USER_ROLES.contains(&role) => Ok(value),
                 _ => Err(invalid(name, "expected admin, manager or cashier")),
             },
+            FieldType::OptSignedAmount => {
+                if value.is_null() {
+                    return Ok(Value::Null);
+                }
+                let amount = decimal::from_json(&value).map_err(|err| invalid(name, err.to_string()))?;
+                Ok(Value::String(decimal::to_text(amount)))
+            }
+            FieldType::SessionStatus => match value.as_str() {
+                Some(status) if SESSION_STATUSES.contains(&status) => Ok(value),
+                _ => Err(invalid(name, "expected open or closed")),
+            },
+            FieldType::Date => match value.as_str() {
+                Some(day) if crate::time::is_date(day) => Ok(value),
+                _ => Err(invalid(name, "expected a date YYYY-MM-DD")),
+            },
         }
     }
 }
@@ -387,7 +487,7 @@ pub fn check_required(kind: EntityKind, fields: &FieldMap) -> Result<(), EntityE
 macro_rules! string_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         pub enum $name {
             $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
         }
@@ -540,6 +640,10 @@ pub struct Sale {
     /// The customer, if any.
     #[serde(default)]
     pub customer_id: Option<EntityId>,
+    /// The cash session open on the selling till at the time, if any (absent on the wire
+    /// when none, so sales without one keep the form older tills write and read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cash_session_id: Option<EntityId>,
     /// What was sold.
     pub lines: Vec<TicketLine>,
     /// How it was paid.

@@ -21,6 +21,18 @@ pub fn parse_rfc3339_ms(raw: &str) -> Option<u64> {
     u64::try_from(parsed.timestamp_millis()).ok()
 }
 
+/// Whether `text` is `YYYY-MM-DD` naming a real calendar day (`2025-13-45` has the shape
+/// and names no day).
+pub fn is_date(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let shaped = bytes.len() == 10
+        && bytes
+            .iter()
+            .enumerate()
+            .all(|(i, byte)| if i == 4 || i == 7 { *byte == b'-' } else { byte.is_ascii_digit() });
+    shaped && parse_rfc3339_ms(&format!("{text}T00:00:00Z")).is_some()
+}
+
 fn to_datetime(unix_ms: u64) -> DateTime<Utc> {
     let ms = i64::try_from(unix_ms).unwrap_or(i64::MAX);
     DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
@@ -37,5 +49,13 @@ mod tests {
         assert_eq!(sqlite_datetime(ms), "2025-11-23 10:05:00");
         assert_eq!(parse_rfc3339_ms("2025-11-23T11:05:00.123+01:00"), Some(ms));
         assert_eq!(parse_rfc3339_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn dates() {
+        assert!(is_date("2026-11-25"));
+        for bad in ["2026-1-25", "2026/11/25", "", "2026-11-25T", "abcd-ef-gh", "2025-13-45", "2026-02-30"] {
+            assert!(!is_date(bad), "{bad}");
+        }
     }
 }

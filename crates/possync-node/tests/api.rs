@@ -1497,3 +1497,72 @@ fn bad_cashier_input_and_guessing_get_clear_errors_and_change_nothing() {
         .error(401, "invalid_credentials");
     api.post("/api/users/verify", &json!({"username": "carol"})).error(400, "invalid_request");
 }
+
+#[test]
+fn a_cash_session_opens_sells_closes_with_its_z_report_on_every_till() {
+    let b = TestNode::named("pos-b", Vec::new());
+    let a = TestNode::named("pos-a", vec![b.node.as_ref().unwrap().peer_addr.unwrap().to_string()]);
+    let (_, product) = category_and_product(&a.client);
+    a.client.get("/api/cash-sessions/current").error(404, "not_found");
+
+    let opened = a.client.post("/api/cash-sessions", &json!({"id": "s-1", "openingCash": "100"}));
+    assert_eq!(opened.status, 201, "{:?}", opened.body);
+    assert_eq!(
+        (opened.body["status"].clone(), opened.body["openingCash"].clone()),
+        (json!("open"), json!(100.0))
+    );
+    a.client.post("/api/cash-sessions", &json!({"openingCash": 5})).error(409, "cash_session_open");
+
+    let sale = a.client.post(
+        "/api/tickets",
+        &json!({"lines": [{"productId": product, "quantity": 2}], "payments": [{"method": "cash", "amount": 10}]}),
+    );
+    assert_eq!(sale.status, 201, "{:?}", sale.body);
+    assert_eq!(sale.body["cashSessionId"], "s-1");
+    let total = sale.body["totalAmount"].as_f64().unwrap();
+    let current = a.client.ok("/api/cash-sessions/current");
+    assert_eq!(current["totals"]["expectedCash"].as_f64().unwrap(), 100.0 + total, "{current}");
+
+    // Bad input: nothing stored, a clear code.
+    let changes = a.client.count("/api/changes");
+    a.client.post("/api/cash-sessions/s-1/close", &json!({"countedCash": -1})).error(422, "invalid_entity");
+    a.client.post("/api/cash-sessions/s-1/close", &json!({})).error(400, "invalid_request");
+    a.client.post("/api/cash-sessions/nope/close", &json!({"countedCash": 1})).error(404, "not_found");
+    a.client.get("/api/z-reports?day=2025-13-45").error(400, "invalid_request");
+    a.client.get("/api/cash-sessions?status=ajar").error(400, "invalid_request");
+    assert_eq!(a.client.count("/api/changes"), changes, "refused calls write no change");
+
+    let closed = a.client.post("/api/cash-sessions/s-1/close", &json!({"countedCash": 100.0 + total - 1.0}));
+    assert_eq!(a.client.count("/api/changes"), changes + 2, "a Z report and the close");
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+    assert_eq!(closed.body["session"]["difference"], json!(-1.0));
+    let report = closed.body["zReport"].clone();
+    assert_eq!((report["ticketCount"].clone(), report["totalCash"].as_f64()), (json!(1), Some(total)));
+    a.client
+        .post("/api/cash-sessions/s-1/close", &json!({"countedCash": 1}))
+        .error(409, "cash_session_closed");
+
+    // Till B holds the same session and report, and cannot close A's drawer.
+    let report_path = format!("/api/z-reports/{}", report["id"].as_str().unwrap());
+    eventually("the Z report reaches till B", || b.client.get(&report_path).status == 200);
+    assert_eq!(b.client.ok(&report_path), report);
+    assert_eq!(b.client.count("/api/cash-sessions?status=closed&posId=pos-a"), 1);
+    let again = a.client.post("/api/cash-sessions", &json!({"id": "s-2", "openingCash": 0}));
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    eventually("session 2 reaches till B", || b.client.get("/api/cash-sessions/s-2").status == 200);
+    b.client
+        .post("/api/cash-sessions/s-2/close", &json!({"countedCash": 0}))
+        .error(409, "cash_session_of_another_till");
+
+    // With the setting on, a till without an open session refuses to sell.
+    let set = b.client.send("PUT", "/api/settings/pos_require_cash_session", &json!({"value": true}));
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let tickets = b.client.count("/api/tickets");
+    b.client
+        .post(
+            "/api/tickets",
+            &json!({"lines": [{"productId": product, "quantity": 1}], "payments": [{"method": "cash", "amount": 10}]}),
+        )
+        .error(409, "no_open_cash_session");
+    assert_eq!(b.client.count("/api/tickets"), tickets);
+}

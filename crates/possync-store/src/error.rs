@@ -2,6 +2,8 @@
 
 use possync_core::{ChangeError, EntityError, EntityId, EntityKind};
 
+use crate::cash::CashSessionError;
+
 /// Why a store call failed. A failed write leaves nothing behind (its transaction rolls back).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -77,6 +79,9 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// A cash session call breaks the drawer's rules (one open session per till...).
+    #[error(transparent)]
+    CashSession(#[from] CashSessionError),
     /// Unknown setting, or a value of the wrong type.
     #[error("{0}")]
     BadSetting(String),

@@ -16,7 +16,7 @@ impl Store {
     /// Creates a record from a JSON object of fields; `id` may be supplied, else a UUIDv7 is
     /// made. Returns the record as the API shows it.
     pub fn create_record(&mut self, kind: EntityKind, body: &Value) -> Result<Value> {
-        check_mutable(kind)?;
+        check_mutable(kind, "create")?;
         let id = match body.get("id") {
             None | Some(Value::Null) => self.new_id(),
             Some(Value::String(raw)) => {
@@ -41,7 +41,7 @@ impl Store {
     /// writes nothing the second time. A record deleted on this terminal stays deleted (its
     /// deletion was a decision taken after whatever is being imported).
     pub fn upsert_record(&mut self, kind: EntityKind, id: &EntityId, body: &Value) -> Result<Upserted> {
-        check_mutable(kind)?;
+        check_mutable(kind, "create")?;
         let mut fields = entity::parse_fields(kind, body)?;
         self.write(true, |store| match records::load(&store.conn, &store.origins, kind, id)? {
             None => {
@@ -60,6 +60,7 @@ impl Store {
                 if fields.is_empty() {
                     return Ok(Upserted::Unchanged);
                 }
+                check_mutable(kind, "update")?;
                 store.check_references(kind, id, &fields)?;
                 store.write_fields(kind, id, state, fields, false)?;
                 Ok(Upserted::Updated)
@@ -94,7 +95,7 @@ impl Store {
 
     /// Changes some fields of a live record. Returns the record as the API shows it.
     pub fn update_record(&mut self, kind: EntityKind, id: &EntityId, body: &Value) -> Result<Value> {
-        check_mutable(kind)?;
+        check_mutable(kind, "update")?;
         let fields = entity::parse_fields(kind, body)?;
         if fields.is_empty() {
             return Err(StoreError::invalid("body", "no field to update"));
@@ -108,7 +109,7 @@ impl Store {
 
     /// Deletes a live record (a tombstone that travels to every terminal).
     pub fn delete_record(&mut self, kind: EntityKind, id: &EntityId) -> Result<()> {
-        check_mutable(kind)?;
+        check_mutable(kind, "delete")?;
         self.write(true, |store| {
             let mut state = store.live_record(kind, id)?;
             let newest = state.newest().cloned();
@@ -136,6 +137,8 @@ impl Store {
             EntityKind::Category => "SELECT 1 FROM categories WHERE id = ?1 AND deleted = 0",
             EntityKind::Customer => "SELECT 1 FROM customers WHERE id = ?1 AND deleted = 0",
             EntityKind::User => "SELECT 1 FROM users WHERE id = ?1 AND deleted = 0",
+            EntityKind::CashSession => "SELECT 1 FROM cash_sessions WHERE id = ?1 AND deleted = 0",
+            EntityKind::ZReport => "SELECT 1 FROM z_reports WHERE id = ?1 AND deleted = 0",
             EntityKind::Ticket => "SELECT 1 FROM tickets WHERE id = ?1",
             EntityKind::Stock => "SELECT 1 FROM stock_movements WHERE id = ?1",
         };
@@ -249,11 +252,14 @@ pub enum ProductKey {
     Barcode,
 }
 
-fn check_mutable(kind: EntityKind) -> Result<()> {
-    if kind.is_record() {
+/// A local write may only make changes every peer accepts: no edit of a Z report, no
+/// deletion of a cash session ([`EntityKind::allows_record_action`]), no record write of a
+/// fact.
+fn check_mutable(kind: EntityKind, action: &str) -> Result<()> {
+    if kind.allows_record_action(action) {
         Ok(())
     } else {
-        Err(StoreError::InvalidState(format!("{kind} records are not created or edited this way")))
+        Err(StoreError::InvalidState(format!("{kind} records cannot be {action}d this way")))
     }
 }
 

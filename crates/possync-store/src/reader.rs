@@ -47,7 +47,7 @@ pub struct TicketQuery {
     pub offset: Option<u32>,
 }
 
-fn paging(limit: Option<u32>, offset: Option<u32>) -> (i64, i64) {
+pub(crate) fn paging(limit: Option<u32>, offset: Option<u32>) -> (i64, i64) {
     (i64::from(limit.unwrap_or(100).min(1000)), i64::from(offset.unwrap_or(0)))
 }
 
@@ -245,7 +245,7 @@ impl StoreReader {
             ),
             (
                 "tickets",
-                "id, ticket_number, pos_id, customer_id, subtotal, discount_amount, total_amount, status, notes, created_at, updated_at",
+                "id, ticket_number, pos_id, customer_id, cash_session_id, subtotal, discount_amount, total_amount, status, notes, created_at, updated_at",
             ),
             (
                 "ticket_lines",
@@ -253,6 +253,14 @@ impl StoreReader {
             ),
             ("ticket_payments", "ticket_id, line_no, method, amount, reference"),
             ("stock_movements", "id, product_id, type, quantity, reference, pos_id, created_at"),
+            (
+                "cash_sessions",
+                "id, pos_id, opened_by, opening_cash, opened_at, status, closed_by, closed_at, counted_cash, expected_cash, difference, z_report_id, notes, updated_at, deleted",
+            ),
+            (
+                "z_reports",
+                "id, session_id, pos_id, user_id, report_date, ticket_count, total_sales, total_discount, total_refunds, total_cash, total_card, total_transfer, total_check, total_other, opening_cash, counted_cash, expected_cash, difference, created_at, updated_at, deleted",
+            ),
         ] {
             out.push_str(&format!("[{table}]\n"));
             for row in rows_json(&self.conn, &format!("SELECT {columns} FROM {table} ORDER BY 1, 2"), [])? {
@@ -279,8 +287,8 @@ pub(crate) fn load_vv(conn: &Connection, origins: &Origins) -> Result<VersionVec
 pub(crate) fn ticket_json(conn: &Connection, id: &EntityId) -> Result<Option<Value>> {
     let head = rows_json(
         conn,
-        "SELECT id, ticket_number, pos_id, customer_id, subtotal, discount_amount, total_amount, status, notes,
-                created_at, updated_at FROM tickets WHERE id = ?1",
+        "SELECT id, ticket_number, pos_id, customer_id, cash_session_id, subtotal, discount_amount, total_amount,
+                status, notes, created_at, updated_at FROM tickets WHERE id = ?1",
         [id.as_str()],
     )?;
     let Some(head) = head.into_iter().next() else { return Ok(None) };

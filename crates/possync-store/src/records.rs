@@ -25,6 +25,8 @@ pub(crate) fn table(kind: EntityKind) -> &'static str {
         EntityKind::Ticket => "tickets",
         EntityKind::Stock => "stock_movements",
         EntityKind::User => "users",
+        EntityKind::CashSession => "cash_sessions",
+        EntityKind::ZReport => "z_reports",
     }
 }
 
@@ -69,8 +71,9 @@ fn build_sql(kind: EntityKind) -> KindSql {
 }
 
 static SQL: LazyLock<Vec<(EntityKind, KindSql)>> = LazyLock::new(|| {
-    [EntityKind::Product, EntityKind::Category, EntityKind::Customer, EntityKind::User, EntityKind::Ticket]
+    EntityKind::ALL
         .into_iter()
+        .filter(|kind| kind.is_record() || *kind == EntityKind::Ticket)
         .map(|kind| (kind, build_sql(kind)))
         .collect()
 });
@@ -231,9 +234,10 @@ pub(crate) fn snapshot_json(kind: EntityKind, record: &Value) -> Value {
 /// A canonical field value in API form (amounts become numbers).
 pub(crate) fn api_value(spec: &FieldSpec, value: Value) -> Value {
     match (spec.ty, &value) {
-        (FieldType::Amount { .. } | FieldType::OptAmount, Value::String(text)) => {
-            decimal::parse(text).map_or(value, decimal::to_json)
-        }
+        (
+            FieldType::Amount { .. } | FieldType::OptAmount | FieldType::OptSignedAmount,
+            Value::String(text),
+        ) => decimal::parse(text).map_or(value, decimal::to_json),
         _ => value,
     }
 }

@@ -16,6 +16,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::cash::CashSessionError;
 use crate::error::{Result, StoreError};
 use crate::local::local_version;
 use crate::{Store, meta, records};
@@ -99,6 +100,8 @@ pub struct HistoricalSale {
     pub created_at: String,
     /// The status it ended with.
     pub status: TicketStatus,
+    /// The cash session it was sold in (an imported session), if any.
+    pub cash_session_id: Option<EntityId>,
 }
 
 /// A line to refund: which product, how many.
@@ -197,6 +200,10 @@ impl Store {
                     format!("payments of {paid} do not cover the total of {total}"),
                 ));
             }
+            let cash_session_id = store.open_cash_session_id()?;
+            if cash_session_id.is_none() && store.settings.require_cash_session {
+                return Err(CashSessionError::NoneOpen.into());
+            }
             let ticket_number = store.next_ticket_number()?;
             let mut movements = Vec::with_capacity(lines.len());
             for line in &lines {
@@ -215,6 +222,7 @@ impl Store {
                 ticket_number,
                 pos_id: store.identity.pos_id.clone(),
                 customer_id: request.customer_id.clone(),
+                cash_session_id,
                 lines,
                 payments,
                 subtotal,
@@ -268,6 +276,7 @@ impl Store {
                 ticket_number: request.ticket_number,
                 pos_id: store.identity.pos_id.clone(),
                 customer_id: request.customer_id,
+                cash_session_id: request.cash_session_id,
                 lines: request.lines,
                 payments: request.payments,
                 subtotal: request.subtotal,
@@ -698,8 +707,8 @@ impl Store {
         self.conn
             .prepare_cached(
                 "INSERT INTO tickets (id, ticket_number, pos_id, customer_id, subtotal, discount_amount, total_amount,
-                                      status, notes, created_at, updated_at, sync_meta)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                      status, notes, created_at, updated_at, sync_meta, cash_session_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 sale.id.as_str(),
@@ -714,6 +723,7 @@ impl Store {
                 sale.created_at,
                 state.updated_at(),
                 meta,
+                sale.cash_session_id.as_ref().map(EntityId::as_str),
             ])?;
         for (line_no, line) in sale.lines.iter().enumerate() {
             self.conn

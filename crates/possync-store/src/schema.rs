@@ -10,7 +10,13 @@ use rusqlite_migration::{M, Migrations};
 
 /// Every migration, in order.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INITIAL), M::up(V_TERMINALS), M::up(V_CHAIN), M::up(V_USERS)])
+    Migrations::new(vec![
+        M::up(V1_INITIAL),
+        M::up(V_TERMINALS),
+        M::up(V_CHAIN),
+        M::up(V_USERS),
+        M::up(V_CASH),
+    ])
 }
 
 /// The terminals this node has heard of by name, so that the audit trail can name the till
@@ -42,6 +48,7 @@ pub const DEFAULT_SETTINGS: &[(&str, &str, &str, &str)] = &[
         "string",
         "last_write_wins, local_wins, remote_wins or manual (only last_write_wins guarantees identical terminals)",
     ),
+    ("pos_require_cash_session", "false", "boolean", "Refuse sales on a till that has no open cash session"),
     (
         "p2p_heartbeat_interval",
         "30000",
@@ -386,6 +393,59 @@ SELECT peer_id, peer_name, message_type, message_action, entity_type, status,
 FROM p2p_sync_logs
 WHERE created_at >= datetime('now', '-1 hour')
 GROUP BY peer_id, peer_name, message_type, message_action, entity_type, status;
+"#;
+
+/// Cash sessions and Z reports (docs/DESIGN.md, "Cash sessions"), records like users; the
+/// session a ticket was sold in. Columns follow the field tables of `possync_core::entity`.
+const V_CASH: &str = r#"
+CREATE TABLE cash_sessions (
+    id            TEXT PRIMARY KEY,
+    pos_id        TEXT,
+    opened_by     TEXT,
+    opening_cash  TEXT,
+    opened_at     TEXT,
+    status        TEXT,
+    closed_by     TEXT,
+    closed_at     TEXT,
+    counted_cash  TEXT,
+    expected_cash TEXT,
+    difference    TEXT,
+    z_report_id   TEXT,
+    notes         TEXT,
+    updated_at    TEXT,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    sync_meta     TEXT NOT NULL
+);
+CREATE INDEX cash_sessions_pos ON cash_sessions(pos_id, status, opened_at);
+
+CREATE TABLE z_reports (
+    id             TEXT PRIMARY KEY,
+    session_id     TEXT,
+    pos_id         TEXT,
+    user_id        TEXT,
+    report_date    TEXT,
+    ticket_count   INTEGER,
+    total_sales    TEXT,
+    total_discount TEXT,
+    total_refunds  TEXT,
+    total_cash     TEXT,
+    total_card     TEXT,
+    total_transfer TEXT,
+    total_check    TEXT,
+    total_other    TEXT,
+    opening_cash   TEXT,
+    counted_cash   TEXT,
+    expected_cash  TEXT,
+    difference     TEXT,
+    created_at     TEXT,
+    updated_at     TEXT,
+    deleted        INTEGER NOT NULL DEFAULT 0,
+    sync_meta      TEXT NOT NULL
+);
+CREATE INDEX z_reports_day ON z_reports(report_date, pos_id);
+
+ALTER TABLE tickets ADD COLUMN cash_session_id TEXT;
+CREATE INDEX tickets_cash_session ON tickets(cash_session_id) WHERE cash_session_id IS NOT NULL;
 "#;
 
 #[cfg(test)]

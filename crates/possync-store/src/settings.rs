@@ -35,6 +35,9 @@ pub struct Settings {
     /// than that. Catch-up batches are paced by the protocol (asked for, acknowledged) and
     /// not counted. See docs/DESIGN.md, "A peer that floods".
     pub peer_max_changes_per_second: u32,
+    /// `pos_require_cash_session`: a sale needs an open cash session on its till (off by
+    /// default, so that tills that do not count cash keep selling).
+    pub require_cash_session: bool,
 }
 
 /// The default of `p2p_peer_max_changes_per_second`: far above what people at a till write,
@@ -74,6 +77,7 @@ impl Default for Settings {
             log_retention_days: 30,
             max_clock_ahead_ms: DEFAULT_MAX_CLOCK_AHEAD_MS,
             peer_max_changes_per_second: DEFAULT_PEER_MAX_CHANGES_PER_SECOND,
+            require_cash_session: false,
         }
     }
 }
@@ -121,6 +125,7 @@ impl Settings {
             "p2p_peer_max_changes_per_second" => {
                 self.peer_max_changes_per_second = parse_number(key, value, 1, 1_000_000)?
             }
+            "pos_require_cash_session" => self.require_cash_session = parse_bool(key, value)?,
             _ => return Err(StoreError::BadSetting(format!("unknown setting {key:?}"))),
         }
         Ok(())

@@ -286,9 +286,9 @@ fn the_seed_analysis_queries_run() {
     ] {
         a.query(sql);
     }
-    // The spec's seven settings, plus `p2p_max_clock_ahead` and
-    // `p2p_peer_max_changes_per_second`.
-    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 9);
+    // The spec's seven settings, plus `p2p_max_clock_ahead`,
+    // `p2p_peer_max_changes_per_second` and `pos_require_cash_session`.
+    assert_eq!(a.count("SELECT COUNT(*) FROM settings"), 10);
     assert_eq!(
         a.count(
             "SELECT COUNT(*) FROM settings WHERE key IN ('p2p_enabled', 'p2p_auto_sync',
@@ -887,6 +887,7 @@ fn imports_upsert_once_count_once_and_record_past_sales_without_moving_stock() {
         notes: None,
         created_at: "2025-11-20T10:00:00.000Z".into(),
         status: TicketStatus::Refunded,
+        cash_session_id: None,
     };
     assert!(a.store.record_historical_sale(past.clone()).unwrap());
     assert!(!a.store.record_historical_sale(past.clone()).unwrap(), "the same ticket id is recorded once");

@@ -19,7 +19,8 @@ use posplus::{MIGRATIONS, schema};
 const BIN: &str = env!("CARGO_BIN_EXE_possync");
 
 /// A small shop: 3 categories (one nested), 3 products (one price 1.3000000000000003, one
-/// 1.005), 2 customers, 3 tickets (completed, refunded, pending), a cashier, a session.
+/// 1.005), 2 customers, 3 tickets (completed, refunded, pending), a cashier, a closed cash
+/// session with its Z report and an open one.
 /// `first_product_id` shifts the products' integer ids (another till's copy of the catalog).
 fn small_shop(path: &Path, first_product_id: i64) -> Connection {
     let conn = Connection::open(path).unwrap();
@@ -33,7 +34,13 @@ fn small_shop(path: &Path, first_product_id: i64) -> Connection {
 INSERT INTO roles (id, name) VALUES (1, 'Administrator');
 INSERT INTO users (id, username, email, password_hash, first_name, last_name, role_id)
   VALUES (1, 'admin', 'admin@posplus.local', '$2b$10$abcdefghijklmnopqrstuv', 'System', 'Administrator', 1);
-INSERT INTO cash_sessions (id, user_id, opening_cash) VALUES (1, 1, 50);
+INSERT INTO cash_sessions (id, user_id, opening_cash, closing_cash, expected_cash, difference, started_at,
+                           closed_at, status) VALUES
+  (1, 1, 50, 56.2, 56.3, -0.1, '2025-11-20 08:00:00', '2025-11-20 18:00:00', 'closed'),
+  (2, 1, 20, NULL, NULL, NULL, '2025-11-21 08:00:00', NULL, 'open');
+INSERT INTO z_reports (id, session_id, user_id, total_sales, total_discount, total_cash, total_card, ticket_count,
+                       report_date, created_at)
+  VALUES (1, 1, 1, 6.3, 0, 5.0, 1.3, 2, '2025-11-20', '2025-11-20 18:00:00');
 INSERT INTO categories (id, name, parent_id, display_order, created_at) VALUES
   (1, 'Drinks', NULL, 1, '2025-11-01 09:00:00'), (2, 'Hot', 1, 2, '2025-11-01 09:00:00'),
   (3, 'Bakery', NULL, 3, '2025-11-01 09:00:00');
@@ -154,14 +161,19 @@ fn a_posplus_database_is_imported_as_ordinary_changes() {
     assert_eq!(counts(&summary, "tickets"), (2, 0, 0, 1));
     assert_eq!(counts(&summary, "ticket_lines"), (2, 0, 0, 1));
     assert_eq!(counts(&summary, "settings"), (0, 1, 0, 0));
+    assert_eq!(counts(&summary, "cash_sessions"), (2, 0, 0, 0));
+    assert_eq!(counts(&summary, "z_reports"), (1, 0, 0, 0));
     let skipped = summary["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert_eq!(skipped[0]["table"], "tickets");
     assert!(skipped[0]["reason"].as_str().unwrap().contains("pending"), "{skipped:?}");
     let not_imported: Vec<&str> =
         summary["notImported"].as_array().unwrap().iter().map(|row| row["table"].as_str().unwrap()).collect();
-    for table in ["cash_sessions", "z_reports", "stock_logs", "settings"] {
+    for table in ["stock_logs", "settings"] {
         assert!(not_imported.contains(&table), "{table} missing from {not_imported:?}");
+    }
+    for table in ["cash_sessions", "z_reports"] {
+        assert!(!not_imported.contains(&table), "{table} is imported: {not_imported:?}");
     }
 
     let db = node_db(&node);
@@ -210,9 +222,37 @@ fn a_posplus_database_is_imported_as_ordinary_changes() {
     assert_eq!(scalar(&db, "SELECT customer_id IS NOT NULL FROM tickets WHERE total_amount = '5'"), "1");
     assert_eq!(scalar(&db, "SELECT COUNT(*) FROM ticket_payments"), "2");
     assert_eq!(scalar(&db, "SELECT pos_id FROM tickets LIMIT 1"), pos_id);
+    // Cash sessions: the closed one with POSPlus's figures and its Z report, the open one
+    // still open (this till's sales go on recording it); tickets keep their session.
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT status || ' ' || opening_cash || ' ' || counted_cash || ' ' || expected_cash || ' ' || difference
+             || ' ' || opened_at || ' ' || (z_report_id IS NOT NULL) FROM cash_sessions WHERE status = 'closed'"
+        ),
+        "closed 50 56.2 56.3 -0.1 2025-11-20T08:00:00.000Z 1"
+    );
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM cash_sessions WHERE status = 'open'"), "1");
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT z.report_date || ' ' || z.total_sales || ' ' || z.total_cash || ' ' || z.total_card || ' '
+             || z.ticket_count || ' ' || z.expected_cash || ' ' || (u.username) FROM z_reports z
+             JOIN cash_sessions s ON s.id = z.session_id AND s.z_report_id = z.id JOIN users u ON u.id = z.user_id"
+        ),
+        "2025-11-20 6.3 5 1.3 2 56.3 admin"
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT COUNT(*) FROM tickets t JOIN cash_sessions s ON s.id = t.cash_session_id WHERE s.status = 'closed'"
+        ),
+        "2"
+    );
     // Everything is an ordinary local change of this till: 3 categories, 3 products,
-    // 3 counts, 2 customers, 1 cashier, 2 sales and 1 refund status.
-    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM sync_changes"), "15");
+    // 3 counts, 2 customers, 1 cashier, 2 cash sessions, 2 sales, 1 refund status and
+    // 1 Z report.
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM sync_changes"), "18");
     // A POSPlus setting possync has under the same name is taken; the others are listed.
     assert_eq!(scalar(&db, "SELECT value FROM settings WHERE key = 'p2p_sync_batch_size'"), "250");
 
@@ -249,7 +289,7 @@ fn the_text_summary_reports_counts_skips_and_rounding() {
         "tickets #3: pending: never completed",
         "rounded values: 2",
         "products #3 price: 1.005 -> 1.01",
-        "not imported: cash_sessions (1 rows): not imported yet",
+        "not imported: stock_logs (1 rows): not replayed",
     ] {
         assert!(text.contains(expected), "{expected:?} not in:\n{text}");
     }
@@ -266,7 +306,7 @@ fn importing_twice_creates_nothing_twice() {
     let before = scalar(&node_db(&node), "SELECT COUNT(*) FROM sync_changes");
 
     let again = import(&node, &file, &[]);
-    for table in ["categories", "products", "stock", "customers", "tickets"] {
+    for table in ["categories", "products", "stock", "customers", "tickets", "cash_sessions", "z_reports"] {
         let (created, updated, _, _) = counts(&again, table);
         assert_eq!((created, updated), (0, 0), "{table}: {again}");
     }

@@ -742,6 +742,7 @@ mod tests {
             ticket_number: "T1-000001".into(),
             pos_id: till1.clone(),
             customer_id: Some(id("cust-ana")),
+            cash_session_id: None,
             lines: vec![TicketLine {
                 product_id: id("prod-tea"),
                 product_name: "Green tea".into(),

@@ -9,7 +9,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use possync_store::StoreError;
+use possync_store::{CashSessionError, StoreError};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -99,6 +99,15 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(_) | StoreError::BadChange(_) => ApiError::unprocessable(err.to_string()),
             StoreError::InvalidState(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_state", err.to_string())
+            }
+            StoreError::CashSession(cash) => {
+                let code = match cash {
+                    CashSessionError::NoneOpen => "no_open_cash_session",
+                    CashSessionError::AlreadyOpen(_) => "cash_session_open",
+                    CashSessionError::Closed(_) => "cash_session_closed",
+                    CashSessionError::OtherTill { .. } => "cash_session_of_another_till",
+                };
+                ApiError::new(StatusCode::CONFLICT, code, err.to_string())
             }
             StoreError::BadSetting(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_setting", err.to_string())

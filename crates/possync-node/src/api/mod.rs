@@ -11,11 +11,12 @@
 //! - [`server`] accepts the connections itself: a cap and an idle timeout.
 //!
 //! Modules: [`error`], [`guard`], [`auth`], [`server`], `entities` (products, categories,
-//! customers), `sales` (tickets, stock), `sync` (status, stats, audit lists, control,
+//! customers), `sales` (tickets, stock), `cash` (cash sessions, Z reports), `users` (cashier accounts), `sync` (status, stats, audit lists, control,
 //! settings, cleanup, metrics), `events` (SSE), `dashboard` (assets and indicators), `chain`
 //! (the chain of stores' views), `changes` (the change feed), [`openapi`].
 
 pub mod auth;
+mod cash;
 mod chain;
 mod changes;
 mod dashboard;
@@ -119,6 +120,7 @@ pub fn routes() -> Vec<Route> {
     table.extend(chain::routes());
     table.extend(changes::routes());
     table.extend(users::routes());
+    table.extend(cash::routes());
     table
 }
 

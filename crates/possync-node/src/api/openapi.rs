@@ -312,7 +312,7 @@ fn nullable(mut schema: Value) -> Value {
 }
 
 /// A decimal amount as a request may carry it: a JSON number or a numeric string.
-fn amount_input() -> Value {
+pub(super) fn amount_input() -> Value {
     json!({"oneOf": [{"type": "number"}, {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"}]})
 }
 
@@ -361,6 +361,11 @@ fn field_schema(ty: FieldType, input: bool) -> Value {
             json!({"type": "string", "enum": ["completed", "cancelled", "refunded", "partially_refunded"]})
         }
         FieldType::Role => json!({"type": "string", "enum": possync_core::entity::USER_ROLES}),
+        FieldType::OptSignedAmount => {
+            nullable(if input { amount_input() } else { json!({"type": "number"}) })
+        }
+        FieldType::SessionStatus => json!({"type": "string", "enum": possync_core::entity::SESSION_STATUSES}),
+        FieldType::Date => json!({"type": "string", "format": "date"}),
     }
 }
 
@@ -487,6 +492,7 @@ fn schemas() -> Value {
         },
         "Ticket": {"type": "object", "properties": {
             "id": string, "ticketNumber": string, "posId": string, "customerId": nullable(string.clone()),
+            "cashSessionId": nullable(json!({"type": "string", "description": "the cash session open on the selling till, if any"})),
             "subtotal": {"type": "number"}, "discountAmount": {"type": "number"}, "totalAmount": {"type": "number"},
             "status": field_schema(FieldType::TicketStatus, false), "notes": nullable(string.clone()),
             "createdAt": string, "updatedAt": nullable(string.clone()),
@@ -531,6 +537,7 @@ fn schemas() -> Value {
         schemas.extend(more);
     }
     schemas.extend(super::users::schemas(record_schemas));
+    schemas.extend(super::cash::schemas(record_schemas));
     Value::Object(schemas)
 }
 

@@ -180,25 +180,13 @@ async fn create_ticket(
     }
 }
 
-/// `YYYY-MM-DD` naming a real calendar day (`2025-13-45` matches the shape, names no day,
-/// and would only find nothing).
-fn is_day(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let shaped = bytes.len() == 10
-        && bytes
-            .iter()
-            .enumerate()
-            .all(|(i, byte)| if i == 4 || i == 7 { *byte == b'-' } else { byte.is_ascii_digit() });
-    shaped && possync_core::time::parse_rfc3339_ms(&format!("{text}T00:00:00Z")).is_some()
-}
-
 async fn list_tickets(
     State(api): State<Arc<ApiState>>,
     ApiQuery(params): ApiQuery<TicketParams>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     check_paging(params.limit, 1000)?;
     if let Some(day) = &params.day
-        && !is_day(day)
+        && !possync_core::time::is_date(day)
     {
         return Err(ApiError::bad_request(format!("day must be YYYY-MM-DD, not {day:?}")));
     }
@@ -294,17 +282,4 @@ async fn count(
     .await
     .map_err(product_in_body)?;
     Ok((StatusCode::CREATED, Json(movement)).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn days() {
-        assert!(is_day("2026-11-25"));
-        for bad in ["2026-1-25", "2026/11/25", "", "2026-11-25T", "abcd-ef-gh"] {
-            assert!(!is_day(bad), "{bad}");
-        }
-    }
 }

@@ -104,6 +104,7 @@ const REQUIRED: &[(&str, &[&str])] = &[
             "status",
             "notes",
             "created_at",
+            "session_id",
         ],
     ),
     (
@@ -139,9 +140,40 @@ const REQUIRED: &[(&str, &[&str])] = &[
         ],
     ),
     ("roles", &["id", "name"]),
-    ("cash_sessions", &["id"]),
+    (
+        "cash_sessions",
+        &[
+            "id",
+            "user_id",
+            "opening_cash",
+            "closing_cash",
+            "expected_cash",
+            "difference",
+            "started_at",
+            "closed_at",
+            "status",
+            "notes",
+        ],
+    ),
     ("stock_logs", &["id"]),
-    ("z_reports", &["id"]),
+    (
+        "z_reports",
+        &[
+            "id",
+            "session_id",
+            "user_id",
+            "total_sales",
+            "total_discount",
+            "total_cash",
+            "total_card",
+            "total_transfer",
+            "total_check",
+            "total_other",
+            "ticket_count",
+            "report_date",
+            "created_at",
+        ],
+    ),
 ];
 
 /// The POSPlus settings that possync has under the same name and meaning.
@@ -451,7 +483,7 @@ pub fn import(
     options: &Options,
     progress: &Progress,
 ) -> Result<Summary, PosplusError> {
-    let total = ["categories", "products", "customers", "tickets", "settings"]
+    let total = ["categories", "products", "customers", "cash_sessions", "tickets", "z_reports", "settings"]
         .iter()
         .map(|table| source.count(table))
         .sum::<Result<u64, _>>()?;
@@ -469,6 +501,8 @@ pub fn import(
         categories: HashMap::new(),
         products: HashMap::new(),
         customers: HashMap::new(),
+        users: HashMap::new(),
+        sessions: HashMap::new(),
         first_of_sku: HashMap::new(),
         rows: 0,
     };
@@ -476,7 +510,9 @@ pub fn import(
     importer.products()?;
     importer.customers()?;
     importer.users()?;
+    importer.cash_sessions()?;
     importer.tickets()?;
+    importer.z_reports()?;
     importer.settings()?;
     importer.not_imported()?;
     importer.store.drain_outbox();
@@ -505,6 +541,10 @@ struct Importer<'a> {
     products: HashMap<i64, EntityId>,
     /// POSPlus customer id -> imported id.
     customers: HashMap<i64, EntityId>,
+    /// POSPlus user id -> imported cashier account id.
+    users: HashMap<i64, EntityId>,
+    /// POSPlus cash session id -> imported id.
+    sessions: HashMap<i64, EntityId>,
     /// SKU -> the first POSPlus product with it, and its imported id.
     first_of_sku: HashMap<String, (i64, EntityId)>,
     /// Rows handled so far (for the bar and the outbox drain).
@@ -931,7 +971,10 @@ impl Importer<'_> {
             self.created_at(&mut body, "users", id, field(9).as_deref());
             let target = derived_id(&format!("user:username:{}", username.trim()));
             match self.store.upsert_record(possync_core::EntityKind::User, &target, &Value::Object(body)) {
-                Ok(outcome) => self.summary.count("users", outcome),
+                Ok(outcome) => {
+                    self.summary.count("users", outcome);
+                    self.users.insert(id, target);
+                }
                 Err(err) => {
                     let reason = rejected(err)?;
                     self.summary.skip("users", id, reason);
@@ -941,12 +984,173 @@ impl Importer<'_> {
         Ok(())
     }
 
+    /// This till's cash sessions, as POSPlus left them (open or closed, with its figures).
+    /// An open one is imported only when this till has no open session of its own: a till
+    /// holds one open session at a time.
+    fn cash_sessions(&mut self) -> Result<(), PosplusError> {
+        let mut statement = self.source.conn.prepare(
+            "SELECT s.id, s.user_id, s.opening_cash, s.closing_cash, s.expected_cash, s.difference, s.started_at,
+                    s.closed_at, s.status, s.notes, (SELECT MIN(z.id) FROM z_reports z WHERE z.session_id = s.id)
+             FROM cash_sessions s ORDER BY s.id",
+        )?;
+        let rows = statement
+            .query_map([], |row| (0..11).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>())?
+            .collect::<Result<Vec<_>, _>>()?;
+        for values in rows {
+            self.step("cash sessions");
+            let id = integer(&values[0]).unwrap_or_default();
+            self.summary.table("cash_sessions").read += 1;
+            match self.cash_session(id, &values)? {
+                Ok(outcome) => self.summary.count("cash_sessions", outcome),
+                Err(reason) => self.summary.skip("cash_sessions", id, reason),
+            }
+        }
+        Ok(())
+    }
+
+    /// One cash session: `Ok(Ok(outcome))`, or `Ok(Err(reason))` when it is skipped.
+    fn cash_session(&mut self, id: i64, values: &[Sql]) -> Result<Result<Upserted, String>, PosplusError> {
+        let status = match text(values[8].clone()).as_deref() {
+            Some("open") => "open",
+            Some("closed") => "closed",
+            other => return Ok(Err(format!("unknown status {other:?}"))),
+        };
+        let Some(opened_at) = text(values[6].clone()).as_deref().and_then(rfc3339) else {
+            return Ok(Err(format!("started_at {:?} is not a date", text(values[6].clone()))));
+        };
+        let target = derived_id(&format!("cash_session:{}:{id}", self.pos_id));
+        if status == "open"
+            && let Some(open) = self.store.open_cash_session_id()?
+            && open != target
+        {
+            return Ok(Err(format!("open, and this till already has the open session {open}")));
+        }
+        let mut body = Map::new();
+        body.insert("posId".into(), json!(self.pos_id.as_str()));
+        body.insert("status".into(), json!(status));
+        body.insert("openedAt".into(), json!(opened_at));
+        body.insert("openedBy".into(), json!(integer(&values[1]).and_then(|user| self.users.get(&user))));
+        body.insert("notes".into(), json!(text(values[9].clone())));
+        match self.amount("cash_sessions", id, "opening_cash", &values[2], Amount::Money) {
+            Ok(amount) => body.insert("openingCash".into(), json!(amount.to_string())),
+            Err(reason) => return Ok(Err(format!("opening_cash: {reason}"))),
+        };
+        if status == "closed" {
+            for (column, index, field) in [
+                ("closing_cash", 3, "countedCash"),
+                ("expected_cash", 4, "expectedCash"),
+                ("difference", 5, "difference"),
+            ] {
+                if matches!(values[index], Sql::Null) {
+                    continue;
+                }
+                match self.amount("cash_sessions", id, column, &values[index], Amount::Money) {
+                    Ok(amount) => body.insert(field.into(), json!(amount.to_string())),
+                    Err(reason) => return Ok(Err(format!("{column}: {reason}"))),
+                };
+            }
+            let closed_at = text(values[7].clone()).as_deref().and_then(rfc3339);
+            body.insert("closedAt".into(), json!(closed_at));
+            if let Some(report) = integer(&values[10]) {
+                body.insert(
+                    "zReportId".into(),
+                    json!(derived_id(&format!("z_report:{}:{report}", self.pos_id))),
+                );
+            }
+        }
+        match self.store.upsert_record(possync_core::EntityKind::CashSession, &target, &Value::Object(body)) {
+            Ok(outcome) => {
+                self.sessions.insert(id, target);
+                Ok(Ok(outcome))
+            }
+            Err(err) => Ok(Err(rejected(err)?)),
+        }
+    }
+
+    /// The Z reports of the imported sessions, as POSPlus computed them (POSPlus keeps no
+    /// refund total: it is imported as 0). A report is never edited: importing a changed
+    /// copy of one skips it with the reason.
+    fn z_reports(&mut self) -> Result<(), PosplusError> {
+        let mut statement = self.source.conn.prepare(
+            "SELECT z.id, z.session_id, z.user_id, z.total_sales, z.total_discount, z.total_cash, z.total_card,
+                    z.total_transfer, z.total_check, z.total_other, z.ticket_count, z.report_date, z.created_at,
+                    s.opening_cash, s.closing_cash, s.expected_cash, s.difference
+             FROM z_reports z LEFT JOIN cash_sessions s ON s.id = z.session_id ORDER BY z.id",
+        )?;
+        let rows = statement
+            .query_map([], |row| (0..17).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>())?
+            .collect::<Result<Vec<_>, _>>()?;
+        for values in rows {
+            self.step("z reports");
+            let id = integer(&values[0]).unwrap_or_default();
+            self.summary.table("z_reports").read += 1;
+            match self.z_report(id, &values)? {
+                Ok(outcome) => self.summary.count("z_reports", outcome),
+                Err(reason) => self.summary.skip("z_reports", id, reason),
+            }
+        }
+        Ok(())
+    }
+
+    /// One Z report: `Ok(Ok(outcome))`, or `Ok(Err(reason))` when it is skipped.
+    fn z_report(&mut self, id: i64, values: &[Sql]) -> Result<Result<Upserted, String>, PosplusError> {
+        let session = integer(&values[1]);
+        let Some(session_id) = session.and_then(|session| self.sessions.get(&session)).cloned() else {
+            let session = session.map_or_else(|| "null".into(), |session| session.to_string());
+            return Ok(Err(format!("its cash session #{session} was not imported")));
+        };
+        let Some(day) = text(values[11].clone()).map(|day| day.chars().take(10).collect::<String>()) else {
+            return Ok(Err("no report_date".into()));
+        };
+        if !possync_core::time::is_date(&day) {
+            return Ok(Err(format!("report_date {day:?} is not a date")));
+        }
+        let mut body = Map::new();
+        body.insert("sessionId".into(), json!(session_id.as_str()));
+        body.insert("posId".into(), json!(self.pos_id.as_str()));
+        body.insert("userId".into(), json!(integer(&values[2]).and_then(|user| self.users.get(&user))));
+        body.insert("reportDate".into(), json!(day));
+        body.insert("ticketCount".into(), json!(integer(&values[10]).unwrap_or_default()));
+        body.insert("totalRefunds".into(), json!("0"));
+        for (column, index, field, required) in [
+            ("total_sales", 3, "totalSales", true),
+            ("total_discount", 4, "totalDiscount", true),
+            ("total_cash", 5, "totalCash", true),
+            ("total_card", 6, "totalCard", true),
+            ("total_transfer", 7, "totalTransfer", true),
+            ("total_check", 8, "totalCheck", true),
+            ("total_other", 9, "totalOther", true),
+            ("opening_cash", 13, "openingCash", true),
+            ("closing_cash", 14, "countedCash", false),
+            ("expected_cash", 15, "expectedCash", false),
+            ("difference", 16, "difference", false),
+        ] {
+            if !required && matches!(values[index], Sql::Null) {
+                continue;
+            }
+            match self.amount("z_reports", id, column, &values[index], Amount::Money) {
+                Ok(amount) => body.insert(field.into(), json!(amount.to_string())),
+                Err(reason) => return Ok(Err(format!("{column}: {reason}"))),
+            };
+        }
+        self.created_at(&mut body, "z_reports", id, text(values[12].clone()).as_deref());
+        if !body.contains_key("createdAt") {
+            body.insert("createdAt".into(), json!(format!("{day}T00:00:00.000Z")));
+        }
+        let target = derived_id(&format!("z_report:{}:{id}", self.pos_id));
+        match self.store.upsert_record(possync_core::EntityKind::ZReport, &target, &Value::Object(body)) {
+            Ok(outcome) => Ok(Ok(outcome)),
+            Err(err) => Ok(Err(rejected(err)?)),
+        }
+    }
+
     /// Tickets with their lines and payments, read as three streams ordered by ticket id
     /// and walked together (one pass over each table).
     fn tickets(&mut self) -> Result<(), PosplusError> {
         let conn = &self.source.conn;
         let mut tickets = conn.prepare(
-            "SELECT id, ticket_number, customer_id, subtotal, discount_amount, total_amount, status, notes, created_at
+            "SELECT id, ticket_number, customer_id, subtotal, discount_amount, total_amount, status, notes, created_at,
+                    session_id
              FROM tickets ORDER BY id",
         )?;
         let mut lines = conn.prepare(
@@ -963,7 +1167,7 @@ impl Importer<'_> {
         let mut chunk = Vec::with_capacity(BATCH_ROWS);
         while let Some(row) = ticket_rows.next()? {
             self.step("tickets");
-            let ticket: Vec<Sql> = (0..9).map(|i| row.get(i)).collect::<Result<_, _>>()?;
+            let ticket: Vec<Sql> = (0..10).map(|i| row.get(i)).collect::<Result<_, _>>()?;
             let id = integer(&ticket[0]).unwrap_or_default();
             for (table, orphan) in line_rows
                 .orphans_before(id)?
@@ -1220,6 +1424,7 @@ impl Importer<'_> {
             notes: text(ticket[7].clone()),
             created_at,
             status,
+            cash_session_id: integer(&ticket[9]).and_then(|session| self.sessions.get(&session).cloned()),
         };
         match self.store.record_historical_sale(sale) {
             Ok(created) => Ok(Ok(created)),
@@ -1273,18 +1478,12 @@ impl Importer<'_> {
         Ok(())
     }
 
+    /// POSPlus's stock history is left out: the stock comes from one count per product.
     fn not_imported(&mut self) -> Result<(), PosplusError> {
-        for (table, reason) in [
-            ("cash_sessions", "not imported yet: possync has no cash sessions"),
-            ("z_reports", "not imported yet: possync has no Z reports"),
-            (
-                "stock_logs",
-                "not replayed: the stock comes from one count per product, which already includes them",
-            ),
-        ] {
-            let rows = self.source.count(table)?;
-            self.summary.not_imported.push(NotImported { table, rows, reason: reason.into() });
-        }
+        let table = "stock_logs";
+        let rows = self.source.count(table)?;
+        let reason = "not replayed: the stock comes from one count per product, which already includes them";
+        self.summary.not_imported.push(NotImported { table, rows, reason: reason.into() });
         Ok(())
     }
 
