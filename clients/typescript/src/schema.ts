@@ -589,6 +589,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/terminals": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** This till's public key, and every till known by its key or revoked */
+        get: operations["listTerminals"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/terminals/{posId}/revoke": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Revoke a lost or stolen till: every till refuses its changes after the last one held here */
+        post: operations["revokeTerminal"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/tickets": {
         parameters: {
             query?: never;
@@ -1078,6 +1112,14 @@ export interface components {
             data?: Record<string, never>;
             resolvedBy: string;
         };
+        Revocation: {
+            posId: string;
+            reason?: string | null;
+            untilSeq: number;
+        };
+        Revoke: {
+            reason?: string | null;
+        };
         Sale: {
             customerId?: string | null;
             id?: string;
@@ -1134,6 +1176,21 @@ export interface components {
             counted: number | string;
             productId: string;
             reference?: string | null;
+        };
+        Terminals: {
+            posId: string;
+            /** @description this till's Ed25519 key (base64) */
+            publicKey: string;
+            terminals: {
+                enrolledAt?: string | null;
+                posId?: string;
+                publicKey?: string | null;
+                revokeReason?: string | null;
+                revokedAfterSeq?: number | null;
+                revokedAt?: string | null;
+                revokedBy?: string | null;
+                sinceSeq?: number | null;
+            }[];
         };
         Ticket: {
             /** @description the cash session open on the selling till, if any */
@@ -4127,6 +4184,133 @@ export interface operations {
             };
             /** @description Not sent as Content-Type: application/json (required even without a body) */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description storage_full: the disk is full; nothing was written */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listTerminals: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The tills */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Terminals"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    revokeTerminal: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                posId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["Revoke"];
+            };
+        };
+        responses: {
+            /** @description The revocation */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Revocation"];
+                };
+            };
+            /** @description Malformed JSON, a missing field or a wrong type */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Missing or wrong token (API bound beyond loopback) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_host: the Host is not one of the node's names; forbidden_origin: sent by another web page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Well-formed but invalid (a rule is broken) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The node is stopping */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -65,6 +65,20 @@ pub enum ChangeBody {
         /// `return` movements, one per refunded line.
         returns: Vec<StockMovement>,
     },
+    /// Enrolls the origin's signing key (`terminal`/`enroll`, id = the origin): from this
+    /// change on, every change of the origin is signed by it.
+    Enroll {
+        /// The public key (base64, 32 bytes).
+        public_key: String,
+    },
+    /// Revokes a till (`terminal`/`revoke`, id = the revoked till's posId): its changes
+    /// after `until_seq` are refused on every till.
+    Revoke {
+        /// The last seq of the revoked till that stays accepted.
+        until_seq: Seq,
+        /// Why (lost, stolen...).
+        reason: Option<String>,
+    },
     /// Records a stock movement (an adjustment or a count).
     Movement {
         /// True when it comes from a stock count.
@@ -125,12 +139,19 @@ pub struct WireChange {
     /// The entity (or the fields written) plus `sync` stamps, as the origin wrote it: JSON
     /// text, not checked to be an object until it is decoded.
     pub data: Box<RawValue>,
+    /// The origin's Ed25519 signature of `type`, `action` and `data` (base64), absent on
+    /// changes written before their origin enrolled a key ([`crate::signature`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 /// Two wire changes are equal when they say the same thing in the same bytes.
 impl PartialEq for WireChange {
     fn eq(&self, other: &WireChange) -> bool {
-        self.entity == other.entity && self.action == other.action && self.data.get() == other.data.get()
+        self.entity == other.entity
+            && self.action == other.action
+            && self.data.get() == other.data.get()
+            && self.sig == other.sig
     }
 }
 
@@ -148,7 +169,7 @@ pub struct StampPeek {
 impl WireChange {
     /// A wire change whose `data` is the text of `data`.
     pub fn new(entity: impl Into<String>, action: impl Into<String>, data: &Value) -> WireChange {
-        WireChange { entity: entity.into(), action: action.into(), data: raw_json(data) }
+        WireChange { entity: entity.into(), action: action.into(), data: raw_json(data), sig: None }
     }
 
     /// `data` parsed into a JSON object (the form [`Change::decode`] takes).
@@ -160,7 +181,8 @@ impl WireChange {
         }
     }
 
-    /// Rewrites `data` through `edit` (for tests and benches that forge changes).
+    /// Rewrites `data` through `edit` (for tests and benches that forge changes). The
+    /// signature, if any, is kept: it no longer matches.
     pub fn edit_data(&mut self, edit: impl FnOnce(&mut Value)) {
         let mut data = serde_json::from_str(self.data.get()).unwrap_or(Value::Null);
         edit(&mut data);
@@ -225,6 +247,8 @@ impl Change {
             ChangeBody::TicketStatus { action: TicketAction::Cancel, .. } => "cancel",
             ChangeBody::Movement { count: true, .. } => "count",
             ChangeBody::Movement { count: false, .. } => "adjust",
+            ChangeBody::Enroll { .. } => "enroll",
+            ChangeBody::Revoke { .. } => "revoke",
         }
     }
 
@@ -245,6 +269,17 @@ impl Change {
                 data
             }
             ChangeBody::Movement { movement, .. } => object_of(movement),
+            ChangeBody::Enroll { public_key } => {
+                let mut data = Map::new();
+                data.insert("publicKey".into(), Value::String(public_key.clone()));
+                data
+            }
+            ChangeBody::Revoke { until_seq, reason } => {
+                let mut data = Map::new();
+                data.insert("untilSeq".into(), json!(until_seq.0));
+                data.insert("reason".into(), json!(reason));
+                data
+            }
         };
         data.insert("id".into(), Value::String(self.id.to_string()));
         if let Some(updated_at) = self.updated_at() {
@@ -318,6 +353,34 @@ impl Change {
                     return Err(ChangeError::Malformed("movement id differs from data.id".into()));
                 }
                 ChangeBody::Movement { count: action == "count", movement }
+            }
+            (EntityKind::Terminal, "enroll") => {
+                let public_key = data
+                    .get("publicKey")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ChangeError::Malformed("data.publicKey is missing".into()))?;
+                crate::signature::PublicKey::parse(public_key)
+                    .map_err(|err| ChangeError::Malformed(format!("data.publicKey: {err}")))?;
+                if id.as_str() != stamp.origin.as_str() {
+                    return Err(ChangeError::Malformed("a till enrolls only its own key".into()));
+                }
+                ChangeBody::Enroll { public_key: public_key.to_string() }
+            }
+            (EntityKind::Terminal, "revoke") => {
+                PosId::parse(id.as_str()).map_err(|err| ChangeError::Malformed(format!("data.id: {err}")))?;
+                let until_seq = data
+                    .get("untilSeq")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| ChangeError::Malformed("data.untilSeq is missing".into()))?;
+                let reason = match data.get("reason") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(reason)) => {
+                        entity::check_text("reason", reason, 500)?;
+                        Some(reason.clone())
+                    }
+                    Some(_) => return Err(ChangeError::Malformed("data.reason: expected a string".into())),
+                };
+                ChangeBody::Revoke { until_seq: Seq(until_seq), reason }
             }
             _ => return Err(unsupported()),
         };

@@ -37,11 +37,14 @@ pub enum EntityKind {
     CashSession,
     /// The end-of-day totals of a closed cash session: written once, never edited.
     ZReport,
+    /// A till's identity: the key it signs its changes with, or its revocation
+    /// ([`crate::signature`]).
+    Terminal,
 }
 
 impl EntityKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [EntityKind; 8] = [
+    pub const ALL: [EntityKind; 9] = [
         EntityKind::Product,
         EntityKind::Category,
         EntityKind::Customer,
@@ -50,6 +53,7 @@ impl EntityKind {
         EntityKind::User,
         EntityKind::CashSession,
         EntityKind::ZReport,
+        EntityKind::Terminal,
     ];
 
     /// The name used on the wire and in `entity_type` columns.
@@ -63,6 +67,7 @@ impl EntityKind {
             EntityKind::User => "user",
             EntityKind::CashSession => "cash_session",
             EntityKind::ZReport => "z_report",
+            EntityKind::Terminal => "terminal",
         }
     }
 
@@ -77,6 +82,7 @@ impl EntityKind {
             EntityKind::User => USER_FIELDS,
             EntityKind::CashSession => CASH_SESSION_FIELDS,
             EntityKind::ZReport => Z_REPORT_FIELDS,
+            EntityKind::Terminal => &[],
         }
     }
 

@@ -21,6 +21,7 @@ pub mod hlc;
 pub mod ids;
 pub mod merge;
 pub mod protocol;
+pub mod signature;
 pub mod time;
 pub mod vv;
 

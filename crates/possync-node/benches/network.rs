@@ -270,6 +270,11 @@ fn read_log(path: &Path) -> Vec<WireChange> {
 /// local write) and build a large catalog quickly.
 struct Synthetic {
     origin: PosId,
+    /// C's store: it signs every synthetic change, as C would (issue 13, item 3).
+    store: Store,
+    _dir: tempfile::TempDir,
+    /// C's key enrollment (its change 1), sent before its first create.
+    enroll: Option<WireChange>,
     create: WireChange,
     update: WireChange,
     next_seq: u64,
@@ -290,8 +295,19 @@ impl Synthetic {
         store.create_record(EntityKind::Product, &product_body(0)).expect("create");
         store.update_record(EntityKind::Product, &product_id(0), &json!({"price": "2.25"})).expect("update");
         let mut log = store.drain_outbox().into_iter().map(|outgoing| outgoing.change);
+        let enroll = log.next().expect("enroll");
+        assert_eq!(enroll.entity, "terminal", "C's first change enrolls its key");
         let (create, update) = (log.next().expect("create"), log.next().expect("update"));
-        Synthetic { origin, create, update, next_seq: 1, base_ms: now_ms() - 86_400_000 }
+        Synthetic {
+            origin,
+            store,
+            _dir: dir,
+            enroll: Some(enroll),
+            create,
+            update,
+            next_seq: 2,
+            base_ms: now_ms() - 86_400_000,
+        }
     }
 
     fn restamp(&mut self, mut change: WireChange, index: usize) -> WireChange {
@@ -309,17 +325,21 @@ impl Synthetic {
         change
     }
 
+    /// Product creates (preceded, the first time, by C's key enrollment), signed by C.
     fn creates(&mut self, range: std::ops::Range<usize>) -> Vec<WireChange> {
-        range
+        let enroll = self.enroll.take();
+        let creates: Vec<WireChange> = range
             .map(|index| {
                 let mut change = self.restamp(self.create.clone(), index);
                 change.edit_data(|data| {
                     data["sku"] = json!(format!("SKU-{index:06}"));
                     data["name"] = json!(format!("Product {index}"));
                 });
+                self.store.sign(&mut change);
                 change
             })
-            .collect()
+            .collect();
+        enroll.into_iter().chain(creates).collect()
     }
 
     /// `count` price updates of products `first..first + products`, round robin.
@@ -330,6 +350,7 @@ impl Synthetic {
                 change.edit_data(|data| {
                     data["price"] = json!(format!("{}.{:02}", 1 + index / 100 % 1000, index % 100));
                 });
+                self.store.sign(&mut change);
                 change
             })
             .collect()
@@ -654,14 +675,15 @@ async fn relay_throughput(settings: &Settings) -> (Spread, Spread, Spread) {
             })
         };
         apply_on_a(creates.clone()).await.expect("writer");
-        wait_holds(&pair.b.shared, &mut feed, &origin, PRODUCTS as u64).await;
+        // C's key enrollment and the products.
+        wait_holds(&pair.b.shared, &mut feed, &origin, PRODUCTS as u64 + 1).await;
         let frames_before = a.peers.detailed_stats().total_messages_sent;
         let started = Instant::now();
         for batch in changes.chunks(100) {
             apply_on_a(batch.to_vec()).await.expect("writer");
         }
         let fed = started.elapsed();
-        wait_holds(&pair.b.shared, &mut feed, &origin, (PRODUCTS + updates) as u64).await;
+        wait_holds(&pair.b.shared, &mut feed, &origin, (PRODUCTS + updates) as u64 + 1).await;
         let elapsed = started.elapsed();
         let sent = a.peers.detailed_stats().total_messages_sent - frames_before;
         pair.stop().await;
@@ -754,7 +776,8 @@ async fn catch_up(settings: &Settings) {
                     let started = Instant::now();
                     let b = start(&b_dir, b_store, &[a_addr]).await;
                     let mut feed = b.shared.writer.subscribe();
-                    wait_holds(&b.shared, &mut feed, &origin, products as u64).await;
+                    // C's key enrollment and the products.
+                    wait_holds(&b.shared, &mut feed, &origin, products as u64 + 1).await;
                     engine_time = Some(started.elapsed().as_secs_f64());
                     b.shutdown().await;
                     a.shutdown().await;
@@ -779,7 +802,7 @@ async fn catch_up(settings: &Settings) {
                                 }
                             }
                             let elapsed = started.elapsed().as_secs_f64();
-                            assert_eq!(store.summary().get(&origin).0, products as u64);
+                            assert_eq!(store.summary().get(&origin).0, products as u64 + 1);
                             elapsed
                         })
                         .await
@@ -1124,14 +1147,15 @@ async fn wire(settings: &Settings) {
     let b_dir = dir.path().join("b");
     let b = start(&b_dir, new_store(&b_dir, "B"), &[relay]).await;
     let mut feed = b.shared.writer.subscribe();
-    wait_holds(&b.shared, &mut feed, &origin, products as u64).await;
+    // A's key enrollment and its products.
+    wait_holds(&b.shared, &mut feed, &origin, products as u64 + 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await; // the last sync_ack
     let stats = a.shared.peers.detailed_stats();
     let (catch_down, catch_up_bytes) = (down.load(Ordering::Relaxed), up.load(Ordering::Relaxed));
     let (catch_frames, catch_payload) = (stats.total_messages_sent, stats.total_bytes_sent);
     for index in 0..updates {
         update_price(&a.shared, index % products, index + 1).await;
-        wait_holds(&b.shared, &mut feed, &origin, (products + index + 1) as u64).await;
+        wait_holds(&b.shared, &mut feed, &origin, (products + index + 2) as u64).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let stats = a.shared.peers.detailed_stats();

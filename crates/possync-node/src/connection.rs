@@ -656,6 +656,13 @@ async fn apply(
         );
         node.metrics.forks.inc_by(u64::from(report.forks));
     }
+    if report.forged > 0 {
+        warn!(
+            changes = report.forged,
+            "changes not signed by their origin (forged) or of a revoked till: refused (see p2p_sync_logs)"
+        );
+        node.metrics.changes_forged.inc_by(u64::from(report.forged));
+    }
     if report.held_back > 0 {
         warn!(
             changes = report.held_back,

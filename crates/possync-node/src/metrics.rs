@@ -106,6 +106,8 @@ pub struct Metrics {
     pub identity_clashes: Counter,
     /// Changes refused because another change with the same (origin, seq) is held.
     pub forks: Counter,
+    /// Changes refused because their origin did not sign them, or is revoked.
+    pub changes_forged: Counter,
     /// Connections that never authenticated, by reason (wrong shop secret, not a possync
     /// peer, handshake timeout, over the handshake budget...).
     pub connections_rejected: Family<Reason, Counter>,
@@ -153,6 +155,7 @@ impl Metrics {
             changes_throttled: Family::default(),
             identity_clashes: Counter::default(),
             forks: Counter::default(),
+            changes_forged: Counter::default(),
             connections_rejected: Family::default(),
         };
         registry.register(
@@ -269,6 +272,11 @@ impl Metrics {
             "forks",
             "Changes refused because a different change with the same origin and sequence number is held (forged, or a cloned or restored till)",
             metrics.forks.clone(),
+        );
+        registry.register(
+            "changes_forged",
+            "Changes refused because their origin's key did not sign them (written in another till's name, or this till's), or because their origin is revoked",
+            metrics.changes_forged.clone(),
         );
         registry.register(
             "connections_rejected",

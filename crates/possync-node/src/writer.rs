@@ -326,7 +326,8 @@ mod tests {
             })
             .await
             .unwrap();
-        let expected: Vec<_> = (1..=9).map(|seq| json!({"seq": seq})).collect();
+        // The till's key enrollment, then the nine writes.
+        let expected: Vec<_> = (1..=10).map(|seq| json!({"seq": seq})).collect();
         assert_eq!(seqs, expected, "nine writes, no gap where the refused one was");
     }
 
@@ -354,10 +355,18 @@ mod tests {
         assert!(after.is_ok());
         let rows = writer
             .call(Priority::Local, |store| {
-                store.reader().unwrap().query_json("SELECT entity_id, seq FROM sync_changes").unwrap()
+                store
+                    .reader()
+                    .unwrap()
+                    .query_json("SELECT entity_type, seq FROM sync_changes ORDER BY seq")
+                    .unwrap()
             })
             .await
             .unwrap();
-        assert_eq!(rows, vec![json!({"entityId": "d", "seq": 1})]);
+        // The key enrollment made inside the group went with it: made again before "d".
+        assert_eq!(
+            rows,
+            vec![json!({"entityType": "terminal", "seq": 1}), json!({"entityType": "category", "seq": 2})]
+        );
     }
 }

@@ -1566,3 +1566,39 @@ fn a_cash_session_opens_sells_closes_with_its_z_report_on_every_till() {
         .error(409, "no_open_cash_session");
     assert_eq!(b.client.count("/api/tickets"), tickets);
 }
+
+#[test]
+fn terminals_are_listed_by_key_and_a_lost_one_is_revoked_on_every_till() {
+    let b = TestNode::named("pos-b", Vec::new());
+    let a = TestNode::named("pos-a", vec![b.node.as_ref().unwrap().peer_addr.unwrap().to_string()]);
+    category_and_product(&a.client);
+    let listed = a.client.ok("/api/terminals");
+    assert_eq!(listed["posId"], "pos-a");
+    let own_key = listed["publicKey"].as_str().unwrap().to_string();
+    assert_eq!(own_key.len(), 44, "base64 of 32 bytes: {own_key}");
+    let enrolled = listed["terminals"].as_array().unwrap();
+    assert!(
+        enrolled.iter().any(|row| row["posId"] == "pos-a" && row["publicKey"] == own_key.as_str()),
+        "{listed}"
+    );
+    // B learns A's key from A's enrollment, like any change.
+    eventually("A's key reaches B", || {
+        b.client.ok("/api/terminals")["terminals"]
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|row| row["publicKey"] == own_key.as_str()))
+    });
+
+    a.client.post("/api/terminals/pos-a/revoke", &json!({})).error(422, "invalid_state");
+    a.client.post("/api/terminals/bad%20id/revoke", &json!({})).error(400, "invalid_request");
+    let revoked = a.client.post("/api/terminals/pos-lost/revoke", &json!({"reason": "stolen"}));
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    assert_eq!(
+        (revoked.body["posId"].clone(), revoked.body["untilSeq"].clone()),
+        (json!("pos-lost"), json!(0))
+    );
+    eventually("the revocation reaches B", || {
+        b.client.ok("/api/terminals")["terminals"].as_array().is_some_and(|rows| {
+            rows.iter().any(|row| row["posId"] == "pos-lost" && row["revokeReason"] == "stolen")
+        })
+    });
+}

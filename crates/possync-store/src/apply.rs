@@ -88,6 +88,10 @@ pub struct ApplyReport {
     /// The earliest time (this terminal's clock, ms) at which a held-back change comes within
     /// the limit: the session asks the peer for it again then.
     pub retry_at_ms: Option<u64>,
+    /// Changes refused because their origin did not sign them (forged: written by another
+    /// till in its name), or because their origin is revoked. Not held: the real change can
+    /// still come.
+    pub forged: u32,
 }
 
 impl ApplyReport {
@@ -229,7 +233,11 @@ impl Store {
         }
         if seq != held.next() {
             report.skipped += 1;
-            let reason = if self.is_held_back(&origin) {
+            let reason = if let Some(refused) = self.refused_next(&origin) {
+                // The change before it was forged or revoked: asking again would bring the
+                // same one back; the real one comes with the next catch-up.
+                format!("waiting: change {refused} of {origin} was refused (forged or revoked)")
+            } else if self.is_held_back(&origin) {
                 report.waiting += 1;
                 // Asking again would only bring the held-back change back: it is retried when
                 // the clock catches up (`retry_at_ms`).
@@ -242,6 +250,9 @@ impl Store {
                 format!("gap: change {seq} of {origin} before change {}", held.next())
             };
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
+        }
+        if let Some(refusal) = self.check_origin(&origin, seq, &wire) {
+            return self.refuse(&log, origin, seq, refusal, report);
         }
         let decoded =
             data.and_then(|data| Change::decode(&wire.entity, &wire.action, data)).and_then(|change| {
@@ -280,6 +291,11 @@ impl Store {
                 return self.log_sync(&log, SyncStatus::Error, Some(&err.to_string()), None, Some(&details));
             }
         };
+        if change.entity == EntityKind::Terminal
+            && let Some(refusal) = self.apply_identity(&origin, seq, &change.body, &wire)?
+        {
+            return self.refuse(&log, origin, seq, refusal, report);
+        }
         // Causal delivery: the writes to this record that its writer had seen (its context)
         // must be held first. Changes of different origins travel on different paths, so an
         // update can overtake the create it was made on; merging it first would make the
@@ -290,7 +306,11 @@ impl Store {
             change.ctx.iter().find(|(pos, needed)| **pos != origin && self.vv.get(pos) < *needed)
         {
             report.skipped += 1;
-            let reason = if self.is_held_back(missing) {
+            let reason = if let Some(refused) = self.refused_next(missing) {
+                format!(
+                    "waiting: change {seq} of {origin} depends on change {refused} of {missing}, refused (forged or revoked)"
+                )
+            } else if self.is_held_back(missing) {
                 report.waiting += 1;
                 format!(
                     "waiting: change {seq} of {origin} depends on change {missing_seq} of {missing}, held back (stamped ahead of this clock)"
@@ -355,6 +375,29 @@ impl Store {
         }
         self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
         Ok(())
+    }
+
+    /// The seq of `origin`'s next change when that change was refused as forged or revoked.
+    fn refused_next(&self, origin: &PosId) -> Option<Seq> {
+        self.refused.get(origin).copied().filter(|seq| *seq == self.vv.get(origin).next())
+    }
+
+    /// Refuses a change its origin did not sign (or of a revoked till): logged as an error
+    /// (`forged: ...`/`revoked: ...`, `details.forged`), counted, not held.
+    fn refuse(
+        &mut self,
+        log: &SyncLog<'_>,
+        origin: PosId,
+        seq: Seq,
+        refusal: crate::keys::Refusal,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        report.errors += 1;
+        report.forged += 1;
+        report.rejections.push(format!("{}/{}: {}", log.message_type, log.message_action, refusal.reason));
+        let details = json!({"origin": origin, "seq": seq, "forged": true}).to_string();
+        self.refused.insert(origin, seq);
+        self.log_sync(log, SyncStatus::Error, Some(&refusal.reason), None, Some(&details))
     }
 
     /// True while `origin`'s next change is one held back for its clock stamp.
@@ -436,6 +479,8 @@ impl Store {
                 }
                 Ok(logged)
             }
+            // Recorded by `apply_identity` before the merge.
+            ChangeBody::Enroll { .. } | ChangeBody::Revoke { .. } => Ok(Logged::success()),
             ChangeBody::Movement { movement, .. } => {
                 if self.insert_movement(movement)? {
                     Ok(Logged::success())

@@ -21,6 +21,7 @@ pub mod audit;
 pub mod cash;
 pub mod chain;
 mod error;
+mod keys;
 pub mod local;
 mod meta;
 pub mod reader;
@@ -155,6 +156,13 @@ pub struct Store {
     /// for again (they wait for it), see [`apply`]. A hint only: an entry counts while the
     /// origin's next change is still that seq.
     held_back: std::collections::HashMap<PosId, Seq>,
+    /// Origins whose next change was refused as forged or revoked (origin, that seq): the
+    /// changes after it wait for the real one (not a gap to ask for again at once).
+    refused: std::collections::HashMap<PosId, Seq>,
+    /// This till's signing key ([`keys`]).
+    till_key: possync_core::signature::TillKey,
+    /// The keys and revocations this till knows.
+    keyring: keys::Keyring,
     /// The open batch of writes ([`Store::begin_batch`]), if any.
     batch: Option<Batch>,
 }
@@ -274,7 +282,7 @@ impl Store {
     }
 
     /// Opens an existing node database (migrating it if needed).
-    pub fn open(path: &Path, env: Box<dyn Environment>) -> Result<Store> {
+    pub fn open(path: &Path, mut env: Box<dyn Environment>) -> Result<Store> {
         if !path.exists() {
             return Err(StoreError::NotInitialized(path.display().to_string()));
         }
@@ -302,6 +310,8 @@ impl Store {
         // Settings added by a later version get their default row (existing values are kept).
         settings::insert_defaults(&conn)?;
         let settings = Settings::load(&conn)?;
+        let till_key = keys::own_key(&conn, || env.random_bytes())?;
+        let keyring = keys::Keyring::load(&conn)?;
         let open_decidable: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM conflict_sides s JOIN p2p_conflicts c ON c.id = s.conflict_id
                             WHERE c.resolved_by IS NULL)",
@@ -321,6 +331,9 @@ impl Store {
             decided_by: None,
             open_decidable,
             held_back: std::collections::HashMap::new(),
+            refused: std::collections::HashMap::new(),
+            till_key,
+            keyring,
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
@@ -684,6 +697,9 @@ impl Store {
         ctx_before: &VersionVector,
         newest: Option<&possync_core::merge::Version>,
     ) -> Result<Change> {
+        if !matches!(body, ChangeBody::Enroll { .. }) && !self.is_enrolled() {
+            self.enroll()?;
+        }
         let seq = self.vv.get(&self.identity.pos_id).next();
         let mut hlc = self.clock.tick(self.env.now_ms());
         if let Some(floor) = newest.and_then(|version| version.hlc)
@@ -710,6 +726,7 @@ impl Store {
         if let Some(user) = self.decided_by.take() {
             wire = possync_core::change::with_decided_by(&wire, &user);
         }
+        self.sign(&mut wire);
         let bytes = wire.data.get().len();
         if bytes > MAX_CHANGE_BYTES {
             return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });
@@ -833,14 +850,15 @@ mod tests {
         assert_eq!(
             seqs,
             vec![
-                serde_json::json!({"seq": 1, "entityId": "c1"}),
-                serde_json::json!({"seq": 2, "entityId": "c3"})
+                serde_json::json!({"seq": 1, "entityId": "a"}),
+                serde_json::json!({"seq": 2, "entityId": "c1"}),
+                serde_json::json!({"seq": 3, "entityId": "c3"})
             ],
-            "the failed write's seq is given to the next write: no gap"
+            "the till's key enrollment first; the failed write's seq is given to the next write: no gap"
         );
         let vv = reader.query_json("SELECT seq FROM sync_vv").unwrap();
-        assert_eq!(vv, vec![serde_json::json!({"seq": 2})]);
-        assert_eq!(store.summary().get(&pos), Seq(2));
-        assert_eq!(store.drain_outbox().len(), 2);
+        assert_eq!(vv, vec![serde_json::json!({"seq": 3})]);
+        assert_eq!(store.summary().get(&pos), Seq(3));
+        assert_eq!(store.drain_outbox().len(), 3);
     }
 }

@@ -139,6 +139,7 @@ impl Store {
             EntityKind::User => "SELECT 1 FROM users WHERE id = ?1 AND deleted = 0",
             EntityKind::CashSession => "SELECT 1 FROM cash_sessions WHERE id = ?1 AND deleted = 0",
             EntityKind::ZReport => "SELECT 1 FROM z_reports WHERE id = ?1 AND deleted = 0",
+            EntityKind::Terminal => "SELECT 1 FROM terminal_keys WHERE pos_id = ?1",
             EntityKind::Ticket => "SELECT 1 FROM tickets WHERE id = ?1",
             EntityKind::Stock => "SELECT 1 FROM stock_movements WHERE id = ?1",
         };

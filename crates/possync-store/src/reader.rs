@@ -443,6 +443,9 @@ pub struct DashboardRows {
     pub alert_identity: Vec<Value>,
     /// `alert_forks`: changes refused as a second content for one (origin, seq).
     pub alert_forks: Vec<Value>,
+    /// `alert_forged`: changes refused because their origin did not sign them, or is
+    /// revoked.
+    pub alert_forged: Vec<Value>,
 }
 
 impl StoreReader {
@@ -472,7 +475,13 @@ impl StoreReader {
             alert_clock_ahead: rows_json_named(&self.conn, ALERT_CLOCK_AHEAD_SQL, &day_window)?,
             alert_identity: rows_json_named(&self.conn, ALERT_IDENTITY_SQL, &day_window)?,
             alert_forks: rows_json_named(&self.conn, ALERT_FORKS_SQL, &day_window)?,
+            alert_forged: rows_json_named(&self.conn, ALERT_FORGED_SQL, &day_window)?,
         })
+    }
+
+    /// The tills this one knows by key: enrolled public keys and revocations, by posId.
+    pub fn terminals(&self) -> Result<Vec<Value>> {
+        rows_json(&self.conn, TERMINALS_SQL, [])
     }
 
     /// Conflict rows with an id above `after_id`, oldest first (the live feed of new rows).
@@ -490,13 +499,14 @@ impl StoreReader {
     /// The change feed (`GET /api/changes`): the changes this node holds after log position
     /// `after`, in commit order, at most `limit`: each with its `cursor` (the log position,
     /// stable across restarts), the record it touched and where the change was made. Refused
-    /// changes are left out (they changed nothing).
+    /// changes are left out (they changed nothing), and so are till keys and revocations
+    /// (not records an app shows).
     pub fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Value>> {
         rows_json(
             &self.conn,
             "SELECT c.log_id AS cursor, c.entity_type, c.entity_id, c.action, o.pos_id AS origin, c.seq
              FROM sync_changes c JOIN sync_origins o ON o.idx = c.origin
-             WHERE c.log_id > ?1 AND c.rejected = 0
+             WHERE c.log_id > ?1 AND c.rejected = 0 AND c.entity_type <> 'terminal'
              ORDER BY c.log_id LIMIT ?2",
             rusqlite::params![i64::try_from(after).unwrap_or(i64::MAX), i64::from(limit)],
         )
@@ -884,6 +894,27 @@ WHERE event_type = 'sync_failed'
   AND (error_message LIKE 'identity clash:%' OR error_message LIKE 'own changes behind:%')
   AND created_at >= :since AND created_at <= :now
 HAVING COUNT(*) > 0;"#;
+
+/// Every till known by key or revoked, with both.
+const TERMINALS_SQL: &str = r#"SELECT pos_id, public_key, since_seq, enrolled_at, revoked_after_seq, revoke_reason,
+       revoked_by, revoked_at
+FROM (SELECT k.pos_id, k.public_key, k.since_seq, k.enrolled_at, r.until_seq AS revoked_after_seq,
+             r.reason AS revoke_reason, r.revoked_by, r.revoked_at
+      FROM terminal_keys k LEFT JOIN terminal_revocations r ON r.pos_id = k.pos_id
+      UNION ALL
+      SELECT r.pos_id, NULL, NULL, NULL, r.until_seq, r.reason, r.revoked_by, r.revoked_at
+      FROM terminal_revocations r WHERE r.pos_id NOT IN (SELECT pos_id FROM terminal_keys))
+ORDER BY pos_id;"#;
+
+/// `alert_forged` of docs/DASHBOARD.md.
+const ALERT_FORGED_SQL: &str = r#"SELECT json_extract(details, '$.origin') AS origin, COUNT(*) AS changes,
+       SUM(conflict_reason LIKE 'revoked:%') AS revoked,
+       COALESCE(MAX(peer_name), MAX(peer_id)) AS peer, 'critical' AS level
+FROM p2p_sync_logs
+WHERE status = 'error' AND json_extract(details, '$.forged') IS 1
+  AND created_at >= :since AND created_at <= :now
+GROUP BY origin
+ORDER BY origin;"#;
 
 /// `alert_forks` of docs/DASHBOARD.md.
 const ALERT_FORKS_SQL: &str = r#"SELECT json_extract(details, '$.origin') AS origin, COUNT(*) AS changes,

@@ -27,6 +27,7 @@ pub(crate) fn table(kind: EntityKind) -> &'static str {
         EntityKind::User => "users",
         EntityKind::CashSession => "cash_sessions",
         EntityKind::ZReport => "z_reports",
+        EntityKind::Terminal => "terminal_keys",
     }
 }
 

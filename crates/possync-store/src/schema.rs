@@ -16,6 +16,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_CHAIN),
         M::up(V_USERS),
         M::up(V_CASH),
+        M::up(V_KEYS),
     ])
 }
 
@@ -446,6 +447,57 @@ CREATE INDEX z_reports_day ON z_reports(report_date, pos_id);
 
 ALTER TABLE tickets ADD COLUMN cash_session_id TEXT;
 CREATE INDEX tickets_cash_session ON tickets(cash_session_id) WHERE cash_session_id IS NOT NULL;
+"#;
+
+/// Each till's signing key and the revoked tills (docs/DESIGN.md, "Each till writes only as
+/// itself"), and the audit log's CHECK admitting `terminal` rows (rebuilt as in version 4).
+const V_KEYS: &str = r#"
+CREATE TABLE terminal_keys (
+    pos_id      TEXT PRIMARY KEY,
+    public_key  TEXT NOT NULL,
+    since_seq   INTEGER NOT NULL,
+    enrolled_at TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE terminal_revocations (
+    pos_id         TEXT PRIMARY KEY,
+    until_seq      INTEGER NOT NULL,
+    revoked_by     TEXT NOT NULL,
+    revoked_by_seq INTEGER NOT NULL,
+    reason         TEXT,
+    revoked_at     TEXT NOT NULL
+) WITHOUT ROWID;
+
+DROP VIEW v_p2p_recent_activity;
+CREATE TABLE p2p_sync_logs_v6 (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    peer_id             TEXT,
+    peer_name           TEXT,
+    message_type        TEXT,
+    message_action      TEXT,
+    entity_type         TEXT CHECK (entity_type = 'product' OR entity_type = 'category' OR entity_type = 'customer'
+                                    OR entity_type = 'ticket' OR entity_type = 'stock' OR entity_type = 'user'
+                                    OR entity_type = 'payment' OR entity_type = 'cash_session'
+                                    OR entity_type = 'z_report' OR entity_type = 'terminal'),
+    entity_id           TEXT,
+    status              TEXT NOT NULL CHECK (status = 'success' OR status = 'conflict' OR status = 'error'
+                                             OR status = 'skipped'),
+    conflict_reason     TEXT,
+    resolution_strategy TEXT,
+    details             TEXT,
+    created_at          DATETIME NOT NULL DEFAULT (datetime('now'))
+);
+INSERT INTO p2p_sync_logs_v6 SELECT * FROM p2p_sync_logs;
+DROP TABLE p2p_sync_logs;
+ALTER TABLE p2p_sync_logs_v6 RENAME TO p2p_sync_logs;
+CREATE INDEX idx_p2p_sync_logs_created ON p2p_sync_logs(created_at);
+CREATE INDEX idx_p2p_sync_logs_peer ON p2p_sync_logs(peer_id, created_at);
+CREATE VIEW v_p2p_recent_activity AS
+SELECT peer_id, peer_name, message_type, message_action, entity_type, status,
+       COUNT(*) AS count, MAX(created_at) AS last_activity
+FROM p2p_sync_logs
+WHERE created_at >= datetime('now', '-1 hour')
+GROUP BY peer_id, peer_name, message_type, message_action, entity_type, status;
 "#;
 
 #[cfg(test)]

@@ -801,7 +801,21 @@ impl Simulation {
                 store.count_stock(product, Decimal::from(*counted), Some("count"))
             }
         };
-        let outgoing = self.store(r).drain_outbox();
+        let mut outgoing = self.store(r).drain_outbox();
+        // A terminal's first write is preceded by its key enrollment (its change 1).
+        if result.is_ok()
+            && outgoing.len() == 2
+            && outgoing[0].change.entity == "terminal"
+            && self.replicas[r].held.get(&name).copied().unwrap_or(0) == 0
+        {
+            let enroll = outgoing.remove(0).change;
+            let (origin, seq) = stamp_of(&enroll);
+            if origin != name || seq != 1 {
+                return err(format!("{name}: key enrollment stamped {origin}:{seq}, expected {name}:1"));
+            }
+            self.replicas[r].held.insert(name.clone(), seq);
+            self.replicas[r].max_hlc = hlc_of(&enroll);
+        }
         let outcome = match &result {
             Ok(_) => "ok",
             Err(error) => error_kind(error),
@@ -873,7 +887,7 @@ impl Simulation {
 
     /// Records a write to a mutable record with what its writer had seen.
     fn record_write(&mut self, r: usize, wire: &WireChange) {
-        if wire.entity == "stock" {
+        if wire.entity == "stock" || wire.entity == "terminal" {
             return;
         }
         let data = data_of(wire);

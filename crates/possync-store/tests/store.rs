@@ -153,7 +153,8 @@ fn two_terminals_sync_both_ways_and_end_identical() {
         .unwrap();
     a.store.adjust_stock(&id("tea"), dec("10"), MovementType::In, None).unwrap();
     let report = sync(&mut a, &mut b, 2);
-    assert_eq!((report.applied, report.conflicts, report.errors), (3, 0, 0));
+    // A's key enrollment, the category, the product, the stock movement.
+    assert_eq!((report.applied, report.conflicts, report.errors), (4, 0, 0));
 
     // Both sell the same product while apart: both sales count.
     clock.advance(1000);
@@ -317,6 +318,8 @@ fn a_peer_sale_with_overflowing_amounts_is_refused_not_a_panic() {
         data["lines"][0]["quantity"] = huge.clone();
         data["lines"][0]["unitPrice"] = huge;
     });
+    // Written so by A itself (signed with its key): the sale is still refused.
+    a.store.sign(&mut changes[0]);
     let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, changes).unwrap();
     assert_eq!((report.applied, report.errors), (0, 1));
     assert!(report.rejections[0].contains("too large"), "{:?}", report.rejections);
@@ -352,10 +355,10 @@ fn relayed_changes_keep_the_bytes_their_origin_wrote() {
             .collect::<Vec<_>>()
     };
     let (on_a, on_b, on_c) = (payloads(&a), payloads(&b), payloads(&c));
-    assert_eq!(on_c.len(), 3, "{on_c:?}");
+    assert_eq!(on_c.len(), 4, "A's key enrollment, product and sale, and Z's change: {on_c:?}");
     assert_eq!(on_b, on_c, "B relays every change byte for byte");
-    assert_eq!(on_a, on_c[..2], "A's own changes arrive at C as A wrote them");
-    assert!(on_c[2].1.contains(data), "the foreign change is kept verbatim: {}", on_c[2].1);
+    assert_eq!(on_a, on_c[..3], "A's own changes arrive at C as A wrote them");
+    assert!(on_c[3].1.contains(data), "the foreign change is kept verbatim: {}", on_c[3].1);
     assert!(c.dump().contains("Coffee"), "and applied");
 }
 
@@ -383,11 +386,12 @@ fn a_group_commit_keeps_the_good_writes_and_rolls_back_the_bad_one_alone() {
     assert!(refused.is_err(), "a sale of an unknown product is refused");
     assert!(nested.unwrap().is_ok(), "a group inside a group joins it");
     // The refused sale took no seq: the log has no gap, and the outbox holds the three.
-    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), 3);
-    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 3);
+    // A's key enrollment, then the three.
+    assert_eq!(a.count("SELECT COUNT(*) FROM sync_changes"), 4);
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 4);
     assert_eq!(a.count("SELECT COUNT(*) FROM tickets"), 1);
-    assert_eq!(a.store.drain_outbox().len(), 3);
-    assert_eq!(a.store.summary().get(&a.pos_id()), possync_core::Seq(3));
+    assert_eq!(a.store.drain_outbox().len(), 4);
+    assert_eq!(a.store.summary().get(&a.pos_id()), possync_core::Seq(4));
     // Committed and durable: a reopened store holds the same, and a peer converges on it.
     let path = a.path.clone();
     drop(a);
@@ -396,14 +400,14 @@ fn a_group_commit_keeps_the_good_writes_and_rolls_back_the_bad_one_alone() {
         path: path.clone(),
         store: Store::open(&path, common::env(&clock, 0, 2)).unwrap(),
     };
-    assert_eq!(a.store.summary().get(&a.pos_id()), possync_core::Seq(3));
+    assert_eq!(a.store.summary().get(&a.pos_id()), possync_core::Seq(4));
     assert_eq!(a.count("SELECT COUNT(*) FROM sync_vv"), 1);
     let report = sync(&mut a, &mut b, 100);
-    assert_eq!((report.applied, report.errors), (3, 0), "{report:?}");
+    assert_eq!((report.applied, report.errors), (4, 0), "{report:?}");
     assert_eq!(a.dump(), b.dump());
     // Writes after the group are ordinary transactions again.
     a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 4})).unwrap();
-    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 4);
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 5);
 }
 
 /// A sale of `lines` lines of one product.
@@ -476,8 +480,8 @@ fn catch_up_batches_are_cut_by_size_so_every_frame_fits() {
             break;
         }
     }
-    // The product with the first sale, then one sale a batch.
-    assert_eq!(sizes, [2, 1, 1]);
+    // The key enrollment, the product and the first sale, then one sale a batch.
+    assert_eq!(sizes, [3, 1, 1]);
     assert_eq!(sizes.iter().sum::<usize>() as u64, a.store.summary().get(&a.pos_id()).0);
     drop(reader);
     sync(&mut a, &mut b, 100);
@@ -538,19 +542,23 @@ fn a_change_stamped_at_the_end_of_time_is_held_back_and_blocks_nothing_else() {
     // The last stamp there is: the counter at its top too.
     let since = a.store.summary().clone();
     let mut forged = evil.store.reader().unwrap().select_changes(&since, 0, 100).unwrap().changes;
-    assert_eq!(forged.len(), 2);
-    let text = serde_json::to_string(&forged[0])
+    assert_eq!(forged.len(), 3, "evil's key enrollment and its two edits");
+    let text = serde_json::to_string(&forged[1])
         .unwrap()
         .replace(&format!("{MAX_MS}-0"), &format!("{MAX_MS}-65535"));
-    forged[0] = serde_json::from_str(&text).unwrap();
+    forged[1] = serde_json::from_str(&text).unwrap();
+    // Evil signs what it forged: it is its own change, only its clock is poisoned.
+    evil.store.sign(&mut forged[1]);
     let report =
         a.store.apply_batch(possync_store::PeerRef { id: "evil", name: "evil" }, forged.clone()).unwrap();
-    assert_eq!((report.applied, report.held_back, report.waiting), (0, 1, 1), "{report:?}");
+    // Evil's key enrollment is stamped at the end of time too (its clock was dragged there):
+    // held back, and its two edits wait behind it.
+    assert_eq!((report.applied, report.held_back, report.waiting), (0, 1, 2), "{report:?}");
     assert!(!report.gap, "a change waiting behind a held-back one is not a gap to ask for at once");
     let limit = 3_600_000;
     assert_eq!(report.retry_at_ms, Some(MAX_MS - limit));
-    let rows = a.query("SELECT status, conflict_reason, details FROM p2p_sync_logs ORDER BY id DESC LIMIT 2");
-    let held = &rows[1];
+    let rows = a.query("SELECT status, conflict_reason, details FROM p2p_sync_logs ORDER BY id DESC LIMIT 3");
+    let held = &rows[2];
     assert_eq!(held["status"], json!("error"), "{held}");
     assert!(held["conflictReason"].as_str().unwrap().starts_with("clock ahead:"), "{held}");
     let details: Value = serde_json::from_str(held["details"].as_str().unwrap()).unwrap();
@@ -606,6 +614,7 @@ fn a_till_two_hours_ahead_is_held_back_until_the_clock_catches_up_then_every_til
     ahead.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 50})).unwrap();
     ahead.store.record_sale(&sale("tea", "1", "50")).unwrap();
     let report = sync(&mut ahead, &mut a, 100);
+    // Its key enrollment (stamped 2 h ahead like its edits) is held back first.
     assert_eq!((report.applied, report.errors, report.gap), (0, 1, false), "{report:?}");
     assert!(report.retry_at_ms.is_some() && report.must_retry(), "{report:?}");
     let alert = a
@@ -625,7 +634,7 @@ fn a_till_two_hours_ahead_is_held_back_until_the_clock_catches_up_then_every_til
     clock.advance(3_660_000);
     for t in [&mut a, &mut b] {
         let report = sync(&mut ahead, t, 100);
-        assert_eq!((report.applied + report.conflicts, report.errors), (2, 0), "{}: {report:?}", t.name);
+        assert_eq!((report.applied + report.conflicts, report.errors), (3, 0), "{}: {report:?}", t.name);
     }
     sync(&mut a, &mut ahead, 100);
     for t in [&a, &b, &ahead] {
@@ -755,7 +764,8 @@ fn daily_volume_counts_each_change_once_and_duplicates_apart() {
     }
     let rows = b.store.reader().unwrap().dashboard_rows(1_700_000_000_000).unwrap();
     let today = rows.daily_volume.last().unwrap();
-    assert_eq!((today["changes"].as_i64(), today["duplicates"].as_i64()), (Some(1), Some(1)), "{today}");
+    // A's key enrollment and the product, each once, and each once again as a duplicate.
+    assert_eq!((today["changes"].as_i64(), today["duplicates"].as_i64()), (Some(2), Some(2)), "{today}");
 }
 
 #[test]
@@ -814,7 +824,7 @@ fn two_contents_for_one_origin_and_seq_are_refused_and_logged_never_silent() {
     let dump = b.dump();
     // The same numbers, other content.
     let real = a.store.reader().unwrap().select_changes(&Default::default(), 0, 100).unwrap().changes;
-    let text = serde_json::to_string(&real[1]).unwrap().replace("\"price\":\"2\"", "\"price\":\"0.01\"");
+    let text = serde_json::to_string(&real[2]).unwrap().replace("\"price\":\"2\"", "\"price\":\"0.01\"");
     assert!(text.contains("0.01"), "{text}");
     let forged: possync_core::WireChange = serde_json::from_str(&text).unwrap();
     let report =
@@ -826,7 +836,7 @@ fn two_contents_for_one_origin_and_seq_are_refused_and_logged_never_silent() {
     assert_eq!(b.dump(), dump, "nothing changed");
     // The honest duplicate is still only a duplicate.
     let report = b.store.apply_batch(possync_store::PeerRef { id: "a", name: "a" }, real).unwrap();
-    assert_eq!((report.forks, report.skipped), (0, 2));
+    assert_eq!((report.forks, report.skipped), (0, 3));
 }
 
 #[test]
@@ -950,10 +960,11 @@ fn a_rehearsal_leaves_nothing_and_all_or_nothing_keeps_all_or_nothing() {
         .unwrap();
     assert_eq!(kept, Ok(()));
     assert_eq!(a.count("SELECT COUNT(*) FROM categories"), 2);
-    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 2, "no gap left by the rejected write");
+    // The key enrollment and the two categories.
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 3, "no gap left by the rejected write");
     // The next local write goes on from there.
     a.store.create_record(EntityKind::Category, &category("c3")).unwrap();
-    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 3);
+    assert_eq!(a.count("SELECT MAX(seq) FROM sync_changes"), 4);
 }
 
 #[test]

@@ -68,6 +68,18 @@ pub struct ResolveArgs {
     pub by: String,
 }
 
+/// `possync revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    pub node: ClientArgs,
+    /// The revoked till's posId (see `possync status`).
+    pub pos_id: String,
+    /// Why (lost, stolen...).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
 /// What a command talks to: the running node, or its database when none answers.
 enum Target {
     Node(Api),
@@ -447,6 +459,26 @@ pub fn resolve(args: &ResolveArgs) -> Result<()> {
         return print_json(&answer);
     }
     println!("conflict {} resolved: {} version kept, by {}", args.id, args.keep, text(&answer, "resolvedBy"));
+    Ok(())
+}
+
+/// `possync revoke`: through the running node, so that the revocation travels at once.
+pub fn revoke(args: &RevokeArgs) -> Result<()> {
+    let Target::Node(api) = Target::connect(&args.node)? else {
+        bail!(
+            "revoking a till needs the running node (the revocation travels to every till): start `possync run`"
+        );
+    };
+    let body = serde_json::json!({"reason": args.reason});
+    let answer = api.call("POST", &format!("/api/terminals/{}/revoke", args.pos_id), Some(body))?;
+    if args.node.json {
+        return print_json(&answer);
+    }
+    println!(
+        "till {} revoked: its changes after number {} are refused on every till",
+        args.pos_id,
+        answer.get("untilSeq").and_then(Value::as_u64).unwrap_or_default()
+    );
     Ok(())
 }
 

@@ -48,6 +48,8 @@ enum Command {
     Conflicts(client::ListArgs),
     /// Resolve an open (`manual`) conflict: keep the local or the remote version.
     Resolve(client::ResolveArgs),
+    /// Revoke a lost or stolen till: every till refuses its changes after the last one held.
+    Revoke(client::RevokeArgs),
     /// List recent sync log rows.
     Logs(client::ListArgs),
     /// Delete log rows older than the retention period (or --older-than DAYS).
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         Command::Stats(args) => client::stats(&args),
         Command::Conflicts(args) => client::conflicts(&args),
         Command::Resolve(args) => client::resolve(&args),
+        Command::Revoke(args) => client::revoke(&args),
         Command::Logs(args) => client::logs(&args),
         Command::Cleanup(args) => client::cleanup(&args),
         Command::Import(args) => import::run(&args),

@@ -249,10 +249,10 @@ fn a_posplus_database_is_imported_as_ordinary_changes() {
         ),
         "2"
     );
-    // Everything is an ordinary local change of this till: 3 categories, 3 products,
-    // 3 counts, 2 customers, 1 cashier, 2 cash sessions, 2 sales, 1 refund status and
-    // 1 Z report.
-    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM sync_changes"), "18");
+    // Everything is an ordinary local change of this till: its key enrollment, 3
+    // categories, 3 products, 3 counts, 2 customers, 1 cashier, 2 cash sessions, 2 sales,
+    // 1 refund status and 1 Z report.
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM sync_changes"), "19");
     // A POSPlus setting possync has under the same name is taken; the others are listed.
     assert_eq!(scalar(&db, "SELECT value FROM settings WHERE key = 'p2p_sync_batch_size'"), "250");
 

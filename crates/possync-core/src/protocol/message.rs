@@ -285,6 +285,9 @@ struct EnvelopeOut<'a, D: Serialize> {
     /// The sender.
     #[serde(rename = "sourcePos")]
     source_pos: &'a PosId,
+    /// A live change's origin signature (beside `data`, as in a batch's changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<&'a str>,
 }
 
 impl Message {
@@ -311,7 +314,14 @@ impl Message {
             Some(_) => return Err(invalid("data", "expected an object")),
             None => return Err(invalid("data", "missing")),
         };
-        let body = Body::parse(kind, action, data)?;
+        let sig = match envelope.remove("sig") {
+            None => None,
+            Some(sig) => match serde_json::from_str::<String>(sig.get()) {
+                Ok(sig) if sig.len() <= 128 => Some(sig),
+                _ => return Err(invalid("sig", "expected a base64 signature")),
+            },
+        };
+        let body = Body::parse(kind, action, data, sig)?;
         Ok(Message { id, timestamp, source_pos, body })
     }
 
@@ -342,6 +352,10 @@ impl Message {
             data,
             timestamp: &self.timestamp,
             source_pos: &self.source_pos,
+            sig: match &self.body {
+                Body::Change(change) => change.wire.sig.as_deref(),
+                _ => None,
+            },
         };
         // Invariant: serde_json only fails on maps with non-string keys or on failing
         // Serialize impls; every map here is keyed by strings (posIds, field names) and every
@@ -377,7 +391,12 @@ impl Body {
 
     /// Builds the body of a `kind`/`action` message from its `data` (JSON text of an object).
     /// A change's data is kept as text; a batch's changes are cut out of it as text.
-    fn parse(kind: String, action: String, data: &RawValue) -> Result<Body, ProtocolError> {
+    fn parse(
+        kind: String,
+        action: String,
+        data: &RawValue,
+        sig: Option<String>,
+    ) -> Result<Body, ProtocolError> {
         if let Some(expected) = control_action(&kind)
             && action != expected
         {
@@ -408,7 +427,7 @@ impl Body {
             _ => {
                 // Invariant: `parse` only calls this with a known type, and every known type
                 // that is not a control message is an entity kind.
-                let wire = WireChange { entity: kind, action, data: data.to_owned() };
+                let wire = WireChange { entity: kind, action, data: data.to_owned(), sig };
                 Body::Change(StampedChange::new(wire, "data")?)
             }
         };

@@ -178,6 +178,23 @@ fn alerts(rows: &DashboardRows) -> Vec<Value> {
         );
         alerts.push((text(row, "level"), origin, message));
     }
+    for row in &rows.alert_forged {
+        let origin = text(row, "origin");
+        let message = if number(row, "revoked") > 0.0 {
+            format!(
+                "{} change(s) of revoked till {origin} were refused (last from {}).",
+                number(row, "changes"),
+                text(row, "peer"),
+            )
+        } else {
+            format!(
+                "{} change(s) in till {origin}'s name were not signed by its key (last from {}): written by another device holding the shop secret. Refused; the real ones still arrive. Consider revoking a lost or stolen till and changing the shop secret.",
+                number(row, "changes"),
+                text(row, "peer"),
+            )
+        };
+        alerts.push((text(row, "level"), origin, message));
+    }
     for row in &rows.alert_identity {
         let message = format!("Two tills share one identity: {}", text(row, "message"));
         alerts.push((text(row, "level"), String::new(), message));

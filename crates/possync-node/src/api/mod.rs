@@ -11,7 +11,7 @@
 //! - [`server`] accepts the connections itself: a cap and an idle timeout.
 //!
 //! Modules: [`error`], [`guard`], [`auth`], [`server`], `entities` (products, categories,
-//! customers), `sales` (tickets, stock), `cash` (cash sessions, Z reports), `users` (cashier accounts), `sync` (status, stats, audit lists, control,
+//! customers), `sales` (tickets, stock), `cash` (cash sessions, Z reports), `terminals` (till keys, revocation), `users` (cashier accounts), `sync` (status, stats, audit lists, control,
 //! settings, cleanup, metrics), `events` (SSE), `dashboard` (assets and indicators), `chain`
 //! (the chain of stores' views), `changes` (the change feed), [`openapi`].
 
@@ -28,6 +28,7 @@ pub mod openapi;
 mod sales;
 pub mod server;
 mod sync;
+mod terminals;
 mod users;
 
 use std::net::SocketAddr;
@@ -121,6 +122,7 @@ pub fn routes() -> Vec<Route> {
     table.extend(changes::routes());
     table.extend(users::routes());
     table.extend(cash::routes());
+    table.extend(terminals::routes());
     table
 }
 

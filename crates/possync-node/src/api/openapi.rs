@@ -538,6 +538,7 @@ fn schemas() -> Value {
     }
     schemas.extend(super::users::schemas(record_schemas));
     schemas.extend(super::cash::schemas(record_schemas));
+    schemas.extend(super::terminals::schemas());
     Value::Object(schemas)
 }
 

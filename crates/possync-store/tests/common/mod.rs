@@ -99,6 +99,8 @@ pub fn sync(from: &mut Terminal, to: &mut Terminal, batch: usize) -> ApplyReport
         total.gap |= report.gap;
         total.held_back += report.held_back;
         total.waiting += report.waiting;
+        total.forged += report.forged;
+        total.forks += report.forks;
         total.retry_at_ms = total.retry_at_ms.or(report.retry_at_ms);
         cursor = selection.next_cursor;
         if !selection.has_more {

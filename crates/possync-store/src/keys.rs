@@ -1,0 +1,302 @@
+//! Each till writes only as itself (issue 13, item 3): the till's signing key, the keys its
+//! peers enrolled, revoked tills, and the check every remote change passes before it is
+//! merged.
+//!
+//! A till signs every change it writes ([`possync_core::signature`]). The first time it
+//! writes, it enrolls its key with a `terminal`/`enroll` change of its own origin, signed by
+//! that key; the change travels like any other, so every till (and head office, over the
+//! chain) learns the key in the origin's own order, before the changes it covers. From then
+//! on a change of that origin is merged only if that key signed it: one refused is logged
+//! (`forged: ...`), counted and alerted, is not held (the real change can still come), and
+//! is not a gap to ask for again. A till that has not enrolled yet is trusted on first use
+//! (its changes before its enrollment are unsigned, as every change was before this
+//! version). A `terminal`/`revoke` change (`possync revoke`, `POST
+//! /api/terminals/{posId}/revoke`) makes every till refuse the revoked till's changes after
+//! the seq it names (the lowest one wins, whatever the order they arrive in).
+//!
+//! In memory, an enrolled key or a revocation counts only once the change that made it is
+//! held (its seq within the version vector), so a transaction rolled back forgets it too.
+
+use std::collections::HashMap;
+
+use possync_core::signature::{PublicKey, SignatureError, TillKey};
+use possync_core::{ChangeBody, EntityId, EntityKind, PosId, Seq, VersionVector, WireChange};
+use rusqlite::{Connection, params};
+use serde_json::{Value, json};
+
+use crate::error::{Result, StoreError};
+use crate::{Store, meta};
+
+/// An enrolled key: valid from the origin's change `since` (the enrollment) on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Enrolled {
+    key: PublicKey,
+    since: Seq,
+}
+
+/// A revocation: the revoked till's changes after `until` are refused.
+#[derive(Debug, Clone)]
+pub(crate) struct Revoked {
+    until: Seq,
+    by: PosId,
+    by_seq: Seq,
+}
+
+/// The keys and revocations this till knows.
+#[derive(Debug, Default)]
+pub(crate) struct Keyring {
+    enrolled: HashMap<PosId, Enrolled>,
+    revoked: HashMap<PosId, Revoked>,
+}
+
+impl Keyring {
+    /// Reads the tables.
+    pub(crate) fn load(conn: &Connection) -> Result<Keyring> {
+        let mut ring = Keyring::default();
+        let mut statement = conn.prepare("SELECT pos_id, public_key, since_seq FROM terminal_keys")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+        })?;
+        for row in rows {
+            let (pos_id, key, since) = row?;
+            let pos_id = PosId::parse(pos_id).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            let key =
+                PublicKey::parse(&key).map_err(|err| StoreError::Corrupt(format!("terminal_keys: {err}")))?;
+            ring.enrolled.insert(pos_id, Enrolled { key, since: Seq(since as u64) });
+        }
+        let mut statement =
+            conn.prepare("SELECT pos_id, until_seq, revoked_by, revoked_by_seq FROM terminal_revocations")?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (pos_id, until, by, by_seq) = row?;
+            let corrupt = |err: possync_core::ids::IdError| StoreError::Corrupt(err.to_string());
+            ring.revoked.insert(
+                PosId::parse(pos_id).map_err(corrupt)?,
+                Revoked {
+                    until: Seq(until as u64),
+                    by: PosId::parse(by).map_err(corrupt)?,
+                    by_seq: Seq(by_seq as u64),
+                },
+            );
+        }
+        Ok(ring)
+    }
+
+    /// `origin`'s key, if its enrollment is held.
+    fn key(&self, origin: &PosId, vv: &VersionVector) -> Option<Enrolled> {
+        self.enrolled.get(origin).filter(|enrolled| enrolled.since <= vv.get(origin)).copied()
+    }
+
+    /// The last accepted seq of `origin` if it is revoked (by a held revocation).
+    fn revoked_until(&self, origin: &PosId, vv: &VersionVector) -> Option<Seq> {
+        self.revoked
+            .get(origin)
+            .filter(|revoked| revoked.by_seq <= vv.get(&revoked.by))
+            .map(|revoked| revoked.until)
+    }
+}
+
+/// The signing key stored in `node_meta`, made (from `random`) the first time.
+pub(crate) fn own_key(conn: &Connection, mut random: impl FnMut() -> [u8; 10]) -> Result<TillKey> {
+    if let Some(stored) = meta::node_value(conn, "signing_key")? {
+        return TillKey::from_secret_text(&stored)
+            .map_err(|err| StoreError::Corrupt(format!("node_meta.signing_key: {err}")));
+    }
+    let mut secret = [0u8; 32];
+    for chunk in secret.chunks_mut(10) {
+        let bytes = random();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    let key = TillKey::from_bytes(secret);
+    meta::set_node_value(conn, "signing_key", &key.secret_text())?;
+    Ok(key)
+}
+
+/// Why a remote change is refused before it is merged.
+pub(crate) struct Refusal {
+    /// `forged: ...` or `revoked: ...`.
+    pub(crate) reason: String,
+}
+
+impl Store {
+    /// Signs `wire` as this till: what every change it writes carries. Public for tools and
+    /// tests that craft changes in this till's name (a change edited after signing no longer
+    /// verifies anywhere).
+    pub fn sign(&self, wire: &mut WireChange) {
+        self.till_key.sign(wire);
+    }
+
+    /// This till's public key, as enrolled.
+    pub fn public_key(&self) -> String {
+        self.till_key.public_text()
+    }
+
+    /// Whether this till's key is enrolled (its enroll change is held).
+    pub(crate) fn is_enrolled(&self) -> bool {
+        self.keyring.key(&self.identity.pos_id, &self.vv).is_some()
+    }
+
+    /// Writes this till's enroll change (inside the caller's transaction).
+    pub(crate) fn enroll(&mut self) -> Result<()> {
+        let own = self.identity.pos_id.clone();
+        let id = EntityId::parse(own.as_str()).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let public_key = self.till_key.public_text();
+        let change = self.emit_local(
+            EntityKind::Terminal,
+            &id,
+            ChangeBody::Enroll { public_key },
+            &Default::default(),
+            None,
+        )?;
+        self.record_key(&own, self.till_key.public(), change.seq)
+    }
+
+    /// Checks a remote change of `origin` numbered `seq` (the next one this till needs)
+    /// against the origin's key and revocation.
+    pub(crate) fn check_origin(&self, origin: &PosId, seq: Seq, wire: &WireChange) -> Option<Refusal> {
+        if let Some(until) = self.keyring.revoked_until(origin, &self.vv)
+            && seq > until
+        {
+            return Some(Refusal {
+                reason: format!(
+                    "revoked: till {origin} is revoked after its change {until}; change {seq} refused"
+                ),
+            });
+        }
+        // This till's own origin is checked like any other: against its enrolled key (its
+        // own, once it has written). A till restored from a backup takes its own changes
+        // back from its peers, its enrollment first.
+        let key = self.keyring.key(origin, &self.vv)?.key;
+        key.verify(wire).err().map(|err| Refusal {
+            reason: format!(
+                "forged: change {seq} of {origin} {}",
+                match err {
+                    SignatureError::Missing => "is not signed, but that till signs every change".to_string(),
+                    other => format!("is refused: {other}"),
+                }
+            ),
+        })
+    }
+
+    /// Checks an `enroll` change (signed by the key it enrolls; one key per till) and
+    /// records the key; or records a revocation. Returns a refusal for a bad enrollment.
+    pub(crate) fn apply_identity(
+        &mut self,
+        origin: &PosId,
+        seq: Seq,
+        body: &ChangeBody,
+        wire: &WireChange,
+    ) -> Result<Option<Refusal>> {
+        match body {
+            ChangeBody::Enroll { public_key } => {
+                let Ok(key) = PublicKey::parse(public_key) else {
+                    return Ok(Some(Refusal {
+                        reason: format!("forged: change {seq} of {origin} enrolls a malformed key"),
+                    }));
+                };
+                if key.verify(wire).is_err() {
+                    return Ok(Some(Refusal {
+                        reason: format!(
+                            "forged: change {seq} of {origin} enrolls a key that did not sign it"
+                        ),
+                    }));
+                }
+                if let Some(known) = self.keyring.key(origin, &self.vv)
+                    && known.key != key
+                {
+                    return Ok(Some(Refusal {
+                        reason: format!(
+                            "forged: change {seq} of {origin} enrolls a second key for a till already enrolled"
+                        ),
+                    }));
+                }
+                self.record_key(origin, key, seq)?;
+                Ok(None)
+            }
+            ChangeBody::Revoke { until_seq, reason } => {
+                let revoked = PosId::parse(wire_id(wire).unwrap_or_default())
+                    .map_err(|err| StoreError::Corrupt(err.to_string()))?;
+                self.record_revocation(&revoked, *until_seq, origin, seq, reason.as_deref())?;
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn record_key(&mut self, pos_id: &PosId, key: PublicKey, since: Seq) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO terminal_keys (pos_id, public_key, since_seq, enrolled_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (pos_id) DO UPDATE SET public_key = excluded.public_key, since_seq = excluded.since_seq,
+                 enrolled_at = excluded.enrolled_at",
+            )?
+            .execute(params![pos_id.as_str(), key.text(), since.0 as i64, self.now_rfc3339()])?;
+        self.keyring.enrolled.insert(pos_id.clone(), Enrolled { key, since });
+        Ok(())
+    }
+
+    fn record_revocation(
+        &mut self,
+        revoked: &PosId,
+        until: Seq,
+        by: &PosId,
+        by_seq: Seq,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        // The lowest `until` wins, whatever order revocations arrive in: every till ends
+        // refusing the same changes.
+        if let Some(held) = self.keyring.revocation_held(revoked, &self.vv)
+            && held.until <= until
+        {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO terminal_revocations (pos_id, until_seq, revoked_by, revoked_by_seq, reason, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (pos_id) DO UPDATE SET until_seq = excluded.until_seq, revoked_by = excluded.revoked_by,
+                 revoked_by_seq = excluded.revoked_by_seq, reason = excluded.reason, revoked_at = excluded.revoked_at",
+            )?
+            .execute(params![revoked.as_str(), until.0 as i64, by.as_str(), by_seq.0 as i64, reason, self.now_rfc3339()])?;
+        self.keyring.revoked.insert(revoked.clone(), Revoked { until, by: by.clone(), by_seq });
+        Ok(())
+    }
+
+    /// Revokes till `pos_id` (lost or stolen): every till refuses its changes after the last
+    /// one this till holds. Returns the revocation as the API shows it.
+    pub fn revoke_terminal(&mut self, pos_id: &PosId, reason: Option<&str>) -> Result<Value> {
+        if pos_id == &self.identity.pos_id {
+            return Err(StoreError::InvalidState("a till cannot revoke itself".into()));
+        }
+        if let Some(reason) = reason {
+            possync_core::entity::check_text("reason", reason, 500)?;
+        }
+        let id =
+            EntityId::parse(pos_id.as_str()).map_err(|err| StoreError::invalid("posId", err.to_string()))?;
+        self.write(true, |store| {
+            let until = store.vv.get(pos_id);
+            let body = ChangeBody::Revoke { until_seq: until, reason: reason.map(str::to_string) };
+            let change = store.emit_local(EntityKind::Terminal, &id, body, &Default::default(), None)?;
+            let own = store.identity.pos_id.clone();
+            store.record_revocation(pos_id, until, &own, change.seq, reason)?;
+            Ok(json!({"posId": pos_id.as_str(), "untilSeq": until.0, "reason": reason}))
+        })
+    }
+}
+
+impl Keyring {
+    fn revocation_held(&self, origin: &PosId, vv: &VersionVector) -> Option<&Revoked> {
+        self.revoked.get(origin).filter(|revoked| revoked.by_seq <= vv.get(&revoked.by))
+    }
+}
+
+fn wire_id(wire: &WireChange) -> Option<String> {
+    wire.data_object().ok()?.get("id")?.as_str().map(str::to_string)
+}
