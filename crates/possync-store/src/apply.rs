@@ -292,7 +292,7 @@ impl Store {
             }
         };
         if change.entity == EntityKind::Terminal
-            && let Some(refusal) = self.apply_identity(&origin, seq, &change.body, &wire)?
+            && let Some(refusal) = self.apply_identity(&change, &wire)?
         {
             return self.refuse(&log, origin, seq, refusal, report);
         }

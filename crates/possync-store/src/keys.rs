@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 
 use possync_core::signature::{PublicKey, SignatureError, TillKey};
-use possync_core::{ChangeBody, EntityId, EntityKind, PosId, Seq, VersionVector, WireChange};
+use possync_core::{Change, ChangeBody, EntityId, EntityKind, PosId, Seq, VersionVector, WireChange};
 use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 
@@ -94,12 +94,9 @@ impl Keyring {
         self.enrolled.get(origin).filter(|enrolled| enrolled.since <= vv.get(origin)).copied()
     }
 
-    /// The last accepted seq of `origin` if it is revoked (by a held revocation).
-    fn revoked_until(&self, origin: &PosId, vv: &VersionVector) -> Option<Seq> {
-        self.revoked
-            .get(origin)
-            .filter(|revoked| revoked.by_seq <= vv.get(&revoked.by))
-            .map(|revoked| revoked.until)
+    /// `origin`'s revocation, if the change that made it is held.
+    fn revocation(&self, origin: &PosId, vv: &VersionVector) -> Option<&Revoked> {
+        self.revoked.get(origin).filter(|revoked| revoked.by_seq <= vv.get(&revoked.by))
     }
 }
 
@@ -161,7 +158,7 @@ impl Store {
     /// Checks a remote change of `origin` numbered `seq` (the next one this till needs)
     /// against the origin's key and revocation.
     pub(crate) fn check_origin(&self, origin: &PosId, seq: Seq, wire: &WireChange) -> Option<Refusal> {
-        if let Some(until) = self.keyring.revoked_until(origin, &self.vv)
+        if let Some(until) = self.keyring.revocation(origin, &self.vv).map(|revoked| revoked.until)
             && seq > until
         {
             return Some(Refusal {
@@ -187,14 +184,9 @@ impl Store {
 
     /// Checks an `enroll` change (signed by the key it enrolls; one key per till) and
     /// records the key; or records a revocation. Returns a refusal for a bad enrollment.
-    pub(crate) fn apply_identity(
-        &mut self,
-        origin: &PosId,
-        seq: Seq,
-        body: &ChangeBody,
-        wire: &WireChange,
-    ) -> Result<Option<Refusal>> {
-        match body {
+    pub(crate) fn apply_identity(&mut self, change: &Change, wire: &WireChange) -> Result<Option<Refusal>> {
+        let (origin, seq) = (&change.origin, change.seq);
+        match &change.body {
             ChangeBody::Enroll { public_key } => {
                 let Ok(key) = PublicKey::parse(public_key) else {
                     return Ok(Some(Refusal {
@@ -221,8 +213,12 @@ impl Store {
                 Ok(None)
             }
             ChangeBody::Revoke { until_seq, reason } => {
-                let revoked = PosId::parse(wire_id(wire).unwrap_or_default())
-                    .map_err(|err| StoreError::Corrupt(err.to_string()))?;
+                // The id is a posId (checked when the change was decoded).
+                let Ok(revoked) = PosId::parse(change.id.as_str()) else {
+                    return Ok(Some(Refusal {
+                        reason: format!("forged: change {seq} of {origin} revokes no till"),
+                    }));
+                };
                 self.record_revocation(&revoked, *until_seq, origin, seq, reason.as_deref())?;
                 Ok(None)
             }
@@ -252,7 +248,7 @@ impl Store {
     ) -> Result<()> {
         // The lowest `until` wins, whatever order revocations arrive in: every till ends
         // refusing the same changes.
-        if let Some(held) = self.keyring.revocation_held(revoked, &self.vv)
+        if let Some(held) = self.keyring.revocation(revoked, &self.vv)
             && held.until <= until
         {
             return Ok(());
@@ -289,14 +285,4 @@ impl Store {
             Ok(json!({"posId": pos_id.as_str(), "untilSeq": until.0, "reason": reason}))
         })
     }
-}
-
-impl Keyring {
-    fn revocation_held(&self, origin: &PosId, vv: &VersionVector) -> Option<&Revoked> {
-        self.revoked.get(origin).filter(|revoked| revoked.by_seq <= vv.get(&revoked.by))
-    }
-}
-
-fn wire_id(wire: &WireChange) -> Option<String> {
-    wire.data_object().ok()?.get("id")?.as_str().map(str::to_string)
 }
