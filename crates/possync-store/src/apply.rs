@@ -142,8 +142,9 @@ impl Store {
             if !changes.is_empty() {
                 store.note_terminal(peer.id, peer.name)?;
             }
-            for wire in changes {
-                store.apply_one(peer, wire, Accept::Everything, &mut report)?;
+            let verified = store.preverify(&changes);
+            for (wire, verified) in changes.into_iter().zip(verified) {
+                store.apply_one(peer, wire, Accept::Everything, verified, &mut report)?;
             }
             Ok(report)
         })
@@ -173,11 +174,13 @@ impl Store {
         self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
+    /// Applies one remote change (`verified`: its signature was checked with its batch).
     pub(crate) fn apply_one(
         &mut self,
         peer: PeerRef<'_>,
         wire: WireChange,
         accept: Accept,
+        verified: bool,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let entity_type = wire.entity.parse::<EntityKind>().ok();
@@ -251,7 +254,7 @@ impl Store {
             };
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
-        if let Some(refusal) = self.check_origin(&origin, seq, &wire) {
+        if let Some(refusal) = self.check_origin(&origin, seq, &wire, verified) {
             return self.refuse(&log, origin, seq, refusal, report);
         }
         let decoded =

@@ -72,8 +72,9 @@ impl Store {
         let received = changes.len() as i64;
         let mut report = ApplyReport::default();
         let peer = PeerRef { id: &peer_id, name: &peer_name };
-        for wire in changes {
-            self.apply_one(peer, wire, Accept::NoCatalog, &mut report)?;
+        let verified = self.preverify(&changes);
+        for (wire, verified) in changes.into_iter().zip(verified) {
+            self.apply_one(peer, wire, Accept::NoCatalog, verified, &mut report)?;
         }
         let now = self.now_sqlite();
         self.conn
@@ -102,8 +103,9 @@ impl Store {
         self.write(true, |store| {
             let mut report = ApplyReport::default();
             let peer = PeerRef { id: "hq", name: "head office" };
-            for wire in changes {
-                store.apply_one(peer, wire, Accept::Everything, &mut report)?;
+            let verified = store.preverify(&changes);
+            for (wire, verified) in changes.into_iter().zip(verified) {
+                store.apply_one(peer, wire, Accept::Everything, verified, &mut report)?;
             }
             store
                 .conn

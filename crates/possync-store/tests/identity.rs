@@ -147,3 +147,32 @@ fn a_revoked_till_is_refused_after_its_last_change_on_every_till() {
     );
     assert!(lost_row["publicKey"].is_string());
 }
+
+#[test]
+fn one_forged_change_in_a_batch_of_real_ones_is_found_and_the_real_ones_applied() {
+    // Signatures are checked a batch at a time; a bad one makes the batch check fail, and
+    // each change is then checked alone.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let evil = terminal(&dir, "evil", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    let tea = possync_core::EntityId::parse("tea").unwrap();
+    for price in 3..6 {
+        a.store.update_record(EntityKind::Product, &tea, &json!({"price": price})).unwrap();
+    }
+    let mut batch = a.store.reader().unwrap().select_changes(b.store.summary(), 0, 100).unwrap().changes;
+    assert_eq!(batch.len(), 3);
+    let next = a.store.summary().get(&a.pos_id()).next();
+    let mut forged = price_change("a", next.0, "0.01");
+    evil.store.sign(&mut forged);
+    // The forgery claims the number after the real three, in the same batch.
+    batch.push(forged);
+    let report = b.store.apply_batch(PeerRef { id: "evil", name: "evil" }, batch).unwrap();
+    assert_eq!((report.applied, report.forged), (3, 1), "{report:?}");
+    assert_eq!(a.dump(), b.dump());
+}
