@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Result, StoreError};
 use crate::meta::Origins;
-use crate::reader::paging;
+use crate::reader::{DayQuery, paging};
 use crate::{Store, StoreReader, records};
 
 /// Opening a cash session, as the till asks for it.
@@ -395,19 +395,6 @@ pub struct SessionQuery {
     pub offset: Option<u32>,
 }
 
-/// Filters for lists of Z reports.
-#[derive(Debug, Clone, Default)]
-pub struct ReportQuery {
-    /// Reports of this day only (`YYYY-MM-DD`, the UTC day of the close).
-    pub day: Option<String>,
-    /// Reports of this till only.
-    pub pos_id: Option<String>,
-    /// At most this many (default 100, at most 1000).
-    pub limit: Option<u32>,
-    /// Skip this many.
-    pub offset: Option<u32>,
-}
-
 impl StoreReader {
     /// Cash sessions, newest first.
     pub fn list_cash_sessions(&self, query: &SessionQuery) -> Result<Vec<Value>> {
@@ -421,7 +408,7 @@ impl StoreReader {
     }
 
     /// Z reports, newest first.
-    pub fn list_z_reports(&self, query: &ReportQuery) -> Result<Vec<Value>> {
+    pub fn list_z_reports(&self, query: &DayQuery) -> Result<Vec<Value>> {
         let (limit, offset) = paging(query.limit, query.offset);
         self.records_by(
             EntityKind::ZReport,

@@ -43,7 +43,7 @@ use rusqlite::{Connection, OpenFlags, params};
 
 pub use crate::apply::{ApplyReport, PeerRef};
 pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
-pub use crate::cash::{CashSessionError, CloseCashSession, OpenCashSession, ReportQuery, SessionQuery};
+pub use crate::cash::{CashSessionError, CloseCashSession, OpenCashSession, SessionQuery};
 pub use crate::error::{Result, StoreError};
 pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;

@@ -34,12 +34,13 @@ pub struct ListQuery {
     pub search: Option<String>,
 }
 
-/// Filters for ticket lists.
+/// Filters of the lists of dated facts (tickets by the day they were sold, Z reports by the
+/// day of their close).
 #[derive(Debug, Clone, Default)]
-pub struct TicketQuery {
-    /// Tickets of this day only (`YYYY-MM-DD`, UTC).
+pub struct DayQuery {
+    /// This day only (`YYYY-MM-DD`, UTC).
     pub day: Option<String>,
-    /// Tickets of this terminal only.
+    /// This terminal only.
     pub pos_id: Option<String>,
     /// At most this many (default 100, at most 1000).
     pub limit: Option<u32>,
@@ -150,7 +151,7 @@ impl StoreReader {
     }
 
     /// Tickets, newest first, by day and/or terminal.
-    pub fn list_tickets(&self, query: &TicketQuery) -> Result<Vec<Value>> {
+    pub fn list_tickets(&self, query: &DayQuery) -> Result<Vec<Value>> {
         let (limit, offset) = paging(query.limit, query.offset);
         let ids: Vec<String> = self
             .conn

@@ -7,8 +7,8 @@ use common::{ManualClock, sync, terminal};
 use possync_core::entity::{MovementType, PaymentMethod};
 use possync_core::{EntityId, EntityKind, WireChange};
 use possync_store::{
-    CashSessionError, CloseCashSession, OpenCashSession, PaymentRequest, RefundLine, ReportQuery,
-    SaleLineRequest, SaleRequest, SessionQuery, StoreError,
+    CashSessionError, CloseCashSession, OpenCashSession, PaymentRequest, RefundLine, SaleLineRequest,
+    SaleRequest, SessionQuery, StoreError,
 };
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -139,8 +139,10 @@ fn a_session_counts_its_sales_change_and_refunds_and_its_z_report_reaches_every_
     assert_eq!(report_sync.errors, 0);
     assert_eq!(a.dump(), b.dump());
     let reader = b.store.reader().unwrap();
-    let reports =
-        reader.list_z_reports(&ReportQuery { day: Some("2023-11-14".into()), ..Default::default() });
+    let reports = reader.list_z_reports(&possync_store::reader::DayQuery {
+        day: Some("2023-11-14".into()),
+        ..Default::default()
+    });
     assert_eq!(reports.unwrap(), vec![report.clone()]);
     let sessions =
         reader.list_cash_sessions(&SessionQuery { status: Some("closed".into()), ..Default::default() });

@@ -10,13 +10,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use possync_core::EntityKind;
-use possync_store::{CloseCashSession, OpenCashSession, ReportQuery, SessionQuery};
+use possync_store::{CloseCashSession, OpenCashSession, SessionQuery};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::entities::path_id;
 use super::error::{ApiError, ApiJson, ApiQuery, PathParam};
 use super::openapi::{Method, Route, amount_input, array_of, schema_ref};
+use super::sales::DayParams;
 use super::{ApiState, check_amount, check_paging, read, write};
 
 /// Filters of `GET /api/cash-sessions`.
@@ -27,20 +28,6 @@ pub struct SessionParams {
     pos_id: Option<String>,
     /// `open` or `closed`.
     status: Option<String>,
-    /// At most this many (1..=1000, default 100).
-    limit: Option<u32>,
-    /// Skip this many.
-    offset: Option<u32>,
-}
-
-/// Filters of `GET /api/z-reports`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReportParams {
-    /// `YYYY-MM-DD` (the UTC day of the close).
-    day: Option<String>,
-    /// Reports of one till.
-    pos_id: Option<String>,
     /// At most this many (1..=1000, default 100).
     limit: Option<u32>,
     /// Skip this many.
@@ -201,16 +188,9 @@ async fn get_session(
 
 async fn list_reports(
     State(api): State<Arc<ApiState>>,
-    ApiQuery(params): ApiQuery<ReportParams>,
+    ApiQuery(params): ApiQuery<DayParams>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    check_paging(params.limit, 1000)?;
-    if let Some(day) = &params.day
-        && !possync_core::time::is_date(day)
-    {
-        return Err(ApiError::bad_request(format!("day must be YYYY-MM-DD, not {day:?}")));
-    }
-    let query =
-        ReportQuery { day: params.day, pos_id: params.pos_id, limit: params.limit, offset: params.offset };
+    let query = params.into_query()?;
     Ok(Json(read(&api.node, move |reader| reader.list_z_reports(&query)).await?))
 }
 

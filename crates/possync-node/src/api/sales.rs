@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use possync_core::EntityKind;
 use possync_core::entity::MovementType;
-use possync_store::reader::TicketQuery;
+use possync_store::reader::DayQuery;
 use possync_store::{RefundLine, SaleOutcome, SaleRequest};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -21,18 +21,31 @@ use super::error::{ApiError, ApiJson, ApiQuery, OptionalJson, PathParam};
 use super::openapi::{Method, Route, array_of, schema_ref};
 use super::{ApiState, check_amount, check_paging, check_quantity, read, write, write_change};
 
-/// Filters of `GET /api/tickets`.
+/// Filters of `GET /api/tickets` and `GET /api/z-reports`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TicketParams {
+pub struct DayParams {
     /// `YYYY-MM-DD` (UTC).
     day: Option<String>,
-    /// Tickets of one terminal.
+    /// One terminal's only.
     pos_id: Option<String>,
     /// At most this many (1..=1000, default 100).
     limit: Option<u32>,
     /// Skip this many.
     offset: Option<u32>,
+}
+
+impl DayParams {
+    /// The store's query, once the paging and the day (a real calendar day) are checked.
+    pub(super) fn into_query(self) -> Result<DayQuery, ApiError> {
+        check_paging(self.limit, 1000)?;
+        if let Some(day) = &self.day
+            && !possync_core::time::is_date(day)
+        {
+            return Err(ApiError::bad_request(format!("day must be YYYY-MM-DD, not {day:?}")));
+        }
+        Ok(DayQuery { day: self.day, pos_id: self.pos_id, limit: self.limit, offset: self.offset })
+    }
 }
 
 /// `POST /api/tickets/{id}/refund`.
@@ -182,16 +195,9 @@ async fn create_ticket(
 
 async fn list_tickets(
     State(api): State<Arc<ApiState>>,
-    ApiQuery(params): ApiQuery<TicketParams>,
+    ApiQuery(params): ApiQuery<DayParams>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    check_paging(params.limit, 1000)?;
-    if let Some(day) = &params.day
-        && !possync_core::time::is_date(day)
-    {
-        return Err(ApiError::bad_request(format!("day must be YYYY-MM-DD, not {day:?}")));
-    }
-    let query =
-        TicketQuery { day: params.day, pos_id: params.pos_id, limit: params.limit, offset: params.offset };
+    let query = params.into_query()?;
     Ok(Json(read(&api.node, move |reader| reader.list_tickets(&query)).await?))
 }
 
