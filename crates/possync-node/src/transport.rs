@@ -65,6 +65,8 @@
 //! the read buffer's initial capacity per connection; see `docs/BENCHMARKS.md`.
 
 mod codec;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod plain_http;
 #[cfg(test)]
 mod tests;

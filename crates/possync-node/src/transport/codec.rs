@@ -125,7 +125,7 @@ impl Sealer {
         self.seal_plaintext(&plaintext[..=data.len()])
     }
 
-    fn seal_plaintext(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, TransportError> {
+    pub(super) fn seal_plaintext(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, TransportError> {
         let mut message = vec![0u8; plaintext.len() + TAG_LEN];
         let written = self
             .cipher

@@ -55,7 +55,7 @@ pub(super) async fn answer_plain_http(stream: &mut TcpStream) -> std::io::Result
 
 /// `Some(true)`: a complete HTTP request without `Upgrade: websocket`; `Some(false)`: an
 /// upgrade or not HTTP; `None`: the head is incomplete.
-fn is_plain_request(bytes: &[u8]) -> Option<bool> {
+pub(super) fn is_plain_request(bytes: &[u8]) -> Option<bool> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(bytes) {
