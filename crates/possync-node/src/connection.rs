@@ -626,10 +626,14 @@ async fn apply(
     let name = peer_name.to_string();
     let live_ages: Vec<u64> =
         if from_batch { Vec::new() } else { changes.iter().filter_map(change_ms).collect() };
+    // Signatures are checked here, on this connection's task, so that the single writer
+    // only compares keys (docs/DESIGN.md, "Each till writes only as itself").
+    let verified = node.keys.verify(&changes);
     let result = node
         .writer
         .call(Priority::Sync, move |store| {
-            let report = store.apply_batch(PeerRef { id: &id, name: &name }, changes);
+            let report =
+                store.apply_batch_verified(PeerRef { id: &id, name: &name }, changes, Some(verified));
             // The session only reads the summary to ask for what a gap is missing: copy it
             // only then (or when the batch failed, which is answered like a gap).
             let summary = match &report {

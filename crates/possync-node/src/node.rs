@@ -133,6 +133,9 @@ pub struct NodeShared {
     pub instance: String,
     /// The chain driver's state (idle when the node is in no chain).
     pub chain: Arc<crate::chain::ChainStatus>,
+    /// The enrolled keys: connection tasks check a batch's signatures with them before the
+    /// batch reaches the writer (which has more to do and only one thread to do it on).
+    pub keys: possync_store::KeyDirectory,
 }
 
 impl NodeShared {
@@ -262,6 +265,7 @@ impl Node {
         let identity = store.identity().clone();
         let settings = store.settings().clone();
         let readers = Arc::new(ReaderPool::new(store.path().to_path_buf()));
+        let keys = store.key_directory();
         let writer = WriterHandle::start(store);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let mut channel = ChannelConfig::from_secret(&config.secret);
@@ -283,6 +287,7 @@ impl Node {
             listening: watch::Sender::new(false),
             instance: format!("{:016x}", rand::random::<u64>()),
             chain,
+            keys,
         });
         let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
         let mut tasks = JoinSet::new();

@@ -25,9 +25,11 @@ use crate::Outgoing;
 use crate::Store;
 use crate::audit::{ConflictRow, SyncLog, SyncStatus};
 use crate::error::{Result, StoreError};
+use crate::keys::Verified;
 use crate::local::local_version;
 use crate::records;
 use crate::sales::sale_state;
+use possync_core::signature::PublicKey;
 use rusqlite::OptionalExtension;
 
 /// Who sent a batch (for the audit rows).
@@ -137,14 +139,26 @@ impl Store {
     /// Takes the changes by value: each one applied moves on to the outbox for relay, so the
     /// batch a connection decoded is never copied.
     pub fn apply_batch(&mut self, peer: PeerRef<'_>, changes: Vec<WireChange>) -> Result<ApplyReport> {
+        self.apply_batch_verified(peer, changes, None)
+    }
+
+    /// [`Store::apply_batch`] for a batch whose signatures the receiving task already checked
+    /// ([`crate::KeyDirectory::verify`]): the writer then only compares each key with the
+    /// origin's enrolled one, and checks alone what was not covered. `None`: checked here.
+    pub fn apply_batch_verified(
+        &mut self,
+        peer: PeerRef<'_>,
+        changes: Vec<WireChange>,
+        verified: Option<Verified>,
+    ) -> Result<ApplyReport> {
         self.write(false, |store| {
             let mut report = ApplyReport::default();
             if !changes.is_empty() {
                 store.note_terminal(peer.id, peer.name)?;
             }
-            let verified = store.preverify(&changes);
-            for (wire, verified) in changes.into_iter().zip(verified) {
-                store.apply_one(peer, wire, Accept::Everything, verified, &mut report)?;
+            let verified = verified.unwrap_or_else(|| store.preverify(&changes));
+            for (index, wire) in changes.into_iter().enumerate() {
+                store.apply_one(peer, wire, Accept::Everything, verified.key(index), &mut report)?;
             }
             Ok(report)
         })
@@ -174,13 +188,14 @@ impl Store {
         self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
-    /// Applies one remote change (`verified`: its signature was checked with its batch).
+    /// Applies one remote change (`verified_with`: the key its signature was found valid
+    /// with, when it was checked with its batch).
     pub(crate) fn apply_one(
         &mut self,
         peer: PeerRef<'_>,
         wire: WireChange,
         accept: Accept,
-        verified: bool,
+        verified_with: Option<PublicKey>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let entity_type = wire.entity.parse::<EntityKind>().ok();
@@ -254,7 +269,7 @@ impl Store {
             };
             return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
         }
-        if let Some(refusal) = self.check_origin(&origin, seq, &wire, verified) {
+        if let Some(refusal) = self.check_origin(&origin, seq, &wire, verified_with) {
             return self.refuse(&log, origin, seq, refusal, report);
         }
         let decoded =

@@ -73,8 +73,8 @@ impl Store {
         let mut report = ApplyReport::default();
         let peer = PeerRef { id: &peer_id, name: &peer_name };
         let verified = self.preverify(&changes);
-        for (wire, verified) in changes.into_iter().zip(verified) {
-            self.apply_one(peer, wire, Accept::NoCatalog, verified, &mut report)?;
+        for (index, wire) in changes.into_iter().enumerate() {
+            self.apply_one(peer, wire, Accept::NoCatalog, verified.key(index), &mut report)?;
         }
         let now = self.now_sqlite();
         self.conn
@@ -104,8 +104,8 @@ impl Store {
             let mut report = ApplyReport::default();
             let peer = PeerRef { id: "hq", name: "head office" };
             let verified = store.preverify(&changes);
-            for (wire, verified) in changes.into_iter().zip(verified) {
-                store.apply_one(peer, wire, Accept::Everything, verified, &mut report)?;
+            for (index, wire) in changes.into_iter().enumerate() {
+                store.apply_one(peer, wire, Accept::Everything, verified.key(index), &mut report)?;
             }
             store
                 .conn

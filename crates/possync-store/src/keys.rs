@@ -18,6 +18,7 @@
 //! held (its seq within the version vector), so a transaction rolled back forgets it too.
 
 use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use possync_core::signature::{PublicKey, SignatureError, TillKey};
 use possync_core::{Change, ChangeBody, EntityId, EntityKind, PosId, Seq, VersionVector, WireChange};
@@ -89,6 +90,15 @@ impl Keyring {
         Ok(ring)
     }
 
+    /// The directory of the enrolled keys, for the receiving tasks.
+    pub(crate) fn directory(&self) -> KeyDirectory {
+        let directory = KeyDirectory::default();
+        for (pos_id, enrolled) in &self.enrolled {
+            directory.insert(pos_id.clone(), enrolled.key);
+        }
+        directory
+    }
+
     /// `origin`'s key, if its enrollment is held.
     fn key(&self, origin: &PosId, vv: &VersionVector) -> Option<Enrolled> {
         self.enrolled.get(origin).filter(|enrolled| enrolled.since <= vv.get(origin)).copied()
@@ -97,6 +107,66 @@ impl Keyring {
     /// `origin`'s revocation, if the change that made it is held.
     fn revocation(&self, origin: &PosId, vv: &VersionVector) -> Option<&Revoked> {
         self.revoked.get(origin).filter(|revoked| revoked.by_seq <= vv.get(&revoked.by))
+    }
+}
+
+/// The keys this till has seen enrolled, shared with the tasks that receive changes so that
+/// they check signatures before handing a batch to the single writer (which then only
+/// compares keys). Loose on purpose: it may hold a key whose enrollment was rolled back, and
+/// lag behind one just committed. The writer trusts a check only if it was made with the key
+/// its own keyring holds for that origin ([`Verified`]), so a stale or wrong entry costs a
+/// second check, never a forged change accepted.
+#[derive(Debug, Clone, Default)]
+pub struct KeyDirectory(Arc<RwLock<HashMap<PosId, PublicKey>>>);
+
+impl KeyDirectory {
+    fn insert(&self, pos_id: PosId, key: PublicKey) {
+        self.0.write().unwrap_or_else(PoisonError::into_inner).insert(pos_id, key);
+    }
+
+    /// Checks the signatures of `changes` against the keys known here, all at once (Ed25519
+    /// batch verification). A change whose origin has no key here, or any change of a batch
+    /// that does not verify as a whole, is left unchecked: the writer checks it alone.
+    pub fn verify(&self, changes: &[WireChange]) -> Verified {
+        let keys = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        let mut keyed = Vec::with_capacity(changes.len());
+        let mut with = vec![None; changes.len()];
+        for (index, wire) in changes.iter().enumerate() {
+            let Some(stamp) = wire.peek_stamp() else { continue };
+            if let Some(key) = keys.get(&stamp.origin)
+                && wire.sig.is_some()
+            {
+                keyed.push((*key, wire));
+                with[index] = Some(*key);
+            }
+        }
+        drop(keys);
+        if keyed.is_empty() || !possync_core::signature::verify_all(&keyed) {
+            return Verified(vec![None; changes.len()]);
+        }
+        Verified(with)
+    }
+}
+
+/// For each change of a batch, the key its signature was found valid with, if it was checked
+/// before the batch reached the writer ([`KeyDirectory::verify`]).
+#[derive(Debug, Clone, Default)]
+pub struct Verified(Vec<Option<PublicKey>>);
+
+impl Verified {
+    /// Nothing checked yet: the writer checks every change.
+    pub fn nothing(count: usize) -> Verified {
+        Verified(vec![None; count])
+    }
+
+    /// How many changes were checked.
+    pub fn checked(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+
+    /// The key change `index` was checked with.
+    pub(crate) fn key(&self, index: usize) -> Option<PublicKey> {
+        self.0.get(index).copied().flatten()
     }
 }
 
@@ -160,9 +230,9 @@ impl Store {
     /// single writer pays for every remote change). A change not covered (its origin not
     /// enrolled yet, a bad signature somewhere in the batch) is checked alone by
     /// [`Store::check_origin`].
-    pub(crate) fn preverify(&self, changes: &[WireChange]) -> Vec<bool> {
+    pub(crate) fn preverify(&self, changes: &[WireChange]) -> Verified {
         let mut keyed = Vec::with_capacity(changes.len());
-        let mut covered = vec![false; changes.len()];
+        let mut with = vec![None; changes.len()];
         for (index, wire) in changes.iter().enumerate() {
             let Some(stamp) = wire.peek_stamp() else { continue };
             if let Some(enrolled) = self.keyring.key(&stamp.origin, &self.vv)
@@ -170,23 +240,30 @@ impl Store {
                 && wire.sig.is_some()
             {
                 keyed.push((enrolled.key, wire));
-                covered[index] = true;
+                with[index] = Some(enrolled.key);
             }
         }
         if keyed.len() < 2 || !possync_core::signature::verify_all(&keyed) {
-            return vec![false; changes.len()];
+            return Verified::nothing(changes.len());
         }
-        covered
+        Verified(with)
+    }
+
+    /// The keys this till has seen enrolled, for checking signatures off the writer.
+    pub fn key_directory(&self) -> KeyDirectory {
+        self.key_directory.clone()
     }
 
     /// Checks a remote change of `origin` numbered `seq` (the next one this till needs)
-    /// against the origin's key (unless `verified` in a batch) and revocation.
+    /// against the origin's key and revocation. `verified_with`: the key its signature was
+    /// already found valid with (in its batch, here or in the task that received it); it
+    /// counts only if it is the origin's enrolled key.
     pub(crate) fn check_origin(
         &self,
         origin: &PosId,
         seq: Seq,
         wire: &WireChange,
-        verified: bool,
+        verified_with: Option<PublicKey>,
     ) -> Option<Refusal> {
         if let Some(until) = self.keyring.revocation(origin, &self.vv).map(|revoked| revoked.until)
             && seq > until
@@ -201,7 +278,7 @@ impl Store {
         // own, once it has written). A till restored from a backup takes its own changes
         // back from its peers, its enrollment first.
         let key = self.keyring.key(origin, &self.vv)?.key;
-        if verified {
+        if verified_with == Some(key) {
             return None;
         }
         key.verify(wire).err().map(|err| Refusal {
@@ -268,6 +345,7 @@ impl Store {
             )?
             .execute(params![pos_id.as_str(), key.text(), since.0 as i64, self.now_rfc3339()])?;
         self.keyring.enrolled.insert(pos_id.clone(), Enrolled { key, since });
+        self.key_directory.insert(pos_id.clone(), key);
         Ok(())
     }
 

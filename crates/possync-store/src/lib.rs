@@ -45,6 +45,7 @@ pub use crate::apply::{ApplyReport, PeerRef};
 pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
 pub use crate::cash::{CashSessionError, CloseCashSession, OpenCashSession, SessionQuery};
 pub use crate::error::{Result, StoreError};
+pub use crate::keys::{KeyDirectory, Verified};
 pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;
 pub use crate::sales::{
@@ -163,6 +164,8 @@ pub struct Store {
     till_key: possync_core::signature::TillKey,
     /// The keys and revocations this till knows.
     keyring: keys::Keyring,
+    /// The enrolled keys shared with the receiving tasks ([`keys::KeyDirectory`]).
+    key_directory: keys::KeyDirectory,
     /// The open batch of writes ([`Store::begin_batch`]), if any.
     batch: Option<Batch>,
 }
@@ -312,6 +315,7 @@ impl Store {
         let settings = Settings::load(&conn)?;
         let till_key = keys::own_key(&conn, || env.random_bytes())?;
         let keyring = keys::Keyring::load(&conn)?;
+        let key_directory = keyring.directory();
         let open_decidable: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM conflict_sides s JOIN p2p_conflicts c ON c.id = s.conflict_id
                             WHERE c.resolved_by IS NULL)",
@@ -334,6 +338,7 @@ impl Store {
             refused: std::collections::HashMap::new(),
             till_key,
             keyring,
+            key_directory,
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,

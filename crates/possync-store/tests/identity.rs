@@ -176,3 +176,58 @@ fn one_forged_change_in_a_batch_of_real_ones_is_found_and_the_real_ones_applied(
     assert_eq!((report.applied, report.forged), (3, 1), "{report:?}");
     assert_eq!(a.dump(), b.dump());
 }
+
+#[test]
+fn signatures_checked_before_the_writer_count_only_with_the_origins_enrolled_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    let evil = terminal(&dir, "evil", &clock, 0);
+    let mut dupe = terminal(&dir, "dupe", &clock, 0);
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 2}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    let next = a.store.summary().get(&a.pos_id()).next();
+
+    // A till that never met A takes a forged enrollment of A with the forger's key (trust on
+    // first use): its directory now checks A's changes against the wrong key.
+    let mut enroll = WireChange::new(
+        "terminal",
+        "enroll",
+        &json!({"id": "a", "publicKey": evil.store.public_key(),
+                "sync": {"origin": "a", "seq": 1, "hlc": "1700000000001-0", "ctx": {"a": 1}}}),
+    );
+    evil.store.sign(&mut enroll);
+    let report = dupe.store.apply_batch(PeerRef { id: "evil", name: "evil" }, vec![enroll]).unwrap();
+    assert_eq!(report.applied, 1, "{report:?}");
+    let mut forged = price_change("a", next.0, "0.01");
+    evil.store.sign(&mut forged);
+    let wrong = dupe.store.key_directory().verify(std::slice::from_ref(&forged));
+    assert_eq!(wrong.checked(), 1, "the poisoned directory vouches for the forgery");
+
+    // B's writer holds A's real key: a check made with another key counts for nothing.
+    let dump = b.dump();
+    let report = b
+        .store
+        .apply_batch_verified(PeerRef { id: "evil", name: "evil" }, vec![forged], Some(wrong))
+        .unwrap();
+    assert_eq!((report.applied, report.forged), (0, 1), "{report:?}");
+    assert_eq!(b.dump(), dump);
+
+    // A's real change, checked with B's own directory, lands.
+    a.store
+        .update_record(
+            EntityKind::Product,
+            &possync_core::EntityId::parse("tea").unwrap(),
+            &json!({"price": 3}),
+        )
+        .unwrap();
+    let real = a.store.reader().unwrap().select_changes(&b.store.summary().clone(), 0, 10).unwrap().changes;
+    let checked = b.store.key_directory().verify(&real);
+    assert_eq!(checked.checked(), real.len());
+    let report = b.store.apply_batch_verified(PeerRef { id: "a", name: "a" }, real, Some(checked)).unwrap();
+    assert_eq!((report.applied, report.forged), (1, 0), "{report:?}");
+    assert_eq!(a.dump(), b.dump());
+}
