@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use possync_core::{EntityId, EntityKind, Seq, VersionVector};
+use possync_core::{EntityId, EntityKind, PosId, Seq, VersionVector};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, Params, Row};
 use serde_json::{Map, Value, json};
@@ -531,6 +531,44 @@ impl StoreReader {
     /// The highest conflict id so far (0 when there is none).
     pub fn last_conflict_id(&self) -> Result<i64> {
         Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM p2p_conflicts", [], |row| row.get(0))?)
+    }
+
+    /// How many live records of `kind` this terminal holds (tickets and stock movements: all).
+    pub fn count_records(&self, kind: EntityKind) -> Result<u64> {
+        let table = records::table(kind);
+        let live = match kind {
+            EntityKind::Ticket | EntityKind::Stock | EntityKind::Terminal => "",
+            _ => " WHERE deleted = 0",
+        };
+        let count: i64 =
+            self.conn.query_row(&format!("SELECT COUNT(*) FROM {table}{live}"), [], |row| row.get(0))?;
+        Ok(count.unsigned_abs())
+    }
+
+    /// How many tickets the till `pos_id` made that this terminal holds.
+    pub fn ticket_count_of(&self, pos_id: &PosId) -> Result<u64> {
+        let count: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM tickets WHERE pos_id = ?1")?
+            .query_row([pos_id.as_str()], |row| row.get(0))?;
+        Ok(count.unsigned_abs())
+    }
+
+    /// How many tickets share their ticket number with another one (0 when numbers are unique,
+    /// as they must be across a shop and a chain).
+    pub fn duplicate_ticket_numbers(&self) -> Result<u64> {
+        let count: i64 = self.conn.query_row(
+            "SELECT COUNT(*) - COUNT(DISTINCT ticket_number) FROM tickets",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok(count.unsigned_abs())
+    }
+
+    /// How many conflicts this terminal logged.
+    pub fn conflict_count(&self) -> Result<u64> {
+        let count: i64 = self.conn.query_row("SELECT COUNT(*) FROM p2p_conflicts", [], |row| row.get(0))?;
+        Ok(count.unsigned_abs())
     }
 
     /// Does a setting with this key exist?

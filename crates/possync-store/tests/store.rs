@@ -1004,3 +1004,28 @@ fn a_cashier_accounts_conflict_is_shown_without_its_password_hash_and_resolves_w
     let user = a.store.reader().unwrap().record(EntityKind::User, &id("u1")).unwrap().unwrap();
     assert_eq!(user["passwordHash"], json!("$argon2id$v=19$from-b"));
 }
+
+#[test]
+fn the_readers_counts_follow_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    for (id, sku) in [("tea", "T1"), ("cake", "C1")] {
+        a.store
+            .create_record(EntityKind::Product, &json!({"id": id, "sku": sku, "name": id, "price": 2}))
+            .unwrap();
+    }
+    a.store.delete_record(EntityKind::Product, &EntityId::parse("cake").unwrap()).unwrap();
+    a.store.record_sale(&sale("tea", "1", "5")).unwrap();
+    a.store.record_sale(&sale("tea", "2", "5")).unwrap();
+    sync(&mut a, &mut b, 100);
+    b.store.record_sale(&sale("tea", "1", "5")).unwrap();
+    let reader = b.store.reader().unwrap();
+    assert_eq!(reader.count_records(EntityKind::Product).unwrap(), 1, "the deleted one is not counted");
+    assert_eq!(reader.count_records(EntityKind::Ticket).unwrap(), 3);
+    assert_eq!(reader.ticket_count_of(&a.pos_id()).unwrap(), 2);
+    assert_eq!(reader.ticket_count_of(&b.pos_id()).unwrap(), 1);
+    assert_eq!(reader.duplicate_ticket_numbers().unwrap(), 0);
+    assert_eq!(reader.conflict_count().unwrap(), 0);
+}

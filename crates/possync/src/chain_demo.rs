@@ -20,7 +20,7 @@ use possync_core::{EntityId, EntityKind};
 use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, NodeConfig, UplinkConfig};
 use possync_node::writer::Priority;
 use possync_node::{Node, NodeShared};
-use possync_store::{PaymentRequest, SaleLineRequest, SaleRequest, Store, SystemEnvironment};
+use possync_store::{PaymentRequest, SaleLineRequest, SaleRequest, Store, StoreReader, SystemEnvironment};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -103,7 +103,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     wait_for("every till has the catalog", Duration::from_secs(60), || async {
         for till in &tills {
-            if count(&till.node.shared, "SELECT COUNT(*) AS n FROM products").await? != PRODUCTS as i64 {
+            if read(&till.node.shared, |reader| reader.count_records(EntityKind::Product)).await?
+                != PRODUCTS as u64
+            {
                 return Ok(false);
             }
         }
@@ -165,12 +167,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Duration::from_secs(90),
         || async {
             for till in &tills {
-                let pos = till.node.pos_id().to_string();
-                let at_hq =
-                    count(&head, &format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'"))
-                        .await?;
+                let at_hq = tickets_at(&head, till).await?;
                 let price = price_of(&till.node.shared).await?;
-                if at_hq != till.sold as i64 || price.as_deref() != Some(NEW_PRICE) {
+                if at_hq != till.sold || price.as_deref() != Some(NEW_PRICE) {
                     return Ok(false);
                 }
             }
@@ -180,21 +179,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     .await;
 
     println!("\n  {:<14} {:>6} {:>10} {:>12}", "till", "sold", "at HQ", "Product 0");
-    let mut per_store: BTreeMap<usize, (u64, i64)> = BTreeMap::new();
+    let mut per_store: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     let mut all_good = true;
     for till in &tills {
-        let pos = till.node.pos_id().to_string();
-        let at_hq =
-            count(&head, &format!("SELECT COUNT(*) AS n FROM tickets WHERE pos_id = '{pos}'")).await?;
+        let at_hq = tickets_at(&head, till).await?;
         let price = price_of(&till.node.shared).await?.unwrap_or_else(|| "-".into());
-        all_good &= at_hq == till.sold as i64 && price == NEW_PRICE;
+        all_good &= at_hq == till.sold && price == NEW_PRICE;
         println!("  {:<14} {:>6} {:>10} {:>12}", till.name, till.sold, at_hq, price);
         let entry = per_store.entry(till.store).or_default();
         entry.0 += till.sold;
         entry.1 += at_hq;
     }
-    let duplicates =
-        count(&head, "SELECT COUNT(*) - COUNT(DISTINCT ticket_number) AS n FROM tickets").await?;
+    let duplicates = read(&head, |reader| reader.duplicate_ticket_numbers()).await?;
     for (store, (sold, at_hq)) in &per_store {
         println!("  store{}: {sold} sold, {at_hq} at the head office", store + 1);
     }
@@ -249,18 +245,30 @@ where
     Ok(node.writer.call(Priority::Local, write).await??)
 }
 
-async fn count(node: &Arc<NodeShared>, sql: &str) -> Result<i64> {
-    let sql = sql.to_string();
-    let rows = node.readers.with(move |reader| reader.query_json(&sql)).await?;
-    Ok(rows.first().and_then(|row| row["n"].as_i64()).unwrap_or(0))
+/// A query on one of `node`'s readers.
+async fn read<T, F>(node: &Arc<NodeShared>, query: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&StoreReader) -> Result<T, possync_store::StoreError> + Send + 'static,
+{
+    Ok(node.readers.with(query).await?)
 }
 
+/// How many of `till`'s tickets the head office holds.
+async fn tickets_at(head: &Arc<NodeShared>, till: &Till) -> Result<u64> {
+    let pos = till.node.pos_id().clone();
+    read(head, move |reader| reader.ticket_count_of(&pos)).await
+}
+
+/// Product 0's price on a till, as text (`None` until it has the product).
 async fn price_of(node: &Arc<NodeShared>) -> Result<Option<String>> {
-    let rows = node
-        .readers
-        .with(|reader| reader.query_json("SELECT price FROM products WHERE id = 'chain-p0'"))
-        .await?;
-    Ok(rows.first().and_then(|row| row["price"].as_str().map(str::to_string)))
+    let product = EntityId::parse("chain-p0")?;
+    let record = read(node, move |reader| reader.record(EntityKind::Product, &product)).await?;
+    Ok(record.and_then(|record| match &record["price"] {
+        serde_json::Value::Number(price) => Some(price.to_string()),
+        serde_json::Value::String(price) => Some(price.clone()),
+        _ => None,
+    }))
 }
 
 async fn wait_for<F, Fut>(what: &str, limit: Duration, mut condition: F) -> Result<()>

@@ -255,13 +255,7 @@ async fn report(terminals: &[Terminal]) {
     for terminal in terminals {
         let node = terminal.shared();
         let stats = node.peers.detailed_stats();
-        let conflicts = node
-            .readers
-            .with(|reader| reader.query_json("SELECT COUNT(*) AS n FROM p2p_conflicts"))
-            .await
-            .ok()
-            .and_then(|rows| rows.first().and_then(|row| row["n"].as_i64()))
-            .unwrap_or(0);
+        let conflicts = node.readers.with(|reader| reader.conflict_count()).await.unwrap_or(0);
         println!(
             "  {:<7} p2p {:<3} peers {}  sales {:>4}  messages out {:>6} in {:>6}  conflicts {}",
             terminal.name,
@@ -294,14 +288,8 @@ async fn wait_converged(terminals: &[Terminal], limit: Duration) -> bool {
 }
 
 async fn conflict_summary(node: &Arc<NodeShared>) -> Result<Option<String>> {
-    let rows = node
-        .readers
-        .with(|reader| {
-            reader.query_json(
-                "SELECT conflict_type, resolution_strategy, notes FROM p2p_conflicts ORDER BY id LIMIT 1",
-            )
-        })
-        .await?;
+    // The newest one (the API's order).
+    let rows = node.readers.with(|reader| reader.conflicts(Some(1), None)).await?;
     Ok(rows.first().map(|row: &Value| {
         format!(
             "{} resolved by {}: {}",
