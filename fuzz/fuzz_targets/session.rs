@@ -64,6 +64,7 @@ impl Node {
             max_violations: 3,
             auto_sync: true,
             instance: Some(format!("instance-{id}")),
+            heads: Default::default(),
         };
         Node {
             session: Session::new(config, role, VersionVector::new(), now),

@@ -166,10 +166,11 @@ def main():
     check(len(days) == 14 and days[0]["day"] == "2026-11-12" and days[-1]["day"] == "2026-11-25",
           "daily: 14 days, 2026-11-12 .. 2026-11-25")
     by_day = {d["day"]: d for d in days}
-    check(by_day["2026-11-25"] == {"day": "2026-11-25", "changes": 85, "conflicts": 3, "errors": 3},
+    # Skipped rows without a reason count as changes (a NULL reason once dropped them).
+    check(by_day["2026-11-25"] == {"day": "2026-11-25", "changes": 85, "duplicates": 0, "conflicts": 3, "errors": 3},
           f"2026-11-25: 85 changes, 3 conflicts, 3 errors -> {by_day['2026-11-25']}")
     check(by_day["2026-11-21"]["changes"] == 85 and by_day["2026-11-21"]["errors"] == 1, "2026-11-21: 85 changes")
-    check(by_day["2026-11-15"] == {"day": "2026-11-15", "changes": 0, "conflicts": 0, "errors": 0},
+    check(by_day["2026-11-15"] == {"day": "2026-11-15", "changes": 0, "duplicates": 0, "conflicts": 0, "errors": 0},
           "a day without rows is present with zeros")
 
     peers = {p["peer_id"]: p for p in run("peer_reliability", since=SINCE_7D)}

@@ -167,6 +167,17 @@ pub struct StampPeek {
 }
 
 impl WireChange {
+    /// A short fingerprint of the change's content (the first 8 bytes of the SHA-256 of its
+    /// `data` text, in hex). `data` travels byte for byte, so every terminal holding the
+    /// same change computes the same fingerprint: comparing fingerprints at one origin and
+    /// seq tells two histories of that origin apart without sending the changes
+    /// (a handshake's `heads`).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.data.get().as_bytes());
+        digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect()
+    }
+
     /// A wire change whose `data` is the text of `data`.
     pub fn new(entity: impl Into<String>, action: impl Into<String>, data: &Value) -> WireChange {
         WireChange { entity: entity.into(), action: action.into(), data: raw_json(data), sig: None }

@@ -83,9 +83,20 @@ fn drive(
         // Subscribe before reading the summary: a change written in between is then both in the
         // summary and delivered live, and the session drops the copy the peer already has.
         let mut changes = node.writer.subscribe();
-        let summary = match node.summary().await {
-            Some(summary) => summary,
-            None => return Ended::BeforeHandshake("node stopping".into()),
+        // The summary, and the fingerprint of the change held at each of its numbers (the
+        // `hello`'s `heads`, which let the peer tell a second history of an origin at once).
+        let heads = node
+            .writer
+            .call(Priority::Sync, |store| match store.summary_with_heads() {
+                Ok(pair) => pair,
+                Err(err) => {
+                    warn!(%err, "could not read the heads of the change log; the hello goes without them");
+                    (store.summary().clone(), Default::default())
+                }
+            })
+            .await;
+        let Ok((summary, heads)) = heads else {
+            return Ended::BeforeHandshake("node stopping".into());
         };
         let mut settings_watch = node.watch_settings();
         // This node's other connections, told to the peer so it does not relay their changes.
@@ -99,6 +110,7 @@ fn drive(
         config.batch_size = settings.batch_size;
         config.auto_sync = settings.auto_sync;
         config.instance = Some(node.instance.clone());
+        config.heads = heads;
         let mut session = Session::new(config, role, summary, now_ms());
         let mut catch_up = CatchUpWatch::new(now_ms(), stalled_after_ms(settings.heartbeat_interval_ms));
         let mut live_budget = LiveChangeBudget::new(settings.peer_max_changes_per_second);
@@ -160,6 +172,7 @@ fn drive(
                             ));
                             node.record_event(row);
                         }
+                        report_diverged_heads(&node, &info, session.stats()).await;
                         let registration = node.peers.register(
                             &node.identity.pos_id,
                             &info.pos_id,
@@ -611,6 +624,55 @@ async fn log_rejected(
         .await;
     if let Ok(Err(err)) = logged {
         warn!(%err, "could not log a refused frame");
+    }
+}
+
+/// Compares the peer's `heads` with this node's log at the same numbers: a difference is a
+/// second history of an origin. Of this till's own origin, it was restored from a backup or
+/// copied and then wrote changes the peers hold with other content ("own history diverged",
+/// alerted like an identity clash); of another origin, a fork (logged and alerted like one
+/// refused on arrival). Both are found here at the handshake, even when neither side will
+/// ever send the other the changes concerned.
+async fn report_diverged_heads(
+    node: &Arc<NodeShared>,
+    info: &protocol::PeerInfo,
+    stats: &protocol::ConnectionStats,
+) {
+    if info.heads.is_empty() {
+        return;
+    }
+    let (summary, heads) = (info.summary.clone(), info.heads.clone());
+    let diverged = match node.readers.with(move |reader| reader.diverged_heads(&summary, &heads)).await {
+        Ok(diverged) => diverged,
+        Err(err) => {
+            warn!(%err, "could not compare the peer's heads");
+            return;
+        }
+    };
+    for (origin, seq) in diverged {
+        if origin == node.identity.pos_id {
+            warn!(seq = seq.0, "a peer holds another change with this till's own origin and number");
+            node.metrics.identity_clashes.inc();
+            let mut row = event_row(&info.pos_id, &info.pos_name, ConnectionEventKind::SyncFailed, stats);
+            row.error_message = Some(format!(
+                "own history diverged: {} holds another change numbered {seq} of this till than this till does: it was restored from a backup or its data directory was copied, and wrote changes under numbers the peers hold with other content. Those changes stay on this till; see docs/DESIGN.md",
+                info.pos_name
+            ));
+            node.record_event(row);
+        } else {
+            warn!(%origin, seq = seq.0, "a peer holds another change with this origin and number (a fork)");
+            node.metrics.forks.inc();
+            let (id, name) = (info.pos_id.to_string(), info.pos_name.clone());
+            let logged = node
+                .writer
+                .call(Priority::Sync, move |store| {
+                    store.log_fork_at_handshake(PeerRef { id: &id, name: &name }, &origin, seq)
+                })
+                .await;
+            if let Ok(Err(err)) = logged {
+                warn!(%err, "could not log a fork");
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use possync_core::EntityKind;
+use possync_node::NodeConfig;
 use possync_node::transport::{self, ChannelConfig, SecureChannel};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -593,6 +594,52 @@ async fn two_tills_with_one_identity_are_detected_and_a_restored_till_takes_its_
     restored.shutdown().await;
     b.shutdown().await;
     a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_till_restored_from_a_backup_that_wrote_past_its_peers_is_told_at_the_handshake() {
+    // Issue 13, item 2: a restored till that numbered past what its peers hold compares no
+    // version vector lower than theirs, so only the content tells it (the hello's heads).
+    let b = start(Options::new("Till B")).await;
+    let a = start(Options::new("Till A").peer(b.peer_addr())).await;
+    product(&a, "p-0", "1.00").await;
+    wait_converged(&[&a, &b]).await;
+    // A's data directory is backed up; A sells on, and B holds that.
+    let config = a.shared().config.clone();
+    let TestNode { node, dir } = a;
+    node.shutdown().await;
+    let backup = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), backup.path().join(entry.file_name())).unwrap();
+    }
+    let a = reopen(dir, config.clone()).await;
+    product(&a, "p-1", "1.00").await;
+    wait_converged(&[&a, &b]).await;
+    let held_by_b = b.shared().summary().await.unwrap().get(&a.pos_id());
+    a.shutdown().await;
+    // The backup comes back on a till off the network, which writes two changes: numbers
+    // past what B holds, the first of them taken by B's copy of A's p-1.
+    let offline = NodeConfig { static_peers: Vec::new(), ..config.clone() };
+    let restored = reopen(backup, offline).await;
+    product(&restored, "p-2", "2.00").await;
+    product(&restored, "p-3", "3.00").await;
+    let me = restored.pos_id();
+    assert!(restored.shared().summary().await.unwrap().get(&me) > held_by_b, "not behind B: no vv tells");
+    let TestNode { node, dir } = restored;
+    node.shutdown().await;
+    let restored = reopen(dir, config).await;
+    let rows = wait_for_metric(&restored, "sync_failed", 1).await;
+    assert!(
+        rows.iter()
+            .any(|row| row["errorMessage"].as_str().unwrap_or_default().starts_with("own history diverged:")),
+        "{rows:?}"
+    );
+    let now = possync_node::node::now_ms();
+    let dashboard = read(&restored, move |reader| reader.dashboard_rows(now)).await;
+    assert_eq!(dashboard.alert_identity.len(), 1, "{:?}", dashboard.alert_identity);
+    restored.shutdown().await;
+    b.shutdown().await;
 }
 
 /// A WebSocket relay between a dialler and `upstream`, recording what the dialler sends.

@@ -188,6 +188,28 @@ impl Store {
         self.write(false, |store| store.log_sync(&log, SyncStatus::Error, Some(error), None, Some(&details)))
     }
 
+    /// Logs a fork found at a handshake: the peer holds another change numbered `seq` of
+    /// `origin` than this node does (their fingerprints differ). An `error` row `fork: ...`,
+    /// like a fork refused when the change itself arrives, so the dashboard's alert shows it.
+    pub fn log_fork_at_handshake(&mut self, peer: PeerRef<'_>, origin: &PosId, seq: Seq) -> Result<()> {
+        let log = SyncLog {
+            peer_id: peer.id,
+            peer_name: Some(peer.name),
+            message_type: "hello",
+            message_action: "heads",
+            entity_type: None,
+            entity_id: None,
+        };
+        let reason = format!(
+            "fork: {} holds another change numbered {seq} of {origin} than this till does (found at the handshake)",
+            peer.name
+        );
+        let details = json!({"origin": origin, "seq": seq, "fork": true, "foundAt": "handshake"}).to_string();
+        self.write(false, |store| {
+            store.log_sync(&log, SyncStatus::Error, Some(&reason), None, Some(&details))
+        })
+    }
+
     /// Applies one remote change (`verified_with`: the key its signature was found valid
     /// with, when it was checked with its batch).
     pub(crate) fn apply_one(

@@ -346,6 +346,18 @@ impl Store {
         })
     }
 
+    /// This node's version vector with, for each origin, the fingerprint of the change it
+    /// holds at that number: what a `hello` carries (`summary` and `heads`).
+    pub fn summary_with_heads(&self) -> Result<(VersionVector, std::collections::BTreeMap<PosId, String>)> {
+        let mut heads = std::collections::BTreeMap::new();
+        for (origin, seq) in self.vv.iter() {
+            if let Some(head) = reader::fingerprint_at(&self.conn, origin, seq)? {
+                heads.insert(origin.clone(), head);
+            }
+        }
+        Ok((self.vv.clone(), heads))
+    }
+
     /// A new read-only connection to the same database.
     pub fn reader(&self) -> Result<StoreReader> {
         StoreReader::open(&self.path)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use possync_core::{EntityId, EntityKind, PosId, Seq, VersionVector};
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OpenFlags, Params, Row};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Params, Row};
 use serde_json::{Map, Value, json};
 
 use crate::error::{Result, StoreError};
@@ -533,6 +533,29 @@ impl StoreReader {
         Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM p2p_conflicts", [], |row| row.get(0))?)
     }
 
+    /// The origins whose history differs between this node and a peer: for each origin of the
+    /// peer's `heads` whose number (in the peer's `summary`) this node holds too, the
+    /// fingerprint of the change this node holds at that number is compared with the peer's.
+    /// Returns each origin that differs, with the number compared.
+    pub fn diverged_heads(
+        &self,
+        summary: &VersionVector,
+        heads: &std::collections::BTreeMap<PosId, String>,
+    ) -> Result<Vec<(PosId, Seq)>> {
+        let held = self.summary()?;
+        let mut diverged = Vec::new();
+        for (origin, theirs) in heads {
+            let seq = summary.get(origin);
+            if seq == Seq(0) || held.get(origin) < seq {
+                continue;
+            }
+            if fingerprint_at(&self.conn, origin, seq)?.is_some_and(|ours| &ours != theirs) {
+                diverged.push((origin.clone(), seq));
+            }
+        }
+        Ok(diverged)
+    }
+
     /// How many live records of `kind` this terminal holds (tickets and stock movements: all).
     pub fn count_records(&self, kind: EntityKind) -> Result<u64> {
         let table = records::table(kind);
@@ -577,6 +600,25 @@ impl StoreReader {
             .conn
             .query_row("SELECT EXISTS (SELECT 1 FROM settings WHERE key = ?1)", [key], |row| row.get(0))?)
     }
+}
+
+/// The fingerprint ([`possync_core::WireChange::fingerprint`]) of the change numbered `seq`
+/// of `origin` in the log, if it is there.
+pub(crate) fn fingerprint_at(conn: &Connection, origin: &PosId, seq: Seq) -> Result<Option<String>> {
+    let payload: Option<String> = conn
+        .prepare_cached(
+            "SELECT c.payload FROM sync_changes c JOIN sync_origins o ON o.idx = c.origin
+             WHERE o.pos_id = ?1 AND c.seq = ?2",
+        )?
+        .query_row(rusqlite::params![origin.as_str(), seq.0 as i64], |row| row.get(0))
+        .optional()?;
+    payload
+        .map(|payload| {
+            serde_json::from_str::<possync_core::WireChange>(&payload)
+                .map(|wire| wire.fingerprint())
+                .map_err(|err| StoreError::Corrupt(format!("sync_changes.payload: {err}")))
+        })
+        .transpose()
 }
 
 /// Like [`rows_json`], with named text parameters; a name the query does not use is skipped.
@@ -698,7 +740,7 @@ const DAILY_VOLUME_SQL: &str = r#"WITH RECURSIVE days(day) AS (
 ),
 logs AS (
   SELECT date(created_at) AS day,
-         SUM(NOT (status = 'skipped' AND conflict_reason IN ('duplicate: already applied', 'already incorporated'))) AS changes,
+         SUM(NOT (status = 'skipped' AND COALESCE(conflict_reason, '') IN ('duplicate: already applied', 'already incorporated'))) AS changes,
          SUM(status = 'skipped' AND conflict_reason IN ('duplicate: already applied', 'already incorporated')) AS duplicates,
          SUM(status = 'error') AS errors
   FROM p2p_sync_logs
@@ -925,12 +967,14 @@ ORDER BY origin;"#;
 /// `alert_identity` of docs/DASHBOARD.md.
 const ALERT_IDENTITY_SQL: &str = r#"SELECT COUNT(*) AS events, MAX(created_at) AS last_seen,
        (SELECT m2.error_message FROM p2p_connection_metrics m2 WHERE m2.event_type = 'sync_failed'
-         AND (m2.error_message LIKE 'identity clash:%' OR m2.error_message LIKE 'own changes behind:%')
+         AND (m2.error_message LIKE 'identity clash:%' OR m2.error_message LIKE 'own changes behind:%'
+              OR m2.error_message LIKE 'own history diverged:%')
          ORDER BY m2.created_at DESC, m2.id DESC LIMIT 1) AS message,
        'critical' AS level
 FROM p2p_connection_metrics
 WHERE event_type = 'sync_failed'
-  AND (error_message LIKE 'identity clash:%' OR error_message LIKE 'own changes behind:%')
+  AND (error_message LIKE 'identity clash:%' OR error_message LIKE 'own changes behind:%'
+       OR error_message LIKE 'own history diverged:%')
   AND created_at >= :since AND created_at <= :now
 HAVING COUNT(*) > 0;"#;
 

@@ -1029,3 +1029,28 @@ fn the_readers_counts_follow_the_data() {
     assert_eq!(reader.duplicate_ticket_numbers().unwrap(), 0);
     assert_eq!(reader.conflict_count().unwrap(), 0);
 }
+
+#[test]
+fn heads_tell_two_histories_of_an_origin_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    a.store.create_record(EntityKind::Category, &json!({"id": "c1", "name": "Tea"})).unwrap();
+    sync(&mut a, &mut b, 100);
+    let (summary, heads) = a.store.summary_with_heads().unwrap();
+    assert_eq!(heads.len(), 1, "one origin, one head: {heads:?}");
+    let reader = b.store.reader().unwrap();
+    assert_eq!(reader.diverged_heads(&summary, &heads).unwrap(), vec![], "the same history");
+    let mut other = heads.clone();
+    other.insert(a.pos_id(), "0000000000000000".into());
+    assert_eq!(
+        reader.diverged_heads(&summary, &other).unwrap(),
+        vec![(a.pos_id(), summary.get(&a.pos_id()))]
+    );
+    // A number B does not hold yet is not compared.
+    a.store.create_record(EntityKind::Category, &json!({"id": "c2", "name": "Cake"})).unwrap();
+    let (ahead, mut ahead_heads) = a.store.summary_with_heads().unwrap();
+    ahead_heads.insert(a.pos_id(), "0000000000000000".into());
+    assert_eq!(reader.diverged_heads(&ahead, &ahead_heads).unwrap(), vec![]);
+}

@@ -12,7 +12,7 @@
 //! the wire `code` sent back to the peer in an `error` frame. Nothing in this module panics
 //! on peer input.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
@@ -189,7 +189,16 @@ pub struct Hello {
     /// terminals with one posId (a cloned disk, a copied data directory) differ here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// For each origin of `summary`, the fingerprint of the change the sender holds at that
+    /// number ([`crate::WireChange::fingerprint`]; optional). The receiver compares those it
+    /// holds too: a difference is two histories of one origin (a till restored from a
+    /// backup or cloned, or a fork), found at the handshake instead of never.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub heads: BTreeMap<PosId, String>,
 }
+
+/// Longest fingerprint accepted in a `hello`'s `heads`.
+pub const MAX_HEAD_LEN: usize = 64;
 
 /// The data of `pong`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -509,7 +518,11 @@ fn parse_hello(data: Map<String, Value>) -> Result<Hello, ProtocolError> {
         Some(None) => return Err(invalid("data.protocolVersion", "expected an integer")),
         None => return Err(invalid("data.protocolVersion", "missing")),
     }
-    serde_json::from_value(Value::Object(data)).map_err(|err| invalid("data", err))
+    let hello: Hello = serde_json::from_value(Value::Object(data)).map_err(|err| invalid("data", err))?;
+    if hello.heads.values().any(|head| head.len() > MAX_HEAD_LEN) {
+        return Err(invalid("data.heads", format!("a fingerprint longer than {MAX_HEAD_LEN} characters")));
+    }
+    Ok(hello)
 }
 
 /// The envelope's fields, each still JSON text (borrowed from the frame).
@@ -576,6 +589,21 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_with_an_overlong_head_is_refused() {
+        let frame = |head: &str| {
+            json!({"id": "a-1", "type": "hello", "action": "request", "timestamp": "2025-11-23T10:05:00.000Z",
+                   "sourcePos": "a", "data": {"posId": "a", "posName": "Till", "protocolVersion": 1,
+                   "summary": {"a": 1}, "heads": {"a": head}}})
+            .to_string()
+        };
+        assert!(Message::parse(&frame("0123456789abcdef")).is_ok());
+        assert!(matches!(
+            Message::parse(&frame(&"f".repeat(MAX_HEAD_LEN + 1))),
+            Err(ProtocolError::InvalidField { .. })
+        ));
+    }
+
+    #[test]
     fn every_message_round_trips() {
         let stamped = |origin, seq| StampedChange::new(change(origin, seq), "data").unwrap();
         let hello = Hello {
@@ -584,6 +612,7 @@ mod tests {
             protocol_version: 1,
             summary: vv(&[("a", 4)]),
             instance: None,
+            heads: [(pos("a"), "0123456789abcdef".to_string())].into_iter().collect(),
         };
         let bodies = [
             Body::Hello(hello.clone()),

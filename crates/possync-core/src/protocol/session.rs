@@ -8,7 +8,7 @@
 //! same outputs, which is what lets the tests run two sessions against each other on a
 //! virtual clock. See the [module docs](super) for the run loop a driver follows.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -55,6 +55,9 @@ pub struct SessionConfig {
     /// live. When false, this node sends only when asked: a `sync_request` from the peer
     /// (its "sync now" or a gap), or [`Session::request_sync`] here ("sync now", both ways).
     pub auto_sync: bool,
+    /// The fingerprint of the change this node holds at each origin's number of the summary
+    /// given to [`Session::new`] (sent as the `hello`'s `heads`).
+    pub heads: BTreeMap<PosId, String>,
 }
 
 /// Which side of the connection this session is; decides who speaks first.
@@ -75,6 +78,9 @@ pub struct PeerInfo {
     pub pos_name: String,
     /// The peer's node version vector at handshake time.
     pub summary: VersionVector,
+    /// The fingerprints of the changes the peer holds at its summary's numbers (empty from a
+    /// peer that does not send them).
+    pub heads: BTreeMap<PosId, String>,
 }
 
 /// What the driver answers to an [`Event::Apply`] once the store has applied it.
@@ -348,6 +354,7 @@ impl SessionConfig {
             max_violations: 10,
             auto_sync: true,
             instance: None,
+            heads: BTreeMap::new(),
         }
     }
 }
@@ -730,11 +737,17 @@ impl Session {
             protocol_version: PROTOCOL_VERSION,
             summary: self.local_summary.clone(),
             instance: self.config.instance.clone(),
+            heads: self.config.heads.clone(),
         }
     }
 
     fn establish(&mut self, hello: Hello) {
-        let peer = PeerInfo { pos_id: hello.pos_id, pos_name: hello.pos_name, summary: hello.summary };
+        let peer = PeerInfo {
+            pos_id: hello.pos_id,
+            pos_name: hello.pos_name,
+            summary: hello.summary,
+            heads: hello.heads,
+        };
         self.state = State::Established;
         self.peer_known.merge(&peer.summary);
         self.next_ping_ms = Some(self.now_ms + self.heartbeat_interval());

@@ -41,6 +41,7 @@ pub(crate) fn config(id: &str) -> SessionConfig {
         max_violations: 3,
         auto_sync: true,
         instance: None,
+        heads: Default::default(),
     }
 }
 
