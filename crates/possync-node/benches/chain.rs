@@ -29,7 +29,7 @@ use possync_chain::{Batch, ChainId, HEADER_LAST_SEQ, Subjects};
 use possync_core::{EntityKind, PosId, Seq, WireChange};
 use possync_node::Node;
 use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, NodeConfig};
-use possync_store::{DB_FILE, SaleRequest, Store, SystemEnvironment};
+use possync_store::{ChainRun, DB_FILE, SaleRequest, Store, SystemEnvironment};
 use serde_json::json;
 
 const PRODUCTS: usize = 20;
@@ -198,7 +198,12 @@ fn apply_baseline(dir: &std::path::Path, template: &std::path::Path, stores: &[S
         for store in stores {
             let chunk = store.changes.chunks(per_message.max(1)).nth(round);
             if let Some(chunk) = chunk {
-                runs.push((store.store.clone(), store.origin.clone(), chunk.to_vec()));
+                runs.push(ChainRun {
+                    store: store.store.clone(),
+                    origin: store.origin.clone(),
+                    changes: chunk.to_vec(),
+                    verified: None,
+                });
             }
         }
     }

@@ -24,7 +24,22 @@ use serde_json::{Value, json};
 
 use crate::apply::{Accept, ApplyReport, PeerRef};
 use crate::error::{Result, StoreError};
+use crate::keys::Verified;
 use crate::{Store, StoreReader};
+
+/// One store's run of one origin's changes, as the head office ingests it.
+#[derive(Debug)]
+pub struct ChainRun {
+    /// The store it came from (the subject it was published on).
+    pub store: String,
+    /// The origin.
+    pub origin: PosId,
+    /// The changes, in seq order.
+    pub changes: Vec<WireChange>,
+    /// Their signatures, when the task that received them checked them
+    /// ([`crate::KeyDirectory::verify`]); `None`: checked by the writer.
+    pub verified: Option<Verified>,
+}
 
 impl Store {
     /// Sets (or clears) the chain store this till belongs to: its ticket numbers then start
@@ -43,20 +58,17 @@ impl Store {
         origin: &PosId,
         changes: Vec<WireChange>,
     ) -> Result<ApplyReport> {
-        self.write(true, |store| store.apply_chain_run(store_id, origin, changes))
+        self.write(true, |store| store.apply_chain_run(store_id, origin, changes, None))
     }
 
     /// Head office: several stores' runs, each as [`Store::apply_chain_batch`] would, in ONE
     /// durable transaction (one fsync for all: the ingest applies the messages the consumer
     /// has already delivered together). One report per run, in order. On error nothing is
     /// kept.
-    pub fn apply_chain_batches(
-        &mut self,
-        runs: Vec<(String, PosId, Vec<WireChange>)>,
-    ) -> Result<Vec<ApplyReport>> {
+    pub fn apply_chain_batches(&mut self, runs: Vec<ChainRun>) -> Result<Vec<ApplyReport>> {
         self.write(true, |store| {
             runs.into_iter()
-                .map(|(store_id, origin, changes)| store.apply_chain_run(&store_id, &origin, changes))
+                .map(|run| store.apply_chain_run(&run.store, &run.origin, run.changes, run.verified))
                 .collect()
         })
     }
@@ -66,13 +78,14 @@ impl Store {
         store_id: &str,
         origin: &PosId,
         changes: Vec<WireChange>,
+        verified: Option<Verified>,
     ) -> Result<ApplyReport> {
         let peer_id = format!("store:{store_id}");
         let peer_name = format!("store {store_id}");
         let received = changes.len() as i64;
         let mut report = ApplyReport::default();
         let peer = PeerRef { id: &peer_id, name: &peer_name };
-        let verified = self.preverify(&changes);
+        let verified = verified.unwrap_or_else(|| self.preverify(&changes));
         for (index, wire) in changes.into_iter().enumerate() {
             self.apply_one(peer, wire, Accept::NoCatalog, verified.key(index), &mut report)?;
         }

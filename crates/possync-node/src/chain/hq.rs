@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::{FutureExt, StreamExt};
 use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects};
+use possync_store::ChainRun;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -208,9 +209,14 @@ async fn handle_group(
     if checked.is_empty() {
         return Ok(());
     }
-    let runs: Vec<_> = checked
+    // Signatures are checked here, off the single writer, as on the LAN.
+    let runs: Vec<ChainRun> = checked
         .iter()
-        .map(|good| (good.store.clone(), good.batch.origin().clone(), good.batch.changes().to_vec()))
+        .map(|good| {
+            let changes = good.batch.changes().to_vec();
+            let verified = Some(node.keys.verify(&changes));
+            ChainRun { store: good.store.clone(), origin: good.batch.origin().clone(), changes, verified }
+        })
         .collect();
     let reports = node.writer.call(Priority::Sync, move |db| db.apply_chain_batches(runs)).await?;
     let reports = match reports {
