@@ -18,6 +18,8 @@
 //! - chain ingest: a head office node (durable consumer, checks, one durable transaction per
 //!   message, ack after commit) taking the UP stream filled by the stores, in sales per second.
 
+#[path = "common/chain_node.rs"]
+mod chain_node;
 #[path = "../tests/common/nats.rs"]
 mod nats;
 
@@ -28,7 +30,7 @@ use futures_util::StreamExt;
 use possync_chain::{Batch, ChainId, HEADER_LAST_SEQ, Subjects};
 use possync_core::{EntityKind, PosId, Seq, WireChange};
 use possync_node::Node;
-use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, NodeConfig};
+use possync_node::config::{ChainRole, HqConfig};
 use possync_store::{ChainRun, DB_FILE, SaleRequest, Store, SystemEnvironment};
 use serde_json::json;
 
@@ -233,28 +235,13 @@ async fn chain_ingest(dir: &std::path::Path, template: &std::path::Path, stores:
     let hq_dir = dir.join("hq-node");
     std::fs::create_dir_all(&hq_dir).unwrap();
     std::fs::copy(template, hq_dir.join(DB_FILE)).unwrap();
-    let config = NodeConfig {
-        data_dir: hq_dir.clone(),
-        peer_listen: "127.0.0.1:0".parse().unwrap(),
-        api_listen: None,
-        static_peers: Vec::new(),
-        discovery: false,
-        secret: "bench secret: 0123456789abcdef0123456789abcdef".into(),
-        api_token: "bench".into(),
-        max_connections: 16,
-        max_frame_bytes: 16 * 1024 * 1024,
-        backoff_base_ms: 100,
-        chain: Some(ChainRole::Hq(HqConfig {
-            backbone: BackboneConfig {
-                url: server.url(),
-                chain: ChainId::parse("bench").unwrap(),
-                auth: BackboneAuth::Anonymous,
-                tls_ca: None,
-            },
+    let config = chain_node::node_config(
+        &hq_dir,
+        ChainRole::Hq(HqConfig {
+            backbone: chain_node::backbone(server.url(), "bench"),
             silent_store_alert_secs: 900,
-        })),
-        api: Default::default(),
-    };
+        }),
+    );
     let store = Store::open(&hq_dir.join(DB_FILE), Box::new(SystemEnvironment::default())).unwrap();
     let hq = Node::start_with_store(config.clone(), store).await.unwrap();
     while js.get_stream(subjects.up_stream()).await.is_err() {

@@ -26,6 +26,8 @@
 //! a sale's size published (acked) at the same rate on the same server and read by a pull
 //! consumer (explicit acks), from the publish call to the consumer holding the message.
 
+#[path = "common/chain_node.rs"]
+mod chain_node;
 #[path = "../tests/common/nats.rs"]
 mod nats;
 
@@ -38,10 +40,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
-use possync_chain::{ChainId, StoreId};
+use possync_chain::StoreId;
 use possync_core::{EntityId, EntityKind};
 use possync_node::Node;
-use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, NodeConfig, UplinkConfig};
+use possync_node::config::{BackboneConfig, ChainRole, HqConfig, UplinkConfig};
 use possync_node::writer::Priority;
 use possync_store::{DB_FILE, SaleRequest, Store, StoreReader, SystemEnvironment};
 use serde_json::{Value, json};
@@ -62,25 +64,8 @@ fn main() {
     }
 }
 
-fn node_config(dir: &Path, chain: ChainRole) -> NodeConfig {
-    NodeConfig {
-        data_dir: dir.to_path_buf(),
-        peer_listen: "127.0.0.1:0".parse().unwrap(),
-        api_listen: None,
-        static_peers: Vec::new(),
-        discovery: false,
-        secret: "bench secret: 0123456789abcdef0123456789abcdef".into(),
-        api_token: "bench".into(),
-        max_connections: 16,
-        max_frame_bytes: 16 * 1024 * 1024,
-        backoff_base_ms: 100,
-        chain: Some(chain),
-        api: Default::default(),
-    }
-}
-
 fn backbone(url: String) -> BackboneConfig {
-    BackboneConfig { url, chain: ChainId::parse(CHAIN).unwrap(), auth: BackboneAuth::Anonymous, tls_ca: None }
+    chain_node::backbone(url, CHAIN)
 }
 
 /// The child: a head office node with the catalog, taking commands on stdin
@@ -98,8 +83,10 @@ async fn head_office() {
             )
             .unwrap();
     }
-    let config =
-        node_config(&dir, ChainRole::Hq(HqConfig { backbone: backbone(url), silent_store_alert_secs: 900 }));
+    let config = chain_node::node_config(
+        &dir,
+        ChainRole::Hq(HqConfig { backbone: backbone(url), silent_store_alert_secs: 900 }),
+    );
     let node = Node::start_with_store(config, store).await.unwrap();
     println!("ready");
     let mut lines = BufReader::new(std::io::stdin()).lines();
@@ -206,7 +193,7 @@ async fn start_till(store: usize, url: String) -> Till {
         backbone: backbone(url),
         store: StoreId::parse(format!("s{store:03}")).unwrap(),
     });
-    let node = Node::start_with_store(node_config(dir.path(), chain), store_db).await.unwrap();
+    let node = Node::start_with_store(chain_node::node_config(dir.path(), chain), store_db).await.unwrap();
     Till { node, _dir: dir, db: path }
 }
 
