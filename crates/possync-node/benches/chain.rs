@@ -25,7 +25,7 @@ mod nats;
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream;
 use futures_util::StreamExt;
 use possync_chain::{Batch, ChainId, HEADER_LAST_SEQ, Subjects};
 use possync_core::{EntityKind, PosId, Seq, WireChange};
@@ -136,14 +136,7 @@ async fn raw_baseline(stores: &[StoreRuns]) {
     let server = nats::NatsServer::start();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    let raw = js
-        .create_stream(stream::Config {
-            name: "RAW".into(),
-            subjects: vec!["raw.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let raw = chain_node::raw_stream(&js).await;
     let total: usize = stores.iter().map(|store| store.messages.len()).sum();
     let start = Instant::now();
     let mut pending = Vec::new();
@@ -161,15 +154,7 @@ async fn raw_baseline(stores: &[StoreRuns]) {
         ack.await.unwrap();
     }
     let published = start.elapsed();
-    let consumer: consumer::PullConsumer = raw
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 1_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let consumer = chain_node::raw_consumer(&raw).await;
     let start = Instant::now();
     let mut messages = consumer.messages().await.unwrap();
     for _ in 0..total {

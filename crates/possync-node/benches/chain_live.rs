@@ -38,7 +38,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream;
 use futures_util::StreamExt;
 use possync_chain::StoreId;
 use possync_core::{EntityId, EntityKind};
@@ -226,23 +226,8 @@ async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 async fn raw_latency(url: &str, rate: usize, seconds: usize) {
     let client = async_nats::connect(url).await.unwrap();
     let js = jetstream::new(client);
-    let raw = js
-        .create_stream(stream::Config {
-            name: "RAW".into(),
-            subjects: vec!["raw.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let consumer: consumer::PullConsumer = raw
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 1_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let raw = chain_node::raw_stream(&js).await;
+    let consumer = chain_node::raw_consumer(&raw).await;
     let total = rate * seconds;
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total]));
     let reader = {
@@ -313,9 +298,8 @@ async fn run() {
     }
     let readers: Vec<StoreReader> = tills.iter().map(|till| StoreReader::open(&till.db).unwrap()).collect();
     let hq_reader = StoreReader::open(&hq.db).unwrap();
-    let has_catalog = |reader: &StoreReader| {
-        one_value(reader, "SELECT COUNT(*) FROM products").and_then(|n| n.as_u64()) == Some(PRODUCTS as u64)
-    };
+    let has_catalog =
+        |reader: &StoreReader| reader.count_records(EntityKind::Product).ok() == Some(PRODUCTS as u64);
     wait_for("every store has the catalog", Duration::from_secs(120), || readers.iter().all(has_catalog))
         .await;
     println!("  {stores} stores started and given the catalog in {:.1} s", started.elapsed().as_secs_f64());
@@ -417,7 +401,7 @@ async fn run() {
     // 3. A day offline.
     proxy.cut();
     let offline = Arc::clone(&tills[0]);
-    let pos = offline.node.shared.identity.pos_id.to_string();
+    let pos = offline.node.shared.identity.pos_id.clone();
     for i in 0..offline_sales {
         offline.sell(i).await;
     }
@@ -433,11 +417,7 @@ async fn run() {
     let (mut up, mut down) = (None, None);
     while up.is_none() || down.is_none() {
         assert!(healed.elapsed() < Duration::from_secs(300), "the offline store did not catch up");
-        if up.is_none()
-            && one_value(&hq_reader, &format!("SELECT COUNT(*) FROM tickets WHERE pos_id = '{pos}'"))
-                .and_then(|n| n.as_u64())
-                == Some(expected_tickets)
-        {
+        if up.is_none() && hq_reader.ticket_count_of(&pos).ok() == Some(expected_tickets) {
             up = Some(healed.elapsed());
         }
         if down.is_none()

@@ -21,7 +21,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use possync_core::signature::{PublicKey, SignatureError, TillKey};
-use possync_core::{Change, ChangeBody, EntityId, EntityKind, PosId, Seq, VersionVector, WireChange};
+use possync_core::{
+    Change, ChangeBody, EntityId, EntityKind, PosId, Seq, StampPeek, VersionVector, WireChange,
+};
 use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 
@@ -129,22 +131,7 @@ impl KeyDirectory {
     /// that does not verify as a whole, is left unchecked: the writer checks it alone.
     pub fn verify(&self, changes: &[WireChange]) -> Verified {
         let keys = self.0.read().unwrap_or_else(PoisonError::into_inner);
-        let mut keyed = Vec::with_capacity(changes.len());
-        let mut with = vec![None; changes.len()];
-        for (index, wire) in changes.iter().enumerate() {
-            let Some(stamp) = wire.peek_stamp() else { continue };
-            if let Some(key) = keys.get(&stamp.origin)
-                && wire.sig.is_some()
-            {
-                keyed.push((*key, wire));
-                with[index] = Some(*key);
-            }
-        }
-        drop(keys);
-        if keyed.is_empty() || !possync_core::signature::verify_all(&keyed) {
-            return Verified(vec![None; changes.len()]);
-        }
-        Verified(with)
+        Verified::check(changes, 1, |stamp| keys.get(&stamp.origin).copied())
     }
 }
 
@@ -157,6 +144,31 @@ impl Verified {
     /// Nothing checked yet: the writer checks every change.
     pub fn nothing(count: usize) -> Verified {
         Verified(vec![None; count])
+    }
+
+    /// Checks the signed changes whose origin `key_of` knows, all at once (Ed25519 batch
+    /// verification), when there are at least `min` of them. When the batch does not verify
+    /// as a whole, or is too small, nothing counts as checked.
+    fn check(
+        changes: &[WireChange],
+        min: usize,
+        key_of: impl Fn(&StampPeek) -> Option<PublicKey>,
+    ) -> Verified {
+        let mut keyed = Vec::with_capacity(changes.len());
+        let mut with = vec![None; changes.len()];
+        for (index, wire) in changes.iter().enumerate() {
+            let Some(stamp) = wire.peek_stamp() else { continue };
+            if let Some(key) = key_of(&stamp)
+                && wire.sig.is_some()
+            {
+                keyed.push((key, wire));
+                with[index] = Some(key);
+            }
+        }
+        if keyed.len() < min.max(1) || !possync_core::signature::verify_all(&keyed) {
+            return Verified::nothing(changes.len());
+        }
+        Verified(with)
     }
 
     /// How many changes were checked.
@@ -231,22 +243,13 @@ impl Store {
     /// enrolled yet, a bad signature somewhere in the batch) is checked alone by
     /// [`Store::check_origin`].
     pub(crate) fn preverify(&self, changes: &[WireChange]) -> Verified {
-        let mut keyed = Vec::with_capacity(changes.len());
-        let mut with = vec![None; changes.len()];
-        for (index, wire) in changes.iter().enumerate() {
-            let Some(stamp) = wire.peek_stamp() else { continue };
-            if let Some(enrolled) = self.keyring.key(&stamp.origin, &self.vv)
-                && stamp.seq > enrolled.since
-                && wire.sig.is_some()
-            {
-                keyed.push((enrolled.key, wire));
-                with[index] = Some(enrolled.key);
-            }
-        }
-        if keyed.len() < 2 || !possync_core::signature::verify_all(&keyed) {
-            return Verified::nothing(changes.len());
-        }
-        Verified(with)
+        // One signature alone costs the same checked here or by `check_origin`.
+        Verified::check(changes, 2, |stamp| {
+            self.keyring
+                .key(&stamp.origin, &self.vv)
+                .filter(|enrolled| stamp.seq > enrolled.since)
+                .map(|enrolled| enrolled.key)
+        })
     }
 
     /// The keys this till has seen enrolled, for checking signatures off the writer.

@@ -22,6 +22,12 @@ fn price_change(origin: &str, seq: u64, price: &str) -> WireChange {
     )
 }
 
+/// A till's own edit of the tea's price (a change in its name, signed by it).
+fn set_tea_price(till: &mut common::Terminal, price: serde_json::Value) {
+    let tea = possync_core::EntityId::parse("tea").unwrap();
+    till.store.update_record(EntityKind::Product, &tea, &json!({ "price": price })).unwrap();
+}
+
 #[test]
 fn a_change_written_in_another_tills_name_is_refused_and_the_real_one_still_lands() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,13 +70,7 @@ fn a_change_written_in_another_tills_name_is_refused_and_the_real_one_still_land
     assert_eq!(alerts[0]["origin"], json!("a"));
 
     // A's real change with that number lands, and the tills agree.
-    a.store
-        .update_record(
-            EntityKind::Product,
-            &possync_core::EntityId::parse("tea").unwrap(),
-            &json!({"price": 3}),
-        )
-        .unwrap();
+    set_tea_price(&mut a, json!(3));
     let report = sync(&mut a, &mut b, 100);
     assert_eq!((report.applied, report.forged), (1, 0), "{report:?}");
     assert_eq!(a.dump(), b.dump());
@@ -93,13 +93,7 @@ fn a_change_claiming_the_receivers_own_origin_is_refused() {
     assert_eq!((report.applied, report.forged), (0, 1), "{report:?}");
     assert_eq!(b.dump(), dump);
     // B's next write takes that number itself.
-    b.store
-        .update_record(
-            EntityKind::Product,
-            &possync_core::EntityId::parse("tea").unwrap(),
-            &json!({"price": 3}),
-        )
-        .unwrap();
+    set_tea_price(&mut b, json!(3));
     assert_eq!(b.store.summary().get(&b.pos_id()), next);
 }
 
@@ -123,13 +117,7 @@ fn a_revoked_till_is_refused_after_its_last_change_on_every_till() {
     sync(&mut lost, &mut b, 100);
     // What the thief writes afterwards is refused everywhere.
     clock.advance(1000);
-    lost.store
-        .update_record(
-            EntityKind::Product,
-            &possync_core::EntityId::parse("tea").unwrap(),
-            &json!({"price": 0.01}),
-        )
-        .unwrap();
+    set_tea_price(&mut lost, json!(0.01));
     for till in [&mut a, &mut b] {
         let report = sync(&mut lost, till, 100);
         let last = till.query("SELECT conflict_reason FROM p2p_sync_logs ORDER BY id DESC LIMIT 1");
@@ -217,13 +205,7 @@ fn signatures_checked_before_the_writer_count_only_with_the_origins_enrolled_key
     assert_eq!(b.dump(), dump);
 
     // A's real change, checked with B's own directory, lands.
-    a.store
-        .update_record(
-            EntityKind::Product,
-            &possync_core::EntityId::parse("tea").unwrap(),
-            &json!({"price": 3}),
-        )
-        .unwrap();
+    set_tea_price(&mut a, json!(3));
     let real = a.store.reader().unwrap().select_changes(&b.store.summary().clone(), 0, 10).unwrap().changes;
     let checked = b.store.key_directory().verify(&real);
     assert_eq!(checked.checked(), real.len());

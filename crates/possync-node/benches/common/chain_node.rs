@@ -1,8 +1,10 @@
-//! The node settings the chain benches share: a node with no API, no discovery and no LAN
-//! peers, in one role of the chain, on a backbone with no credentials (127.0.0.1 only).
+//! What the chain benches share: the node settings (no API, no discovery, no LAN peers, one
+//! role of the chain, a backbone with no credentials on 127.0.0.1), and the raw JetStream
+//! stream and consumer their baselines time.
 
 use std::path::Path;
 
+use async_nats::jetstream::{self, consumer, stream};
 use possync_chain::ChainId;
 use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, NodeConfig};
 
@@ -32,4 +34,27 @@ pub fn node_config(dir: &Path, role: ChainRole) -> NodeConfig {
         chain: Some(role),
         api: Default::default(),
     }
+}
+
+/// A stream `RAW` on `raw.>` for the baselines (no possync in the loop).
+pub async fn raw_stream(js: &jetstream::Context) -> stream::Stream {
+    js.create_stream(stream::Config {
+        name: "RAW".into(),
+        subjects: vec!["raw.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the RAW stream")
+}
+
+/// A durable pull consumer of `raw` with explicit acks, as the head office reads.
+pub async fn raw_consumer(raw: &stream::Stream) -> consumer::PullConsumer {
+    raw.create_consumer(consumer::pull::Config {
+        durable_name: Some("raw".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        max_ack_pending: 1_000,
+        ..Default::default()
+    })
+    .await
+    .expect("the raw consumer")
 }
