@@ -648,6 +648,92 @@ async fn throughput(settings: &Settings) {
     );
 }
 
+/// The till's own durable writes on a node with no peer: `callers` tasks each sending product
+/// updates through the writer, as the API's handlers do, each awaiting its answer (given once
+/// the write is on disk). Baseline in the same run: raw SQLite making the same updates, one
+/// durable transaction each (WAL, `synchronous = FULL`), what an app writing straight to its
+/// database gets.
+async fn durable_writes(settings: &Settings) {
+    let updates = settings.n(20_000, 2_000);
+    const PRODUCTS: usize = 100;
+    const CALLERS: [usize; 4] = [1, 8, 32, 64];
+    println!("\n### Durable till writes: {updates} product updates on a node alone, answered once on disk\n");
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CALLERS.len()];
+    let mut raw_rates = Vec::new();
+    for run in 0..settings.runs {
+        for (slot, callers) in CALLERS.iter().copied().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let node = start(dir.path(), new_store(dir.path(), "A"), &[]).await;
+            create_products(&node.shared, 0..PRODUCTS).await;
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for caller in 0..callers {
+                let a = Arc::clone(&node.shared);
+                tasks.spawn(async move {
+                    let mut index = caller;
+                    while index < updates {
+                        update_price(&a, index % PRODUCTS, index).await;
+                        index += callers;
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+            let rate = updates as f64 / started.elapsed().as_secs_f64();
+            node.shutdown().await;
+            eprintln!("  run {run}: {callers} callers {rate:.0}/s");
+            rates[slot].push(rate);
+        }
+        let raw =
+            tokio::task::spawn_blocking(move || raw_durable_updates(updates, PRODUCTS)).await.expect("join");
+        eprintln!("  run {run}: raw SQLite {raw:.0}/s");
+        raw_rates.push(raw);
+    }
+    let raw = spread(&raw_rates);
+    println!(
+        "| callers | possync, writes/s | raw SQLite, one durable transaction per update | ratio | target | met? |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (slot, callers) in CALLERS.iter().enumerate() {
+        let rate = spread(&rates[slot]);
+        let ratios: Vec<f64> = rates[slot].iter().zip(&raw_rates).map(|(rate, raw)| rate / raw).collect();
+        println!(
+            "| {callers} | {} | {} | {} | ≥ 20,000/s | {} |",
+            rate.show(0),
+            raw.show(0),
+            spread(&ratios).show(2),
+            met(rate.median >= 20_000.0)
+        );
+    }
+}
+
+/// Raw SQLite: `updates` single-row price updates, one durable transaction each.
+fn raw_durable_updates(updates: usize, products: usize) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conn = rusqlite::Connection::open(dir.path().join("raw.db")).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    conn.pragma_update(None, "synchronous", "FULL").expect("full");
+    conn.execute_batch("CREATE TABLE products (id TEXT PRIMARY KEY, sku TEXT, name TEXT, price TEXT)")
+        .expect("table");
+    for index in 0..products {
+        conn.execute(
+            "INSERT INTO products VALUES (?1, ?2, ?3, '1.50')",
+            rusqlite::params![
+                product_id(index).as_str(),
+                format!("SKU-{index:06}"),
+                format!("Product {index}")
+            ],
+        )
+        .expect("insert");
+    }
+    let mut update = conn.prepare("UPDATE products SET price = ?2 WHERE id = ?1").expect("prepare");
+    let started = Instant::now();
+    for index in 0..updates {
+        let price = format!("{}.{:02}", 1 + index / 100 % 1000, index % 100);
+        update.execute(rusqlite::params![product_id(index % products).as_str(), price]).expect("update");
+    }
+    updates as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Throughput of the live path without A's durable local writes: a third terminal C's
 /// changes reach A (applied through A's writer, batches of 100, as a peer's batch would
 /// be), and A relays each one live to B.
@@ -1269,6 +1355,9 @@ fn main() {
         }
         if settings.wants("throughput") {
             throughput(&settings).await;
+        }
+        if settings.wants("durable") {
+            durable_writes(&settings).await;
         }
         if settings.wants("catchup") {
             catch_up(&settings).await;

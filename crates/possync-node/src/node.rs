@@ -159,14 +159,16 @@ impl NodeShared {
         self.writer.call(Priority::Sync, |store| store.summary().clone()).await.ok()
     }
 
-    /// Selects a catch-up batch for a peer.
+    /// Selects a catch-up batch for a peer, from what is durable only (the writer tells a
+    /// commit once its fsync is done, see [`crate::writer`]).
     pub async fn select_changes(
         &self,
         since: VersionVector,
         after: u64,
         limit: usize,
     ) -> Result<Selection, StoreError> {
-        self.readers.with(move |reader| reader.select_changes(&since, after, limit)).await
+        let durable = self.writer.durable_position();
+        self.readers.with(move |reader| reader.select_changes_up_to(&since, after, limit, durable)).await
     }
 
     /// Queues a connection event for the database (never blocks the caller).

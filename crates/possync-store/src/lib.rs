@@ -169,6 +169,8 @@ pub struct Store {
     key_directory: keys::KeyDirectory,
     /// The open batch of writes ([`Store::begin_batch`]), if any.
     batch: Option<Batch>,
+    /// Where a durable commit's fsync happens ([`Store::defer_fsync`]).
+    fsync: Fsync,
 }
 
 /// A batch of writes inside a group: one savepoint for all of them, and what to restore in
@@ -191,6 +193,16 @@ impl std::fmt::Debug for Store {
             .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
+}
+
+/// Where a durable commit (a till's own write) is made to survive a power cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fsync {
+    /// In the commit itself (`synchronous = FULL`): the commit returns once it is on disk.
+    AtCommit,
+    /// By the owner of the store, after the commit ([`Store::defer_fsync`]); `true` once a
+    /// durable write has committed since the last [`Store::take_unsynced`].
+    Deferred { unsynced: bool },
 }
 
 fn open_writer(path: &Path) -> Result<Connection> {
@@ -343,6 +355,7 @@ impl Store {
             vv_dirty: Vec::new(),
             sqlite_now: (u64::MAX, String::new()),
             in_group: false,
+            fsync: Fsync::AtCommit,
             batch: None,
         })
     }
@@ -454,9 +467,9 @@ impl Store {
         if self.in_group {
             return Ok(body(self));
         }
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.begin_durable()?;
         if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            self.end_durable(false)?;
             return Err(err.into());
         }
         let outbox_before = self.outbox.len();
@@ -488,7 +501,7 @@ impl Store {
             self.vv = reader::load_vv(&self.conn, &self.origins)?;
             self.settings = Settings::load(&self.conn)?;
         }
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.end_durable(committed.is_ok())?;
         committed.map(|()| value)
     }
 
@@ -521,9 +534,9 @@ impl Store {
         if self.in_group {
             return Err(StoreError::InvalidState("this cannot run inside a group of writes".into()));
         }
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.begin_durable()?;
         if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            self.end_durable(false)?;
             return Err(err.into());
         }
         let vv_before = self.vv.clone();
@@ -559,7 +572,7 @@ impl Store {
             self.origins = Origins::load(&self.conn)?;
             self.settings = Settings::load(&self.conn)?;
         }
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.end_durable(keep && committed.is_ok())?;
         committed.map(|()| value)
     }
 
@@ -576,7 +589,7 @@ impl Store {
         }
         if durable {
             // A sale acknowledged to the till must survive a power cut: fsync this commit.
-            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            self.begin_durable()?;
         }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let vv_before = self.vv.clone();
@@ -596,9 +609,65 @@ impl Store {
             self.origins = Origins::load(&self.conn)?;
         }
         if durable {
-            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            self.end_durable(result.is_ok())?;
         }
         result
+    }
+
+    /// Makes the next commit durable: with [`Fsync::AtCommit`], SQLite fsyncs the WAL in the
+    /// commit (`synchronous = FULL`); deferred, the commit only writes the WAL (the
+    /// connection's usual `NORMAL`) and [`Store::end_durable`] records that an fsync is owed.
+    fn begin_durable(&mut self) -> Result<()> {
+        if self.fsync == Fsync::AtCommit {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        Ok(())
+    }
+
+    /// Closes what [`Store::begin_durable`] opened; `committed`: a durable write was committed.
+    fn end_durable(&mut self, committed: bool) -> Result<()> {
+        match &mut self.fsync {
+            Fsync::AtCommit => self.conn.pragma_update(None, "synchronous", "NORMAL")?,
+            Fsync::Deferred { unsynced } => *unsynced |= committed,
+        }
+        Ok(())
+    }
+
+    /// Leaves the fsync of the till's durable writes to the owner of the store (the node's
+    /// writer thread), so that the next writes can run while the last ones reach the disk
+    /// (a pipelined group commit). A durable commit then only writes the WAL, and the owner
+    /// must, before it tells anyone that the write happened (its caller, the peers, a
+    /// catch-up), fsync the WAL file ([`Store::wal_path`]) when [`Store::take_unsynced`]
+    /// says so. SQLite recovers a WAL to its last complete transaction, so the fsync makes
+    /// every transaction committed before it durable, as `synchronous = FULL` would have.
+    pub fn defer_fsync(&mut self) {
+        self.fsync = Fsync::Deferred { unsynced: false };
+    }
+
+    /// True when a durable write was committed without its fsync since the last call (always
+    /// false unless [`Store::defer_fsync`] was called).
+    pub fn take_unsynced(&mut self) -> bool {
+        match &mut self.fsync {
+            Fsync::AtCommit => false,
+            Fsync::Deferred { unsynced } => std::mem::take(unsynced),
+        }
+    }
+
+    /// The database's write-ahead log, which a deferred fsync must flush.
+    pub fn wal_path(&self) -> PathBuf {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        PathBuf::from(wal)
+    }
+
+    /// The position of the last change in this node's log (0 when empty): what a catch-up
+    /// may be served up to once it is durable ([`StoreReader::select_changes_up_to`]).
+    pub fn log_position(&self) -> Result<u64> {
+        let last: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(log_id), 0) FROM sync_changes")?
+            .query_row([], |row| row.get(0))?;
+        Ok(u64::try_from(last).unwrap_or(0))
     }
 
     /// Opens a batch inside a group ([`Store::all_or_nothing`], [`Store::rehearse`],

@@ -78,7 +78,20 @@ impl StoreReader {
         after_cursor: u64,
         limit: usize,
     ) -> Result<Selection> {
-        select::select_changes(&self.conn, since, after_cursor, limit)
+        select::select_changes(&self.conn, since, after_cursor, limit, None)
+    }
+
+    /// [`StoreReader::select_changes`] from the log's first `up_to` positions only: a node
+    /// whose fsyncs are deferred ([`crate::Store::defer_fsync`]) serves a catch-up only what is
+    /// durable, so that no peer ever holds a change its origin could still lose.
+    pub fn select_changes_up_to(
+        &self,
+        since: &VersionVector,
+        after_cursor: u64,
+        limit: usize,
+        up_to: u64,
+    ) -> Result<Selection> {
+        select::select_changes(&self.conn, since, after_cursor, limit, Some(up_to))
     }
 
     /// A live record as the API shows it.
@@ -501,15 +514,17 @@ impl StoreReader {
     /// `after`, in commit order, at most `limit`: each with its `cursor` (the log position,
     /// stable across restarts), the record it touched and where the change was made. Refused
     /// changes are left out (they changed nothing), and so are till keys and revocations
-    /// (not records an app shows).
-    pub fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Value>> {
+    /// (not records an app shows). Only up to log position `up_to`: what is durable on a node
+    /// whose fsyncs are deferred (a cursor handed out is never taken back by a power cut).
+    pub fn changes_after(&self, after: u64, limit: u32, up_to: u64) -> Result<Vec<Value>> {
+        let position = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         rows_json(
             &self.conn,
             "SELECT c.log_id AS cursor, c.entity_type, c.entity_id, c.action, o.pos_id AS origin, c.seq
              FROM sync_changes c JOIN sync_origins o ON o.idx = c.origin
-             WHERE c.log_id > ?1 AND c.rejected = 0 AND c.entity_type <> 'terminal'
+             WHERE c.log_id > ?1 AND c.log_id <= ?3 AND c.rejected = 0 AND c.entity_type <> 'terminal'
              ORDER BY c.log_id LIMIT ?2",
-            rusqlite::params![i64::try_from(after).unwrap_or(i64::MAX), i64::from(limit)],
+            rusqlite::params![position(after), i64::from(limit), position(up_to)],
         )
     }
 

@@ -22,16 +22,18 @@ pub struct Selection {
 }
 
 /// Selects up to `limit` changes the holder of `since` lacks, after log position
-/// `after_cursor` (0 to start). A batch also stops before its changes pass
-/// [`MAX_BATCH_BYTES`] (it always holds at least one), so that its frame fits what every
-/// peer accepts however large the changes are.
+/// `after_cursor` (0 to start) and up to position `up_to` (the whole log when `None`). A
+/// batch also stops before its changes pass [`MAX_BATCH_BYTES`] (it always holds at least
+/// one), so that its frame fits what every peer accepts however large the changes are.
 pub(crate) fn select_changes(
     conn: &Connection,
     since: &VersionVector,
     after_cursor: u64,
     limit: usize,
+    up_to: Option<u64>,
 ) -> Result<Selection> {
     let limit = limit.max(1);
+    let up_to = up_to.map_or(i64::MAX, |up_to| i64::try_from(up_to).unwrap_or(i64::MAX));
     // Local origin numbers and how far the peer already is for each.
     let mut known: HashMap<i64, Seq> = HashMap::new();
     let mut starts: Vec<i64> = Vec::new();
@@ -63,10 +65,10 @@ pub(crate) fn select_changes(
     let mut bytes = 0usize;
     let chunk = (limit * 2).max(256) as i64;
     let mut scan = conn.prepare_cached(
-        "SELECT log_id, origin, seq, payload FROM sync_changes WHERE log_id > ?1 ORDER BY log_id LIMIT ?2",
+        "SELECT log_id, origin, seq, payload FROM sync_changes WHERE log_id > ?1 AND log_id <= ?3 ORDER BY log_id LIMIT ?2",
     )?;
     loop {
-        let mut rows = scan.query(rusqlite::params![cursor, chunk])?;
+        let mut rows = scan.query(rusqlite::params![cursor, chunk, up_to])?;
         let mut seen = 0i64;
         while let Some(row) = rows.next()? {
             seen += 1;
@@ -88,7 +90,7 @@ pub(crate) fn select_changes(
             }
             cursor = log_id;
             if changes.len() == limit {
-                let has_more = rows.next()?.is_some() || more_after(conn, cursor)?;
+                let has_more = rows.next()?.is_some() || more_after(conn, cursor, up_to)?;
                 return Ok(Selection { changes, next_cursor: cursor as u64, has_more });
             }
         }
@@ -98,8 +100,8 @@ pub(crate) fn select_changes(
     }
 }
 
-fn more_after(conn: &Connection, cursor: i64) -> Result<bool> {
+fn more_after(conn: &Connection, cursor: i64, up_to: i64) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM sync_changes WHERE log_id > ?1)")?
-        .query_row([cursor], |row| row.get(0))?)
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM sync_changes WHERE log_id > ?1 AND log_id <= ?2)")?
+        .query_row([cursor, up_to], |row| row.get(0))?)
 }

@@ -1054,3 +1054,41 @@ fn heads_tell_two_histories_of_an_origin_apart() {
     ahead_heads.insert(a.pos_id(), "0000000000000000".into());
     assert_eq!(reader.diverged_heads(&ahead, &ahead_heads).unwrap(), vec![]);
 }
+
+#[test]
+fn a_deferred_fsync_is_owed_after_a_durable_write_and_catch_up_stops_at_the_position_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    assert!(!a.store.take_unsynced(), "fsyncs at commit unless deferred");
+    a.store.defer_fsync();
+    a.store.create_record(EntityKind::Category, &json!({"id": "c1", "name": "One"})).unwrap();
+    let first = a.store.log_position().unwrap();
+    assert!(a.store.take_unsynced(), "a durable write owes its fsync");
+    assert!(!a.store.take_unsynced(), "owed once");
+    let refused = a.store.create_record(EntityKind::Category, &json!({"id": "c2"}));
+    assert!(refused.is_err(), "a category needs a name");
+    assert!(!a.store.take_unsynced(), "a write that was rolled back owes nothing");
+    a.store.create_record(EntityKind::Category, &json!({"id": "c2", "name": "Two"})).unwrap();
+    a.store.create_record(EntityKind::Category, &json!({"id": "c3", "name": "Three"})).unwrap();
+    assert!(a.store.log_position().unwrap() > first);
+    assert!(a.store.wal_path().exists(), "{}", a.store.wal_path().display());
+
+    let reader = a.store.reader().unwrap();
+    let nothing_held = possync_core::VersionVector::new();
+    let durable = reader.select_changes_up_to(&nothing_held, 0, 100, first).unwrap();
+    let ids: Vec<String> =
+        durable.changes.iter().map(|change| change.data_object().unwrap()["id"].to_string()).collect();
+    // The enrollment and the first category: nothing after the position.
+    assert_eq!(durable.changes.len(), 2, "{ids:?}");
+    assert!(ids[1].contains("c1"), "{ids:?}");
+    assert!(!durable.has_more, "what lies past the position comes live, once durable");
+    let everything = reader.select_changes(&nothing_held, 0, 100).unwrap();
+    assert_eq!(everything.changes.len(), 4);
+    assert_eq!(
+        reader.changes_after(0, 100, first).unwrap().len(),
+        1,
+        "the feed shows what is durable (not the key)"
+    );
+    assert_eq!(reader.changes_after(0, 100, u64::MAX).unwrap().len(), 3);
+}

@@ -72,7 +72,8 @@ async fn list(
         return Err(ApiError::bad_request(format!("limit must be from 1 to {MAX_PAGE}")));
     }
     let after = query.after.unwrap_or(0);
-    Ok(Json(read(&api.node, move |reader| reader.changes_after(after, limit)).await?))
+    let durable = api.node.writer.durable_position();
+    Ok(Json(read(&api.node, move |reader| reader.changes_after(after, limit, durable)).await?))
 }
 
 async fn stream(
@@ -105,8 +106,10 @@ async fn stream(
                     if *shutdown.borrow() {
                         return None;
                     }
-                    let page =
-                        read(&node, move |reader| reader.changes_after(cursor, MAX_PAGE)).await.ok()?;
+                    let durable = node.writer.durable_position();
+                    let page = read(&node, move |reader| reader.changes_after(cursor, MAX_PAGE, durable))
+                        .await
+                        .ok()?;
                     if page.is_empty() {
                         tokio::select! {
                             () = tokio::time::sleep(STREAM_POLL) => {}
