@@ -1058,6 +1058,10 @@ export interface components {
             sku?: string;
             /** @description Sum of the movements */
             stock?: number;
+            /** @description Price per store of a chain (store id to amount); a till of a listed store charges it instead of price */
+            storePrices?: {
+                [key: string]: number;
+            } | null;
             unit?: string | null;
             /** Format: date-time */
             updatedAt?: string | null;
@@ -1078,6 +1082,10 @@ export interface components {
             name: string;
             price: number | string;
             sku: string;
+            /** @description Price per store of a chain (store id to amount); a till of a listed store charges it instead of price */
+            storePrices?: {
+                [key: string]: number | string;
+            } | null;
             unit?: string | null;
         };
         ProductPatch: {
@@ -1095,6 +1103,10 @@ export interface components {
             name?: string;
             price?: number | string;
             sku?: string;
+            /** @description Price per store of a chain (store id to amount); a till of a listed store charges it instead of price */
+            storePrices?: {
+                [key: string]: number | string;
+            } | null;
             unit?: string | null;
         };
         Refund: {

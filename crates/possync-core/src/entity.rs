@@ -170,6 +170,24 @@ pub enum FieldType {
     SessionStatus,
     /// A calendar day, `YYYY-MM-DD`.
     Date,
+    /// Prices per store of a chain (docs/CHAIN.md, "Per-store prices"): an object from
+    /// store id (`[A-Za-z0-9_-]`, 1 to 32 characters, as in `[uplink] store`) to an amount
+    /// at least 0, at most [`MAX_STORE_PRICES`] stores; or null (an empty object is null).
+    StorePrices,
+}
+
+/// Most stores a product's `storePrices` may name (a chain has 10 to 1,000 stores).
+pub const MAX_STORE_PRICES: usize = 1_000;
+
+/// A store id as `[uplink] store` takes it: `[A-Za-z0-9_-]`, 1 to 32 characters.
+pub fn is_store_id(text: &str) -> bool {
+    (1..=32).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The price a product's `storePrices` (its canonical value) sets for `store`, if any.
+pub fn store_price(store_prices: Option<&Value>, store: &str) -> Option<Decimal> {
+    store_prices?.get(store)?.as_str().and_then(|text| decimal::parse(text).ok())
 }
 
 /// One mutable field of a record kind.
@@ -209,6 +227,8 @@ static PRODUCT_FIELDS: &[FieldSpec] = &[
     field("isActive", "is_active", FieldType::Bool, false),
     field("imageUrl", "image_url", FieldType::OptText(LONG_TEXT), false),
     field("createdAt", "created_at", FieldType::Timestamp, false),
+    // Last: a record's metadata numbers its fields by position (`meta.rs`).
+    field("storePrices", "store_prices", FieldType::StorePrices, false),
 ];
 
 static CATEGORY_FIELDS: &[FieldSpec] = &[
@@ -399,6 +419,28 @@ impl FieldSpec {
             FieldType::Date => match value.as_str() {
                 Some(day) if crate::time::is_date(day) => Ok(value),
                 _ => Err(invalid(name, "expected a date YYYY-MM-DD")),
+            },
+            FieldType::StorePrices => match value {
+                Value::Null => Ok(Value::Null),
+                Value::Object(prices) => {
+                    if prices.len() > MAX_STORE_PRICES {
+                        return Err(invalid(name, format!("names more than {MAX_STORE_PRICES} stores")));
+                    }
+                    let mut canonical = Map::new();
+                    for (store, price) in prices {
+                        if !is_store_id(&store) {
+                            return Err(invalid(
+                                name,
+                                format!("{store:?} is not a store id ([A-Za-z0-9_-], 1 to 32 characters)"),
+                            ));
+                        }
+                        let amount = decimal::from_json(&price)
+                            .map_err(|err| invalid(name, format!("store {store}: {err}")))?;
+                        canonical.insert(store, check_amount(name, amount, false)?);
+                    }
+                    Ok(if canonical.is_empty() { Value::Null } else { Value::Object(canonical) })
+                }
+                _ => Err(invalid(name, "expected an object of store id to price, or null")),
             },
         }
     }
@@ -726,6 +768,38 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn store_prices_are_an_object_of_store_ids_to_amounts() {
+        let fields =
+            parse_fields(EntityKind::Product, &json!({"storePrices": {"s2": 2.2, "s1": "1.990"}})).unwrap();
+        assert_eq!(fields["storePrices"], json!({"s1": "1.99", "s2": "2.2"}));
+        assert_eq!(store_price(fields.get("storePrices"), "s1"), Some(Decimal::new(199, 2)));
+        assert_eq!(store_price(fields.get("storePrices"), "s3"), None);
+        assert_eq!(store_price(None, "s1"), None);
+        for empty in [json!({}), Value::Null] {
+            let fields = parse_fields(EntityKind::Product, &json!({ "storePrices": empty })).unwrap();
+            assert_eq!(fields["storePrices"], Value::Null, "one form for no store prices");
+        }
+        let too_many: Map<String, Value> =
+            (0..=MAX_STORE_PRICES).map(|n| (format!("s{n}"), json!(1))).collect();
+        let bad = [
+            json!({"s1": -1}),
+            json!({"s1": "cheap"}),
+            json!({"s1": null}),
+            json!({"": 1}),
+            json!({"s 1": 1}),
+            json!({"s1\u{0}": 1}),
+            json!({"a-very-long-store-id-of-33-bytes!": 1}),
+            json!([["s1", 1]]),
+            json!("s1=1"),
+            Value::Object(too_many),
+        ];
+        for prices in bad {
+            let refused = parse_fields(EntityKind::Product, &json!({ "storePrices": prices.clone() }));
+            assert!(refused.is_err(), "{prices}");
+        }
+    }
 
     #[test]
     fn fields_are_validated_and_canonicalized() {

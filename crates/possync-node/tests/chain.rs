@@ -15,7 +15,9 @@ use possync_core::EntityKind;
 use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, UplinkConfig};
 use serde_json::{Value, json};
 
-use common::{Options, SOON, TestNode, count, product, rows, sale, start, stock_in, update, wait_until};
+use common::{
+    Options, SOON, TestNode, count, id, product, read, rows, sale, start, stock_in, update, wait_until,
+};
 use nats::{NatsServer, Proxy};
 
 const CHAIN: &str = "acme";
@@ -254,6 +256,55 @@ async fn a_price_change_at_head_office_reaches_every_till_of_two_stores() {
     assert_eq!(count(&hq, refused).await, 0);
     assert_eq!(hq.shared().chain.rejected_messages(), 0);
     for node in [hq, a1, a2, b1, b2] {
+        node.shutdown().await;
+    }
+}
+
+/// A product's `storePrices` on a node (`None` until it has them).
+async fn store_prices(node: &TestNode, product: &str) -> Option<String> {
+    rows(node, &format!("SELECT store_prices FROM products WHERE id = '{product}'"))
+        .await
+        .first()
+        .and_then(|row| row["storePrices"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_price_set_at_head_office_is_charged_by_that_stores_tills_only() {
+    let server = NatsServer::start();
+    let hq = start_hq(&server.url()).await;
+    product(&hq, "p1", "2.50").await;
+    update(&hq, EntityKind::Product, "p1", json!({"storePrices": {"s1": "1.99"}})).await;
+    let a1 = start_till(&server.url(), "s1", "s1 till 1", &[]).await;
+    let a2 = start_till(&server.url(), "s1", "s1 till 2", &[a1.peer_addr()]).await;
+    let b1 = start_till(&server.url(), "s2", "s2 till 1", &[]).await;
+    for till in [&a1, &a2, &b1] {
+        wait_price(till, "p1", "2.5").await;
+        assert_eq!(store_prices(till, "p1").await.as_deref(), Some(r#"{"s1":"1.99"}"#));
+    }
+    let total = |ticket: &Value| ticket["totalAmount"].as_f64();
+    assert_eq!(total(&sale(&a1, "p1", 2).await), Some(3.98), "store s1's price");
+    assert_eq!(total(&sale(&b1, "p1", 2).await), Some(5.0), "store s2 has no price of its own: the chain's");
+
+    // A new price for s1 and one for s2, in one edit at head office.
+    update(&hq, EntityKind::Product, "p1", json!({"storePrices": {"s1": "1.79", "s2": 2.2}})).await;
+    for till in [&a1, &a2, &b1] {
+        wait_until("the store prices reach every till", SOON * 2, || async {
+            store_prices(till, "p1").await.as_deref() == Some(r#"{"s1":"1.79","s2":"2.2"}"#)
+        })
+        .await;
+    }
+    assert_eq!(total(&sale(&a2, "p1", 1).await), Some(1.79));
+    assert_eq!(total(&sale(&b1, "p1", 1).await), Some(2.2));
+    let shown = read(&a1, |reader| reader.record(EntityKind::Product, &id("p1"))).await.expect("p1 is held");
+    assert_eq!(shown["price"], json!(2.5));
+    assert_eq!(shown["storePrices"], json!({"s1": 1.79, "s2": 2.2}), "amounts as numbers, like price");
+
+    // Head office books each sale at the price its store charged.
+    wait_count(&hq, "the four sales at HQ", "SELECT COUNT(*) AS n FROM tickets", 4).await;
+    let totals = rows(&hq, "SELECT total_amount FROM tickets ORDER BY CAST(total_amount AS REAL)").await;
+    let totals: Vec<&str> = totals.iter().filter_map(|row| row["totalAmount"].as_str()).collect();
+    assert_eq!(totals, ["1.79", "2.2", "3.98", "5"]);
+    for node in [hq, a1, a2, b1] {
         node.shutdown().await;
     }
 }

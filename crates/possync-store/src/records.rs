@@ -105,6 +105,10 @@ fn from_sql(spec: &FieldSpec, value: ValueRef<'_>) -> Result<Value> {
         (_, ValueRef::Null) => Value::Null,
         (FieldType::Bool, ValueRef::Integer(flag)) => Value::Bool(flag != 0),
         (FieldType::Int, ValueRef::Integer(number)) => Value::from(number),
+        (FieldType::StorePrices, ValueRef::Text(text)) => match serde_json::from_slice::<Value>(text) {
+            Ok(prices @ Value::Object(_)) => prices,
+            _ => return Err(StoreError::Corrupt(format!("column {} holds no JSON object", spec.column))),
+        },
         (_, ValueRef::Text(text)) => Value::String(String::from_utf8_lossy(text).into_owned()),
         (_, other) => return Err(StoreError::Corrupt(format!("column {} holds {other:?}", spec.column))),
     })
@@ -239,6 +243,16 @@ pub(crate) fn api_value(spec: &FieldSpec, value: Value) -> Value {
             FieldType::Amount { .. } | FieldType::OptAmount | FieldType::OptSignedAmount,
             Value::String(text),
         ) => decimal::parse(text).map_or(value, decimal::to_json),
+        (FieldType::StorePrices, Value::Object(prices)) => Value::Object(
+            prices
+                .iter()
+                .map(|(store, price)| {
+                    let number =
+                        price.as_str().and_then(|text| decimal::parse(text).ok()).map(decimal::to_json);
+                    (store.clone(), number.unwrap_or_else(|| price.clone()))
+                })
+                .collect(),
+        ),
         _ => value,
     }
 }

@@ -640,7 +640,15 @@ impl Store {
         };
         let text =
             |name: &str| product.values.get(name).and_then(Value::as_str).unwrap_or_default().to_string();
-        let unit_price = line.unit_price.unwrap_or_else(|| amount("price"));
+        // In a chain, the head office may set this store's own price (`storePrices`).
+        let catalog_price = || {
+            self.identity
+                .chain_store
+                .as_deref()
+                .and_then(|store| possync_core::entity::store_price(product.values.get("storePrices"), store))
+                .unwrap_or_else(|| amount("price"))
+        };
+        let unit_price = line.unit_price.unwrap_or_else(catalog_price);
         if unit_price.is_sign_negative() && !unit_price.is_zero() {
             return Err(StoreError::invalid("unitPrice", "must not be negative"));
         }

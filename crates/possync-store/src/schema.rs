@@ -17,6 +17,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_USERS),
         M::up(V_CASH),
         M::up(V_KEYS),
+        M::up(V_STORE_PRICES),
     ])
 }
 
@@ -498,6 +499,12 @@ SELECT peer_id, peer_name, message_type, message_action, entity_type, status,
 FROM p2p_sync_logs
 WHERE created_at >= datetime('now', '-1 hour')
 GROUP BY peer_id, peer_name, message_type, message_action, entity_type, status;
+"#;
+
+/// A product's price per store of a chain (`storePrices`, docs/CHAIN.md "Per-store prices"):
+/// a JSON object of store id to canonical decimal text, written by the head office.
+const V_STORE_PRICES: &str = r#"
+ALTER TABLE products ADD COLUMN store_prices TEXT;
 "#;
 
 #[cfg(test)]

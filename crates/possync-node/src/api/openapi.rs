@@ -366,6 +366,13 @@ fn field_schema(ty: FieldType, input: bool) -> Value {
         }
         FieldType::SessionStatus => json!({"type": "string", "enum": possync_core::entity::SESSION_STATUSES}),
         FieldType::Date => json!({"type": "string", "format": "date"}),
+        FieldType::StorePrices => nullable(json!({
+            "type": "object",
+            "description": "Price per store of a chain (store id to amount); a till of a listed store charges it instead of price",
+            "maxProperties": possync_core::entity::MAX_STORE_PRICES,
+            "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,32}$"},
+            "additionalProperties": amount(false),
+        })),
     }
 }
 
