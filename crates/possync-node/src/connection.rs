@@ -19,7 +19,7 @@ use tokio::sync::broadcast;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, Status};
-use crate::node::{NodeShared, now_ms};
+use crate::shared::{NodeShared, now_ms};
 use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
 use crate::transport::{SecureChannel, SecureReceiver, SecureSender, TransportError};

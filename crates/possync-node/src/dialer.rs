@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::connection::{self, Ended};
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 use crate::transport::{self, TransportError};
 
 /// Largest pause between redials (SPEC section 4).

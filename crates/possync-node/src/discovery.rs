@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::dialer;
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 
 /// The DNS-SD service type of possync (and of the seed's POSPlus terminals).
 pub const SERVICE_TYPE: &str = "_posplus-p2p._tcp.local.";

@@ -27,8 +27,10 @@ pub mod metrics;
 pub mod node;
 pub mod peer_rate;
 pub mod peers;
+pub mod shared;
 pub mod transport;
 pub mod writer;
 
 pub use config::{ConfigFile, NodeConfig};
-pub use node::{Node, NodeShared};
+pub use node::Node;
+pub use shared::NodeShared;

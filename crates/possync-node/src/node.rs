@@ -1,5 +1,5 @@
 //! The node: starts and stops everything a terminal runs (writer, peer listener, dialers,
-//! discovery, event logger, retention job, API), and the state they share.
+//! discovery, event logger, retention job, API). What they share is [`crate::shared`].
 //!
 //! Lifecycle (as in mini-redis): one shutdown signal (`watch`) every task listens to, and a
 //! completion count: [`Node::shutdown`] signals, then waits for every connection task to log
@@ -9,14 +9,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use possync_core::PosId;
 use possync_core::protocol::Role;
-use possync_core::{PosId, VersionVector};
-use possync_store::{
-    ConnectionEvent, ConnectionEventKind, NodeIdentity, Selection, Settings, Store, StoreError, StoreReader,
-    SystemEnvironment,
-};
+use possync_store::{ConnectionEvent, Store, StoreError, SystemEnvironment};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -24,200 +21,16 @@ use crate::admission::{ACCEPT_HANDSHAKE_TIMEOUT, Admission};
 use crate::config::NodeConfig;
 use crate::connection::{self, Ended};
 use crate::dialer;
-use crate::metrics::{Metrics, Queue, Reason};
-use crate::peers::{ConnectionCommand, PeerTable};
+use crate::metrics::{Queue, Reason};
+use crate::peers::ConnectionCommand;
+use crate::shared::ReaderPool;
+use crate::shared::{NodeShared, now_ms};
 use crate::transport::{self, ChannelConfig};
 use crate::writer::{Priority, WriterHandle};
-
-/// Unix time in ms, from the system clock (the only place the node reads it).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Capacity of the connection-event queue (events beyond it are counted and dropped; they
 /// never share a queue with sync data).
 const EVENT_QUEUE: usize = 4096;
-
-/// Read-only connections shared by the API and the catch-up selection.
-pub struct ReaderPool {
-    /// The database file.
-    path: std::path::PathBuf,
-    /// Idle readers.
-    idle: Mutex<Vec<StoreReader>>,
-    /// Queries running at once. Without a bound, 200 peers connecting together would start
-    /// 200 blocking threads for their catch-up selections (each leaving memory behind).
-    running: tokio::sync::Semaphore,
-}
-
-/// Reader queries running at once.
-const MAX_CONCURRENT_QUERIES: usize = 4;
-
-impl ReaderPool {
-    /// A pool over the database at `path`.
-    pub fn new(path: std::path::PathBuf) -> ReaderPool {
-        ReaderPool {
-            path,
-            idle: Mutex::new(Vec::new()),
-            running: tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES),
-        }
-    }
-
-    /// Runs `query` on a reader, off the async threads.
-    pub async fn with<T, F>(self: &Arc<Self>, query: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
-    {
-        let _running = self
-            .running
-            .acquire()
-            .await
-            .map_err(|_| StoreError::InvalidState("the reader pool is closed".into()))?;
-        let pool = Arc::clone(self);
-        let joined = tokio::task::spawn_blocking(move || {
-            let reader = pool.take()?;
-            let result = query(&reader);
-            pool.give_back(reader);
-            result
-        })
-        .await;
-        joined.unwrap_or_else(|err| Err(StoreError::InvalidState(format!("reader task failed: {err}"))))
-    }
-
-    fn take(&self) -> Result<StoreReader, StoreError> {
-        let idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-        match idle {
-            Some(reader) => Ok(reader),
-            None => StoreReader::open(&self.path),
-        }
-    }
-
-    fn give_back(&self, reader: StoreReader) {
-        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < 8 {
-            idle.push(reader);
-        }
-    }
-}
-
-/// What every task of a node shares.
-pub struct NodeShared {
-    /// This terminal.
-    pub identity: NodeIdentity,
-    /// The runtime configuration.
-    pub config: NodeConfig,
-    /// The single writer.
-    pub writer: WriterHandle,
-    /// Readers for queries.
-    pub readers: Arc<ReaderPool>,
-    /// Known peers and their live counters.
-    pub peers: PeerTable,
-    /// Prometheus metrics.
-    pub metrics: Metrics,
-    /// The secure channel's settings.
-    pub channel: ChannelConfig,
-    /// Settings, as last read from the database.
-    settings: watch::Sender<Settings>,
-    /// Shutdown signal (true once shutting down).
-    pub shutdown: watch::Sender<bool>,
-    /// Wakes the dialers for a manual reconnect (attempts start over).
-    pub reconnect: Notify,
-    /// Connection events on their way to the database.
-    events: mpsc::Sender<ConnectionEvent>,
-    /// True while the peer listener runs.
-    listening: watch::Sender<bool>,
-    /// A random id of this run of the node, sent in handshakes: another node with this
-    /// terminal's posId (a clone) has another one.
-    pub instance: String,
-    /// The chain driver's state (idle when the node is in no chain).
-    pub chain: Arc<crate::chain::ChainStatus>,
-    /// The enrolled keys: connection tasks check a batch's signatures with them before the
-    /// batch reaches the writer (which has more to do and only one thread to do it on).
-    pub keys: possync_store::KeyDirectory,
-}
-
-impl NodeShared {
-    /// The current settings.
-    pub fn settings(&self) -> Settings {
-        self.settings.borrow().clone()
-    }
-
-    /// Watches the settings.
-    pub fn watch_settings(&self) -> watch::Receiver<Settings> {
-        self.settings.subscribe()
-    }
-
-    /// True while the peer listener runs.
-    pub fn is_listening(&self) -> bool {
-        *self.listening.borrow()
-    }
-
-    /// The node's version vector (what it holds).
-    pub async fn summary(&self) -> Option<VersionVector> {
-        self.writer.call(Priority::Sync, |store| store.summary().clone()).await.ok()
-    }
-
-    /// Selects a catch-up batch for a peer, from what is durable only (the writer tells a
-    /// commit once its fsync is done, see [`crate::writer`]).
-    pub async fn select_changes(
-        &self,
-        since: VersionVector,
-        after: u64,
-        limit: usize,
-    ) -> Result<Selection, StoreError> {
-        let durable = self.writer.durable_position();
-        self.readers.with(move |reader| reader.select_changes_up_to(&since, after, limit, durable)).await
-    }
-
-    /// Queues a connection event for the database (never blocks the caller).
-    pub fn record_event(&self, event: ConnectionEvent) {
-        self.metrics
-            .connection_events
-            .get_or_create(&crate::metrics::Status { status: event.kind.as_str().into() })
-            .inc();
-        if self.events.try_send(event).is_err() {
-            self.metrics.connection_events_dropped.inc();
-        }
-    }
-
-    /// Records a connection that never authenticated: never a peer, only a rejected
-    /// connection (a `sync_failed` row with a NULL peer name, as the seed asks, and the
-    /// `connections_rejected` metric). `source` is the remote IP of an inbound connection
-    /// (its port is ephemeral) or the `host:port` this node dialled.
-    pub fn record_rejected(&self, source: String, label: &'static str, detail: &str) {
-        self.metrics.connections_rejected.get_or_create(&crate::metrics::Reason { reason: label }).inc();
-        self.record_event(ConnectionEvent {
-            peer_id: source,
-            peer_name: None,
-            kind: ConnectionEventKind::SyncFailed,
-            messages_sent: 0,
-            messages_received: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            sync_duration_ms: None,
-            error_message: Some(format!("{label}: {detail}")),
-            at_ms: now_ms(),
-        });
-    }
-
-    /// Changes a setting (validated, stored) and applies it at once.
-    pub async fn set_setting(&self, key: String, value: String) -> Result<Settings, StoreError> {
-        let updated = self
-            .writer
-            .call(Priority::Local, move |store| store.set_setting(&key, &value))
-            .await
-            .map_err(|_| StoreError::InvalidState("node stopping".into()))??;
-        self.settings.send_replace(updated.clone());
-        Ok(updated)
-    }
-
-    /// Asks every connected peer for a full catch-up.
-    pub fn sync_now(&self) {
-        self.peers.broadcast(&ConnectionCommand::SyncNow);
-    }
-}
 
 /// A running node.
 pub struct Node {
@@ -269,28 +82,11 @@ impl Node {
         let readers = Arc::new(ReaderPool::new(store.path().to_path_buf()));
         let keys = store.key_directory();
         let writer = WriterHandle::start(store);
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let mut channel = ChannelConfig::from_secret(&config.secret);
         channel.max_frame_bytes = config.max_frame_bytes;
-        let metrics = Metrics::new();
-        let chain = Arc::new(crate::chain::ChainStatus::new(metrics.chain.clone()));
-        let shared = Arc::new(NodeShared {
-            identity,
-            config: config.clone(),
-            writer,
-            readers,
-            peers: PeerTable::default(),
-            metrics,
-            channel,
-            settings: watch::Sender::new(settings.clone()),
-            shutdown: watch::Sender::new(false),
-            reconnect: Notify::new(),
-            events: events_tx,
-            listening: watch::Sender::new(false),
-            instance: format!("{:016x}", rand::random::<u64>()),
-            chain,
-            keys,
-        });
+        let (shared, events_rx) =
+            NodeShared::new(identity, config.clone(), writer, readers, settings, channel, keys, EVENT_QUEUE);
+        let shared = Arc::new(shared);
         let completion = Arc::new(Semaphore::new(COMPLETION_PERMITS as usize));
         let mut tasks = JoinSet::new();
 
@@ -360,7 +156,7 @@ async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Se
     let mut shutdown = node.shutdown.subscribe();
     loop {
         let enabled = settings.borrow_and_update().enabled;
-        node.listening.send_replace(enabled);
+        node.set_listening(enabled);
         if !enabled {
             node.peers.broadcast(&ConnectionCommand::Close("P2P disabled".into()));
             // Keep the port (rebinding later could fail) but turn peers away at once: left

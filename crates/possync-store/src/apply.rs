@@ -413,7 +413,7 @@ impl Store {
                 if origin.as_str() == peer.id { peer.name.to_string() } else { origin.to_string() };
             self.close_decided_conflicts(&change, decided_by.as_deref(), &origin_name)?;
         }
-        self.outbox.push(Outgoing { change: wire, from_peer: PosId::parse(peer.id).ok() });
+        self.outbox.push(Outgoing { change: wire });
         Ok(())
     }
 

@@ -94,13 +94,12 @@ impl Environment for SystemEnvironment {
     }
 }
 
-/// A change written to this node's log, to be sent to peers.
+/// A change written to this node's log, to be sent to peers. (Not back to the peer it came
+/// from: each connection's `Session` knows what its peer holds and skips what it has.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
     /// The change, in wire form.
     pub change: WireChange,
-    /// The peer it came from (`None` for a local write): never send it back there.
-    pub from_peer: Option<PosId>,
 }
 
 /// This terminal's identity, as stored at init.
@@ -819,7 +818,7 @@ impl Store {
             return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });
         }
         self.append_change(&change.origin, seq, change.hlc, kind.as_str(), id.as_str(), &wire, false)?;
-        self.outbox.push(Outgoing { change: wire, from_peer: None });
+        self.outbox.push(Outgoing { change: wire });
         Ok(change)
     }
 

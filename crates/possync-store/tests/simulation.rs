@@ -363,11 +363,12 @@ impl Simulation {
         }
     }
 
-    /// Pushes what `r` wrote or learnt to its connected neighbours (not back to the sender).
-    fn relay(&mut self, r: usize) {
+    /// Pushes what `r` learnt from `came_from` to its connected neighbours (not back to the
+    /// sender, as a connection's `Session` would not).
+    fn relay(&mut self, r: usize, came_from: Option<usize>) {
         let outgoing: Vec<Outgoing> = self.store(r).drain_outbox();
         for out in outgoing {
-            let from_peer = out.from_peer.as_ref().and_then(|pos| self.index_of(pos.as_str()));
+            let from_peer = came_from;
             for n in 0..self.replicas.len() {
                 if Some(n) != from_peer && self.connected(r, n) {
                     self.send(r, n, Payload::Live(out.change.clone()));
@@ -579,7 +580,8 @@ impl Simulation {
                 if report.gap { " GAP" } else { "" }
             ));
         }
-        self.relay(to);
+        let came_from = self.index_of(&peer);
+        self.relay(to, came_from);
         Ok(report)
     }
 
@@ -842,7 +844,7 @@ impl Simulation {
                 let wire = out.change.clone();
                 let (origin, seq) = stamp_of(&wire);
                 let own = self.replicas[r].held.get(&name).copied().unwrap_or(0);
-                if origin != name || seq != own + 1 || out.from_peer.is_some() {
+                if origin != name || seq != own + 1 {
                     return err(format!(
                         "{name}: local change stamped {origin}:{seq}, expected {name}:{}",
                         own + 1

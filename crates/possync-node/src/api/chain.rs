@@ -62,7 +62,7 @@ fn head_office(api: &ApiState) -> Result<u64, ApiError> {
 
 async fn stores(State(api): State<Arc<ApiState>>) -> Result<Json<Vec<Value>>, ApiError> {
     let alert_after = head_office(&api)?;
-    let now_secs = crate::node::now_ms() / 1000;
+    let now_secs = crate::shared::now_ms() / 1000;
     let mut stores = read(&api.node, |reader| reader.chain_stores()).await?;
     for store in &mut stores {
         let silent = store["lastReceivedUnix"].as_u64().map(|last| now_secs.saturating_sub(last));

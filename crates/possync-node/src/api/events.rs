@@ -22,7 +22,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use super::openapi::{Method, Route};
 use super::sync::status_of;
 use super::{ApiState, read};
-use crate::node::{NodeShared, now_ms};
+use crate::shared::{NodeShared, now_ms};
 
 /// Events buffered per stream before it lags.
 const STREAM_BUFFER: usize = 16;

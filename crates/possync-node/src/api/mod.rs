@@ -45,7 +45,7 @@ pub use self::auth::AuthPolicy;
 pub use self::error::ApiError;
 pub use self::guard::BrowserGuard;
 use self::openapi::{Method, Route};
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 use crate::writer::Priority;
 
 /// What every handler shares.

@@ -17,8 +17,8 @@ use super::entities::Paging;
 use super::error::{ApiError, ApiJson, ApiQuery, OptionalJson, PathParam};
 use super::openapi::{Method, Route, array_of, schema_ref};
 use super::{ApiState, check_paging, read, write, write_change};
-use crate::node::NodeShared;
 use crate::peers::{DetailedStats, Status};
+use crate::shared::NodeShared;
 
 /// Most rows a page of an audit list (docs/DASHBOARD.md: 1..500, default 50).
 const AUDIT_MAX: u32 = 500;

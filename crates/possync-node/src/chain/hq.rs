@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::config::HqConfig;
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 use crate::writer::Priority;
 
 /// The head office's durable consumer on the UP stream.
@@ -238,7 +238,9 @@ async fn handle_group(
             // later (not a lost message, so never purged).
             let wait = report
                 .retry_at_ms
-                .map_or(HELD_BACK_RETRY, |at| Duration::from_millis(at.saturating_sub(crate::node::now_ms())))
+                .map_or(HELD_BACK_RETRY, |at| {
+                    Duration::from_millis(at.saturating_sub(crate::shared::now_ms()))
+                })
                 .clamp(Duration::from_secs(1), HELD_BACK_RETRY);
             good.message.ack_with(AckKind::Nak(Some(wait))).await.map_err(ack_failed)?;
             continue;

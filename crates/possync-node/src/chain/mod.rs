@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{BackboneAuth, BackboneConfig, ChainRole};
 use crate::metrics::{ChainMetrics, Status};
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 
 /// Why a backbone operation failed (the driver logs it and retries with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +112,7 @@ impl ChainStatus {
         let mut inner = self.lock();
         let before = inner.clone();
         change(&mut inner);
-        let now = crate::node::now_ms();
+        let now = crate::shared::now_ms();
         if inner.published_changes > before.published_changes {
             inner.last_published_ms = Some(now);
         }

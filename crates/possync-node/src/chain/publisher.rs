@@ -24,7 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, warn};
 
 use super::{ChainError, ChainStatus, backoff, pause};
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 
 /// Most changes in one message (a message is also kept under `MAX_MESSAGE_BYTES`).
 pub(crate) const MAX_CHANGES_PER_MESSAGE: usize = 200;

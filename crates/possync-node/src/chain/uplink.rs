@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::config::UplinkConfig;
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 use crate::writer::Priority;
 
 /// Runs the till's uplink until the node shuts down.
