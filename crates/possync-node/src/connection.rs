@@ -19,9 +19,9 @@ use tokio::sync::broadcast;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, Status};
-use crate::shared::{NodeShared, now_ms};
 use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
+use crate::shared::{NodeShared, now_ms};
 use crate::transport::{SecureChannel, SecureReceiver, SecureSender, TransportError};
 use crate::writer::Priority;
 
@@ -130,6 +130,10 @@ fn drive(
         let mut superseded_at: Option<u64> = None;
         // A read result taken while draining a burst, handled at the next turn.
         let mut carried: Option<Result<Option<String>, TransportError>> = None;
+        // Live changes go to the writer while more arrive: the apply in flight, and the live
+        // changes (with their `Apply` count) received since, which go next as one batch.
+        let mut applying: Option<ApplyInFlight> = None;
+        let mut live_waiting: (Vec<WireChange>, usize) = (Vec::new(), 0);
 
         loop {
             while let Some(frame) = session.poll_transmit() {
@@ -273,19 +277,30 @@ fn drive(
                                 node.metrics.changes_throttled.get_or_create(&label).inc_by(count);
                             }
                         }
-                        match apply(&node, &id, &name, changes, from_batch).await {
-                            Some(report) => {
-                                // The session expects one answer per `Apply`, in order; the
-                                // refusals are reported once.
-                                for _ in 1..answers {
-                                    let quiet =
-                                        protocol::ApplyReport { rejections: Vec::new(), ..report.clone() };
-                                    session.batch_applied(now_ms(), quiet);
-                                }
-                                session.batch_applied(now_ms(), report);
+                        if !from_batch {
+                            // Not awaited: the connection reads on while the writer applies,
+                            // and what arrives meanwhile goes next, in one transaction.
+                            if applying.is_none() {
+                                applying = Some(start_apply(&node, (id, name), changes, answers));
+                            } else {
+                                live_waiting.0.extend(changes);
+                                live_waiting.1 += answers;
                             }
-                            None => session.close("node stopping"),
+                            continue;
                         }
+                        // A catch-up batch is answered in order after the live changes before it.
+                        if let Some(in_flight) = applying.take() {
+                            let (report, answered) = in_flight.await;
+                            answer_applied(&mut session, report, answered);
+                        }
+                        if live_waiting.1 > 0 {
+                            let (waiting, answered) = std::mem::take(&mut live_waiting);
+                            let report =
+                                start_apply(&node, (id.clone(), name.clone()), waiting, answered).await;
+                            answer_applied(&mut session, report.0, report.1);
+                        }
+                        let report = apply(&node, &id, &name, changes, true).await;
+                        answer_applied(&mut session, report, answers);
                     }
                     Event::CatchUpCompleted { duration_ms, changes_received } => {
                         node.metrics.catch_up_seconds.observe(duration_ms as f64 / 1000.0);
@@ -431,6 +446,15 @@ fn drive(
                     }
                     Err(err) => session.close(&format!("transport: {err}")),
                 },
+                (report, answered) = async { applying.as_mut().expect("guarded").await }, if applying.is_some() => {
+                    applying = None;
+                    answer_applied(&mut session, report, answered);
+                    if live_waiting.1 > 0 {
+                        let from = peer.clone().unwrap_or_else(|| (node.identity.pos_id.clone(), String::new()));
+                        let (waiting, answers) = std::mem::take(&mut live_waiting);
+                        applying = Some(start_apply(&node, from, waiting, answers));
+                    }
+                }
                 () = sleep => session.handle_timeout(now_ms()),
                 change = changes.recv() => match change {
                     Ok(change) => session.send_change(&change.change),
@@ -674,6 +698,37 @@ async fn report_diverged_heads(
             }
         }
     }
+}
+
+/// An apply of live changes on its way through the writer, with the number of `Apply`
+/// events it answers.
+type ApplyInFlight =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Option<protocol::ApplyReport>, usize)> + Send>>;
+
+/// Starts applying live changes from `peer` (see [`apply`]).
+fn start_apply(
+    node: &Arc<NodeShared>,
+    peer: (PosId, String),
+    changes: Vec<WireChange>,
+    answers: usize,
+) -> ApplyInFlight {
+    let node = Arc::clone(node);
+    Box::pin(async move { (apply(&node, &peer.0, &peer.1, changes, false).await, answers) })
+}
+
+/// Gives the session its answers to `answers` `Apply` events applied together (the
+/// session expects one per `Apply`, in order; the refusals are reported once), or closes it
+/// when the node is stopping.
+fn answer_applied(session: &mut Session, report: Option<protocol::ApplyReport>, answers: usize) {
+    let Some(report) = report else {
+        session.close("node stopping");
+        return;
+    };
+    for _ in 1..answers {
+        let quiet = protocol::ApplyReport { rejections: Vec::new(), ..report.clone() };
+        session.batch_applied(now_ms(), quiet);
+    }
+    session.batch_applied(now_ms(), report);
 }
 
 /// Applies changes from a peer through the writer, with metrics.
