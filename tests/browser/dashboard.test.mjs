@@ -393,6 +393,12 @@ async function checkHeadOffice() {
   );
   check(busiest.tickets > 0 && shownTickets >= busiest.tickets,
     `store ${busiest.storeId}'s row shows its tickets (${busiest.tickets} or more, sales go on)`, `shows ${shownTickets}`);
+  const reporting = stores.find((store) => store.uplink);
+  const uplinkShown = reporting
+    ? await page.innerText(`#chain-stores-body tr[data-store-id="${reporting.storeId}"] [data-field="uplink"]`).catch(() => "")
+    : "";
+  check(reporting !== undefined && /^(online|offline since)/.test(uplinkShown),
+    `store ${reporting ? reporting.storeId : "?"}'s row shows its uplink (its tills report)`, `shows "${uplinkShown}"`);
   const products = await api("GET", `${hqBase}/api/products`);
   const list = Array.isArray(products) ? products : products.items || products.data || [];
   const productId = list.length ? list[0].id : "";

@@ -165,7 +165,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Head office: every store, its terminals, last change received, silence alert, sales per day */
+        /** Head office: every store, its terminals, last change received, silence alert, sales per day, uplink (online, offline since, lag) */
         get: operations["chainStores"];
         put?: never;
         post?: never;

@@ -15,14 +15,18 @@
 //!   validation of an incoming one ([`Batch::decode`]).
 //! - [`planner`]: what to publish next, given what this node holds and what the backbone
 //!   holds per origin ([`Planner`]).
+//! - [`presence`]: which stores are online, from the reports their tills send every few
+//!   seconds ([`Presence`]).
 //!
 //! What this crate deliberately does not do: apply changes (the store does, idempotently by
 //! (origin, seq)), decide merges (possync-core), or retry (the driver).
 
 pub mod message;
 pub mod planner;
+pub mod presence;
 pub mod subject;
 
 pub use message::{Batch, HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_ORIGIN, MAX_MESSAGE_BYTES, MessageError};
 pub use planner::{Held, Planner, Step};
+pub use presence::{Presence, StoreState, UplinkReport};
 pub use subject::{ChainId, Direction, ParsedSubject, StoreId, SubjectError, Subjects};

@@ -172,6 +172,30 @@ impl Subjects {
         Ok(format!("possync.{}.down.{}", self.chain.0, origin))
     }
 
+    /// `possync.<c>.status.<s>.<o>`: where till `origin` of store `store` reports its
+    /// uplink every few seconds (plain NATS, no stream: only the latest report matters).
+    pub fn status(&self, store: &StoreId, origin: &PosId) -> Result<String, SubjectError> {
+        check_origin(origin)?;
+        Ok(format!("possync.{}.status.{}.{}", self.chain.0, store.0, origin))
+    }
+
+    /// `possync.<c>.status.>`: every till's reports, which the head office listens to.
+    pub fn status_wildcard(&self) -> String {
+        format!("possync.{}.status.>", self.chain.0)
+    }
+
+    /// Reads a status subject of this chain back into its store and till.
+    pub fn parse_status(&self, subject: &str) -> Result<(StoreId, PosId), SubjectError> {
+        let foreign = || SubjectError::Foreign(subject.chars().take(200).collect());
+        match subject.split('.').collect::<Vec<_>>().as_slice() {
+            ["possync", chain, "status", store, origin] if *chain == self.chain.0 => Ok((
+                StoreId::parse(*store).map_err(|_| foreign())?,
+                PosId::parse(*origin).map_err(|_| foreign())?,
+            )),
+            _ => Err(foreign()),
+        }
+    }
+
     /// Reads a subject of this chain back into its direction, store and origin.
     pub fn parse(&self, subject: &str) -> Result<ParsedSubject, SubjectError> {
         let foreign = || SubjectError::Foreign(subject.chars().take(200).collect());
@@ -241,6 +265,25 @@ mod tests {
             "",
         ] {
             assert!(matches!(subjects.parse(subject), Err(SubjectError::Foreign(_))), "{subject}");
+        }
+    }
+
+    #[test]
+    fn status_subjects_name_the_store_and_the_till() {
+        let subjects = subjects();
+        let store = StoreId::parse("s042").unwrap();
+        let subject = subjects.status(&store, &pos("till-1")).unwrap();
+        assert_eq!(subject, "possync.acme.status.s042.till-1");
+        assert_eq!(subjects.parse_status(&subject).unwrap(), (store, pos("till-1")));
+        assert_eq!(subjects.status_wildcard(), "possync.acme.status.>");
+        for subject in [
+            "possync.other.status.s1.t1",
+            "possync.acme.status.s1",
+            "possync.acme.status.s1.t1.x",
+            "possync.acme.up.s1.t1",
+            "possync.acme.status.s!.t1",
+        ] {
+            assert!(subjects.parse_status(subject).is_err(), "{subject}");
         }
     }
 

@@ -225,6 +225,7 @@ async fn chain_ingest(dir: &std::path::Path, template: &std::path::Path, stores:
         ChainRole::Hq(HqConfig {
             backbone: chain_node::backbone(server.url(), "bench"),
             silent_store_alert_secs: 900,
+            store_offline_after_secs: possync_node::config::DEFAULT_STORE_OFFLINE_AFTER_SECS,
         }),
     );
     let store = Store::open(&hq_dir.join(DB_FILE), Box::new(SystemEnvironment::default())).unwrap();

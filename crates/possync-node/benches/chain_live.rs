@@ -85,7 +85,11 @@ async fn head_office() {
     }
     let config = chain_node::node_config(
         &dir,
-        ChainRole::Hq(HqConfig { backbone: backbone(url), silent_store_alert_secs: 900 }),
+        ChainRole::Hq(HqConfig {
+            backbone: backbone(url),
+            silent_store_alert_secs: 900,
+            store_offline_after_secs: possync_node::config::DEFAULT_STORE_OFFLINE_AFTER_SECS,
+        }),
     );
     let node = Node::start_with_store(config, store).await.unwrap();
     println!("ready");
@@ -192,6 +196,7 @@ async fn start_till(store: usize, url: String) -> Till {
     let chain = ChainRole::Uplink(UplinkConfig {
         backbone: backbone(url),
         store: StoreId::parse(format!("s{store:03}")).unwrap(),
+        report_every_secs: possync_node::config::DEFAULT_REPORT_EVERY_SECS,
     });
     let node = Node::start_with_store(chain_node::node_config(dir.path(), chain), store_db).await.unwrap();
     Till { node, _dir: dir, db: path }

@@ -100,6 +100,10 @@ pub struct UplinkSection {
     pub backbone: BackboneSection,
     /// This till's store id (`[A-Za-z0-9_-]`, at most 32 bytes).
     pub store: String,
+    /// How often the till reports its uplink to the head office (seconds; docs/CHAIN.md,
+    /// "Which stores are online").
+    #[serde(default = "default_report_every_secs")]
+    pub report_every_secs: u64,
 }
 
 /// `[hq]`.
@@ -112,10 +116,27 @@ pub struct HqSection {
     /// A store silent for longer than this is flagged in `GET /api/chain/stores`.
     #[serde(default = "default_silent_store_alert_secs")]
     pub silent_store_alert_secs: u64,
+    /// A store none of whose tills has reported for this long is offline (seconds).
+    #[serde(default = "default_store_offline_after_secs")]
+    pub store_offline_after_secs: u64,
 }
 
 fn default_silent_store_alert_secs() -> u64 {
     900
+}
+
+/// `[uplink] report_every_secs` unless set.
+pub const DEFAULT_REPORT_EVERY_SECS: u64 = 5;
+
+fn default_report_every_secs() -> u64 {
+    DEFAULT_REPORT_EVERY_SECS
+}
+
+/// `[hq] store_offline_after_secs` unless set: four missed reports.
+pub const DEFAULT_STORE_OFFLINE_AFTER_SECS: u64 = 20;
+
+fn default_store_offline_after_secs() -> u64 {
+    DEFAULT_STORE_OFFLINE_AFTER_SECS
 }
 
 fn default_peer_port() -> u16 {
@@ -326,6 +347,8 @@ pub struct UplinkConfig {
     pub backbone: BackboneConfig,
     /// The store.
     pub store: possync_chain::StoreId,
+    /// How often the till reports its uplink (seconds, at least 1).
+    pub report_every_secs: u64,
 }
 
 /// The head office's `[hq]`, checked.
@@ -335,6 +358,8 @@ pub struct HqConfig {
     pub backbone: BackboneConfig,
     /// Seconds of silence after which a store is flagged.
     pub silent_store_alert_secs: u64,
+    /// Seconds without a report after which a store is offline.
+    pub store_offline_after_secs: u64,
 }
 
 impl BackboneSection {
@@ -366,7 +391,11 @@ impl UplinkSection {
     pub fn to_config(&self) -> Result<UplinkConfig, ConfigError> {
         let store = possync_chain::StoreId::parse(self.store.clone())
             .map_err(|err| ConfigError::Chain(err.to_string()))?;
-        Ok(UplinkConfig { backbone: self.backbone.to_config()?, store })
+        Ok(UplinkConfig {
+            backbone: self.backbone.to_config()?,
+            store,
+            report_every_secs: self.report_every_secs.max(1),
+        })
     }
 }
 
@@ -376,6 +405,7 @@ impl HqSection {
         Ok(HqConfig {
             backbone: self.backbone.to_config()?,
             silent_store_alert_secs: self.silent_store_alert_secs.max(1),
+            store_offline_after_secs: self.store_offline_after_secs.max(1),
         })
     }
 }

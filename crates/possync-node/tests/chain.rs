@@ -32,8 +32,11 @@ async fn start_hq(url: &str) -> TestNode {
 
 async fn start_hq_as(url: &str, auth: BackboneAuth) -> TestNode {
     let mut options = Options::new("head office");
-    options.chain =
-        Some(ChainRole::Hq(HqConfig { backbone: backbone(url, auth), silent_store_alert_secs: 3600 }));
+    options.chain = Some(ChainRole::Hq(HqConfig {
+        backbone: backbone(url, auth),
+        silent_store_alert_secs: 3600,
+        store_offline_after_secs: 3,
+    }));
     options.api = true;
     start(options).await
 }
@@ -56,6 +59,7 @@ async fn start_till_as(
     options.chain = Some(ChainRole::Uplink(UplinkConfig {
         backbone: backbone(url, auth),
         store: StoreId::parse(store).unwrap(),
+        report_every_secs: 1,
     }));
     start(options).await
 }
@@ -532,6 +536,7 @@ fn permissions_config() -> String {
             r#"{{ user: {store}, password: {store}-secret, permissions: {{
                 publish: {{ allow: [
                     "possync.acme.up.{store}.>",
+                    "possync.acme.status.{store}.>",
                     "$JS.API.DIRECT.GET.POSSYNC_ACME_UP.possync.acme.up.{store}.>",
                     "$JS.API.CONSUMER.CREATE.POSSYNC_ACME_DOWN",
                     "$JS.API.CONSUMER.CREATE.POSSYNC_ACME_DOWN.>",
@@ -587,6 +592,19 @@ async fn a_store_cannot_publish_under_another_stores_subject() {
     assert!(published.is_err(), "a store must not publish under another store's subject");
     let runs = up_runs_as(&server.url(), user("hq")).await;
     assert!(runs.keys().all(|subject| subject.starts_with("possync.acme.up.s1.")), "{runs:?}");
+    // Nor report as one of s2's tills; its own reports get through.
+    let raw = async_nats::ConnectOptions::with_user_and_password("s1".into(), "s1-secret".into())
+        .connect(server.url())
+        .await
+        .unwrap();
+    raw.publish("possync.acme.status.s2.intruder", b"{\"backlog\":0}".to_vec().into()).await.unwrap();
+    raw.flush().await.unwrap();
+    wait_until("store s1's reports at HQ", SOON, || async {
+        get(&hq, "/api/chain/stores")[0]["uplink"]["online"] == true
+    })
+    .await;
+    let stores = get(&hq, "/api/chain/stores");
+    assert!(stores.as_array().unwrap().iter().all(|store| store["storeId"] == "s1"), "{stores}");
     for node in [hq, till] {
         node.shutdown().await;
     }
@@ -836,6 +854,7 @@ async fn the_backbone_over_tls_verifies_the_server_with_the_configured_ca() {
     options.chain = Some(ChainRole::Hq(HqConfig {
         backbone: with_ca(BackboneAuth::Anonymous),
         silent_store_alert_secs: 60,
+        store_offline_after_secs: 3,
     }));
     let hq = start(options).await;
     product(&hq, "p1", "2.50").await;
@@ -843,6 +862,7 @@ async fn the_backbone_over_tls_verifies_the_server_with_the_configured_ca() {
     options.chain = Some(ChainRole::Uplink(UplinkConfig {
         backbone: with_ca(BackboneAuth::Anonymous),
         store: StoreId::parse("s1").unwrap(),
+        report_every_secs: 1,
     }));
     let till = start(options).await;
     // A till that does not know the CA cannot be talked into trusting the server.
@@ -876,6 +896,7 @@ async fn a_silent_store_is_flagged_at_head_office() {
     options.chain = Some(ChainRole::Hq(HqConfig {
         backbone: backbone(&server.url(), BackboneAuth::Anonymous),
         silent_store_alert_secs: 1,
+        store_offline_after_secs: 3,
     }));
     options.api = true;
     let hq = start(options).await;
@@ -890,7 +911,44 @@ async fn a_silent_store_is_flagged_at_head_office() {
     let silent = get(&hq, "/api/chain/stores");
     assert_eq!(silent[0]["alert"], true, "{silent}");
     assert!(silent[0]["silentSeconds"].as_u64().unwrap() >= 2);
-    for node in [hq, till] {
-        node.shutdown().await;
+    // Silent but online: the till reports every second with nothing left to upload.
+    let uplink = &silent[0]["uplink"];
+    assert_eq!(uplink["online"], true, "{silent}");
+    assert_eq!(uplink["lagChanges"], 0);
+    assert_eq!(uplink["lagSeconds"], 0);
+    assert_eq!(uplink["offlineSince"], Value::Null);
+
+    // Reports that name no store, or say nothing readable, change nothing.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    for (subject, body) in [
+        ("possync.acme.status.s1.intruder", &b"{\"backlog\":-3}"[..]),
+        ("possync.acme.status.s1", b"{\"backlog\":1}"),
+        ("possync.acme.status.s!.t1", b"{\"backlog\":1}"),
+    ] {
+        client.publish(subject, body.to_vec().into()).await.unwrap();
     }
+    client.flush().await.unwrap();
+    // A store whose tills report but that has sent nothing yet is listed too.
+    client.publish("possync.acme.status.s2.t9", b"{\"backlog\":4}".to_vec().into()).await.unwrap();
+    client.flush().await.unwrap();
+    wait_until("store s2 to be listed", SOON, || async {
+        get(&hq, "/api/chain/stores").as_array().is_some_and(|stores| stores.len() == 2)
+    })
+    .await;
+    let stores = get(&hq, "/api/chain/stores");
+    assert_eq!(stores[0]["uplink"]["lagChanges"], 0, "{stores}");
+    assert_eq!(stores[1]["storeId"], "s2");
+    assert_eq!(stores[1]["uplink"]["lagChanges"], 4);
+    assert_eq!(stores[1]["uplink"]["lagSeconds"], Value::Null, "nothing ever received from s2");
+
+    // The till stops: after `store_offline_after_secs` (3 s) without a report, offline,
+    // since its last report.
+    till.shutdown().await;
+    wait_until("store s1 to be offline", SOON * 2, || async {
+        get(&hq, "/api/chain/stores")[0]["uplink"]["online"] == false
+    })
+    .await;
+    let offline = get(&hq, "/api/chain/stores");
+    assert_eq!(offline[0]["uplink"]["offlineSince"], offline[0]["uplink"]["lastReportAt"], "{offline}");
+    hq.shutdown().await;
 }

@@ -61,7 +61,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let hq = start_node(
         &root.join("hq"),
         "Head office",
-        Some(ChainRole::Hq(HqConfig { backbone: backbone(&url), silent_store_alert_secs: 60 })),
+        Some(ChainRole::Hq(HqConfig {
+            backbone: backbone(&url),
+            silent_store_alert_secs: 60,
+            store_offline_after_secs: possync_node::config::DEFAULT_STORE_OFFLINE_AFTER_SECS,
+        })),
         &[],
         hq_api,
         &crate::random_hex(16),
@@ -91,8 +95,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let secret = crate::random_hex(16);
         for t in 0..2 {
             let name = format!("store{} till{}", s + 1, t + 1);
-            let role =
-                ChainRole::Uplink(UplinkConfig { backbone: backbone(&proxy.url()), store: store.clone() });
+            let role = ChainRole::Uplink(UplinkConfig {
+                backbone: backbone(&proxy.url()),
+                store: store.clone(),
+                report_every_secs: possync_node::config::DEFAULT_REPORT_EVERY_SECS,
+            });
             let node =
                 start_node(&root.join(format!("s{}t{}", s + 1, t + 1)), &name, Some(role), &lan, 0, &secret)
                     .await?;

@@ -1376,7 +1376,7 @@
     var stores = state.chainStores || [];
     body.textContent = "";
     if (!stores.length) {
-      body.appendChild(el("tr", { className: "empty-row" }, [el("td", { colspan: 7, text: "No store has sent anything yet." })]));
+      body.appendChild(el("tr", { className: "empty-row" }, [el("td", { colspan: 8, text: "No store has sent anything yet." })]));
       return;
     }
     var today = new Date(serverNow()).toISOString().slice(0, 10);
@@ -1384,11 +1384,20 @@
       var todays = (store.salesPerDay || []).filter(function (day) { return day.day === today; })[0];
       var last = isNum(store.lastReceivedUnix) ? store.lastReceivedUnix * 1000 : null;
       var lastText = fmtAge(last) + (store.alert ? " · silent" : "");
+      // What the store's tills report every few seconds: online, or offline since when; and
+      // how many changes they still hold for the backbone.
+      var uplink = store.uplink;
+      var uplinkText = "no report";
+      if (uplink) {
+        uplinkText = uplink.online ? "online" : "offline since " + fmtAge(Date.parse(uplink.offlineSince));
+        if (uplink.lagChanges > 0) uplinkText += " · " + fmtInt(uplink.lagChanges) + " to upload";
+      }
       body.appendChild(
         el("tr", { "data-store-id": store.storeId, "data-alert": store.alert ? "true" : "false" }, [
           el("th", { scope: "row", text: store.storeId }),
           el("td", { "data-field": "terminals", text: fmtInt((store.terminals || []).length) }),
           el("td", { "data-field": "lastReceived", className: store.alert ? "late" : null, text: lastText }),
+          el("td", { "data-field": "uplink", className: uplink && !uplink.online ? "late" : null, text: uplinkText }),
           el("td", { "data-field": "changes", text: fmtInt(store.changesReceived) }),
           el("td", { "data-field": "ticketsToday", text: fmtInt(todays ? todays.tickets : 0) }),
           el("td", { "data-field": "salesToday", text: todays ? todays.total : "0" }),

@@ -22,7 +22,7 @@ pub(super) fn routes() -> Vec<Route> {
             .reply(200, "The status", json!({"type": "object"})),
         Route::new(Method::Get, "/api/chain/stores", "chainStores", stores)
             .summary(
-                "Head office: every store, its terminals, last change received, silence alert, sales per day",
+                "Head office: every store, its terminals, last change received, silence alert, sales per day, uplink (online, offline since, lag)",
             )
             .tag("chain")
             .reply(200, "The stores", json!({"type": "array", "items": {"type": "object"}}))
@@ -48,10 +48,10 @@ async fn status(State(api): State<Arc<ApiState>>) -> Json<Value> {
     Json(status)
 }
 
-/// The head office's `[hq]` alert threshold, or 404 on any other node.
-fn head_office(api: &ApiState) -> Result<u64, ApiError> {
+/// The head office's `[hq]` section, or 404 on any other node.
+fn head_office(api: &ApiState) -> Result<&crate::config::HqConfig, ApiError> {
     match &api.node.config.chain {
-        Some(ChainRole::Hq(hq)) => Ok(hq.silent_store_alert_secs),
+        Some(ChainRole::Hq(hq)) => Ok(hq),
         _ => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "not_head_office",
@@ -61,13 +61,41 @@ fn head_office(api: &ApiState) -> Result<u64, ApiError> {
 }
 
 async fn stores(State(api): State<Arc<ApiState>>) -> Result<Json<Vec<Value>>, ApiError> {
-    let alert_after = head_office(&api)?;
-    let now_secs = crate::shared::now_ms() / 1000;
+    let hq = head_office(&api)?;
+    let now_ms = crate::shared::now_ms();
+    let now_secs = now_ms / 1000;
     let mut stores = read(&api.node, |reader| reader.chain_stores()).await?;
+    let mut reported = api.node.chain.store_states(now_ms, hq.store_offline_after_secs.saturating_mul(1000));
+    // A store whose tills report but that has sent no change yet is listed too.
+    for store in reported.keys() {
+        if !stores.iter().any(|known| known["storeId"] == store.as_str()) {
+            stores.push(json!({
+                "storeId": store.as_str(), "terminals": [], "lastReceivedAt": null, "lastReceivedUnix": null,
+                "changesReceived": 0, "changesApplied": 0, "tickets": 0, "salesPerDay": [],
+            }));
+        }
+    }
     for store in &mut stores {
         let silent = store["lastReceivedUnix"].as_u64().map(|last| now_secs.saturating_sub(last));
         store["silentSeconds"] = json!(silent);
-        store["alert"] = json!(silent.is_some_and(|silent| silent > alert_after));
+        store["alert"] = json!(silent.is_some_and(|silent| silent > hq.silent_store_alert_secs));
+        let state = store["storeId"]
+            .as_str()
+            .and_then(|id| possync_chain::StoreId::parse(id).ok())
+            .and_then(|id| reported.remove(&id));
+        let uplink = state.map(|state| {
+            // Changes the store holds that the backbone does not, for as long as the head
+            // office has received nothing from it.
+            let lag_seconds = if state.backlog == 0 { Some(0) } else { silent };
+            json!({
+                "online": state.online,
+                "lastReportAt": possync_core::time::rfc3339_ms(state.last_report_ms),
+                "offlineSince": state.offline_since_ms.map(possync_core::time::rfc3339_ms),
+                "lagChanges": state.backlog,
+                "lagSeconds": lag_seconds,
+            })
+        });
+        store["uplink"] = uplink.unwrap_or(Value::Null);
     }
     Ok(Json(stores))
 }

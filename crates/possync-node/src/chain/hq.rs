@@ -20,15 +20,15 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures_util::{FutureExt, StreamExt};
-use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects};
+use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects, UplinkReport};
 use possync_store::ChainRun;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::config::HqConfig;
-use crate::shared::NodeShared;
+use crate::shared::{NodeShared, now_ms};
 use crate::writer::Priority;
 
 /// The head office's durable consumer on the UP stream.
@@ -73,11 +73,45 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: HqConfig) {
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(ingest_forever(Arc::clone(&node), js.clone(), subjects.clone(), Arc::clone(&status)));
+    tasks.spawn(listen_to_reports(Arc::clone(&node), client.clone(), subjects.clone()));
     tasks.spawn(publisher::run(Arc::clone(&node), js, subjects, Lane::Down, Arc::clone(&status)));
     info!(chain = config.backbone.chain.as_str(), "head office backbone started");
     super::uplink::watch_connection(&node, &client, &status).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// Takes the stores' uplink reports (docs/CHAIN.md, "Which stores are online") for ever.
+async fn listen_to_reports(node: Arc<NodeShared>, client: async_nats::Client, subjects: Subjects) {
+    let status = Arc::clone(&node.chain);
+    retry_until_shutdown(&node, &status, "listening to the stores' reports", || async {
+        let mut reports = client
+            .subscribe(subjects.status_wildcard())
+            .await
+            .map_err(|err| ChainError::JetStream(format!("subscribing to the stores' reports: {err}")))?;
+        let mut shutdown = node.shutdown.subscribe();
+        loop {
+            let message = tokio::select! {
+                message = reports.next() => message,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let Some(message) = message else {
+                return Err(ChainError::JetStream("the stores' reports subscription ended".into()));
+            };
+            // Bad reports are only dropped: a report names nothing that is applied, and a
+            // store that sends none is shown offline, which is what it looks like.
+            match (subjects.parse_status(&message.subject), UplinkReport::decode(&message.payload)) {
+                (Ok((store, till)), Ok(report)) => {
+                    if !node.chain.store_reported(&store, &till, report, now_ms()) {
+                        debug!(%store, %till, "too many tills report: this one is not tracked");
+                    }
+                }
+                (Err(err), _) => debug!(%err, "a report on a subject that names no store and till"),
+                (_, Err(err)) => debug!(%err, subject = %message.subject, "an unreadable report"),
+            }
+        }
+    })
+    .await;
 }
 
 /// The two streams, created or updated to this configuration.

@@ -55,6 +55,8 @@ pub struct ChainStatus {
     inner: Mutex<StatusInner>,
     /// The node's Prometheus handles, kept in step with `inner` by [`ChainStatus::update`].
     metrics: ChainMetrics,
+    /// Head office: the latest uplink report of every store's tills.
+    presence: Mutex<possync_chain::Presence>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -77,7 +79,7 @@ struct StatusInner {
 impl ChainStatus {
     /// A status that also feeds `metrics`.
     pub fn new(metrics: ChainMetrics) -> ChainStatus {
-        ChainStatus { inner: Mutex::default(), metrics }
+        ChainStatus { inner: Mutex::default(), metrics, presence: Mutex::default() }
     }
 
     /// The status as JSON.
@@ -106,6 +108,31 @@ impl ChainStatus {
     /// Changes this node holds that the backbone does not yet (as far as it knows).
     pub fn backlog(&self) -> u64 {
         self.lock().backlog
+    }
+
+    /// Head office: records a till's uplink report (false when it is not tracked: see
+    /// [`possync_chain::presence::MAX_TRACKED_TILLS`]).
+    pub fn store_reported(
+        &self,
+        store: &possync_chain::StoreId,
+        till: &possync_core::PosId,
+        report: possync_chain::UplinkReport,
+        now_ms: u64,
+    ) -> bool {
+        self.presence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .heard(store, till, report, now_ms)
+    }
+
+    /// Head office: every store that reported, with its state at `now_ms` (online when one
+    /// of its tills reported within `window_ms`).
+    pub fn store_states(
+        &self,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> std::collections::BTreeMap<possync_chain::StoreId, possync_chain::StoreState> {
+        self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stores(now_ms, window_ms)
     }
 
     fn update(&self, change: impl FnOnce(&mut StatusInner)) {

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures_util::StreamExt;
-use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects};
+use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects, UplinkReport};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
@@ -51,10 +51,34 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: UplinkConfig) {
         Lane::Up { store: config.store.clone() },
         Arc::clone(&status),
     ));
+    match subjects.status(&config.store, &node.identity.pos_id) {
+        Ok(subject) => {
+            let every = Duration::from_secs(config.report_every_secs.max(1));
+            tasks.spawn(report(Arc::clone(&node), client.clone(), subject, every));
+        }
+        Err(err) => {
+            warn!(%err, "uplink: this till's posId cannot name a status subject; it sends no reports")
+        }
+    }
     tasks.spawn(downlink(Arc::clone(&node), js, subjects, Arc::clone(&status)));
     watch_connection(&node, &client, &status).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// Reports the till's uplink to the head office every `every` (docs/CHAIN.md, "Which stores
+/// are online"): plain NATS, nothing kept; a report lost while the WAN is down is what tells
+/// the head office that the store is offline.
+async fn report(node: Arc<NodeShared>, client: async_nats::Client, subject: String, every: Duration) {
+    loop {
+        let report = UplinkReport { backlog: node.chain.backlog() };
+        if let Err(err) = client.publish(subject.clone(), report.encode().into()).await {
+            debug!(%err, "could not send the uplink report");
+        }
+        if !pause(&node, every).await {
+            return;
+        }
+    }
 }
 
 /// Mirrors the client's connection state into the status until shutdown.
