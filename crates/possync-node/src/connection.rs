@@ -323,14 +323,16 @@ fn drive(
                             ));
                         }
                     }
-                    Event::ProtocolViolation { code, message, message_type, message_action } => {
+                    Event::ProtocolViolation { error, message_type, message_action } => {
                         node.metrics.protocol_violations.inc();
-                        warn!(%code, %message, "protocol violation");
+                        let code = error.code();
+                        warn!(%code, message = %error, "protocol violation");
                         let (id, name) = match &peer {
                             Some((id, name)) => (id.to_string(), Some(name.clone())),
                             None => (address.ip().to_string(), None),
                         };
-                        let error = format!("{code}: {message}");
+                        let detail = format!("{code}: {error}");
+                        let logged = detail.clone();
                         let _ = node
                             .writer
                             .call(Priority::Sync, move |store| {
@@ -339,12 +341,11 @@ fn drive(
                                     name.as_deref(),
                                     &message_type,
                                     &message_action,
-                                    &error,
+                                    &logged,
                                 )
                             })
                             .await;
                         if !session.is_established() {
-                            let detail = format!("{code}: {message}");
                             node.record_rejected(
                                 address.ip().to_string(),
                                 "protocol handshake refused",

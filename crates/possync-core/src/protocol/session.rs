@@ -170,10 +170,8 @@ pub enum Event {
     /// The peer broke the protocol (log a `p2p_sync_logs` error row). The `error` frame is
     /// already queued; a `Closed` follows when the violation is fatal.
     ProtocolViolation {
-        /// The error code sent to the peer.
-        code: String,
-        /// The explanation sent to the peer.
-        message: String,
+        /// What was wrong (its [`ProtocolError::code`] and text were sent to the peer).
+        error: ProtocolError,
         /// The offending frame's `type`, empty when unreadable.
         message_type: String,
         /// The offending frame's `action`, empty when unreadable.
@@ -948,13 +946,9 @@ impl Session {
         let code = error.code();
         let message = error.to_string();
         self.queue(Body::Error(ErrorData { code: code.to_string(), message: message.clone() }));
-        self.events.push_back(Event::ProtocolViolation {
-            code: code.to_string(),
-            message: message.clone(),
-            message_type,
-            message_action,
-        });
-        if error.is_fatal() || self.state == State::Handshaking {
+        let fatal = error.is_fatal();
+        self.events.push_back(Event::ProtocolViolation { error, message_type, message_action });
+        if fatal || self.state == State::Handshaking {
             self.close_with(format!("protocol violation ({code}): {message}"));
             return;
         }
@@ -1050,7 +1044,7 @@ mod tests {
         events
             .iter()
             .filter_map(|event| match event {
-                Event::ProtocolViolation { code, .. } => Some(code.as_str()),
+                Event::ProtocolViolation { error, .. } => Some(error.code()),
                 _ => None,
             })
             .collect()
@@ -1526,7 +1520,7 @@ mod tests {
                 (Some("error"), Some(code))
             );
             assert!(
-                matches!(&events[0], Event::ProtocolViolation { code: c, message_type, .. } if c == code && message_type == kind),
+                matches!(&events[0], Event::ProtocolViolation { error, message_type, .. } if error.code() == code && message_type == kind),
                 "{events:?}"
             );
             assert_eq!(closed_count(&events), 1);
@@ -1560,15 +1554,12 @@ mod tests {
             session.handle_frame(T0 + 1, &text);
             let (frames, events) = drain(&mut session);
             assert_eq!(frames[0]["data"]["code"], code);
-            assert_eq!(
-                events[0],
-                Event::ProtocolViolation {
-                    code: code.into(),
-                    message: frames[0]["data"]["message"].as_str().unwrap().into(),
-                    message_type: kind.into(),
-                    message_action: action.into(),
-                }
-            );
+            let Event::ProtocolViolation { error, message_type, message_action } = &events[0] else {
+                panic!("{events:?}");
+            };
+            assert_eq!(error.code(), code);
+            assert_eq!(error.to_string(), frames[0]["data"]["message"].as_str().unwrap());
+            assert_eq!((message_type.as_str(), message_action.as_str()), (kind, action));
             if index < 2 {
                 assert!(!session.is_closed());
                 assert_eq!(frames.len(), 1);
