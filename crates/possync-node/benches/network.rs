@@ -658,7 +658,9 @@ async fn durable_writes(settings: &Settings) {
     const PRODUCTS: usize = 100;
     const CALLERS: [usize; 4] = [1, 8, 32, 64];
     println!("\n### Durable till writes: {updates} product updates on a node alone, answered once on disk\n");
+    const HTTP_CALLERS: [usize; 2] = [8, 32];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CALLERS.len()];
+    let mut http_rates: Vec<Vec<f64>> = vec![Vec::new(); HTTP_CALLERS.len()];
     let mut raw_rates = Vec::new();
     for run in 0..settings.runs {
         for (slot, callers) in CALLERS.iter().copied().enumerate() {
@@ -683,6 +685,27 @@ async fn durable_writes(settings: &Settings) {
             eprintln!("  run {run}: {callers} callers {rate:.0}/s");
             rates[slot].push(rate);
         }
+        for (slot, callers) in HTTP_CALLERS.iter().copied().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut config = node_config(dir.path(), &[]);
+            config.api_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+            let node = Node::start_with_store(config, new_store(dir.path(), "A")).await.expect("start node");
+            create_products(&node.shared, 0..PRODUCTS).await;
+            let api = node.api_addr.expect("the API is served");
+            let started = Instant::now();
+            let clients: Vec<_> = (0..callers)
+                .map(|caller| {
+                    tokio::task::spawn_blocking(move || http_updates(api, caller, callers, updates, PRODUCTS))
+                })
+                .collect();
+            for client in clients {
+                client.await.expect("join");
+            }
+            let rate = updates as f64 / started.elapsed().as_secs_f64();
+            node.shutdown().await;
+            eprintln!("  run {run}: {callers} HTTP clients {rate:.0}/s");
+            http_rates[slot].push(rate);
+        }
         let raw =
             tokio::task::spawn_blocking(move || raw_durable_updates(updates, PRODUCTS)).await.expect("join");
         eprintln!("  run {run}: raw SQLite {raw:.0}/s");
@@ -703,6 +726,33 @@ async fn durable_writes(settings: &Settings) {
             spread(&ratios).show(2),
             met(rate.median >= 20_000.0)
         );
+    }
+    for (slot, callers) in HTTP_CALLERS.iter().enumerate() {
+        let rate = spread(&http_rates[slot]);
+        let ratios: Vec<f64> =
+            http_rates[slot].iter().zip(&raw_rates).map(|(rate, raw)| rate / raw).collect();
+        println!(
+            "| {callers} HTTP clients (`PATCH /api/products/{{id}}`, keep-alive) | {} | {} | {} | ≥ 20,000/s | {} |",
+            rate.show(0),
+            raw.show(0),
+            spread(&ratios).show(2),
+            met(rate.median >= 20_000.0)
+        );
+    }
+}
+
+/// One HTTP client: `PATCH /api/products/{id}` price updates `caller`, `caller + callers`,
+/// ... below `updates`, each awaiting its answer (given once the write is on disk).
+fn http_updates(api: SocketAddr, caller: usize, callers: usize, updates: usize, products: usize) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let mut index = caller;
+    while index < updates {
+        let url = format!("http://{api}/api/products/{}", product_id(index % products).as_str());
+        let body = json!({"price": format!("{}.{:02}", 1 + index / 100 % 1000, index % 100)}).to_string();
+        let answer =
+            agent.patch(&url).content_type("application/json").send(&body).expect("the update is answered");
+        assert_eq!(answer.status(), 200, "the update is accepted");
+        index += callers;
     }
 }
 
