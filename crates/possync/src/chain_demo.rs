@@ -64,7 +64,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Some(ChainRole::Hq(HqConfig {
             backbone: backbone(&url),
             silent_store_alert_secs: 60,
-            store_offline_after_secs: possync_node::config::DEFAULT_STORE_OFFLINE_AFTER_SECS,
+            // The tills report every second: a store is offline after 3 s without a report.
+            store_offline_after_secs: 3,
         })),
         &[],
         hq_api,
@@ -98,7 +99,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             let role = ChainRole::Uplink(UplinkConfig {
                 backbone: backbone(&proxy.url()),
                 store: store.clone(),
-                report_every_secs: possync_node::config::DEFAULT_REPORT_EVERY_SECS,
+                report_every_secs: 1,
             });
             let node =
                 start_node(&root.join(format!("s{}t{}", s + 1, t + 1)), &name, Some(role), &lan, 0, &secret)
@@ -142,6 +143,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             println!("  {:>5.1}s head office: Product 0 now costs {NEW_PRICE}", elapsed.as_secs_f64());
         }
         if !healed && elapsed >= total * 2 / 3 {
+            println!("  {:>5.1}s head office sees: {}", elapsed.as_secs_f64(), uplinks(&head));
             proxies[STORES - 1].heal();
             healed = true;
             println!("  {:>5.1}s store{}'s WAN back", elapsed.as_secs_f64(), STORES);
@@ -202,6 +204,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("  store{}: {sold} sold, {at_hq} at the head office", store + 1);
     }
     println!("  duplicate ticket numbers at the head office: {duplicates}");
+    println!("  head office sees: {}", uplinks(&head));
 
     for till in tills {
         till.node.shutdown().await;
@@ -250,6 +253,20 @@ where
     F: FnOnce(&mut Store) -> Result<T, possync_store::StoreError> + Send + 'static,
 {
     Ok(node.writer.call(Priority::Local, write).await??)
+}
+
+/// The head office's view of each store's uplink (docs/CHAIN.md, "Which stores are online").
+fn uplinks(head: &NodeShared) -> String {
+    let now = possync_node::shared::now_ms();
+    let states = head.chain.store_states(now, 3_000);
+    let shown: Vec<String> = states
+        .iter()
+        .map(|(store, state)| match state.offline_since_ms {
+            None => format!("{store} online"),
+            Some(since) => format!("{store} offline for {} s", now.saturating_sub(since) / 1000),
+        })
+        .collect();
+    shown.join(", ")
 }
 
 /// A query on one of `node`'s readers.
