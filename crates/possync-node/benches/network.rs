@@ -169,6 +169,23 @@ async fn create_products(node: &Arc<NodeShared>, range: std::ops::Range<usize>) 
     }
 }
 
+/// `updates` price updates through `node`'s writer from `callers` tasks at once (update
+/// `i` by task `i % callers`, of product `i % products`), each awaiting its answer.
+async fn update_prices_concurrently(node: &Arc<NodeShared>, callers: usize, updates: usize, products: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let node = Arc::clone(node);
+        tasks.spawn(async move {
+            let mut index = caller;
+            while index < updates {
+                update_price(&node, index % products, index).await;
+                index += callers;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
 async fn update_price(node: &Arc<NodeShared>, index: usize, cents: usize) {
     let body = json!({"price": format!("{}.{:02}", 1 + cents / 100 % 1000, cents % 100)});
     local(node, move |store| store.update_record(EntityKind::Product, &product_id(index), &body))
@@ -578,18 +595,7 @@ async fn throughput(settings: &Settings) {
         let mut feed = pair.b.shared.writer.subscribe();
         let frames_before = a.peers.detailed_stats().total_messages_sent;
         let started = Instant::now();
-        let mut producers = tokio::task::JoinSet::new();
-        for producer in 0..PRODUCERS {
-            let a = Arc::clone(&a);
-            producers.spawn(async move {
-                let mut index = producer;
-                while index < updates {
-                    update_price(&a, index % PRODUCTS, index).await;
-                    index += PRODUCERS;
-                }
-            });
-        }
-        while producers.join_next().await.is_some() {}
+        update_prices_concurrently(&a, PRODUCERS, updates, PRODUCTS).await;
         let written = started.elapsed();
         let target = a.summary().await.expect("summary").get(&origin).0;
         wait_holds(&pair.b.shared, &mut feed, &origin, target).await;
@@ -668,18 +674,7 @@ async fn durable_writes(settings: &Settings) {
             let node = start(dir.path(), new_store(dir.path(), "A"), &[]).await;
             create_products(&node.shared, 0..PRODUCTS).await;
             let started = Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            for caller in 0..callers {
-                let a = Arc::clone(&node.shared);
-                tasks.spawn(async move {
-                    let mut index = caller;
-                    while index < updates {
-                        update_price(&a, index % PRODUCTS, index).await;
-                        index += callers;
-                    }
-                });
-            }
-            while tasks.join_next().await.is_some() {}
+            update_prices_concurrently(&node.shared, callers, updates, PRODUCTS).await;
             let rate = updates as f64 / started.elapsed().as_secs_f64();
             node.shutdown().await;
             eprintln!("  run {run}: {callers} callers {rate:.0}/s");

@@ -368,12 +368,17 @@ mod tests {
 
     use super::*;
 
+    /// A writer on a new store in `dir`.
+    fn new_writer(dir: &tempfile::TempDir) -> WriterHandle {
+        let store =
+            Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
+        WriterHandle::start(store)
+    }
+
     #[tokio::test]
     async fn a_panicking_job_does_not_stop_the_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
-        let writer = WriterHandle::start(store);
+        let writer = new_writer(&dir);
         let failed = writer.call(Priority::Local, |_store| -> u32 { panic!("a bug in a job") }).await;
         assert_eq!(failed, Err(WriterError::Stopped));
         let created = writer
@@ -388,9 +393,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_is_answered_once_durable_and_catch_ups_may_then_serve_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
-        let writer = WriterHandle::start(store);
+        let writer = new_writer(&dir);
         let mut changes = writer.subscribe();
         for index in 0..20 {
             let position = writer
@@ -417,9 +420,7 @@ mod tests {
 
     /// A writer whose thread is held by a job until the returned sender is dropped.
     async fn held_writer(dir: &tempfile::TempDir) -> (WriterHandle, std::sync::mpsc::Sender<()>) {
-        let store =
-            Store::init(&dir.path().join("t.db"), None, "t", Box::new(SystemEnvironment::default())).unwrap();
-        let writer = WriterHandle::start(store);
+        let writer = new_writer(dir);
         let (started, is_running) = oneshot::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let busy = writer.clone();
