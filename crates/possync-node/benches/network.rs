@@ -711,28 +711,22 @@ async fn durable_writes(settings: &Settings) {
         "| callers | possync, writes/s | raw SQLite, one durable transaction per update | ratio | target | met? |"
     );
     println!("|---|---|---|---|---|---|");
-    for (slot, callers) in CALLERS.iter().enumerate() {
-        let rate = spread(&rates[slot]);
-        let ratios: Vec<f64> = rates[slot].iter().zip(&raw_rates).map(|(rate, raw)| rate / raw).collect();
+    let row = |label: String, rates: &[f64]| {
+        let rate = spread(rates);
+        let ratios: Vec<f64> = rates.iter().zip(&raw_rates).map(|(rate, raw)| rate / raw).collect();
         println!(
-            "| {callers} | {} | {} | {} | ≥ 20,000/s | {} |",
+            "| {label} | {} | {} | {} | ≥ 20,000/s | {} |",
             rate.show(0),
             raw.show(0),
             spread(&ratios).show(2),
             met(rate.median >= 20_000.0)
         );
+    };
+    for (slot, callers) in CALLERS.iter().enumerate() {
+        row(callers.to_string(), &rates[slot]);
     }
     for (slot, callers) in HTTP_CALLERS.iter().enumerate() {
-        let rate = spread(&http_rates[slot]);
-        let ratios: Vec<f64> =
-            http_rates[slot].iter().zip(&raw_rates).map(|(rate, raw)| rate / raw).collect();
-        println!(
-            "| {callers} HTTP clients (`PATCH /api/products/{{id}}`, keep-alive) | {} | {} | {} | ≥ 20,000/s | {} |",
-            rate.show(0),
-            raw.show(0),
-            spread(&ratios).show(2),
-            met(rate.median >= 20_000.0)
-        );
+        row(format!("{callers} HTTP clients (`PATCH /api/products/{{id}}`, keep-alive)"), &http_rates[slot]);
     }
 }
 
