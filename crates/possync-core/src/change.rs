@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::entity::{self, EntityError, EntityKind, FieldMap, Sale, StockMovement};
 use crate::hlc::Hlc;
 use crate::ids::{EntityId, PosId, Seq};
+use crate::merge::Version;
 use crate::time::rfc3339_ms;
 use crate::vv::VersionVector;
 
@@ -40,6 +41,19 @@ pub struct Change {
     pub id: EntityId,
     /// What it does.
     pub body: ChangeBody,
+    /// Set on a head office's copy of a store's customer write (docs/CHAIN.md "Chain-wide
+    /// customers"): the write it re-publishes. The copy carries that write's clock time,
+    /// context and fields, and merges as that write ([`Change::version`]).
+    pub copy_of: Option<CopyOf>,
+}
+
+/// The write a head-office copy re-publishes (`data.sync.copyOf`): its origin and seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyOf {
+    /// The store till that made the write.
+    pub origin: PosId,
+    /// Its seq in that till's log.
+    pub seq: Seq,
 }
 
 /// What a change does to its record.
@@ -126,6 +140,8 @@ struct WireStamp {
     hlc: Option<Hlc>,
     #[serde(default)]
     ctx: VersionVector,
+    #[serde(default, rename = "copyOf", skip_serializing_if = "Option::is_none")]
+    copy_of: Option<CopyOf>,
 }
 
 /// The wire form of a change: `{type, action, data}`.
@@ -296,8 +312,13 @@ impl Change {
         if let Some(updated_at) = self.updated_at() {
             data.insert("updatedAt".into(), Value::String(updated_at));
         }
-        let stamp =
-            WireStamp { origin: self.origin.clone(), seq: self.seq, hlc: self.hlc, ctx: self.ctx.clone() };
+        let stamp = WireStamp {
+            origin: self.origin.clone(),
+            seq: self.seq,
+            hlc: self.hlc,
+            ctx: self.ctx.clone(),
+            copy_of: self.copy_of.clone(),
+        };
         data.insert("sync".into(), json!(stamp));
         WireChange::new(self.entity.as_str(), self.action(), &Value::Object(data))
     }
@@ -395,6 +416,9 @@ impl Change {
             }
             _ => return Err(unsupported()),
         };
+        if let Some(copy_of) = &stamp.copy_of {
+            check_copy(kind, &body, &stamp, copy_of)?;
+        }
         Ok(Change {
             origin: stamp.origin,
             seq: stamp.seq,
@@ -403,8 +427,42 @@ impl Change {
             entity: kind,
             id,
             body,
+            copy_of: stamp.copy_of,
         })
     }
+
+    /// The version this change gives the fields it writes: its own stamp, or for a head
+    /// office's copy the stamp of the write it re-publishes, so that every node ranks the
+    /// write the same whichever way it arrived.
+    pub fn version(&self) -> Version {
+        match &self.copy_of {
+            Some(copy_of) => Version { hlc: self.hlc, origin: copy_of.origin.clone(), seq: copy_of.seq },
+            None => Version { hlc: self.hlc, origin: self.origin.clone(), seq: self.seq },
+        }
+    }
+}
+
+/// The rules of a copy: only customer writes are copied (creates, updates, deletes), a copy
+/// names another origin than its own, and it carries the original's context, which names
+/// the original's own stamp.
+fn check_copy(
+    kind: EntityKind,
+    body: &ChangeBody,
+    stamp: &WireStamp,
+    copy_of: &CopyOf,
+) -> Result<(), ChangeError> {
+    if kind != EntityKind::Customer || !matches!(body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
+        return Err(ChangeError::Malformed("data.sync.copyOf: only customer writes are copied".into()));
+    }
+    if copy_of.origin == stamp.origin || copy_of.seq.0 == 0 {
+        return Err(ChangeError::Malformed("data.sync.copyOf: a copy names another till's write".into()));
+    }
+    if stamp.ctx.get(&copy_of.origin) != copy_of.seq || stamp.ctx.get(&stamp.origin) >= stamp.seq {
+        return Err(ChangeError::Malformed(
+            "data.sync.copyOf: a copy carries the context of the write it copies".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn fields_object(fields: &FieldMap) -> Map<String, Value> {
@@ -447,7 +505,50 @@ mod tests {
             entity: EntityKind::Category,
             id: EntityId::parse("cat-1").unwrap(),
             body: ChangeBody::Upsert { create: true, fields },
+            copy_of: None,
         }
+    }
+
+    /// A head office's copy of `category`'s write... but of a customer (only those are copied).
+    fn customer_copy() -> Change {
+        let mut original = category("till-1", 7);
+        original.entity = EntityKind::Customer;
+        original.id = EntityId::parse("cust-1").unwrap();
+        let mut fields = FieldMap::new();
+        fields.insert("name", json!("Ana"));
+        original.body = ChangeBody::Upsert { create: true, fields };
+        Change {
+            origin: PosId::parse("hq").unwrap(),
+            seq: Seq(40),
+            copy_of: Some(CopyOf { origin: original.origin.clone(), seq: original.seq }),
+            ..original
+        }
+    }
+
+    #[test]
+    fn a_copy_round_trips_and_ranks_as_the_write_it_copies() {
+        let copy = customer_copy();
+        let back = Change::from_wire(&copy.to_wire()).unwrap();
+        assert_eq!(back, copy);
+        let version = back.version();
+        assert_eq!((version.origin.as_str(), version.seq), ("till-1", Seq(7)));
+        assert_eq!(version.hlc, copy.hlc);
+    }
+
+    #[test]
+    fn a_copy_is_only_of_a_customer_write_of_another_till_with_its_context() {
+        let refused = |edit: &dyn Fn(&mut Change)| {
+            let mut copy = customer_copy();
+            edit(&mut copy);
+            match Change::from_wire(&copy.to_wire()) {
+                Err(ChangeError::Malformed(reason)) => assert!(reason.contains("copyOf"), "{reason}"),
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        refused(&|copy| copy.entity = EntityKind::Category);
+        refused(&|copy| copy.copy_of = Some(CopyOf { origin: copy.origin.clone(), seq: Seq(7) }));
+        refused(&|copy| copy.copy_of = Some(CopyOf { origin: PosId::parse("till-1").unwrap(), seq: Seq(6) }));
+        refused(&|copy| copy.ctx.observe(&PosId::parse("hq").unwrap(), Seq(40)));
     }
 
     #[test]

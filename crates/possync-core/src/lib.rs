@@ -25,7 +25,7 @@ pub mod signature;
 pub mod time;
 pub mod vv;
 
-pub use change::{Change, ChangeBody, ChangeError, StampPeek, TicketAction, WireChange};
+pub use change::{Change, ChangeBody, ChangeError, CopyOf, StampPeek, TicketAction, WireChange};
 pub use entity::{EntityError, EntityKind, FieldMap};
 pub use hlc::{Hlc, HybridClock};
 pub use ids::{EntityId, PosId, Seq};

@@ -16,7 +16,8 @@ use possync_node::config::{BackboneAuth, BackboneConfig, ChainRole, HqConfig, Up
 use serde_json::{Value, json};
 
 use common::{
-    Options, SOON, TestNode, count, id, product, read, rows, sale, start, stock_in, update, wait_until,
+    Options, SOON, TestNode, count, create, id, product, read, rows, sale, start, stock_in, update,
+    wait_until,
 };
 use nats::{NatsServer, Proxy};
 
@@ -308,6 +309,53 @@ async fn a_store_price_set_at_head_office_is_charged_by_that_stores_tills_only()
     let totals = rows(&hq, "SELECT total_amount FROM tickets ORDER BY CAST(total_amount AS REAL)").await;
     let totals: Vec<&str> = totals.iter().filter_map(|row| row["totalAmount"].as_str()).collect();
     assert_eq!(totals, ["1.79", "2.2", "3.98", "5"]);
+    for node in [hq, a1, a2, b1] {
+        node.shutdown().await;
+    }
+}
+
+async fn customers(node: &TestNode) -> Vec<Value> {
+    rows(node, "SELECT id, name, phone, notes, updated_at FROM customers ORDER BY id").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_created_in_one_store_is_known_and_edited_in_every_store() {
+    let server = NatsServer::start();
+    let hq = start_hq(&server.url()).await;
+    product(&hq, "p1", "2.50").await;
+    let a1 = start_till(&server.url(), "s1", "s1 till 1", &[]).await;
+    let a2 = start_till(&server.url(), "s1", "s1 till 2", &[a1.peer_addr()]).await;
+    let b1 = start_till(&server.url(), "s2", "s2 till 1", &[]).await;
+    for till in [&a1, &a2, &b1] {
+        wait_price(till, "p1", "2.5").await;
+    }
+    create(&a1, EntityKind::Customer, json!({"id": "cust-1", "name": "Ana", "phone": "1"})).await;
+    wait_until("the customer reaches store s2", SOON * 2, || async { customers(&b1).await.len() == 1 }).await;
+
+    // Edited in s2: it reaches both tills of s1 (one of them only over its LAN neighbour or
+    // its own downlink, whichever comes first).
+    update(&b1, EntityKind::Customer, "cust-1", json!({"phone": "2"})).await;
+    for till in [&a1, &a2] {
+        wait_until("the edit made in s2 reaches s1", SOON * 2, || async {
+            customers(till).await.first().is_some_and(|row| row["phone"] == "2")
+        })
+        .await;
+    }
+    // Head office edits it too; then every node holds the same customer, with no conflict.
+    update(&hq, EntityKind::Customer, "cust-1", json!({"notes": "VIP"})).await;
+    for till in [&a1, &a2, &b1] {
+        wait_until("head office's edit reaches every till", SOON * 2, || async {
+            customers(till).await.first().is_some_and(|row| row["notes"] == "VIP")
+        })
+        .await;
+    }
+    let at_hq = customers(&hq).await;
+    assert_eq!(at_hq[0]["name"], "Ana");
+    for till in [&a1, &a2, &b1] {
+        assert_eq!(customers(till).await, at_hq);
+        assert_eq!(count(till, "SELECT COUNT(*) AS n FROM p2p_conflicts").await, 0);
+        assert_eq!(count(till, "SELECT COUNT(*) AS n FROM p2p_sync_logs WHERE status = 'error'").await, 0);
+    }
     for node in [hq, a1, a2, b1] {
         node.shutdown().await;
     }

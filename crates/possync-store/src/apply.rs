@@ -24,9 +24,9 @@ use serde_json::{Map, Value, json};
 use crate::Outgoing;
 use crate::Store;
 use crate::audit::{ConflictRow, SyncLog, SyncStatus};
+use crate::chain::CopySource;
 use crate::error::{Result, StoreError};
 use crate::keys::Verified;
-use crate::local::local_version;
 use crate::records;
 use crate::sales::sale_state;
 use possync_core::signature::PublicKey;
@@ -46,12 +46,14 @@ pub struct PeerRef<'a> {
 pub(crate) enum Accept {
     /// Anything (the LAN: every terminal of a shop is equal).
     Everything,
-    /// No product or category writes: the head office applying a store's changes. Such a
+    /// The head office applying a store's changes. No product or category writes: such a
     /// change is refused like an invalid one (logged, kept in the log as rejected so its
     /// origin's later changes still apply). Accepted, it would put the store's origin into
     /// the causal context of the head office's next edit of that record, which every other
-    /// store, never holding that origin, would refuse as a gap.
-    NoCatalog,
+    /// store, never holding that origin, would refuse as a gap. Customer writes are merged
+    /// and re-published to every store as copies (`Store::copy_to_stores`, docs/CHAIN.md
+    /// "Chain-wide customers").
+    FromStore,
 }
 
 /// What applying a batch did.
@@ -298,7 +300,7 @@ impl Store {
             data.and_then(|data| Change::decode(&wire.entity, &wire.action, data)).and_then(|change| {
                 if change.origin != origin || change.seq != seq {
                     Err(ChangeError::Malformed("data.sync read two ways".into()))
-                } else if accept == Accept::NoCatalog
+                } else if accept == Accept::FromStore
                     && matches!(change.entity, EntityKind::Product | EntityKind::Category)
                 {
                     Err(ChangeError::Malformed(
@@ -308,6 +310,26 @@ impl Store {
                     Ok(change)
                 }
             });
+        let decoded = match decoded {
+            Ok(change) if change.copy_of.is_some() => match self.copy_source(&origin)? {
+                CopySource::HeadOffice => Ok(change),
+                CopySource::NotKnownYet => {
+                    // A store till that got the head office's copy over the LAN before its
+                    // own downlink learnt which origin is the head office's: the DOWN stream
+                    // brings this copy again, and the LAN's catch-up after that.
+                    report.skipped += 1;
+                    report.waiting += 1;
+                    let reason = format!(
+                        "waiting: change {seq} of {origin} is a head-office copy, and {origin} is not known here as the head office yet"
+                    );
+                    return self.log_sync(&log, SyncStatus::Skipped, Some(&reason), None, None);
+                }
+                CopySource::Refused => Err(ChangeError::Malformed(format!(
+                    "data.sync.copyOf: {origin} is not the head office; only the head office re-publishes other tills' writes"
+                ))),
+            },
+            other => other,
+        };
         let change = match decoded {
             Ok(change) => change,
             Err(err) => {
@@ -342,15 +364,13 @@ impl Store {
         // record's context claim a write whose fields it lacks, and that write would then be
         // dropped as already seen. Refuse it like a gap: the sender holds the missing writes
         // and sends them first in catch-up (its log order is causal).
-        if let Some((missing, missing_seq)) =
-            change.ctx.iter().find(|(pos, needed)| **pos != origin && self.vv.get(pos) < *needed)
-        {
+        if let Some((missing, missing_seq)) = self.missing_dependency(&change)? {
             report.skipped += 1;
-            let reason = if let Some(refused) = self.refused_next(missing) {
+            let reason = if let Some(refused) = self.refused_next(&missing) {
                 format!(
                     "waiting: change {seq} of {origin} depends on change {refused} of {missing}, refused (forged or revoked)"
                 )
-            } else if self.is_held_back(missing) {
+            } else if self.is_held_back(&missing) {
                 report.waiting += 1;
                 format!(
                     "waiting: change {seq} of {origin} depends on change {missing_seq} of {missing}, held back (stamped ahead of this clock)"
@@ -406,15 +426,39 @@ impl Store {
         self.log_sync(&log, outcome.status, outcome.reason.as_deref(), strategy, Some(&details))?;
         if let Some(conflict) = outcome.conflict {
             report.conflict_kinds.push((conflict.report.conflict_type, conflict.report.strategy));
-            self.log_conflict(&origin, peer, &conflict)?;
+            // A copy's conflict names the till where the edit was made, not the head office.
+            let edited_on = change.copy_of.as_ref().map_or(&origin, |copy_of| &copy_of.origin);
+            self.log_conflict(edited_on, peer, &conflict)?;
         }
         if self.open_decidable && matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
             let origin_name =
                 if origin.as_str() == peer.id { peer.name.to_string() } else { origin.to_string() };
             self.close_decided_conflicts(&change, decided_by.as_deref(), &origin_name)?;
         }
+        if let Some(copy_of) = &change.copy_of {
+            self.note_copied(copy_of)?;
+        } else if accept == Accept::FromStore && change.entity == EntityKind::Customer {
+            self.copy_to_stores(&change)?;
+        }
         self.outbox.push(Outgoing { change: wire });
         Ok(())
+    }
+
+    /// The first write named by `change`'s context that this node does not hold (origin,
+    /// seq), if any. A write of another store's till counts as held when the head office's
+    /// copy of it is (`chain_copied`): its content is here, under the copy's stamp. The
+    /// entry of a copy's own original is the copy itself.
+    fn missing_dependency(&self, change: &Change) -> Result<Option<(PosId, Seq)>> {
+        let copied_from = change.copy_of.as_ref().map(|copy_of| &copy_of.origin);
+        for (pos, needed) in change.ctx.iter() {
+            if *pos == change.origin || Some(pos) == copied_from || self.vv.get(pos) >= needed {
+                continue;
+            }
+            if self.copied_up_to(pos)? < needed {
+                return Ok(Some((pos.clone(), needed)));
+            }
+        }
+        Ok(None)
     }
 
     /// The seq of `origin`'s next change when that change was refused as forged or revoked.
@@ -494,7 +538,7 @@ impl Store {
 
     /// Merges one decoded change into the entity tables.
     fn merge_change(&mut self, change: &Change) -> Result<Logged> {
-        let version = local_version(change);
+        let version = change.version();
         match &change.body {
             ChangeBody::Upsert { fields, .. } => self.merge_fields(change, Some(fields), &version),
             ChangeBody::Delete => self.merge_fields(change, None, &version),

@@ -17,7 +17,9 @@
 
 use std::collections::BTreeMap;
 
-use possync_core::{PosId, Seq, WireChange, decimal};
+use possync_core::{Change, CopyOf, PosId, Seq, WireChange, decimal};
+
+use crate::Outgoing;
 use rusqlite::{OptionalExtension, params};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -39,6 +41,18 @@ pub struct ChainRun {
     /// Their signatures, when the task that received them checked them
     /// ([`crate::KeyDirectory::verify`]); `None`: checked by the writer.
     pub verified: Option<Verified>,
+}
+
+/// Who may re-publish other tills' writes to this node (a copy, `data.sync.copyOf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopySource {
+    /// The head office (an origin this till applied from the DOWN stream): accepted.
+    HeadOffice,
+    /// Not known as the head office yet, on a store's till: the copy waits for the DOWN
+    /// stream, which brings it again and says the origin is the head office's.
+    NotKnownYet,
+    /// Anyone, on a node that is not a store's till: refused, like an invalid change.
+    Refused,
 }
 
 impl Store {
@@ -87,7 +101,7 @@ impl Store {
         let peer = PeerRef { id: &peer_id, name: &peer_name };
         let verified = verified.unwrap_or_else(|| self.preverify(&changes));
         for (index, wire) in changes.into_iter().enumerate() {
-            self.apply_one(peer, wire, Accept::NoCatalog, verified.key(index), &mut report)?;
+            self.apply_one(peer, wire, Accept::FromStore, verified.key(index), &mut report)?;
         }
         let now = self.now_sqlite();
         self.conn
@@ -116,19 +130,95 @@ impl Store {
         self.write(true, |store| {
             let mut report = ApplyReport::default();
             let peer = PeerRef { id: "hq", name: "head office" };
-            let verified = store.preverify(&changes);
-            for (index, wire) in changes.into_iter().enumerate() {
-                store.apply_one(peer, wire, Accept::Everything, verified.key(index), &mut report)?;
-            }
+            // Known before the run applies: its copies are accepted only from the head office.
             store
                 .conn
                 .prepare_cached("INSERT INTO chain_hq_origins (pos_id) VALUES (?1) ON CONFLICT DO NOTHING")?
                 .execute([origin.as_str()])?;
+            let verified = store.preverify(&changes);
+            for (index, wire) in changes.into_iter().enumerate() {
+                store.apply_one(peer, wire, Accept::Everything, verified.key(index), &mut report)?;
+            }
             if !report.gap && !report.must_retry() {
                 store.set_cursor(stream, stream_seq)?;
             }
             Ok(report)
         })
+    }
+
+    /// Head office: re-publishes a store's customer write, just merged, as a change of its
+    /// own origin that every store can apply (docs/CHAIN.md "Chain-wide customers"): the
+    /// same record, fields, clock time and context, with `copyOf` naming the original.
+    /// Stores never hold each other's origins; they hold the head office's, so the copy
+    /// reaches them on the DOWN stream, and merges there as the original would (same
+    /// version, same context), so every node ranks it the same. Not merged here again: the
+    /// original already was. Called in the transaction that merged the original, so a store
+    /// write is held at the head office if and only if its copy is.
+    pub(crate) fn copy_to_stores(&mut self, original: &Change) -> Result<()> {
+        if !self.is_enrolled() {
+            self.enroll()?;
+        }
+        let own = self.identity.pos_id.clone();
+        let seq = self.vv.get(&own).next();
+        let copy = Change {
+            origin: own,
+            seq,
+            hlc: original.hlc,
+            ctx: original.ctx.clone(),
+            entity: original.entity,
+            id: original.id.clone(),
+            body: original.body.clone(),
+            copy_of: Some(CopyOf { origin: original.origin.clone(), seq: original.seq }),
+        };
+        let mut wire = copy.to_wire();
+        self.sign(&mut wire);
+        self.append_change(
+            &copy.origin,
+            seq,
+            copy.hlc,
+            copy.entity.as_str(),
+            copy.id.as_str(),
+            &wire,
+            false,
+        )?;
+        self.outbox.push(Outgoing { change: wire });
+        Ok(())
+    }
+
+    /// Whether this node applies copies made by `origin` (see [`CopySource`]).
+    pub(crate) fn copy_source(&self, origin: &PosId) -> Result<CopySource> {
+        let head_office: bool = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM chain_hq_origins WHERE pos_id = ?1)")?
+            .query_row([origin.as_str()], |row| row.get(0))?;
+        Ok(if head_office {
+            CopySource::HeadOffice
+        } else if self.identity.chain_store.is_some() {
+            CopySource::NotKnownYet
+        } else {
+            CopySource::Refused
+        })
+    }
+
+    /// The highest seq of `origin` that a copy held here re-published (0: none).
+    pub(crate) fn copied_up_to(&self, origin: &PosId) -> Result<Seq> {
+        let seq: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT seq FROM chain_copied WHERE pos_id = ?1")?
+            .query_row([origin.as_str()], |row| row.get(0))
+            .optional()?;
+        Ok(Seq(seq.unwrap_or(0).max(0) as u64))
+    }
+
+    /// Records that a copy of `copy_of` is held here.
+    pub(crate) fn note_copied(&mut self, copy_of: &CopyOf) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO chain_copied (pos_id, seq) VALUES (?1, ?2)
+                 ON CONFLICT (pos_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            )?
+            .execute(params![copy_of.origin.as_str(), copy_of.seq.0 as i64])?;
+        Ok(())
     }
 
     /// Sets a stream's cursor (0: read the stream from its start).

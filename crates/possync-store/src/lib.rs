@@ -807,6 +807,7 @@ impl Store {
             entity: kind,
             id: id.clone(),
             body,
+            copy_of: None,
         };
         let mut wire = change.to_wire();
         if let Some(user) = self.decided_by.take() {

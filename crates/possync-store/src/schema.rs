@@ -18,6 +18,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_CASH),
         M::up(V_KEYS),
         M::up(V_STORE_PRICES),
+        M::up(V_CHAIN_COPIES),
     ])
 }
 
@@ -505,6 +506,16 @@ GROUP BY peer_id, peer_name, message_type, message_action, entity_type, status;
 /// a JSON object of store id to canonical decimal text, written by the head office.
 const V_STORE_PRICES: &str = r#"
 ALTER TABLE products ADD COLUMN store_prices TEXT;
+"#;
+
+/// Chain-wide customers (docs/CHAIN.md): on a node that applies the head office's copies of
+/// other stores' customer writes, the highest seq of each such store till that a copy held
+/// here re-published. A context naming that till's write up to this seq is satisfied.
+const V_CHAIN_COPIES: &str = r#"
+CREATE TABLE chain_copied (
+    pos_id TEXT PRIMARY KEY,
+    seq    INTEGER NOT NULL
+) WITHOUT ROWID;
 "#;
 
 #[cfg(test)]

@@ -121,3 +121,181 @@ fn a_head_office_run_with_a_gap_leaves_the_cursor_where_it_was() {
     assert_eq!((report.applied, report.gap), (3, false));
     assert_eq!(till.store.reader().unwrap().chain_cursor("DOWN").unwrap(), 9);
 }
+
+/// Applies everything the head office wrote that `till` lacks, as its downlink would.
+fn down(hq: &Terminal, till: &mut Terminal) -> possync_store::ApplyReport {
+    let all = run_of(hq, &hq.pos_id());
+    let held = till.store.summary().get(&hq.pos_id()).0 as usize;
+    till.store.apply_chain_down("DOWN", all.len() as u64, &hq.pos_id(), all[held..].to_vec()).unwrap()
+}
+
+/// Uploads everything `till` wrote to the head office, as store `store`.
+fn up(till: &Terminal, store: &str, hq: &mut Terminal) -> possync_store::ApplyReport {
+    hq.store.apply_chain_batch(store, &till.pos_id(), run_of(till, &till.pos_id())).unwrap()
+}
+
+fn customers(till: &Terminal) -> Vec<serde_json::Value> {
+    till.query(
+        "SELECT id, name, email, phone, notes, created_at, updated_at, deleted FROM customers ORDER BY id",
+    )
+}
+
+fn conflicts(till: &Terminal) -> i64 {
+    till.count("SELECT COUNT(*) FROM p2p_conflicts")
+}
+
+#[test]
+fn a_customer_is_known_in_every_store_and_every_store_ends_with_the_same_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_800_000_000_000);
+    let mut hq = terminal(&dir, "hq", &clock, 0);
+    hq.store.create_record(EntityKind::Category, &json!({"id": "cat", "name": "Drinks"})).unwrap();
+    // Store s1 has two tills on one LAN; s2 and s3 one each.
+    let mut a1 = terminal(&dir, "a1", &clock, 0);
+    let mut a2 = terminal(&dir, "a2", &clock, 0);
+    let mut b1 = terminal(&dir, "b1", &clock, 0);
+    let mut c1 = terminal(&dir, "c1", &clock, 0);
+    for (till, store) in [(&mut a1, "s1"), (&mut a2, "s1"), (&mut b1, "s2"), (&mut c1, "s3")] {
+        till.store.set_chain_store(Some(store.into()));
+        down(&hq, till);
+    }
+    let id = possync_core::EntityId::parse("cust-1".to_string()).unwrap();
+
+    // Created in store s1: the head office re-publishes it, every store gets it.
+    a1.store
+        .create_record(EntityKind::Customer, &json!({"id": "cust-1", "name": "Ana", "phone": "1"}))
+        .unwrap();
+    up(&a1, "s1", &mut hq);
+    for till in [&mut a1, &mut b1, &mut c1] {
+        let report = down(&hq, till);
+        assert!(!report.gap && report.errors == 0, "{}: {report:?}", till.name);
+    }
+    assert_eq!(customers(&b1), customers(&a1), "store s2 knows the customer created in s1");
+    assert_eq!(conflicts(&a1), 0, "the copy of its own write is no conflict at the store that made it");
+
+    // Edited in s2: s1 and s3 get the edit; s3 never held s1's till, and needs not to.
+    clock.advance(1_000);
+    b1.store.update_record(EntityKind::Customer, &id, &json!({"phone": "2"})).unwrap();
+    up(&b1, "s2", &mut hq);
+    for till in [&mut a1, &mut c1] {
+        let report = down(&hq, till);
+        assert!(!report.gap && report.errors == 0 && report.conflicts == 0, "{}: {report:?}", till.name);
+    }
+    assert_eq!(customers(&c1)[0]["phone"], "2");
+    assert_eq!(customers(&a1), customers(&c1));
+
+    // Concurrent edits in s1 and s3 (s3's later), reaching the head office in either order:
+    // the later edit wins everywhere.
+    clock.advance(1_000);
+    a1.store.update_record(EntityKind::Customer, &id, &json!({"name": "Ana A."})).unwrap();
+    clock.advance(1_000);
+    c1.store.update_record(EntityKind::Customer, &id, &json!({"name": "Ana C."})).unwrap();
+    up(&c1, "s3", &mut hq);
+    up(&a1, "s1", &mut hq);
+    for till in [&mut a1, &mut b1, &mut c1] {
+        let report = down(&hq, till);
+        assert!(!report.gap && report.errors == 0, "{}: {report:?}", till.name);
+    }
+    assert_eq!(customers(&hq)[0]["name"], "Ana C.");
+    for till in [&a1, &b1, &c1] {
+        assert_eq!(customers(till), customers(&hq), "{} ends with the head office's customer", till.name);
+    }
+    assert!(conflicts(&hq) >= 1 && conflicts(&a1) >= 1, "a real conflict is recorded");
+
+    // The head office edits the customer: its context names store tills' writes, which
+    // every store holds as copies.
+    clock.advance(1_000);
+    hq.store.update_record(EntityKind::Customer, &id, &json!({"notes": "VIP"})).unwrap();
+    for till in [&mut a1, &mut b1, &mut c1] {
+        let report = down(&hq, till);
+        assert!(!report.gap && report.errors == 0 && report.conflicts == 0, "{}: {report:?}", till.name);
+    }
+
+    // The other till of store s1 learns it all over the LAN.
+    let report = common::sync(&mut a1, &mut a2, 100);
+    assert!(!report.gap && report.errors == 0, "{report:?}");
+
+    // A later edit anywhere is sequential everywhere: no conflict row is added.
+    let before: Vec<i64> = [&hq, &a1, &a2, &b1, &c1].iter().map(|till| conflicts(till)).collect();
+    clock.advance(1_000);
+    b1.store.update_record(EntityKind::Customer, &id, &json!({"email": "ana@example.com"})).unwrap();
+    up(&b1, "s2", &mut hq);
+    for till in [&mut a1, &mut b1, &mut c1] {
+        down(&hq, till);
+    }
+    common::sync(&mut a1, &mut a2, 100);
+    let after: Vec<i64> = [&hq, &a1, &a2, &b1, &c1].iter().map(|till| conflicts(till)).collect();
+    assert_eq!(before, after, "no phantom conflict");
+    for till in [&a1, &a2, &b1, &c1] {
+        assert_eq!(customers(till), customers(&hq), "{} is identical to the head office", till.name);
+    }
+    assert_eq!(customers(&hq)[0]["email"], "ana@example.com");
+    assert_eq!(customers(&hq)[0]["notes"], "VIP");
+}
+
+/// A copy of another till's write signed by `till` (what only the head office may send).
+fn forged_copy(till: &Terminal, of: &Terminal) -> possync_core::WireChange {
+    use possync_core::{Change, ChangeBody, CopyOf, VersionVector};
+    let original = run_of(of, &of.pos_id()).pop().unwrap();
+    let original = Change::from_wire(&original).unwrap();
+    let seq = till.store.summary().get(&till.pos_id()).next();
+    let mut ctx = VersionVector::new();
+    ctx.observe(&of.pos_id(), original.seq);
+    let mut fields = possync_core::FieldMap::new();
+    fields.insert("name", json!("Mallory"));
+    let copy = Change {
+        origin: till.pos_id(),
+        seq,
+        hlc: original.hlc,
+        ctx,
+        entity: EntityKind::Customer,
+        id: original.id.clone(),
+        body: ChangeBody::Upsert { create: false, fields },
+        copy_of: Some(CopyOf { origin: of.pos_id(), seq: original.seq }),
+    };
+    let mut wire = copy.to_wire();
+    till.store.sign(&mut wire);
+    wire
+}
+
+#[test]
+fn only_the_head_office_re_publishes_another_tills_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_800_000_000_000);
+    let mut hq = terminal(&dir, "hq", &clock, 0);
+    let mut a1 = terminal(&dir, "a1", &clock, 0);
+    let mut b1 = terminal(&dir, "b1", &clock, 0);
+    a1.store.set_chain_store(Some("s1".into()));
+    b1.store.set_chain_store(Some("s2".into()));
+    a1.store.create_record(EntityKind::Customer, &json!({"id": "cust-1", "name": "Ana"})).unwrap();
+    up(&a1, "s1", &mut hq);
+
+    // A plain till (no chain) refuses the head office's copies like invalid changes.
+    let lan = |from: &Terminal, to: &mut Terminal| {
+        let peer = possync_store::PeerRef { id: "hq", name: "hq" };
+        to.store.apply_batch(peer, run_of(from, &from.pos_id())).unwrap()
+    };
+    let mut plain = terminal(&dir, "plain", &clock, 0);
+    let report = lan(&hq, &mut plain);
+    assert_eq!(report.errors, 1, "{report:?}");
+    assert!(customers(&plain).is_empty());
+    assert_eq!(
+        plain.count("SELECT COUNT(*) FROM p2p_sync_logs WHERE status = 'error' AND details LIKE '%not the head office%'"),
+        1
+    );
+
+    // A store's till that gets the copy over the LAN before it knows the head office waits
+    // for its downlink, which then applies it.
+    let report = lan(&hq, &mut b1);
+    assert_eq!((report.waiting, report.errors), (1, 0), "{report:?}");
+    assert!(customers(&b1).is_empty());
+    let report = down(&hq, &mut b1);
+    assert_eq!((report.errors, report.gap), (0, false), "{report:?}");
+    assert_eq!(customers(&b1)[0]["name"], "Ana");
+
+    // A store till cannot pass its own write off as a copy: the head office refuses it.
+    let forged = forged_copy(&b1, &a1);
+    let report = hq.store.apply_chain_batch("s2", &b1.pos_id(), vec![forged]).unwrap();
+    assert_eq!(report.errors, 1, "{report:?}");
+    assert_eq!(customers(&hq)[0]["name"], "Ana");
+}

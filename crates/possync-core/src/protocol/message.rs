@@ -774,6 +774,7 @@ mod tests {
             entity,
             id: id(record),
             body,
+            copy_of: None,
         };
         use crate::entity::EntityKind::*;
         let movement = |record: &str, kind, quantity: &str, reference: &str| StockMovement {

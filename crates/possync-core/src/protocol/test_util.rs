@@ -59,6 +59,7 @@ pub(crate) fn change(origin: &str, seq: u64) -> WireChange {
         entity: EntityKind::Category,
         id: EntityId::parse(format!("cat-{origin}-{seq}")).expect("test ids are valid"),
         body: ChangeBody::Upsert { create: true, fields },
+        copy_of: None,
     }
     .to_wire()
 }
