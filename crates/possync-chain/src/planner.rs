@@ -63,6 +63,10 @@ pub enum Step {
 pub struct Planner {
     /// Known state per origin; absent: read it first.
     held: BTreeMap<PosId, Held>,
+    /// The highest seq of each origin the backbone was ever seen to hold (a read or an
+    /// ack). Kept when `held` is forgotten: a stored message stays stored, so the backlog
+    /// this node reports stays right while it cannot reach the backbone.
+    confirmed: BTreeMap<PosId, Seq>,
     /// Most changes in one message.
     max_changes: u64,
 }
@@ -70,7 +74,7 @@ pub struct Planner {
 impl Planner {
     /// A planner that sends at most `max_changes` changes per message.
     pub fn new(max_changes: usize) -> Planner {
-        Planner { held: BTreeMap::new(), max_changes: max_changes.max(1) as u64 }
+        Planner { held: BTreeMap::new(), confirmed: BTreeMap::new(), max_changes: max_changes.max(1) as u64 }
     }
 
     // Getters.
@@ -81,13 +85,35 @@ impl Planner {
     }
 
     /// Changes held locally but not (known to be) on the backbone, over the uploaded
-    /// origins; origins not read yet count in full.
+    /// origins; origins never read count in full.
     pub fn backlog(&self, local: &VersionVector, uploads: impl Fn(&PosId) -> bool) -> u64 {
         local
             .iter()
             .filter(|(origin, _)| uploads(origin))
-            .map(|(origin, seq)| seq.0.saturating_sub(self.held.get(origin).map_or(0, |held| held.seq.0)))
+            .map(|(origin, seq)| seq.0.saturating_sub(self.on_backbone(origin).map_or(0, |held| held.0)))
             .sum()
+    }
+
+    /// The highest seq of `origin` known to be on the backbone, if it was ever seen.
+    fn on_backbone(&self, origin: &PosId) -> Option<Seq> {
+        self.held.get(origin).map(|held| held.seq).or_else(|| self.confirmed.get(origin).copied())
+    }
+
+    /// Per origin this node uploads whose backbone state is known: the first change the
+    /// backbone does not hold yet, when there is one (for the age of the backlog).
+    pub fn first_pending(
+        &self,
+        local: &VersionVector,
+        uploads: impl Fn(&PosId) -> bool,
+    ) -> Vec<(PosId, Seq)> {
+        local
+            .iter()
+            .filter(|(origin, _)| uploads(origin))
+            .filter_map(|(origin, seq)| {
+                let held = self.on_backbone(origin)?;
+                (held < seq).then(|| (origin.clone(), held.next()))
+            })
+            .collect()
     }
 
     // Output.
@@ -119,12 +145,19 @@ impl Planner {
     pub fn on_read(&mut self, origin: &PosId, last: Option<(u64, Seq)>) {
         let (subject_seq, seq) = last.unwrap_or((0, Seq(0)));
         self.held.insert(origin.clone(), Held { seq, subject_seq });
+        self.confirm(origin, seq);
     }
 
     /// Our publish of `origin`'s run ending at `last` was acknowledged at stream sequence
     /// `subject_seq`.
     pub fn on_published(&mut self, origin: &PosId, subject_seq: u64, last: Seq) {
         self.held.insert(origin.clone(), Held { seq: last, subject_seq });
+        self.confirm(origin, last);
+    }
+
+    fn confirm(&mut self, origin: &PosId, seq: Seq) {
+        let confirmed = self.confirmed.entry(origin.clone()).or_default();
+        *confirmed = (*confirmed).max(seq);
     }
 
     /// The server refused our publish: someone appended to the subject since we read it.
@@ -194,6 +227,20 @@ mod tests {
         planner.on_read(&pos("t1"), Some((5, Seq(2))));
         assert_eq!(planner.next(&local, uploads), None);
         assert_eq!(planner.backlog(&local, uploads), 0);
+        assert_eq!(planner.first_pending(&local, uploads), vec![]);
+    }
+
+    #[test]
+    fn the_first_pending_change_of_each_known_origin_is_the_one_after_what_the_backbone_holds() {
+        let local = vv(&[("t1", 10), ("t2", 5), ("t3", 7)]);
+        let mut planner = Planner::new(100);
+        planner.on_read(&pos("t1"), Some((3, Seq(4))));
+        planner.on_read(&pos("t2"), Some((4, Seq(5))));
+        // t3's state is unknown until read: it is not counted.
+        assert_eq!(planner.first_pending(&local, |_| true), vec![(pos("t1"), Seq(5))]);
+        // Forgotten after a failure, t1 is still known to be on the backbone up to 4.
+        planner.forget_all();
+        assert_eq!(planner.first_pending(&local, |_| true), vec![(pos("t1"), Seq(5))]);
     }
 
     #[test]
@@ -217,6 +264,10 @@ mod tests {
         assert_eq!(planner.next(&local, |_| true), None);
         planner.forget_all();
         assert_eq!(planner.held(&pos("t1")), None);
-        assert_eq!(planner.backlog(&local, |_| true), 3);
+        assert_eq!(planner.next(&local, |_| true), Some(Step::Read { origin: pos("t1") }));
+        // What the backbone was seen to hold still counts as held for the backlog; an origin
+        // never read counts in full.
+        assert_eq!(planner.backlog(&local, |_| true), 0);
+        assert_eq!(planner.backlog(&vv(&[("t1", 9), ("t2", 4)]), |_| true), 2 + 4);
     }
 }

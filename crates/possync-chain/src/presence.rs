@@ -6,8 +6,9 @@
 //! only the latest report matters, nothing is kept): an [`UplinkReport`] with the number of
 //! changes it holds that the backbone does not have yet. The head office keeps the latest
 //! report of each till ([`Presence`]) and derives each store's state from it: online while
-//! one of its tills reported recently, offline since its last report otherwise, and its lag
-//! in changes (the largest backlog its tills report). Pure: the caller gives the times.
+//! one of its tills reported recently, offline since its last report otherwise, its lag in
+//! changes (the largest backlog its tills report) and in time (the clock time of the oldest
+//! change its tills still hold for the backbone). Pure: the caller gives the times.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,10 @@ pub struct UplinkReport {
     /// Changes of its store that the till holds and the backbone does not have yet, as far
     /// as it knows (its publisher's backlog).
     pub backlog: u64,
+    /// When the oldest of those changes was made (its clock time, Unix ms); absent when the
+    /// backlog is empty or the till does not know it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_ms: Option<u64>,
 }
 
 impl UplinkReport {
@@ -61,6 +66,8 @@ struct Heard {
     at_ms: u64,
     /// Its backlog.
     backlog: u64,
+    /// The clock time of its oldest change not on the backbone.
+    oldest_ms: Option<u64>,
 }
 
 /// A store's state as its tills' reports tell it.
@@ -75,6 +82,9 @@ pub struct StoreState {
     /// Changes of the store not on the backbone yet: the largest backlog reported by its
     /// tills that are online (by every till's last report while the store is offline).
     pub backlog: u64,
+    /// The clock time (Unix ms, the tills' clocks) of the oldest change of the store not on
+    /// the backbone, among the same reports; `None` when none is pending or none said.
+    pub oldest_pending_ms: Option<u64>,
 }
 
 /// The latest report of every till, at the head office.
@@ -95,7 +105,8 @@ impl Presence {
             }
             self.tracked += 1;
         }
-        let heard = Heard { at_ms: now_ms, backlog: report.backlog };
+        let oldest_ms = report.oldest_ms.filter(|_| report.backlog > 0);
+        let heard = Heard { at_ms: now_ms, backlog: report.backlog, oldest_ms };
         self.tills.entry(store.clone()).or_default().insert(till.clone(), heard);
         true
     }
@@ -109,14 +120,13 @@ impl Presence {
                 let last = tills.values().map(|heard| heard.at_ms).max()?;
                 let recent = |heard: &&Heard| now_ms.saturating_sub(heard.at_ms) <= window_ms;
                 let online = tills.values().any(|heard| recent(&heard));
-                let backlog = tills
-                    .values()
-                    .filter(|heard| !online || recent(heard))
-                    .map(|heard| heard.backlog)
-                    .max()
-                    .unwrap_or(0);
+                let counted = || tills.values().filter(|heard| !online || recent(heard));
+                let backlog = counted().map(|heard| heard.backlog).max().unwrap_or(0);
+                let oldest_pending_ms = counted().filter_map(|heard| heard.oldest_ms).min();
                 let offline_since_ms = (!online).then_some(last);
-                Some((store.clone(), StoreState { online, last_report_ms: last, offline_since_ms, backlog }))
+                let state =
+                    StoreState { online, last_report_ms: last, offline_since_ms, backlog, oldest_pending_ms };
+                Some((store.clone(), state))
             })
             .collect()
     }
@@ -134,10 +144,17 @@ mod tests {
         PosId::parse(id).unwrap()
     }
 
+    fn report(backlog: u64) -> UplinkReport {
+        UplinkReport { backlog, oldest_ms: None }
+    }
+
     #[test]
     fn reports_round_trip_and_bad_ones_are_refused() {
-        let report = UplinkReport { backlog: 42 };
+        let report = UplinkReport { backlog: 42, oldest_ms: None };
         assert_eq!(report.encode(), br#"{"backlog":42}"#);
+        assert_eq!(UplinkReport::decode(&report.encode()).unwrap(), report);
+        let report = UplinkReport { backlog: 42, oldest_ms: Some(1_800_000_000_000) };
+        assert_eq!(report.encode(), br#"{"backlog":42,"oldestMs":1800000000000}"#);
         assert_eq!(UplinkReport::decode(&report.encode()).unwrap(), report);
         for bad in [&b"{}"[..], b"{\"backlog\":-1}", b"{\"backlog\":1,\"x\":2}", b"[1]", b"\xff", b""] {
             assert!(matches!(UplinkReport::decode(bad), Err(MessageError::Malformed(_))), "{bad:?}");
@@ -151,27 +168,61 @@ mod tests {
         let mut presence = Presence::default();
         let (s1, s2) = (store("s1"), store("s2"));
         assert!(presence.stores(0, 15_000).is_empty());
-        presence.heard(&s1, &till("a"), UplinkReport { backlog: 0 }, 1_000);
-        presence.heard(&s1, &till("b"), UplinkReport { backlog: 7 }, 2_000);
-        presence.heard(&s2, &till("c"), UplinkReport { backlog: 3 }, 2_000);
+        presence.heard(&s1, &till("a"), report(0), 1_000);
+        presence.heard(&s1, &till("b"), report(7), 2_000);
+        presence.heard(&s2, &till("c"), report(3), 2_000);
         let states = presence.stores(10_000, 15_000);
         assert_eq!(
             states[&s1],
-            StoreState { online: true, last_report_ms: 2_000, offline_since_ms: None, backlog: 7 }
+            StoreState {
+                online: true,
+                last_report_ms: 2_000,
+                offline_since_ms: None,
+                backlog: 7,
+                oldest_pending_ms: None
+            }
         );
         // Till b goes quiet; a keeps reporting: online, and b's old backlog no longer counts.
-        presence.heard(&s1, &till("a"), UplinkReport { backlog: 1 }, 16_000);
+        presence.heard(&s1, &till("a"), report(1), 16_000);
         let states = presence.stores(20_000, 15_000);
         assert_eq!(
             states[&s1],
-            StoreState { online: true, last_report_ms: 16_000, offline_since_ms: None, backlog: 1 }
+            StoreState {
+                online: true,
+                last_report_ms: 16_000,
+                offline_since_ms: None,
+                backlog: 1,
+                oldest_pending_ms: None
+            }
         );
         // Store s2 has been silent longer than the window: offline since its last report,
         // with the backlog it last reported.
         assert_eq!(
             states[&s2],
-            StoreState { online: false, last_report_ms: 2_000, offline_since_ms: Some(2_000), backlog: 3 }
+            StoreState {
+                online: false,
+                last_report_ms: 2_000,
+                offline_since_ms: Some(2_000),
+                backlog: 3,
+                oldest_pending_ms: None
+            }
         );
+    }
+
+    #[test]
+    fn a_stores_lag_in_time_is_its_oldest_pending_change_among_the_reports_that_count() {
+        let mut presence = Presence::default();
+        let s1 = store("s1");
+        let pending = |backlog, oldest_ms| UplinkReport { backlog, oldest_ms: Some(oldest_ms) };
+        presence.heard(&s1, &till("a"), pending(4, 5_000), 10_000);
+        presence.heard(&s1, &till("b"), pending(2, 3_000), 11_000);
+        assert_eq!(presence.stores(12_000, 15_000)[&s1].oldest_pending_ms, Some(3_000));
+        // An empty backlog says nothing about time, whatever the report carries.
+        presence.heard(&s1, &till("b"), pending(0, 1_000), 12_000);
+        assert_eq!(presence.stores(12_000, 15_000)[&s1].oldest_pending_ms, Some(5_000));
+        // Till a goes quiet while b keeps reporting: a's old figure no longer counts.
+        presence.heard(&s1, &till("b"), report(0), 30_000);
+        assert_eq!(presence.stores(30_000, 15_000)[&s1].oldest_pending_ms, None);
     }
 
     #[test]
@@ -179,10 +230,10 @@ mod tests {
         let mut presence = Presence::default();
         let s1 = store("s1");
         for n in 0..MAX_TRACKED_TILLS {
-            assert!(presence.heard(&s1, &till(&format!("t{n}")), UplinkReport { backlog: 0 }, 1));
+            assert!(presence.heard(&s1, &till(&format!("t{n}")), report(0), 1));
         }
-        assert!(!presence.heard(&s1, &till("one-more"), UplinkReport { backlog: 0 }, 2));
-        assert!(presence.heard(&s1, &till("t0"), UplinkReport { backlog: 5 }, 3), "a known till is updated");
+        assert!(!presence.heard(&s1, &till("one-more"), report(0), 2));
+        assert!(presence.heard(&s1, &till("t0"), report(5), 3), "a known till is updated");
         assert_eq!(presence.stores(3, 10)[&s1].backlog, 5);
     }
 }

@@ -431,6 +431,9 @@ async fn a_store_cut_off_catches_up_both_ways_exactly() {
     wait_count(&hq, "the first sale at HQ", &at_hq, 1).await;
 
     wan.cut();
+    let unix_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let cut_at = possync_core::time::rfc3339_ms(unix_ms());
     for _ in 0..30 {
         sale(&till, "p1", 1).await;
     }
@@ -438,6 +441,16 @@ async fn a_store_cut_off_catches_up_both_ways_exactly() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(count(&hq, &at_hq).await, 1, "nothing crosses a cut link");
     assert_eq!(price(&till, "p1").await.as_deref(), Some("2.5"));
+    // The till knows how much it holds for the backbone, and since when (the first sale
+    // made after the cut): what its reports tell head office.
+    wait_until("the till counts the sales it holds for the backbone", SOON * 2, || {
+        let backlog = till.shared().chain.snapshot()["backlog"].as_u64().unwrap_or(0);
+        async move { backlog >= 30 }
+    })
+    .await;
+    let status = till.shared().chain.snapshot();
+    let oldest = status["oldestPendingAt"].as_str().unwrap_or_default().to_string();
+    assert!(oldest >= cut_at && oldest <= possync_core::time::rfc3339_ms(unix_ms()), "{status}");
 
     wan.heal();
     wait_count(&hq, "the sales made while cut off", &at_hq, 31).await;
@@ -988,6 +1001,18 @@ async fn a_silent_store_is_flagged_at_head_office() {
     assert_eq!(stores[1]["storeId"], "s2");
     assert_eq!(stores[1]["uplink"]["lagChanges"], 4);
     assert_eq!(stores[1]["uplink"]["lagSeconds"], Value::Null, "nothing ever received from s2");
+    // A report that says when its oldest pending change was made gives the lag in time.
+    let ten_s_ago =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() - 10_000;
+    let report = format!("{{\"backlog\":4,\"oldestMs\":{ten_s_ago}}}");
+    client.publish("possync.acme.status.s2.t9", report.into_bytes().into()).await.unwrap();
+    client.flush().await.unwrap();
+    wait_until("store s2's lag in seconds", SOON, || async {
+        get(&hq, "/api/chain/stores")[1]["uplink"]["lagSeconds"]
+            .as_u64()
+            .is_some_and(|lag| (10..20).contains(&lag))
+    })
+    .await;
 
     // The till stops: after `store_offline_after_secs` (3 s) without a report, offline,
     // since its last report.

@@ -262,6 +262,26 @@ impl StoreReader {
         Ok(seq.unwrap_or(0).max(0) as u64)
     }
 
+    /// The clock time (Unix ms) of the oldest of the changes `(origin, seq)` held here with
+    /// a clock stamp (the age of an uplink's backlog).
+    pub fn oldest_change_ms(&self, changes: &[(PosId, Seq)]) -> Result<Option<u64>> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT c.hlc FROM sync_changes c JOIN sync_origins o ON o.idx = c.origin
+             WHERE o.pos_id = ?1 AND c.seq = ?2",
+        )?;
+        let mut oldest: Option<u64> = None;
+        for (origin, seq) in changes {
+            let hlc: Option<Option<i64>> =
+                statement.query_row(params![origin.as_str(), seq.0 as i64], |row| row.get(0)).optional()?;
+            if let Some(hlc) = hlc.flatten() {
+                let hlc = possync_core::Hlc::from_i64(hlc)
+                    .map_err(|err| StoreError::Corrupt(format!("sync_changes {origin}/{seq}: {err}")))?;
+                oldest = Some(oldest.map_or(hlc.ms(), |oldest| oldest.min(hlc.ms())));
+            }
+        }
+        Ok(oldest)
+    }
+
     /// The head office's origins this till has seen.
     pub fn chain_hq_origins(&self) -> Result<Vec<PosId>> {
         let mut statement =

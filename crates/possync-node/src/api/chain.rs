@@ -84,9 +84,16 @@ async fn stores(State(api): State<Arc<ApiState>>) -> Result<Json<Vec<Value>>, Ap
             .and_then(|id| possync_chain::StoreId::parse(id).ok())
             .and_then(|id| reported.remove(&id));
         let uplink = state.map(|state| {
-            // Changes the store holds that the backbone does not, for as long as the head
-            // office has received nothing from it.
-            let lag_seconds = if state.backlog == 0 { Some(0) } else { silent };
+            // How old the oldest change the store still holds for the backbone is (by the
+            // tills' clocks, never below 0); a till that has not read the backbone's state
+            // yet cannot say, then: for how long head office has received nothing.
+            let lag_seconds = if state.backlog == 0 {
+                Some(0)
+            } else if let Some(oldest) = state.oldest_pending_ms {
+                Some(now_ms.saturating_sub(oldest) / 1000)
+            } else {
+                silent
+            };
             json!({
                 "online": state.online,
                 "lastReportAt": possync_core::time::rfc3339_ms(state.last_report_ms),

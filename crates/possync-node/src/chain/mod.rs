@@ -69,6 +69,8 @@ struct StatusInner {
     applied_changes: u64,
     rejected_messages: u64,
     backlog: u64,
+    /// The clock time of the oldest change of the backlog (Unix ms), when known.
+    oldest_pending_ms: Option<u64>,
     last_error: Option<String>,
     /// When changes were last published and acknowledged (Unix ms).
     last_published_ms: Option<u64>,
@@ -94,6 +96,7 @@ impl ChainStatus {
             "appliedChanges": inner.applied_changes,
             "rejectedMessages": inner.rejected_messages,
             "backlog": inner.backlog,
+            "oldestPendingAt": inner.oldest_pending_ms.map(possync_core::time::rfc3339_ms),
             "lastError": inner.last_error,
             "lastPublishedAt": inner.last_published_ms.map(possync_core::time::rfc3339_ms),
             "lastAppliedAt": inner.last_applied_ms.map(possync_core::time::rfc3339_ms),
@@ -108,6 +111,12 @@ impl ChainStatus {
     /// Changes this node holds that the backbone does not yet (as far as it knows).
     pub fn backlog(&self) -> u64 {
         self.lock().backlog
+    }
+
+    /// What this till reports to the head office about its uplink.
+    pub fn uplink_report(&self) -> possync_chain::UplinkReport {
+        let inner = self.lock();
+        possync_chain::UplinkReport { backlog: inner.backlog, oldest_ms: inner.oldest_pending_ms }
     }
 
     /// Head office: records a till's uplink report (false when it is not tracked: see

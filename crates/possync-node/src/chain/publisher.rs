@@ -86,7 +86,19 @@ pub(crate) async fn run(
             Lane::Up { .. } => !excluded.contains(origin),
             Lane::Down => *origin == own,
         };
-        status.update(|status| status.backlog = planner.backlog(&local, uploads));
+        let backlog = planner.backlog(&local, uploads);
+        // How old the backlog is: the clock time of its oldest change (one indexed read per
+        // origin behind; nothing when the backbone holds everything).
+        let pending = if backlog == 0 { Vec::new() } else { planner.first_pending(&local, uploads) };
+        let oldest_pending_ms = if pending.is_empty() {
+            None
+        } else {
+            node.readers.with(move |reader| reader.oldest_change_ms(&pending)).await.ok().flatten()
+        };
+        status.update(|status| {
+            status.backlog = backlog;
+            status.oldest_pending_ms = oldest_pending_ms;
+        });
         let step = planner.next(&local, uploads);
         let result = match step {
             None => {

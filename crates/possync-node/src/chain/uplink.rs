@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures_util::StreamExt;
-use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects, UplinkReport};
+use possync_chain::{Batch, Direction, HEADER_LAST_SEQ, Subjects};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -71,7 +71,7 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: UplinkConfig) {
 /// the head office that the store is offline.
 async fn report(node: Arc<NodeShared>, client: async_nats::Client, subject: String, every: Duration) {
     loop {
-        let report = UplinkReport { backlog: node.chain.backlog() };
+        let report = node.chain.uplink_report();
         if let Err(err) = client.publish(subject.clone(), report.encode().into()).await {
             debug!(%err, "could not send the uplink report");
         }
