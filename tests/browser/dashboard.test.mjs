@@ -399,6 +399,15 @@ async function checkHeadOffice() {
     : "";
   check(reporting !== undefined && /^(online|offline since)/.test(uplinkShown),
     `store ${reporting ? reporting.storeId : "?"}'s row shows its uplink (its tills report)`, `shows "${uplinkShown}"`);
+  // Sales per store per day: 7 day rows; today's cell of the busiest store shows its total.
+  const dayRows = await page.locator("#chain-sales-body tr[data-day]").count();
+  const today = new Date().toISOString().slice(0, 10);
+  const todays = (busiest.salesPerDay || []).find((day) => day.day === today);
+  const todayCell = await page
+    .innerText(`#chain-sales-body tr[data-day="${today}"] td[data-store-id="${busiest.storeId}"]`)
+    .catch(() => "");
+  check(dayRows === 7 && todays !== undefined && /^[0-9.]+ \([0-9,]+\)$/.test(todayCell.trim()),
+    `sales per store per day: 7 days, today's sales of ${busiest.storeId}`, `${dayRows} rows, today "${todayCell}"`);
   const products = await api("GET", `${hqBase}/api/products`);
   const list = Array.isArray(products) ? products : products.items || products.data || [];
   const productId = list.length ? list[0].id : "";

@@ -1364,6 +1364,7 @@
           state.chainStores = stores || [];
           showSectionError("stores", null);
           renderChainStores();
+          renderChainSales();
         });
       })
       .catch(function (error) {
@@ -1390,7 +1391,10 @@
       var uplinkText = "no report";
       if (uplink) {
         uplinkText = uplink.online ? "online" : "offline since " + fmtAge(Date.parse(uplink.offlineSince));
-        if (uplink.lagChanges > 0) uplinkText += " · " + fmtInt(uplink.lagChanges) + " to upload";
+        if (uplink.lagChanges > 0) {
+          uplinkText += " · " + fmtInt(uplink.lagChanges) + " to upload";
+          if (isNum(uplink.lagSeconds)) uplinkText += ", " + fmtDuration(uplink.lagSeconds * 1000) + " behind";
+        }
       }
       body.appendChild(
         el("tr", { "data-store-id": store.storeId, "data-alert": store.alert ? "true" : "false" }, [
@@ -1405,6 +1409,36 @@
         ])
       );
     });
+  }
+
+  // Sales per store per UTC day, the last 7 days (today last): one row per day, one
+  // column per store, each cell "total (tickets)".
+  var SALES_DAYS = 7;
+
+  function renderChainSales() {
+    var stores = state.chainStores || [];
+    var head = $("#chain-sales-head");
+    var body = $("#chain-sales-body");
+    head.textContent = "";
+    body.textContent = "";
+    head.appendChild(el("th", { scope: "col", text: "Day (UTC)" }));
+    stores.forEach(function (store) {
+      head.appendChild(el("th", { scope: "col", text: store.storeId }));
+    });
+    var now = serverNow();
+    for (var back = SALES_DAYS - 1; back >= 0; back--) {
+      var day = new Date(now - back * 86400000).toISOString().slice(0, 10);
+      var cells = [el("th", { scope: "row", text: day })];
+      stores.forEach(function (store) {
+        var sold = (store.salesPerDay || []).filter(function (entry) { return entry.day === day; })[0];
+        cells.push(el("td", {
+          "data-store-id": store.storeId,
+          text: sold ? sold.total + " (" + fmtInt(sold.tickets) + ")" : "—",
+        }));
+      });
+      body.appendChild(el("tr", { "data-day": day }, cells));
+    }
+    $("#chain-sales").hidden = stores.length === 0;
   }
 
   function loadChainStock(productId) {
