@@ -2,8 +2,9 @@
 //! JetStream on 127.0.0.1 (temporary store directory), a head office, and three stores of two
 //! tills each (the tills of a store on their LAN, each till uplinked through a TCP proxy that
 //! plays the store's WAN). The tills sell; midway store 3's WAN is cut, the head office
-//! changes a price, the WAN heals; at the end the head office must hold every sale exactly
-//! once and every till the new price (docs/CHAIN.md).
+//! changes a price, a loyalty customer created in store 1 is edited in the cut-off store, the
+//! WAN heals; at the end the head office must hold every sale exactly once, and every till the
+//! new price and the customer's edit (docs/CHAIN.md).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,10 @@ use crate::demo::DemoArgs;
 const CHAIN: &str = "demo";
 const STORES: usize = 3;
 const PRODUCTS: usize = 5;
+/// The loyalty customer created in store 1, and the phone store 3 gives it while cut off.
+const CUSTOMER: &str = "chain-c1";
+const NEW_PHONE: &str = "555-0199";
+
 /// The price product 0 gets from the head office midway.
 const NEW_PRICE: &str = "7.25";
 
@@ -122,6 +127,27 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     .await?;
     println!("  every till has the head office's catalog ({PRODUCTS} products)");
 
+    // A loyalty customer signs up in store 1; store 3's till edits it while cut off.
+    let customer = EntityId::parse(CUSTOMER.to_string()).context("id")?;
+    local(&tills[0].node.shared, |store| {
+        store.create_record(
+            EntityKind::Customer,
+            &json!({"id": CUSTOMER, "name": "Loyal customer", "phone": "555-0000"}),
+        )
+    })
+    .await?;
+    println!("  {}: customer {CUSTOMER} signs up", tills[0].name);
+    wait_for("every store knows the customer", Duration::from_secs(30), || async {
+        for till in &tills {
+            if phone_of(&till.node.shared).await?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    println!("  every till of every store knows the customer (through the head office)");
+
     let mut rng = StdRng::seed_from_u64(args.seed);
     let total = Duration::from_secs(args.duration.max(6));
     let start = Instant::now();
@@ -141,6 +167,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .await?;
             priced = true;
             println!("  {:>5.1}s head office: Product 0 now costs {NEW_PRICE}", elapsed.as_secs_f64());
+            let cut_off =
+                tills.iter().position(|till| till.store == STORES - 1).context("a till of the cut store")?;
+            let id = customer.clone();
+            local(&tills[cut_off].node.shared, move |store| {
+                store.update_record(EntityKind::Customer, &id, &json!({"phone": NEW_PHONE}))
+            })
+            .await?;
+            println!(
+                "  {:>5.1}s {} (cut off): customer {CUSTOMER}'s phone now {NEW_PHONE}",
+                elapsed.as_secs_f64(),
+                tills[cut_off].name
+            );
         }
         if !healed && elapsed >= total * 2 / 3 {
             println!("  {:>5.1}s head office sees: {}", elapsed.as_secs_f64(), uplinks(&head));
@@ -172,13 +210,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     let settled = wait_for(
-        "the head office has every sale and every till the new price",
+        "the head office has every sale and every till the new price and the customer's phone",
         Duration::from_secs(90),
         || async {
             for till in &tills {
                 let at_hq = tickets_at(&head, till).await?;
                 let price = price_of(&till.node.shared).await?;
-                if at_hq != till.sold || price.as_deref() != Some(NEW_PRICE) {
+                let phone = phone_of(&till.node.shared).await?;
+                if at_hq != till.sold
+                    || price.as_deref() != Some(NEW_PRICE)
+                    || phone.as_deref() != Some(NEW_PHONE)
+                {
                     return Ok(false);
                 }
             }
@@ -187,14 +229,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     )
     .await;
 
-    println!("\n  {:<14} {:>6} {:>10} {:>12}", "till", "sold", "at HQ", "Product 0");
+    println!("\n  {:<14} {:>6} {:>10} {:>12} {:>16}", "till", "sold", "at HQ", "Product 0", "customer phone");
     let mut per_store: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     let mut all_good = true;
     for till in &tills {
         let at_hq = tickets_at(&head, till).await?;
         let price = price_of(&till.node.shared).await?.unwrap_or_else(|| "-".into());
-        all_good &= at_hq == till.sold && price == NEW_PRICE;
-        println!("  {:<14} {:>6} {:>10} {:>12}", till.name, till.sold, at_hq, price);
+        let phone = phone_of(&till.node.shared).await?.unwrap_or_else(|| "-".into());
+        all_good &= at_hq == till.sold && price == NEW_PRICE && phone == NEW_PHONE;
+        println!("  {:<14} {:>6} {:>10} {:>12} {:>16}", till.name, till.sold, at_hq, price, phone);
         let entry = per_store.entry(till.store).or_default();
         entry.0 += till.sold;
         entry.1 += at_hq;
@@ -214,7 +257,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     if settled.is_err() || !all_good || duplicates != 0 {
         bail!("the chain did not settle: see the table above");
     }
-    println!("\nthe head office holds every sale once, and every till of every store has the new price");
+    println!(
+        "\nthe head office holds every sale once, and every till of every store has the new price and the customer's phone"
+    );
     Ok(())
 }
 
@@ -282,6 +327,13 @@ where
 async fn tickets_at(head: &Arc<NodeShared>, till: &Till) -> Result<u64> {
     let pos = till.node.pos_id().clone();
     read(head, move |reader| reader.ticket_count_of(&pos)).await
+}
+
+/// The loyalty customer's phone on a till (`None` until it has the customer).
+async fn phone_of(node: &Arc<NodeShared>) -> Result<Option<String>> {
+    let customer = EntityId::parse(CUSTOMER)?;
+    let record = read(node, move |reader| reader.record(EntityKind::Customer, &customer)).await?;
+    Ok(record.and_then(|record| record["phone"].as_str().map(str::to_string)))
 }
 
 /// Product 0's price on a till, as text (`None` until it has the product).
