@@ -399,6 +399,11 @@ async function checkHeadOffice() {
     : "";
   check(reporting !== undefined && /^(online|offline since)/.test(uplinkShown),
     `store ${reporting ? reporting.storeId : "?"}'s row shows its uplink (its tills report)`, `shows "${uplinkShown}"`);
+  const conflictsShown = reporting
+    ? await page.innerText(`#chain-stores-body tr[data-store-id="${reporting.storeId}"] [data-field="conflicts"]`).catch(() => "")
+    : "";
+  check(/^[0-9,]+ in 24 h/.test(conflictsShown),
+    `store ${reporting ? reporting.storeId : "?"}'s row shows its conflicts summary`, `shows "${conflictsShown}"`);
   // Sales per store per day: 7 day rows; today's cell of the busiest store shows its total.
   const dayRows = await page.locator("#chain-sales-body tr[data-day]").count();
   const today = new Date().toISOString().slice(0, 10);

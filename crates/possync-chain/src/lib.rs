@@ -28,5 +28,5 @@ pub mod subject;
 
 pub use message::{Batch, HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_ORIGIN, MAX_MESSAGE_BYTES, MessageError};
 pub use planner::{Held, Planner, Step};
-pub use presence::{Presence, StoreState, UplinkReport};
+pub use presence::{ConflictSummary, Presence, StoreState, UplinkReport};
 pub use subject::{ChainId, Direction, ParsedSubject, StoreId, SubjectError, Subjects};

@@ -36,6 +36,20 @@ pub struct UplinkReport {
     /// backlog is empty or the till does not know it yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_ms: Option<u64>,
+    /// The conflicts this till logged (the store's conflicts summary for the head office).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<ConflictSummary>,
+}
+
+/// A till's conflicts, as it reports them: the head office sees each store's merge trouble
+/// without the stores sending their audit rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConflictSummary {
+    /// Conflicts waiting for a person's decision (`manual` strategy, not resolved).
+    pub open: u64,
+    /// Conflicts logged in the last 24 hours.
+    pub last_day: u64,
 }
 
 impl UplinkReport {
@@ -68,6 +82,8 @@ struct Heard {
     backlog: u64,
     /// The clock time of its oldest change not on the backbone.
     oldest_ms: Option<u64>,
+    /// Its conflicts summary.
+    conflicts: Option<ConflictSummary>,
 }
 
 /// A store's state as its tills' reports tell it.
@@ -85,6 +101,9 @@ pub struct StoreState {
     /// The clock time (Unix ms, the tills' clocks) of the oldest change of the store not on
     /// the backbone, among the same reports; `None` when none is pending or none said.
     pub oldest_pending_ms: Option<u64>,
+    /// The store's conflicts: the largest figures its tills report (the tills of a store see
+    /// mostly the same conflicts), among the same reports; `None` when none said.
+    pub conflicts: Option<ConflictSummary>,
 }
 
 /// The latest report of every till, at the head office.
@@ -106,7 +125,7 @@ impl Presence {
             self.tracked += 1;
         }
         let oldest_ms = report.oldest_ms.filter(|_| report.backlog > 0);
-        let heard = Heard { at_ms: now_ms, backlog: report.backlog, oldest_ms };
+        let heard = Heard { at_ms: now_ms, backlog: report.backlog, oldest_ms, conflicts: report.conflicts };
         self.tills.entry(store.clone()).or_default().insert(till.clone(), heard);
         true
     }
@@ -123,9 +142,18 @@ impl Presence {
                 let counted = || tills.values().filter(|heard| !online || recent(heard));
                 let backlog = counted().map(|heard| heard.backlog).max().unwrap_or(0);
                 let oldest_pending_ms = counted().filter_map(|heard| heard.oldest_ms).min();
+                let conflicts = counted().filter_map(|heard| heard.conflicts).reduce(|a, b| {
+                    ConflictSummary { open: a.open.max(b.open), last_day: a.last_day.max(b.last_day) }
+                });
                 let offline_since_ms = (!online).then_some(last);
-                let state =
-                    StoreState { online, last_report_ms: last, offline_since_ms, backlog, oldest_pending_ms };
+                let state = StoreState {
+                    online,
+                    last_report_ms: last,
+                    offline_since_ms,
+                    backlog,
+                    oldest_pending_ms,
+                    conflicts,
+                };
                 Some((store.clone(), state))
             })
             .collect()
@@ -145,16 +173,20 @@ mod tests {
     }
 
     fn report(backlog: u64) -> UplinkReport {
-        UplinkReport { backlog, oldest_ms: None }
+        UplinkReport { backlog, oldest_ms: None, conflicts: None }
     }
 
     #[test]
     fn reports_round_trip_and_bad_ones_are_refused() {
-        let report = UplinkReport { backlog: 42, oldest_ms: None };
+        let report = UplinkReport { backlog: 42, oldest_ms: None, conflicts: None };
         assert_eq!(report.encode(), br#"{"backlog":42}"#);
         assert_eq!(UplinkReport::decode(&report.encode()).unwrap(), report);
-        let report = UplinkReport { backlog: 42, oldest_ms: Some(1_800_000_000_000) };
+        let report = UplinkReport { backlog: 42, oldest_ms: Some(1_800_000_000_000), conflicts: None };
         assert_eq!(report.encode(), br#"{"backlog":42,"oldestMs":1800000000000}"#);
+        assert_eq!(UplinkReport::decode(&report.encode()).unwrap(), report);
+        let conflicts = Some(ConflictSummary { open: 2, last_day: 5 });
+        let report = UplinkReport { backlog: 0, oldest_ms: None, conflicts };
+        assert_eq!(report.encode(), br#"{"backlog":0,"conflicts":{"open":2,"lastDay":5}}"#);
         assert_eq!(UplinkReport::decode(&report.encode()).unwrap(), report);
         for bad in [&b"{}"[..], b"{\"backlog\":-1}", b"{\"backlog\":1,\"x\":2}", b"[1]", b"\xff", b""] {
             assert!(matches!(UplinkReport::decode(bad), Err(MessageError::Malformed(_))), "{bad:?}");
@@ -179,7 +211,8 @@ mod tests {
                 last_report_ms: 2_000,
                 offline_since_ms: None,
                 backlog: 7,
-                oldest_pending_ms: None
+                oldest_pending_ms: None,
+                conflicts: None
             }
         );
         // Till b goes quiet; a keeps reporting: online, and b's old backlog no longer counts.
@@ -192,7 +225,8 @@ mod tests {
                 last_report_ms: 16_000,
                 offline_since_ms: None,
                 backlog: 1,
-                oldest_pending_ms: None
+                oldest_pending_ms: None,
+                conflicts: None
             }
         );
         // Store s2 has been silent longer than the window: offline since its last report,
@@ -204,7 +238,8 @@ mod tests {
                 last_report_ms: 2_000,
                 offline_since_ms: Some(2_000),
                 backlog: 3,
-                oldest_pending_ms: None
+                oldest_pending_ms: None,
+                conflicts: None
             }
         );
     }
@@ -213,7 +248,8 @@ mod tests {
     fn a_stores_lag_in_time_is_its_oldest_pending_change_among_the_reports_that_count() {
         let mut presence = Presence::default();
         let s1 = store("s1");
-        let pending = |backlog, oldest_ms| UplinkReport { backlog, oldest_ms: Some(oldest_ms) };
+        let pending =
+            |backlog, oldest_ms| UplinkReport { backlog, oldest_ms: Some(oldest_ms), conflicts: None };
         presence.heard(&s1, &till("a"), pending(4, 5_000), 10_000);
         presence.heard(&s1, &till("b"), pending(2, 3_000), 11_000);
         assert_eq!(presence.stores(12_000, 15_000)[&s1].oldest_pending_ms, Some(3_000));
@@ -223,6 +259,25 @@ mod tests {
         // Till a goes quiet while b keeps reporting: a's old figure no longer counts.
         presence.heard(&s1, &till("b"), report(0), 30_000);
         assert_eq!(presence.stores(30_000, 15_000)[&s1].oldest_pending_ms, None);
+    }
+
+    #[test]
+    fn a_stores_conflicts_are_the_largest_figures_its_tills_report() {
+        let mut presence = Presence::default();
+        let s1 = store("s1");
+        let with = |open, last_day| UplinkReport {
+            backlog: 0,
+            oldest_ms: None,
+            conflicts: Some(ConflictSummary { open, last_day }),
+        };
+        presence.heard(&s1, &till("a"), report(0), 1_000);
+        assert_eq!(presence.stores(1_000, 15_000)[&s1].conflicts, None);
+        presence.heard(&s1, &till("b"), with(1, 9), 1_000);
+        presence.heard(&s1, &till("c"), with(3, 4), 1_000);
+        assert_eq!(
+            presence.stores(1_000, 15_000)[&s1].conflicts,
+            Some(ConflictSummary { open: 3, last_day: 9 })
+        );
     }
 
     #[test]

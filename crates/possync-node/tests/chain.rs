@@ -1004,7 +1004,8 @@ async fn a_silent_store_is_flagged_at_head_office() {
     // A report that says when its oldest pending change was made gives the lag in time.
     let ten_s_ago =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() - 10_000;
-    let report = format!("{{\"backlog\":4,\"oldestMs\":{ten_s_ago}}}");
+    let report =
+        format!("{{\"backlog\":4,\"oldestMs\":{ten_s_ago},\"conflicts\":{{\"open\":2,\"lastDay\":7}}}}");
     client.publish("possync.acme.status.s2.t9", report.into_bytes().into()).await.unwrap();
     client.flush().await.unwrap();
     wait_until("store s2's lag in seconds", SOON, || async {
@@ -1013,6 +1014,17 @@ async fn a_silent_store_is_flagged_at_head_office() {
             .is_some_and(|lag| (10..20).contains(&lag))
     })
     .await;
+    let stores = get(&hq, "/api/chain/stores");
+    assert_eq!(
+        stores[1]["uplink"]["conflicts"],
+        json!({"open": 2, "lastDay": 7}),
+        "the store's conflicts summary"
+    );
+    assert_eq!(
+        stores[0]["uplink"]["conflicts"],
+        json!({"open": 0, "lastDay": 0}),
+        "a real till reports its own"
+    );
 
     // The till stops: after `store_offline_after_secs` (3 s) without a report, offline,
     // since its last report.

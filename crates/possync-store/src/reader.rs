@@ -603,6 +603,18 @@ impl StoreReader {
         Ok(count.unsigned_abs())
     }
 
+    /// Conflicts waiting for a person's decision, and conflicts logged in the last 24 hours
+    /// (what a chain store's till reports to the head office).
+    pub fn conflict_summary(&self) -> Result<(u64, u64)> {
+        let (open, last_day): (i64, i64) = self.conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM p2p_conflicts WHERE resolved_by IS NULL),
+                    (SELECT COUNT(*) FROM p2p_conflicts WHERE created_at >= datetime('now', '-24 hours'))",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        Ok((open.unsigned_abs(), last_day.unsigned_abs()))
+    }
+
     /// How many conflicts this terminal logged.
     pub fn conflict_count(&self) -> Result<u64> {
         let count: i64 = self.conn.query_row("SELECT COUNT(*) FROM p2p_conflicts", [], |row| row.get(0))?;

@@ -201,6 +201,9 @@ fn a_customer_is_known_in_every_store_and_every_store_ends_with_the_same_custome
         assert_eq!(customers(till), customers(&hq), "{} ends with the head office's customer", till.name);
     }
     assert!(conflicts(&hq) >= 1 && conflicts(&a1) >= 1, "a real conflict is recorded");
+    // What a1 reports to the head office: none open (last-write-wins decided), some today.
+    let (open, last_day) = a1.store.reader().unwrap().conflict_summary().unwrap();
+    assert_eq!((open, last_day), (0, conflicts(&a1) as u64));
 
     // The head office edits the customer: its context names store tills' writes, which
     // every store holds as copies.

@@ -1377,7 +1377,7 @@
     var stores = state.chainStores || [];
     body.textContent = "";
     if (!stores.length) {
-      body.appendChild(el("tr", { className: "empty-row" }, [el("td", { colspan: 8, text: "No store has sent anything yet." })]));
+      body.appendChild(el("tr", { className: "empty-row" }, [el("td", { colspan: 9, text: "No store has sent anything yet." })]));
       return;
     }
     var today = new Date(serverNow()).toISOString().slice(0, 10);
@@ -1396,12 +1396,16 @@
           if (isNum(uplink.lagSeconds)) uplinkText += ", " + fmtDuration(uplink.lagSeconds * 1000) + " behind";
         }
       }
+      // The store's conflicts summary, as its tills report it.
+      var conflicts = uplink && uplink.conflicts;
+      var conflictsText = conflicts ? fmtInt(conflicts.lastDay) + " in 24 h" + (conflicts.open ? " · " + fmtInt(conflicts.open) + " open" : "") : "—";
       body.appendChild(
         el("tr", { "data-store-id": store.storeId, "data-alert": store.alert ? "true" : "false" }, [
           el("th", { scope: "row", text: store.storeId }),
           el("td", { "data-field": "terminals", text: fmtInt((store.terminals || []).length) }),
           el("td", { "data-field": "lastReceived", className: store.alert ? "late" : null, text: lastText }),
           el("td", { "data-field": "uplink", className: uplink && !uplink.online ? "late" : null, text: uplinkText }),
+          el("td", { "data-field": "conflicts", className: conflicts && conflicts.open ? "late" : null, text: conflictsText }),
           el("td", { "data-field": "changes", text: fmtInt(store.changesReceived) }),
           el("td", { "data-field": "ticketsToday", text: fmtInt(todays ? todays.tickets : 0) }),
           el("td", { "data-field": "salesToday", text: todays ? todays.total : "0" }),

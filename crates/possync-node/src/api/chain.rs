@@ -100,6 +100,7 @@ async fn stores(State(api): State<Arc<ApiState>>) -> Result<Json<Vec<Value>>, Ap
                 "offlineSince": state.offline_since_ms.map(possync_core::time::rfc3339_ms),
                 "lagChanges": state.backlog,
                 "lagSeconds": lag_seconds,
+                "conflicts": state.conflicts.map(|conflicts| json!({"open": conflicts.open, "lastDay": conflicts.last_day})),
             })
         });
         store["uplink"] = uplink.unwrap_or(Value::Null);

@@ -116,7 +116,11 @@ impl ChainStatus {
     /// What this till reports to the head office about its uplink.
     pub fn uplink_report(&self) -> possync_chain::UplinkReport {
         let inner = self.lock();
-        possync_chain::UplinkReport { backlog: inner.backlog, oldest_ms: inner.oldest_pending_ms }
+        possync_chain::UplinkReport {
+            backlog: inner.backlog,
+            oldest_ms: inner.oldest_pending_ms,
+            conflicts: None,
+        }
     }
 
     /// Head office: records a till's uplink report (false when it is not tracked: see

@@ -71,7 +71,14 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: UplinkConfig) {
 /// the head office that the store is offline.
 async fn report(node: Arc<NodeShared>, client: async_nats::Client, subject: String, every: Duration) {
     loop {
-        let report = node.chain.uplink_report();
+        let mut report = node.chain.uplink_report();
+        // The store's conflicts summary: two counts over the audit trail.
+        report.conflicts = node
+            .readers
+            .with(|reader| reader.conflict_summary())
+            .await
+            .ok()
+            .map(|(open, last_day)| possync_chain::ConflictSummary { open, last_day });
         if let Err(err) = client.publish(subject.clone(), report.encode().into()).await {
             debug!(%err, "could not send the uplink report");
         }
