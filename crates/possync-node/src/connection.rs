@@ -826,12 +826,7 @@ async fn apply(
             })
             .inc();
     }
-    Some(protocol::ApplyReport {
-        gap: report.gap,
-        local_summary: summary,
-        rejections: report.rejections,
-        retry_at_ms: report.retry_at_ms,
-    })
+    Some(report.into_session_report(summary))
 }
 
 /// The origin clock time of a wire change, in ms.

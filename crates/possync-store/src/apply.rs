@@ -17,7 +17,8 @@
 
 use possync_core::merge::{RemoteWrite, Verdict, Winner};
 use possync_core::{
-    Change, ChangeBody, ChangeError, ConflictType, EntityKind, PosId, Seq, Strategy, WireChange, merge_record,
+    Change, ChangeBody, ChangeError, ConflictType, EntityKind, PosId, Seq, Strategy, VersionVector,
+    WireChange, merge_record,
 };
 use serde_json::{Map, Value, json};
 
@@ -103,6 +104,20 @@ impl ApplyReport {
     /// what was applied (the chain's streams) must deliver them again later.
     pub fn must_retry(&self) -> bool {
         self.held_back > 0 || self.waiting > 0
+    }
+
+    /// What the connection's [`possync_core::protocol::Session`] is told about the batch
+    /// (`Session::batch_applied`): whether to ask the peer again (a gap, now; held-back
+    /// changes, at `retry_at_ms`) with `local_summary`, and the refusals to report to it.
+    /// The summary is only read on a gap or a retry, so callers may pass an empty one
+    /// otherwise.
+    pub fn into_session_report(self, local_summary: VersionVector) -> possync_core::protocol::ApplyReport {
+        possync_core::protocol::ApplyReport {
+            gap: self.gap,
+            local_summary,
+            rejections: self.rejections,
+            retry_at_ms: self.retry_at_ms,
+        }
     }
 }
 

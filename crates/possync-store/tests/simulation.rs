@@ -4,17 +4,31 @@
 //! duplicates and loses messages, cuts and heals links, and crashes terminals. Everything
 //! comes from one seed: no threads, no real time, so any failure replays exactly.
 //!
-//! The network carries what the real protocol carries: live pushes of each change written or
-//! learnt (one change per message, relayed to every other connected neighbour) and catch-up
-//! batches selected with `select_changes(receiver_summary, cursor, batch)`, requested on
-//! connect and whenever the store reports a gap.
+//! Two ways for changes to travel, one test each:
+//!
+//! - `simulation_converges`: the harness's own model of the protocol, so that the store sees
+//!   what no ordered connection delivers: live pushes of each change written or learnt (one
+//!   change per message, relayed to every other connected neighbour) that are lost,
+//!   duplicated and reordered, and catch-up batches selected with
+//!   `select_changes(receiver_summary, cursor, batch)`, requested on connect and whenever the
+//!   store reports a gap.
+//! - `sessions_simulation_converges`: the whole sync path. Each connection is a pair of real
+//!   protocol `Session`s (handshake with heads, catch-up, live pushes and relay, heartbeats)
+//!   driven the way a node's connection task drives them (`drive_session`: select a batch,
+//!   apply what arrives, answer with `ApplyReport::into_session_report`), over ordered
+//!   connections that delay, stall one way or both (the sessions find out by their heartbeat
+//!   deadlines), drop and are dialled again; plus crashes, clock skew and jumps, and settings
+//!   changed on live connections (heartbeat period, P2P off and on). A heartbeat timeout on a
+//!   link whose frames flow both ways (a phantom disconnection) or a protocol violation
+//!   between honest terminals fails the run, and at the end the sessions alone, with no
+//!   catch-up forced by the harness, must bring every terminal to the same state.
 //!
 //! At the end every link heals, catch-up runs until nobody learns anything, and the terminals
 //! must agree: same canonical dump, stock = sum of movements, every ticket exactly once,
 //! conflict rows exactly where edits were concurrent, one sync-log row per change received.
 //!
 //! Replay a failing seed with
-//! `POSSYNC_SIM_SEED=<seed> cargo test -p possync-store --test simulation -- --nocapture`;
+//! `POSSYNC_SIM_SEED=<seed> cargo test -p possync-store --test simulation -- --nocapture --exact <test>`;
 //! run more seeds with `POSSYNC_SIM_SEEDS=<count>`.
 
 mod common;
@@ -26,6 +40,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use common::ManualClock;
 use possync_core::entity::{MovementType, PaymentMethod};
+use possync_core::protocol::{Event, Role, Session, SessionConfig};
 use possync_core::{EntityId, EntityKind, Hlc, PosId, WireChange};
 use possync_store::{
     ApplyReport, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine, SaleLineRequest, SaleRequest,
@@ -38,6 +53,8 @@ use serde_json::{Value, json};
 
 /// Seeds run by default: about 2-3 minutes in debug on a 2-core machine.
 const DEFAULT_SEEDS: u64 = 150;
+/// Seeds of the simulation through sessions run by default.
+const DEFAULT_SESSION_SEEDS: u64 = 150;
 const START_MS: u64 = 1_700_000_000_000;
 /// A gap re-requests catch-up from the same peer only after this long without an answer.
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
@@ -98,11 +115,23 @@ struct Replica {
     deliveries: u64,
     /// Outstanding catch-up requests: peer -> (time sent, another gap seen meanwhile).
     requested: BTreeMap<usize, (u64, bool)>,
+    /// With `NetParams::sessions`: this terminal's protocol session with each peer it is
+    /// connected to (the real `Session`, as a node's connection task drives it).
+    sessions: BTreeMap<usize, Session>,
+    /// `p2p_enabled`: off, it has no connection.
+    p2p_enabled: bool,
+    /// Its `p2p_heartbeat_interval` (ms), changed on live connections now and then.
+    heartbeat_ms: u64,
 }
 
 enum Payload {
+    /// A protocol frame between two sessions (`NetParams::sessions`).
+    Frame(String),
     Live(WireChange),
-    Batch { changes: Vec<WireChange>, has_more: bool },
+    Batch {
+        changes: Vec<WireChange>,
+        has_more: bool,
+    },
     Request(possync_core::VersionVector),
 }
 
@@ -120,6 +149,11 @@ struct NetParams {
     dup: f64,
     max_delay_ms: u64,
     batch: usize,
+    /// Terminals talk through real protocol `Session`s over ordered connections (delays,
+    /// stalls one way or both, drops, reconnects, heartbeat timeouts), instead of the
+    /// harness's own model of the protocol (lossy, duplicating, reordering pushes and
+    /// catch-up batches straight into the store).
+    sessions: bool,
 }
 
 /// A local operation.
@@ -145,6 +179,10 @@ struct Stats {
     crashes: u64,
     clock_jumps: u64,
     conflict_rows: u64,
+    frames: u64,
+    sessions_opened: u64,
+    heartbeat_timeouts: u64,
+    settings_changes: u64,
     records_sequential_only: u64,
     records_same_field_concurrent: u64,
 }
@@ -158,6 +196,10 @@ impl std::ops::AddAssign for Stats {
         self.crashes += other.crashes;
         self.clock_jumps += other.clock_jumps;
         self.conflict_rows += other.conflict_rows;
+        self.frames += other.frames;
+        self.sessions_opened += other.sessions_opened;
+        self.heartbeat_timeouts += other.heartbeat_timeouts;
+        self.settings_changes += other.settings_changes;
         self.records_sequential_only += other.records_sequential_only;
         self.records_same_field_concurrent += other.records_same_field_concurrent;
     }
@@ -173,6 +215,12 @@ struct Simulation {
     topology: Vec<Vec<bool>>,
     /// Links currently cut by a partition (symmetric).
     cut: Vec<Vec<bool>>,
+    /// With sessions: directions whose frames stop moving (`stalled[a][b]`: a to b), as a
+    /// link that fails one way does; the receiver's heartbeat deadline ends the session.
+    stalled: Vec<Vec<bool>>,
+    /// With sessions: when the last frame sent on each direction arrives (a connection
+    /// delivers in order).
+    arrives: BTreeMap<(usize, usize), u64>,
     msgs: Vec<Msg>,
     next_order: u64,
     /// Catch-up streams: (sender, receiver) -> (receiver's summary, cursor).
@@ -252,6 +300,9 @@ impl Simulation {
                 max_hlc: 0,
                 deliveries: 0,
                 requested: BTreeMap::new(),
+                sessions: BTreeMap::new(),
+                p2p_enabled: true,
+                heartbeat_ms: 30_000,
             });
         }
         Ok(Simulation {
@@ -262,6 +313,8 @@ impl Simulation {
             replicas,
             topology: vec![vec![false; count]; count],
             cut: vec![vec![false; count]; count],
+            stalled: vec![vec![false; count]; count],
+            arrives: BTreeMap::new(),
             msgs: Vec::new(),
             next_order: 0,
             streams: BTreeMap::new(),
@@ -294,7 +347,18 @@ impl Simulation {
     }
 
     fn connected(&self, a: usize, b: usize) -> bool {
-        a != b && self.topology[a][b] && !self.cut[a][b] && self.up(a) && self.up(b)
+        a != b
+            && self.topology[a][b]
+            && !self.cut[a][b]
+            && self.up(a)
+            && self.up(b)
+            && self.replicas[a].p2p_enabled
+            && self.replicas[b].p2p_enabled
+    }
+
+    /// Frames flow both ways between `a` and `b` (with sessions: nothing stalled).
+    fn healthy(&self, a: usize, b: usize) -> bool {
+        self.connected(a, b) && !self.stalled[a][b] && !self.stalled[b][a]
     }
 
     fn store(&mut self, r: usize) -> &mut Store {
@@ -344,6 +408,18 @@ impl Simulation {
     // --- network --------------------------------------------------------------------------
 
     fn send(&mut self, from: usize, to: usize, payload: Payload) {
+        if self.net.sessions {
+            // A connection: nothing lost, duplicated or reordered; each frame arrives after
+            // the one sent before it.
+            let delay =
+                if self.net.max_delay_ms == 0 { 0 } else { self.rng.random_range(0..=self.net.max_delay_ms) };
+            let at = (self.now() + delay).max(self.arrives.get(&(from, to)).copied().unwrap_or(0));
+            self.arrives.insert((from, to), at);
+            self.next_order += 1;
+            self.stats.frames += 1;
+            self.msgs.push(Msg { at, order: self.next_order, from, to, payload });
+            return;
+        }
         if self.net.loss > 0.0 && self.rng.random_bool(self.net.loss) {
             return;
         }
@@ -367,6 +443,10 @@ impl Simulation {
     /// sender, as a connection's `Session` would not).
     fn relay(&mut self, r: usize, came_from: Option<usize>) {
         let outgoing: Vec<Outgoing> = self.store(r).drain_outbox();
+        if self.net.sessions {
+            self.push_to_sessions(r, &outgoing);
+            return;
+        }
         for out in outgoing {
             let from_peer = came_from;
             for n in 0..self.replicas.len() {
@@ -398,6 +478,13 @@ impl Simulation {
 
     /// A session opens between `a` and `b`: each asks the other for what it lacks.
     fn connect(&mut self, a: usize, b: usize) {
+        if self.net.sessions {
+            if self.healthy(a, b) && !self.replicas[a].sessions.contains_key(&b) {
+                // Fails only if a store cannot be read; the run then fails at its next step.
+                let _ = self.open_sessions(a, b);
+            }
+            return;
+        }
         if self.connected(a, b) {
             self.log(format!("connect {} - {}", self.replicas[a].name, self.replicas[b].name));
             self.request(a, b, true);
@@ -407,6 +494,10 @@ impl Simulation {
 
     /// Drops what is in flight between `a` and `b` (a closed connection).
     fn disconnect(&mut self, a: usize, b: usize) {
+        self.replicas[a].sessions.remove(&b);
+        self.replicas[b].sessions.remove(&a);
+        self.arrives.remove(&(a, b));
+        self.arrives.remove(&(b, a));
         self.msgs.retain(|msg| !((msg.from == a && msg.to == b) || (msg.from == b && msg.to == a)));
         self.streams.retain(|(s, r), _| !((*s == a && *r == b) || (*s == b && *r == a)));
         self.replicas[a].requested.remove(&b);
@@ -448,7 +539,7 @@ impl Simulation {
                 .msgs
                 .iter()
                 .enumerate()
-                .filter(|(_, msg)| msg.at <= now)
+                .filter(|(_, msg)| msg.at <= now && !self.stalled[msg.from][msg.to])
                 .min_by_key(|(_, msg)| (msg.at, msg.order))
                 .map(|(i, _)| i)
             else {
@@ -469,6 +560,12 @@ impl Simulation {
     fn receive(&mut self, msg: Msg) -> Result<(), String> {
         let (from, to) = (msg.from, msg.to);
         match msg.payload {
+            Payload::Frame(text) => {
+                let now = self.now();
+                let Some(session) = self.replicas[to].sessions.get_mut(&from) else { return Ok(()) };
+                session.handle_frame(now, &text);
+                self.drive_session(to, from)?;
+            }
             Payload::Request(since) => {
                 self.streams.insert((to, from), (since, 0));
             }
@@ -585,6 +682,245 @@ impl Simulation {
         Ok(report)
     }
 
+    // --- sessions (NetParams::sessions) -------------------------------------------------------
+
+    /// A connection opens between `a` (dialling) and `b`: a session on each side, as a node
+    /// starts one per connection, from its version vector and the heads of its log.
+    fn open_sessions(&mut self, a: usize, b: usize) -> Result<(), String> {
+        self.log(format!("session {} -> {}", self.replicas[a].name, self.replicas[b].name));
+        for (me, peer, role) in [(a, b, Role::Initiator), (b, a, Role::Responder)] {
+            let (summary, heads) =
+                self.store(me).summary_with_heads().map_err(|e| format!("summary_with_heads: {e}"))?;
+            let replica = &self.replicas[me];
+            let mut config = SessionConfig::new(PosId::parse(replica.name.as_str()).unwrap(), &replica.name);
+            config.heartbeat_interval_ms = replica.heartbeat_ms;
+            config.batch_size = self.net.batch;
+            config.instance = Some(format!("{}-{}", replica.name, replica.incarnation));
+            config.heads = heads;
+            let session = Session::new(config, role, summary, self.now());
+            self.replicas[me].sessions.insert(peer, session);
+        }
+        self.stats.sessions_opened += 1;
+        self.drive_session(a, b)?;
+        self.drive_session(b, a)
+    }
+
+    /// Hands changes `r` wrote or learnt to every connection of `r`, as a node's writer
+    /// broadcasts them: each session decides what its peer lacks.
+    fn push_to_sessions(&mut self, r: usize, outgoing: &[Outgoing]) {
+        let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
+        for n in peers {
+            if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+                for out in outgoing {
+                    session.send_change(&out.change);
+                }
+            }
+            self.flush(r, n);
+        }
+    }
+
+    /// Sends what `r`'s session with `n` has queued.
+    fn flush(&mut self, r: usize, n: usize) {
+        let mut frames = Vec::new();
+        if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+            while let Some(frame) = session.poll_transmit() {
+                frames.push(frame);
+            }
+        }
+        for frame in frames {
+            self.send(r, n, Payload::Frame(frame));
+        }
+    }
+
+    /// Carries out what `r`'s session with `n` asks, as a node's connection task does:
+    /// select a catch-up batch, apply what arrived (and tell the session how it went),
+    /// close. A protocol violation between honest terminals, or a heartbeat timeout on a
+    /// link whose frames flow both ways, fails the run.
+    fn drive_session(&mut self, r: usize, n: usize) -> Result<(), String> {
+        loop {
+            self.flush(r, n);
+            let Some(session) = self.replicas[r].sessions.get_mut(&n) else { return Ok(()) };
+            let Some(event) = session.poll_event() else { return Ok(()) };
+            let (me, peer) = (self.replicas[r].name.clone(), self.replicas[n].name.clone());
+            match event {
+                Event::NeedBatch { since, after_cursor, limit } => {
+                    let selection = self
+                        .reader(r)?
+                        .select_changes(&since, after_cursor, limit)
+                        .map_err(|e| format!("select_changes: {e}"))?;
+                    if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+                        session.provide_batch(selection.changes, selection.next_cursor, selection.has_more);
+                    }
+                }
+                Event::Apply { changes, .. } => {
+                    let report = self.apply(n, r, &changes)?;
+                    let summary = self.store(r).summary().clone();
+                    let now = self.now();
+                    if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+                        session.batch_applied(now, report.into_session_report(summary));
+                    }
+                }
+                Event::HeartbeatTimeout => {
+                    self.stats.heartbeat_timeouts += 1;
+                    self.log(format!("{me}: heartbeat timeout on {peer}"));
+                    if self.healthy(r, n) {
+                        return err(format!(
+                            "{me} timed out {peer} on a link whose frames flow both ways (heartbeat {} ms, delays up to {} ms)",
+                            self.replicas[r].heartbeat_ms, self.net.max_delay_ms
+                        ));
+                    }
+                }
+                Event::Closed { reason } => {
+                    self.log(format!("{me}: session with {peer} closed: {reason}"));
+                    // The peer's side sees the connection end.
+                    self.disconnect(r, n);
+                    return Ok(());
+                }
+                Event::ProtocolViolation { error, message_type, message_action } => {
+                    return err(format!(
+                        "{me} found a protocol violation from {peer}: {error} ({message_type}/{message_action})"
+                    ));
+                }
+                Event::IdentityClash { instance } => {
+                    return err(format!("{me}: identity clash with {peer} ({instance})"));
+                }
+                Event::PeerError { code, message } => {
+                    self.log(format!("{me}: {peer} reported {code}: {message}"));
+                }
+                Event::Established { .. } | Event::CatchUpCompleted { .. } | Event::Superseded => {}
+            }
+        }
+    }
+
+    /// Fires every session deadline that has passed (pings, heartbeat timeouts, retries).
+    fn tick_sessions(&mut self) -> Result<(), String> {
+        let now = self.now();
+        let due: Vec<(usize, usize)> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .flat_map(|(r, replica)| {
+                replica
+                    .sessions
+                    .iter()
+                    .filter(|(_, session)| session.poll_timeout().is_some_and(|at| at <= now))
+                    .map(move |(n, _)| (r, *n))
+            })
+            .collect();
+        for (r, n) in due {
+            if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+                session.handle_timeout(now);
+                self.drive_session(r, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Dials every healthy link that has no connection (a dialer's retry).
+    fn redial(&mut self, probability: f64) {
+        let n = self.replicas.len();
+        for a in 0..n {
+            for b in a + 1..n {
+                if self.healthy(a, b)
+                    && !self.replicas[a].sessions.contains_key(&b)
+                    && (probability >= 1.0 || self.rng.random_bool(probability))
+                {
+                    self.connect(a, b);
+                }
+            }
+        }
+    }
+
+    /// A settings change on `r` while it runs: a new heartbeat period (applied to its live
+    /// connections, which must not drop for it), or P2P switched off or back on.
+    fn change_settings(&mut self, r: usize) -> Result<(), String> {
+        self.stats.settings_changes += 1;
+        if self.rng.random_bool(0.25) {
+            let enabled = !self.replicas[r].p2p_enabled;
+            self.log(format!("{}: p2p_enabled = {enabled}", self.replicas[r].name));
+            self.replicas[r].p2p_enabled = enabled;
+            if !enabled {
+                let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
+                for n in peers {
+                    if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+                        session.close("P2P disabled");
+                    }
+                    self.drive_session(r, n)?;
+                    self.disconnect(r, n);
+                }
+            }
+            return Ok(());
+        }
+        let heartbeat = [1_000, 3_000, 10_000, 30_000][self.rng.random_range(0..4)];
+        self.log(format!("{}: p2p_heartbeat_interval = {heartbeat} ms", self.replicas[r].name));
+        self.replicas[r].heartbeat_ms = heartbeat;
+        let batch = self.net.batch;
+        let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
+        for n in peers {
+            if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+                session.update_settings(heartbeat, batch, true);
+            }
+            self.drive_session(r, n)?;
+        }
+        Ok(())
+    }
+
+    /// Sessions only: every terminal up and reachable, then the sessions alone must bring
+    /// everyone to the same version vector (no catch-up forced by the harness).
+    fn settle_sessions(&mut self) -> Result<(), String> {
+        let n = self.replicas.len();
+        for r in 0..n {
+            if !self.up(r) {
+                self.reopen(r)?;
+            }
+            self.replicas[r].p2p_enabled = true;
+        }
+        for a in 0..n {
+            for b in 0..n {
+                self.stalled[a][b] = false;
+                if a < b {
+                    self.set_cut(a, b, false);
+                }
+            }
+        }
+        let mut agreed_for = 0;
+        for _ in 0..20_000 {
+            self.redial(1.0);
+            self.clock.advance(50);
+            self.deliver_due(0.0)?;
+            self.tick_sessions()?;
+            let vv0 = self.summary_of(0);
+            if (1..n).all(|r| self.summary_of(r) == vv0) {
+                agreed_for += 1;
+                if agreed_for > 100 {
+                    return Ok(());
+                }
+            } else {
+                agreed_for = 0;
+            }
+        }
+        let summaries: Vec<String> =
+            (0..n).map(|r| format!("{}: {:?}", self.replicas[r].name, self.summary_of(r))).collect();
+        let mut sessions = Vec::new();
+        for replica in &self.replicas {
+            for (peer, session) in &replica.sessions {
+                sessions.push(format!(
+                    "{} -> {}: established {} live {} knows {:?}",
+                    replica.name,
+                    self.replicas[*peer].name,
+                    session.is_established(),
+                    session.is_live(),
+                    session.peer_known()
+                ));
+            }
+        }
+        err(format!(
+            "the sessions never brought the terminals together: {}\n  sessions:\n    {}",
+            summaries.join("; "),
+            sessions.join("\n    ")
+        ))
+    }
+
     // --- faults -----------------------------------------------------------------------------
 
     fn crash(&mut self, r: usize) {
@@ -636,6 +972,16 @@ impl Simulation {
         ));
         self.cut[a][b] = cut;
         self.cut[b][a] = cut;
+        if self.net.sessions {
+            // A cut link carries nothing, and says nothing: each side finds out by its
+            // heartbeat deadline.
+            self.stalled[a][b] = cut;
+            self.stalled[b][a] = cut;
+            if !cut {
+                self.connect(a, b);
+            }
+            return;
+        }
         if cut {
             self.disconnect(a, b);
         } else {
@@ -804,6 +1150,10 @@ impl Simulation {
             }
         };
         let mut outgoing = self.store(r).drain_outbox();
+        if self.net.sessions {
+            // A node's connections hear of every change it writes (its enrollment too).
+            self.push_to_sessions(r, &outgoing);
+        }
         // A terminal's first write is preceded by its key enrollment (its change 1).
         if result.is_ok()
             && outgoing.len() == 2
@@ -877,7 +1227,7 @@ impl Simulation {
                 }
                 // Put it back in the outbox's place: push it to the neighbours.
                 for n in 0..self.replicas.len() {
-                    if self.connected(r, n) {
+                    if !self.net.sessions && self.connected(r, n) {
                         self.send(r, n, Payload::Live(wire.clone()));
                     }
                 }
@@ -1090,6 +1440,9 @@ impl Simulation {
     /// direct catch-up rounds between linked terminals until nobody learns anything.
     fn quiesce(&mut self) -> Result<(), String> {
         self.log("quiesce".into());
+        if self.net.sessions {
+            return self.settle_sessions();
+        }
         self.net.loss = 0.0;
         self.net.dup = 0.0;
         let n = self.replicas.len();
@@ -1325,6 +1678,7 @@ fn clone_payload(payload: &Payload) -> Payload {
             Payload::Batch { changes: changes.clone(), has_more: *has_more }
         }
         Payload::Request(since) => Payload::Request(since.clone()),
+        Payload::Frame(text) => Payload::Frame(text.clone()),
     }
 }
 
@@ -1346,16 +1700,26 @@ fn diff(left: &str, right: &str) -> String {
 // A random run.
 // ---------------------------------------------------------------------------------------------
 
-fn run(seed: u64, full_trace: bool) -> Result<Stats, String> {
+fn run(seed: u64, full_trace: bool, sessions: bool) -> Result<Stats, String> {
     let mut setup = StdRng::seed_from_u64(seed ^ 0x5EED_5EED);
     let count = setup.random_range(3..=7);
-    let net = NetParams {
+    let mut net = NetParams {
         loss: [0.0, 0.05, 0.2][setup.random_range(0..3)],
         dup: [0.0, 0.05, 0.15][setup.random_range(0..3)],
         max_delay_ms: [0, 300, 3_000][setup.random_range(0..3)],
         batch: [1, 3, 20][setup.random_range(0..3)],
+        sessions,
     };
+    if sessions {
+        // A connection loses and duplicates nothing: its faults are stalls, drops, crashes.
+        (net.loss, net.dup) = (0.0, 0.0);
+    }
     let mut sim = Simulation::new(seed, count, net)?;
+    if sessions {
+        for replica in &mut sim.replicas {
+            replica.heartbeat_ms = [1_000, 3_000, 10_000][setup.random_range(0..3)];
+        }
+    }
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(&mut sim, &mut setup)))
         .unwrap_or_else(|panic| {
             let message = panic
@@ -1453,6 +1817,24 @@ fn drive(sim: &mut Sim, setup: &mut StdRng) -> Result<(), String> {
                 sim.disconnect(a, b);
                 sim.connect(a, b);
             }
+        } else if sim.net.sessions && roll < 69 {
+            // A link fails one way (or recovers): frames from a to b stop moving.
+            let (a, b) = (sim.rng.random_range(0..n), sim.rng.random_range(0..n));
+            if a != b && sim.topology[a][b] && !sim.cut[a][b] {
+                let stalled = !sim.stalled[a][b];
+                sim.stalled[a][b] = stalled;
+                sim.log(format!(
+                    "{} {} -> {}",
+                    if stalled { "stall" } else { "unstall" },
+                    sim.replicas[a].name,
+                    sim.replicas[b].name
+                ));
+            }
+        } else if sim.net.sessions && roll < 71 {
+            let r = sim.rng.random_range(0..n);
+            if sim.up(r) {
+                sim.change_settings(r)?;
+            }
         }
         for r in 0..n {
             if !sim.up(r) && sim.replicas[r].down_until <= sim.now() {
@@ -1461,6 +1843,10 @@ fn drive(sim: &mut Sim, setup: &mut StdRng) -> Result<(), String> {
         }
         sim.pump_streams(0.8)?;
         sim.deliver_due(0.002)?;
+        if sim.net.sessions {
+            sim.tick_sessions()?;
+            sim.redial(0.3);
+        }
         let tick = sim.rng.random_range(1..800);
         sim.clock.advance(tick);
     }
@@ -1470,13 +1856,25 @@ fn drive(sim: &mut Sim, setup: &mut StdRng) -> Result<(), String> {
 
 #[test]
 fn simulation_converges() {
+    run_seeds("simulation_converges", false, DEFAULT_SEEDS);
+}
+
+/// The whole sync path: each terminal's real `Store` behind real protocol `Session`s, one per
+/// connection, over connections that delay, stall one way or both, drop and come back, with
+/// crashes, clock skew and jumps, and live settings changes (heartbeat, P2P off and on).
+#[test]
+fn sessions_simulation_converges() {
+    run_seeds("sessions_simulation_converges", true, DEFAULT_SESSION_SEEDS);
+}
+
+fn run_seeds(test: &str, sessions: bool, default_seeds: u64) {
     let seeds: Vec<u64> = match std::env::var("POSSYNC_SIM_SEED") {
         Ok(seed) => vec![seed.trim().parse().expect("POSSYNC_SIM_SEED is a number")],
         Err(_) => {
             let count = std::env::var("POSSYNC_SIM_SEEDS")
                 .ok()
                 .and_then(|raw| raw.trim().parse().ok())
-                .unwrap_or(DEFAULT_SEEDS);
+                .unwrap_or(default_seeds);
             (0..count).collect()
         }
     };
@@ -1484,7 +1882,7 @@ fn simulation_converges() {
     let mut failures = Vec::new();
     let mut stats = Stats::default();
     for seed in &seeds {
-        match run(*seed, seeds.len() == 1) {
+        match run(*seed, seeds.len() == 1, sessions) {
             Ok(run_stats) => stats += run_stats,
             Err(error) => {
                 eprintln!("seed {seed} FAILED: {error}\n");
@@ -1499,7 +1897,7 @@ fn simulation_converges() {
     if !failures.is_empty() {
         for seed in &failures {
             eprintln!(
-                "replay with: POSSYNC_SIM_SEED={seed} cargo test -p possync-store --test simulation -- --nocapture"
+                "replay with: POSSYNC_SIM_SEED={seed} cargo test -p possync-store --test simulation -- --nocapture --exact {test}"
             );
         }
         panic!("the simulation failed for seeds {failures:?}");
@@ -1510,7 +1908,7 @@ fn simulation_converges() {
 /// row on both sides of the cut.
 #[test]
 fn partition_with_concurrent_edits_logs_the_conflict_on_both_sides() {
-    let net = NetParams { loss: 0.0, dup: 0.0, max_delay_ms: 0, batch: 10 };
+    let net = NetParams { loss: 0.0, dup: 0.0, max_delay_ms: 0, batch: 10, sessions: false };
     let mut sim = Simulation::new(42, 3, net).unwrap();
     let (a, b, c) = (0, 1, 2);
     sim.link(a, b);
@@ -1587,7 +1985,7 @@ fn partition_with_concurrent_edits_logs_the_conflict_on_both_sides() {
 /// terminal forever. The store must refuse the update as a gap until the create is there.
 #[test]
 fn an_update_overtaking_its_create_waits_for_it() {
-    let net = NetParams { loss: 0.0, dup: 0.0, max_delay_ms: 0, batch: 10 };
+    let net = NetParams { loss: 0.0, dup: 0.0, max_delay_ms: 0, batch: 10, sessions: false };
     // No links yet: changes move only when the test moves them.
     let mut sim = Simulation::new(7, 3, net).unwrap();
     let (a, b, c) = (0, 1, 2);
