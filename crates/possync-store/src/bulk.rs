@@ -137,6 +137,12 @@ impl Store {
         Ok(())
     }
 
+    /// Whether ticket `id` exists (an importer's check for a ticket it may have written
+    /// under another id scheme).
+    pub fn has_ticket(&self, id: &possync_core::EntityId) -> Result<bool> {
+        self.ticket_exists(id)
+    }
+
     /// True when the change being written goes to the signing thread.
     pub(crate) fn signs_in_background(&self) -> bool {
         self.signer.is_some() && self.batch.is_some()
