@@ -9,6 +9,8 @@
 //!   the SKU for a product, the path of names for a category, the customer number (else the
 //!   till and the integer), the till and the integer for a ticket. Two tills importing
 //!   copies of one catalog write the same ids, and their changes merge field by field.
+//!   A ticket's id starts with its POSPlus id (a UUIDv8, see [`ticket_id`]), so that a
+//!   till's tickets, lines and payments are appended to their tables in import order.
 //! - POSPlus stock is an absolute number; possync's stock is a sum of movements. The stock
 //!   is brought in as one count per product (an adjustment of counted - current), written
 //!   once per till and product, and old tickets are recorded without stock movements.
