@@ -18,6 +18,7 @@
 
 pub mod apply;
 pub mod audit;
+mod bulk;
 pub mod cash;
 pub mod chain;
 mod error;
@@ -170,6 +171,8 @@ pub struct Store {
     batch: Option<Batch>,
     /// Where a durable commit's fsync happens ([`Store::defer_fsync`]).
     fsync: Fsync,
+    /// The signing thread of [`Store::sign_in_background`], if asked for.
+    signer: Option<bulk::BackgroundSigner>,
 }
 
 /// A batch of writes inside a group: one savepoint for all of them, and what to restore in
@@ -356,6 +359,7 @@ impl Store {
             in_group: false,
             fsync: Fsync::AtCommit,
             batch: None,
+            signer: None,
         })
     }
 
@@ -440,6 +444,8 @@ impl Store {
     /// later write.
     pub fn recover(&mut self) -> Result<()> {
         self.in_group = false;
+        self.batch = None;
+        self.discard_signing();
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("ROLLBACK")?;
         }
@@ -698,10 +704,12 @@ impl Store {
         let Some(batch) = self.batch.take() else {
             return Err(StoreError::InvalidState("no batch is open".into()));
         };
-        if !batch.failed {
+        // The changes still being signed are logged inside the batch's savepoint.
+        if !batch.failed && self.log_signed(true).is_ok() {
             self.conn.prepare_cached("RELEASE group_batch")?.execute([])?;
             return Ok(true);
         }
+        self.discard_signing();
         let rolled_back = if self.conn.is_autocommit() {
             Ok(())
         } else {
@@ -813,11 +821,26 @@ impl Store {
         if let Some(user) = self.decided_by.take() {
             wire = possync_core::change::with_decided_by(&wire, &user);
         }
-        self.sign(&mut wire);
         let bytes = wire.data.get().len();
         if bytes > MAX_CHANGE_BYTES {
             return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });
         }
+        if self.signs_in_background() {
+            // Logged once signed (`bulk`), inside this batch; the version vector moves now.
+            let origin_idx = self.origins.idx(&self.conn, &change.origin)?;
+            let row = bulk::PendingRow {
+                origin_idx,
+                seq,
+                hlc: change.hlc,
+                entity_type: kind.as_str(),
+                entity_id: id.as_str().to_string(),
+            };
+            self.submit_for_signing(wire, row)?;
+            self.advance_vv(origin_idx, &change.origin, seq);
+            self.log_signed(false)?;
+            return Ok(change);
+        }
+        self.sign(&mut wire);
         self.append_change(&change.origin, seq, change.hlc, kind.as_str(), id.as_str(), &wire, false)?;
         self.outbox.push(Outgoing { change: wire });
         Ok(change)
@@ -837,6 +860,23 @@ impl Store {
         rejected: bool,
     ) -> Result<()> {
         let origin_idx = self.origins.idx(&self.conn, origin)?;
+        self.insert_change_row(origin_idx, seq, hlc, entity_type, entity_id, wire, rejected)?;
+        self.advance_vv(origin_idx, origin, seq);
+        Ok(())
+    }
+
+    /// Inserts a change's `sync_changes` row.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_change_row(
+        &mut self,
+        origin_idx: i64,
+        seq: Seq,
+        hlc: Option<Hlc>,
+        entity_type: &str,
+        entity_id: &str,
+        wire: &WireChange,
+        rejected: bool,
+    ) -> Result<()> {
         // `data` is copied as the text it already is; only `type` and `action` are written.
         let mut payload = Vec::with_capacity(wire.data.get().len() + 64);
         serde_json::to_writer(&mut payload, wire).map_err(|err| StoreError::Corrupt(err.to_string()))?;
@@ -856,12 +896,16 @@ impl Store {
                 rejected,
                 payload
             ])?;
+        Ok(())
+    }
+
+    /// Records that the open transaction holds `origin`'s change `seq`.
+    fn advance_vv(&mut self, origin_idx: i64, origin: &PosId, seq: Seq) {
         match self.vv_dirty.iter_mut().find(|(idx, _)| *idx == origin_idx) {
             Some((_, held)) => *held = (*held).max(seq),
             None => self.vv_dirty.push((origin_idx, seq)),
         }
         self.vv.observe(origin, seq);
-        Ok(())
     }
 
     /// Writes the `sync_vv` rows the open transaction advanced (inside it, before COMMIT).

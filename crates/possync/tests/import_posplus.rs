@@ -296,6 +296,75 @@ fn the_text_summary_reports_counts_skips_and_rounding() {
 }
 
 #[test]
+fn tickets_sort_by_their_posplus_id_and_keep_their_id_on_every_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = tmp.path().join("node");
+    init(&node);
+    let file = tmp.path().join("posplus.db");
+    small_shop(&file, 1);
+    import(&node, &file, &[]);
+    let ids = |db: &Connection| -> Vec<String> {
+        db.prepare("SELECT id FROM tickets ORDER BY ticket_number")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let first = ids(&node_db(&node));
+    // Tickets T-0001 and T-0002 are POSPlus tickets 1 and 2: their ids start with it.
+    assert_eq!(first.len(), 2);
+    for (id, posplus_id) in first.iter().zip([1, 2]) {
+        assert!(id.starts_with(&format!("00000000-{posplus_id:04x}-8")), "{id}");
+    }
+
+    // Imported again: the same ids, nothing new.
+    import(&node, &file, &[]);
+    assert_eq!(ids(&node_db(&node)), first);
+}
+
+#[test]
+fn tickets_imported_under_the_earlier_uuidv5_ids_are_not_imported_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = tmp.path().join("node");
+    let pos_id = init(&node);
+    let file = tmp.path().join("posplus.db");
+    small_shop(&file, 1);
+    import(&node, &file, &[]);
+    // What an earlier version of the importer wrote: the same tickets under UUIDv5 ids.
+    let db = node_db(&node);
+    // The lines and payments are renamed after their ticket.
+    db.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+    let namespace = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"possync.import.posplus");
+    let ids: Vec<String> = db
+        .prepare("SELECT id FROM tickets")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    for id in ids {
+        let posplus_id = i64::from_str_radix(&id.replace('-', "")[..12], 16).unwrap();
+        let legacy = uuid::Uuid::new_v5(&namespace, format!("ticket:{pos_id}:{posplus_id}").as_bytes());
+        for (table, column) in
+            [("tickets", "id"), ("ticket_lines", "ticket_id"), ("ticket_payments", "ticket_id")]
+        {
+            db.execute(
+                &format!("UPDATE {table} SET {column} = ?1 WHERE {column} = ?2"),
+                [&legacy.to_string(), &id],
+            )
+            .unwrap();
+        }
+    }
+    drop(db);
+
+    let again = import(&node, &file, &[]);
+    assert_eq!(counts(&again, "tickets").0, 0, "no ticket created again: {again}");
+    assert_eq!(scalar(&node_db(&node), "SELECT COUNT(*) FROM tickets"), "2");
+}
+
+#[test]
 fn importing_twice_creates_nothing_twice() {
     let tmp = tempfile::tempdir().unwrap();
     let node = tmp.path().join("node");

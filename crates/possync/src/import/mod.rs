@@ -82,6 +82,8 @@ fn run_posplus(args: &PosplusArgs) -> Result<()> {
         .with_context(|| format!("cannot open the node's database {}", db.display()))?;
     // The import is one transaction of many savepoints.
     store.tune_for_long_transactions(IMPORT_CACHE_KIB)?;
+    // Its changes are signed on a second thread while the next rows are written.
+    store.sign_in_background(true)?;
     let options = posplus::Options { import_stock: !args.no_stock };
     let progress = posplus::Progress::new(std::io::stderr().is_terminal() && !args.json);
     let summary = if args.dry_run {
