@@ -52,6 +52,7 @@ fn run(origin: &str, first: u8, count: u8) -> Option<Vec<u8>> {
                 entity: EntityKind::Category,
                 id: EntityId::parse(format!("cat-{}", seq.0)).expect("a valid id"),
                 body: ChangeBody::Upsert { create: true, fields },
+                copy_of: None,
             }
             .to_wire()
         })

@@ -89,6 +89,7 @@ impl Node {
             entity: EntityKind::Category,
             id: EntityId::parse(format!("cat-{}-{}", self.id, seq.0)).expect("a valid id"),
             body: ChangeBody::Upsert { create: true, fields },
+            copy_of: None,
         }
         .to_wire();
         self.vv.observe(&self.id, seq);
@@ -131,12 +132,18 @@ impl Node {
                     assert!(!self.closed, "changes to apply after Closed");
                     let mut gap = false;
                     for change in changes {
-                        let Some(peek) = change.peek_stamp() else { continue };
-                        let held = self.vv.get(&peek.origin);
-                        if peek.seq == held.next() {
-                            self.vv.observe(&peek.origin, peek.seq);
-                            self.log.push(change);
-                        } else if peek.seq > held {
+                        // The stamp the frame parser read must be the change's own.
+                        let peek = change.wire.peek_stamp().expect("an applied change has a stamp");
+                        assert_eq!(
+                            (&peek.origin, peek.seq),
+                            (&change.origin, change.seq),
+                            "stamp read two ways"
+                        );
+                        let held = self.vv.get(&change.origin);
+                        if change.seq == held.next() {
+                            self.vv.observe(&change.origin, change.seq);
+                            self.log.push(change.wire);
+                        } else if change.seq > held {
                             gap = true;
                         }
                     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
-use possync_core::protocol::{self, CatchUpWatch, Event, Role, Session, SessionConfig};
+use possync_core::protocol::{self, CatchUpWatch, Event, Role, Session, SessionConfig, StampedChange};
 use possync_core::{PosId, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
 use tokio::sync::broadcast;
@@ -133,7 +133,7 @@ fn drive(
         // Live changes go to the writer while more arrive: the apply in flight, and the live
         // changes (with their `Apply` count) received since, which go next as one batch.
         let mut applying: Option<ApplyInFlight> = None;
-        let mut live_waiting: (Vec<WireChange>, usize) = (Vec::new(), 0);
+        let mut live_waiting: (Vec<StampedChange>, usize) = (Vec::new(), 0);
 
         loop {
             while let Some(frame) = session.poll_transmit() {
@@ -710,7 +710,7 @@ type ApplyInFlight =
 fn start_apply(
     node: &Arc<NodeShared>,
     peer: (PosId, String),
-    changes: Vec<WireChange>,
+    changes: Vec<StampedChange>,
     answers: usize,
 ) -> ApplyInFlight {
     let node = Arc::clone(node);
@@ -737,21 +737,23 @@ async fn apply(
     node: &Arc<NodeShared>,
     peer_id: &PosId,
     peer_name: &str,
-    changes: Vec<WireChange>,
+    changes: Vec<StampedChange>,
     from_batch: bool,
 ) -> Option<protocol::ApplyReport> {
     let id = peer_id.to_string();
     let name = peer_name.to_string();
-    let live_ages: Vec<u64> =
-        if from_batch { Vec::new() } else { changes.iter().filter_map(change_ms).collect() };
+    let live_ages: Vec<u64> = if from_batch {
+        Vec::new()
+    } else {
+        changes.iter().filter_map(|change| change_ms(&change.wire)).collect()
+    };
     // Signatures are checked here, on this connection's task, so that the single writer
     // only compares keys (docs/DESIGN.md, "Each till writes only as itself").
-    let verified = node.keys.verify(&changes);
+    let verified = node.keys.verify_stamped(&changes);
     let result = node
         .writer
         .call(Priority::Sync, move |store| {
-            let report =
-                store.apply_batch_verified(PeerRef { id: &id, name: &name }, changes, Some(verified));
+            let report = store.apply_stamped(PeerRef { id: &id, name: &name }, changes, Some(verified));
             // The session only reads the summary to ask for what a gap is missing: copy it
             // only then (or when the batch failed, which is answered like a gap).
             let summary = match &report {

@@ -20,16 +20,17 @@ use possync_core::{
     Change, ChangeBody, ChangeError, ConflictType, EntityKind, PosId, Seq, Strategy, VersionVector,
     WireChange, merge_record,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::Outgoing;
 use crate::Store;
 use crate::audit::{ConflictRow, SyncLog, SyncStatus};
 use crate::chain::CopySource;
 use crate::error::{Result, StoreError};
-use crate::keys::Verified;
+use crate::keys::{StampEntry, Verified};
 use crate::records;
 use crate::sales::sale_state;
+use possync_core::protocol::StampedChange;
 use possync_core::signature::PublicKey;
 use rusqlite::OptionalExtension;
 
@@ -168,14 +169,38 @@ impl Store {
         changes: Vec<WireChange>,
         verified: Option<Verified>,
     ) -> Result<ApplyReport> {
+        let stamps: Vec<Option<(PosId, Seq)>> =
+            changes.iter().map(|wire| wire.peek_stamp().map(|stamp| (stamp.origin, stamp.seq))).collect();
+        self.apply_entries(peer, stamps.into_iter().zip(changes).collect(), verified)
+    }
+
+    /// [`Store::apply_batch_verified`] for changes whose stamps the frame parser read
+    /// already ([`possync_core::protocol::Event::Apply`]): they are not read again.
+    pub fn apply_stamped(
+        &mut self,
+        peer: PeerRef<'_>,
+        changes: Vec<StampedChange>,
+        verified: Option<Verified>,
+    ) -> Result<ApplyReport> {
+        let entries =
+            changes.into_iter().map(|change| (Some((change.origin, change.seq)), change.wire)).collect();
+        self.apply_entries(peer, entries, verified)
+    }
+
+    fn apply_entries(
+        &mut self,
+        peer: PeerRef<'_>,
+        changes: Vec<(Option<(PosId, Seq)>, WireChange)>,
+        verified: Option<Verified>,
+    ) -> Result<ApplyReport> {
         self.write(false, |store| {
             let mut report = ApplyReport::default();
             if !changes.is_empty() {
                 store.note_terminal(peer.id, peer.name)?;
             }
-            let verified = verified.unwrap_or_else(|| store.preverify(&changes));
-            for (index, wire) in changes.into_iter().enumerate() {
-                store.apply_one(peer, wire, Accept::Everything, verified.key(index), &mut report)?;
+            let verified = verified.unwrap_or_else(|| store.preverify(&entries_of(&changes)));
+            for (index, (stamp, wire)) in changes.into_iter().enumerate() {
+                store.apply_one(peer, stamp, wire, Accept::Everything, verified.key(index), &mut report)?;
             }
             Ok(report)
         })
@@ -227,11 +252,13 @@ impl Store {
         })
     }
 
-    /// Applies one remote change (`verified_with`: the key its signature was found valid
-    /// with, when it was checked with its batch).
+    /// Applies one remote change (`stamp`: its origin and seq as read before, `None` when it
+    /// has no readable one; `verified_with`: the key its signature was found valid with, when
+    /// it was checked with its batch).
     pub(crate) fn apply_one(
         &mut self,
         peer: PeerRef<'_>,
+        stamp: Option<(PosId, Seq)>,
         wire: WireChange,
         accept: Accept,
         verified_with: Option<PublicKey>,
@@ -255,7 +282,7 @@ impl Store {
             entity_type,
             entity_id: entity_id.as_deref(),
         };
-        let Some((origin, seq)) = data.as_ref().ok().and_then(stamp_of) else {
+        let Some((origin, seq)) = stamp else {
             report.errors += 1;
             report.rejections.push(format!(
                 "{}/{}: change without a valid data.sync.origin and data.sync.seq",
@@ -658,11 +685,14 @@ fn stamp_details(origin: &PosId, seq: Seq, clock_ahead_ms: Option<u64>) -> Strin
 }
 
 /// The origin and seq of a change's data, read even when the rest is invalid.
-fn stamp_of(data: &Map<String, Value>) -> Option<(PosId, Seq)> {
-    let sync = data.get("sync")?;
-    let origin = PosId::parse(sync.get("origin")?.as_str()?).ok()?;
-    let seq = sync.get("seq")?.as_u64().filter(|seq| *seq > 0)?;
-    Some((origin, Seq(seq)))
+/// Changes with their stamps as [`StampEntry`]s (for the batch signature check).
+pub(crate) fn entries_of(changes: &[(Option<(PosId, Seq)>, WireChange)]) -> Vec<StampEntry<'_>> {
+    changes.iter().map(|(stamp, wire)| (stamp.as_ref().map(|(origin, seq)| (origin, *seq)), wire)).collect()
+}
+
+/// The changes of a run with the stamps read from them (`peek_stamp`).
+pub(crate) fn with_stamps(changes: Vec<WireChange>) -> Vec<(Option<(PosId, Seq)>, WireChange)> {
+    changes.into_iter().map(|wire| (wire.peek_stamp().map(|stamp| (stamp.origin, stamp.seq)), wire)).collect()
 }
 
 #[cfg(test)]

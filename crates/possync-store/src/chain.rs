@@ -24,7 +24,7 @@ use rusqlite::{OptionalExtension, params};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::apply::{Accept, ApplyReport, PeerRef};
+use crate::apply::{Accept, ApplyReport, PeerRef, entries_of, with_stamps};
 use crate::error::{Result, StoreError};
 use crate::keys::Verified;
 use crate::{Store, StoreReader};
@@ -99,9 +99,10 @@ impl Store {
         let received = changes.len() as i64;
         let mut report = ApplyReport::default();
         let peer = PeerRef { id: &peer_id, name: &peer_name };
-        let verified = verified.unwrap_or_else(|| self.preverify(&changes));
-        for (index, wire) in changes.into_iter().enumerate() {
-            self.apply_one(peer, wire, Accept::FromStore, verified.key(index), &mut report)?;
+        let changes = with_stamps(changes);
+        let verified = verified.unwrap_or_else(|| self.preverify(&entries_of(&changes)));
+        for (index, (stamp, wire)) in changes.into_iter().enumerate() {
+            self.apply_one(peer, stamp, wire, Accept::FromStore, verified.key(index), &mut report)?;
         }
         let now = self.now_sqlite();
         self.conn
@@ -135,9 +136,10 @@ impl Store {
                 .conn
                 .prepare_cached("INSERT INTO chain_hq_origins (pos_id) VALUES (?1) ON CONFLICT DO NOTHING")?
                 .execute([origin.as_str()])?;
-            let verified = store.preverify(&changes);
-            for (index, wire) in changes.into_iter().enumerate() {
-                store.apply_one(peer, wire, Accept::Everything, verified.key(index), &mut report)?;
+            let changes = with_stamps(changes);
+            let verified = store.preverify(&entries_of(&changes));
+            for (index, (stamp, wire)) in changes.into_iter().enumerate() {
+                store.apply_one(peer, stamp, wire, Accept::Everything, verified.key(index), &mut report)?;
             }
             if !report.gap && !report.must_retry() {
                 store.set_cursor(stream, stream_seq)?;

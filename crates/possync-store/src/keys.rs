@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use possync_core::protocol::StampedChange;
 use possync_core::signature::{PublicKey, SignatureError, TillKey};
 use possync_core::{
     Change, ChangeBody, EntityId, EntityKind, PosId, Seq, StampPeek, VersionVector, WireChange,
@@ -131,7 +132,44 @@ impl KeyDirectory {
     /// that does not verify as a whole, is left unchecked: the writer checks it alone.
     pub fn verify(&self, changes: &[WireChange]) -> Verified {
         let keys = self.0.read().unwrap_or_else(PoisonError::into_inner);
-        Verified::check(changes, 1, |stamp| keys.get(&stamp.origin).copied())
+        Verified::check(&Stamped::peek(changes).entries(), 1, |origin, _| keys.get(origin).copied())
+    }
+
+    /// [`KeyDirectory::verify`] for changes whose stamps the frame parser read already.
+    pub fn verify_stamped(&self, changes: &[StampedChange]) -> Verified {
+        let keys = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        Verified::check(&Stamped::entries_of(changes), 1, |origin, _| keys.get(origin).copied())
+    }
+}
+
+/// A change with its stamp (origin, seq) when it has a readable one.
+pub(crate) type StampEntry<'a> = (Option<(&'a PosId, Seq)>, &'a WireChange);
+
+/// The stamps of changes that arrived without them read (`peek_stamp`), held while they are
+/// looked at as [`StampEntry`]s.
+pub(crate) struct Stamped<'a> {
+    changes: &'a [WireChange],
+    stamps: Vec<Option<StampPeek>>,
+}
+
+impl<'a> Stamped<'a> {
+    /// Reads the stamp of each change.
+    pub(crate) fn peek(changes: &'a [WireChange]) -> Stamped<'a> {
+        Stamped { changes, stamps: changes.iter().map(WireChange::peek_stamp).collect() }
+    }
+
+    /// Each change with its stamp.
+    pub(crate) fn entries(&self) -> Vec<StampEntry<'_>> {
+        self.stamps
+            .iter()
+            .zip(self.changes)
+            .map(|(stamp, wire)| (stamp.as_ref().map(|s| (&s.origin, s.seq)), wire))
+            .collect()
+    }
+
+    /// The entries of changes whose stamps were read already.
+    pub(crate) fn entries_of(changes: &[StampedChange]) -> Vec<StampEntry<'_>> {
+        changes.iter().map(|change| (Some((&change.origin, change.seq)), &change.wire)).collect()
     }
 }
 
@@ -150,18 +188,18 @@ impl Verified {
     /// verification), when there are at least `min` of them. When the batch does not verify
     /// as a whole, or is too small, nothing counts as checked.
     fn check(
-        changes: &[WireChange],
+        changes: &[StampEntry<'_>],
         min: usize,
-        key_of: impl Fn(&StampPeek) -> Option<PublicKey>,
+        key_of: impl Fn(&PosId, Seq) -> Option<PublicKey>,
     ) -> Verified {
         let mut keyed = Vec::with_capacity(changes.len());
         let mut with = vec![None; changes.len()];
-        for (index, wire) in changes.iter().enumerate() {
-            let Some(stamp) = wire.peek_stamp() else { continue };
-            if let Some(key) = key_of(&stamp)
+        for (index, (stamp, wire)) in changes.iter().enumerate() {
+            let Some((origin, seq)) = stamp else { continue };
+            if let Some(key) = key_of(origin, *seq)
                 && wire.sig.is_some()
             {
-                keyed.push((key, wire));
+                keyed.push((key, *wire));
                 with[index] = Some(key);
             }
         }
@@ -242,12 +280,12 @@ impl Store {
     /// single writer pays for every remote change). A change not covered (its origin not
     /// enrolled yet, a bad signature somewhere in the batch) is checked alone by
     /// [`Store::check_origin`].
-    pub(crate) fn preverify(&self, changes: &[WireChange]) -> Verified {
+    pub(crate) fn preverify(&self, changes: &[StampEntry<'_>]) -> Verified {
         // One signature alone costs the same checked here or by `check_origin`.
-        Verified::check(changes, 2, |stamp| {
+        Verified::check(changes, 2, |origin, seq| {
             self.keyring
-                .key(&stamp.origin, &self.vv)
-                .filter(|enrolled| stamp.seq > enrolled.since)
+                .key(origin, &self.vv)
+                .filter(|enrolled| seq > enrolled.since)
                 .map(|enrolled| enrolled.key)
         })
     }

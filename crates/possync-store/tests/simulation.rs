@@ -622,6 +622,18 @@ impl Simulation {
 
     /// Applies a batch from `from` on `to`, checks the report against the mirror, relays.
     fn apply(&mut self, from: usize, to: usize, changes: &[WireChange]) -> Result<ApplyReport, String> {
+        self.apply_via(from, to, changes, None)
+    }
+
+    /// [`Simulation::apply`], through `Store::apply_stamped` when the changes come with the
+    /// stamps a session read (as a node's connection task applies them).
+    fn apply_via(
+        &mut self,
+        from: usize,
+        to: usize,
+        changes: &[WireChange],
+        stamped: Option<Vec<possync_core::protocol::StampedChange>>,
+    ) -> Result<ApplyReport, String> {
         let peer = self.replicas[from].name.clone();
         let mut expect_gap = false;
         let mut expect_new = 0u32;
@@ -642,10 +654,12 @@ impl Simulation {
             }
         }
         let mirror = std::mem::replace(&mut self.replicas[to].held, before);
-        let report = self
-            .store(to)
-            .apply_batch(PeerRef { id: &peer, name: &peer }, changes.to_vec())
-            .map_err(|e| format!("apply_batch on {}: {e}", self.replicas[to].name))?;
+        let by = PeerRef { id: &peer, name: &peer };
+        let report = match stamped {
+            Some(stamped) => self.store(to).apply_stamped(by, stamped, None),
+            None => self.store(to).apply_batch(by, changes.to_vec()),
+        }
+        .map_err(|e| format!("apply_batch on {}: {e}", self.replicas[to].name))?;
         self.replicas[to].deliveries += changes.len() as u64;
         self.stats.deliveries += changes.len() as u64;
         self.stats.gaps += u64::from(report.gap);
@@ -753,7 +767,8 @@ impl Simulation {
                     }
                 }
                 Event::Apply { changes, .. } => {
-                    let report = self.apply(n, r, &changes)?;
+                    let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
+                    let report = self.apply_via(n, r, &wires, Some(changes))?;
                     let summary = self.store(r).summary().clone();
                     let now = self.now();
                     if let Some(session) = self.replicas[r].sessions.get_mut(&n) {

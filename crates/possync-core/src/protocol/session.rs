@@ -146,8 +146,10 @@ pub enum Event {
     /// Changes from the peer to apply, in this order, through the single writer; then call
     /// [`Session::batch_applied`] (once per `Apply`, in the order they were emitted).
     Apply {
-        /// The changes, verbatim (decode with [`crate::Change::from_wire`]).
-        changes: Vec<WireChange>,
+        /// The changes, each with the stamp the frame parser read (its origin and seq) and
+        /// verbatim (decode with [`crate::Change::from_wire`]): the stamp travels with the
+        /// change to the store, which does not read it again.
+        changes: Vec<StampedChange>,
         /// True for a catch-up batch, false for one live change.
         from_batch: bool,
     },
@@ -786,7 +788,7 @@ impl Session {
             Body::Change(change) => {
                 self.peer_known.observe(&change.origin, change.seq);
                 self.incoming.pending_applies.push_back(PendingApply::Live);
-                self.events.push_back(Event::Apply { changes: vec![change.wire], from_batch: false });
+                self.events.push_back(Event::Apply { changes: vec![change], from_batch: false });
             }
             Body::SyncBatch(batch) => {
                 if self.incoming.batch_in_progress {
@@ -805,8 +807,7 @@ impl Session {
                 self.incoming
                     .pending_applies
                     .push_back(PendingApply::Batch { count, has_more: batch.has_more });
-                let changes = batch.changes.into_iter().map(|change| change.wire).collect();
-                self.events.push_back(Event::Apply { changes, from_batch: true });
+                self.events.push_back(Event::Apply { changes: batch.changes, from_batch: true });
             }
             Body::SyncAck(_) => self.handle_sync_ack(kind, action),
             Body::SyncRequest(request) => self.restart_catch_up(request.summary),
@@ -1601,7 +1602,8 @@ mod tests {
         let live = change("a", 1);
         session.handle_frame(T0, &frame("category", "create", data_json(&live), "a"));
         let (_, events) = drain(&mut session);
-        assert_eq!(events, [Event::Apply { changes: vec![live.clone()], from_batch: false }]);
+        let stamped = StampedChange { origin: pos("a"), seq: crate::Seq(1), wire: live.clone() };
+        assert_eq!(events, [Event::Apply { changes: vec![stamped], from_batch: false }]);
         assert_eq!(session.peer_known(), &vv(&[("a", 1)]));
         session.batch_applied(
             T0,

@@ -116,11 +116,10 @@ impl FakeStore {
     }
 
     /// Applies in order: duplicates skipped, gaps refused. Returns what was applied.
-    pub(crate) fn apply(&mut self, changes: Vec<WireChange>) -> (Vec<WireChange>, bool) {
+    pub(crate) fn apply(&mut self, changes: Vec<StampedChange>) -> (Vec<WireChange>, bool) {
         let mut applied = Vec::new();
         let mut gap = false;
-        for change in changes {
-            let (origin, seq) = stamp(&change);
+        for StampedChange { origin, seq, wire: change } in changes {
             let held = self.vv.get(&origin);
             if seq <= held {
                 continue;
