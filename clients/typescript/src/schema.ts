@@ -2191,7 +2191,10 @@ export interface operations {
     };
     chainStores: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Sales per day over this many UTC days, today included (default 31). */
+                days?: number;
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -2205,6 +2208,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": Record<string, never>[];
+                };
+            };
+            /** @description Malformed JSON, a missing field or a wrong type */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
                 };
             };
             /** @description Missing or wrong token (API bound beyond loopback) */

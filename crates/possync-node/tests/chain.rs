@@ -1025,6 +1025,15 @@ async fn a_silent_store_is_flagged_at_head_office() {
         json!({"open": 0, "lastDay": 0}),
         "a real till reports its own"
     );
+    // Sales per day over the days asked for (today only: the sale made today).
+    let today = get(&hq, "/api/chain/stores?days=1");
+    assert_eq!(today[0]["salesPerDay"].as_array().map(Vec::len), Some(1), "{today}");
+    assert_eq!(today[0]["tickets"], 1);
+    let address = hq.node.api_addr.expect("the API is served");
+    for bad in ["0", "367", "x"] {
+        let answer = ureq::get(&format!("http://{address}/api/chain/stores?days={bad}")).call();
+        assert!(matches!(answer, Err(ureq::Error::StatusCode(400))), "days={bad}: {answer:?}");
+    }
 
     // The till stops: after `store_offline_after_secs` (3 s) without a report, offline,
     // since its last report.

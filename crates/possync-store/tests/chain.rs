@@ -93,9 +93,13 @@ fn the_head_office_applies_a_stores_runs_refuses_its_catalog_writes_and_counts_s
     );
     let price: Vec<_> = hq.query("SELECT price FROM products WHERE id = 'p1'");
     assert_eq!(price, vec![json!({"price": "2"})], "HQ's price stands");
-    let stores = reader.chain_stores().unwrap();
+    let stores = reader.chain_stores("2000-01-01").unwrap();
     assert_eq!(stores.len(), 2);
     assert_eq!(stores[0]["tickets"], 2);
+    assert_eq!(stores[0]["salesPerDay"].as_array().map(Vec::len), Some(1), "{stores:?}");
+    // Days before `since_day` are not listed; the ticket count is of all time.
+    let later = reader.chain_stores("2100-01-01").unwrap();
+    assert_eq!((later[0]["tickets"].clone(), later[0]["salesPerDay"].clone()), (json!(2), json!([])));
     // Store 2's run (its till's key enrollment, a stock movement, a sale) came twice.
     assert_eq!(stores[1]["changesReceived"], 6);
     assert_eq!(stores[1]["changesApplied"], 3);

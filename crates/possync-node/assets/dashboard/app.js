@@ -1346,6 +1346,9 @@
 
   // ---- head office: the chain's stores -----------------------------------------
 
+  // Days of sales per store shown (and asked for).
+  var SALES_DAYS = 7;
+
   // Shown only on a head office; the answer of /api/chain/status decides, once.
   function loadChain() {
     if (state.chainRole === "other") return Promise.resolve();
@@ -1360,7 +1363,7 @@
           $("#chain-nav").hidden = false;
           if (status.role.hq.chain) $("#chain-sub").textContent = "Chain " + status.role.hq.chain + ": every store as this head office sees it";
         }
-        return request("GET", "/api/chain/stores").then(function (stores) {
+        return request("GET", "/api/chain/stores?days=" + SALES_DAYS).then(function (stores) {
           state.chainStores = stores || [];
           showSectionError("stores", null);
           renderChainStores();
@@ -1417,7 +1420,6 @@
 
   // Sales per store per UTC day, the last 7 days (today last): one row per day, one
   // column per store, each cell "total (tickets)".
-  var SALES_DAYS = 7;
 
   function renderChainSales() {
     var stores = state.chainStores || [];

@@ -25,8 +25,13 @@ pub(super) fn routes() -> Vec<Route> {
                 "Head office: every store, its terminals, last change received, silence alert, sales per day, uplink (online, offline since, lag)",
             )
             .tag("chain")
+            .query(
+                "days",
+                json!({"type": "integer", "minimum": 1, "maximum": MAX_SALES_DAYS}),
+                "Sales per day over this many UTC days, today included (default 31).",
+            )
             .reply(200, "The stores", json!({"type": "array", "items": {"type": "object"}}))
-            .errors(&[404]),
+            .errors(&[400, 404]),
         Route::new(Method::Get, "/api/chain/stock", "chainStock", stock)
             .summary("Head office: stock of a product per store and for the whole chain")
             .tag("chain")
@@ -60,11 +65,32 @@ fn head_office(api: &ApiState) -> Result<&crate::config::HqConfig, ApiError> {
     }
 }
 
-async fn stores(State(api): State<Arc<ApiState>>) -> Result<Json<Vec<Value>>, ApiError> {
+/// Most days of sales per store one `GET /api/chain/stores` lists.
+const MAX_SALES_DAYS: u32 = 366;
+/// Days of sales listed when the request does not say.
+const DEFAULT_SALES_DAYS: u32 = 31;
+
+#[derive(Deserialize)]
+struct StoresParams {
+    days: Option<u32>,
+}
+
+async fn stores(
+    State(api): State<Arc<ApiState>>,
+    ApiQuery(params): ApiQuery<StoresParams>,
+) -> Result<Json<Vec<Value>>, ApiError> {
     let hq = head_office(&api)?;
+    let days = params.days.unwrap_or(DEFAULT_SALES_DAYS);
+    if !(1..=MAX_SALES_DAYS).contains(&days) {
+        return Err(ApiError::bad_request(format!("days must be 1 to {MAX_SALES_DAYS}, not {days}")));
+    }
     let now_ms = crate::shared::now_ms();
     let now_secs = now_ms / 1000;
-    let mut stores = read(&api.node, |reader| reader.chain_stores()).await?;
+    // The first day listed: today (UTC) and the `days - 1` before it.
+    let first_ms = now_ms.saturating_sub(u64::from(days - 1) * 86_400_000);
+    let first = possync_core::time::rfc3339_ms(first_ms);
+    let since_day = first.get(..10).unwrap_or("1970-01-01").to_string();
+    let mut stores = read(&api.node, move |reader| reader.chain_stores(&since_day)).await?;
     let mut reported = api.node.chain.store_states(now_ms, hq.store_offline_after_secs.saturating_mul(1000));
     // A store whose tills report but that has sent no change yet is listed too.
     for store in reported.keys() {
