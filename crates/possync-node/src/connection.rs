@@ -18,7 +18,7 @@ use possync_store::{ConnectionEvent, ConnectionEventKind, PeerRef};
 use tokio::sync::broadcast;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, Status};
+use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, StatusLabel};
 use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, Registration, SUPERSEDED_GRACE_MS};
 use crate::shared::{NodeShared, now_ms};
@@ -815,7 +815,7 @@ async fn apply(
         if count > 0 {
             node.metrics
                 .changes_applied
-                .get_or_create(&Status { status: status.into() })
+                .get_or_create(&StatusLabel { status: status.into() })
                 .inc_by(u64::from(count));
         }
     }

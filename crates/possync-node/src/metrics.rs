@@ -20,7 +20,7 @@ pub struct PeerDirection {
 
 /// Label: a status or a kind.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Status {
+pub struct StatusLabel {
     /// The value.
     pub status: String,
 }
@@ -49,13 +49,13 @@ pub struct ChainMetrics {
     /// Changes held here and not yet on the backbone.
     pub backlog: Gauge,
     /// Backbone messages by outcome: published, received, rejected, wrong_sequence.
-    pub messages: Family<Status, Counter>,
+    pub messages: Family<StatusLabel, Counter>,
     /// Unix time (s) of the last acknowledged publish of changes (0: none yet in this run).
     pub last_published: Gauge,
     /// Unix time (s) of the last change applied from the backbone (0: none yet in this run).
     pub last_applied: Gauge,
     /// Changes by outcome: published, applied.
-    pub changes: Family<Status, Counter>,
+    pub changes: Family<StatusLabel, Counter>,
 }
 
 /// Every metric of one node.
@@ -69,7 +69,7 @@ pub struct Metrics {
     /// Frame payload bytes per peer and direction.
     pub bytes: Family<PeerDirection, Counter>,
     /// Incoming changes by outcome (success, conflict, skipped, error).
-    pub changes_applied: Family<Status, Counter>,
+    pub changes_applied: Family<StatusLabel, Counter>,
     /// Local writes (changes originated here).
     pub local_changes: Counter,
     /// Conflicts by type and strategy.
@@ -85,7 +85,7 @@ pub struct Metrics {
     /// Connection events dropped because their queue was full (sync data is never dropped).
     pub connection_events_dropped: Counter,
     /// Connection events by type.
-    pub connection_events: Family<Status, Counter>,
+    pub connection_events: Family<StatusLabel, Counter>,
     /// Protocol violations by peers.
     pub protocol_violations: Counter,
     /// The chain backbone.

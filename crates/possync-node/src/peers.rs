@@ -125,7 +125,7 @@ pub const SUPERSEDED_GRACE_MS: u64 = 10_000;
 /// `GET /api/status` (SPEC 6).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Status {
+pub struct NodeStatus {
     /// The peer listener is running.
     pub server_running: bool,
     /// Peers connected now.
@@ -142,7 +142,7 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
-/// One peer in [`Status`].
+/// One peer in [`NodeStatus`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerStatus {
@@ -468,7 +468,7 @@ impl PeerTable {
     }
 
     /// `GET /api/status`.
-    pub fn status(&self, server_running: bool, enabled: bool, pos_id: &PosId, pos_name: &str) -> Status {
+    pub fn status(&self, server_running: bool, enabled: bool, pos_id: &PosId, pos_name: &str) -> NodeStatus {
         let peers = self.lock();
         let mut list: Vec<PeerStatus> = peers
             .iter()
@@ -485,7 +485,7 @@ impl PeerTable {
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
-        Status {
+        NodeStatus {
             server_running,
             connected_peers: list.iter().filter(|peer| peer.online).count(),
             total_peers: list.len(),

@@ -200,7 +200,7 @@ impl NodeShared {
     pub fn record_event(&self, event: ConnectionEvent) {
         self.metrics
             .connection_events
-            .get_or_create(&crate::metrics::Status { status: event.kind.as_str().into() })
+            .get_or_create(&crate::metrics::StatusLabel { status: event.kind.as_str().into() })
             .inc();
         if self.events.try_send(event).is_err() {
             self.metrics.connection_events_dropped.inc();

@@ -17,7 +17,7 @@ use super::entities::Paging;
 use super::error::{ApiError, ApiJson, ApiQuery, OptionalJson, PathParam};
 use super::openapi::{Method, Route, array_of, schema_ref};
 use super::{ApiState, check_paging, read, write, write_change};
-use crate::peers::{DetailedStats, Status};
+use crate::peers::{DetailedStats, NodeStatus};
 use crate::shared::NodeShared;
 
 /// Most rows a page of an audit list (docs/DASHBOARD.md: 1..500, default 50).
@@ -106,12 +106,12 @@ pub(super) fn routes() -> Vec<Route> {
 }
 
 /// `GET /api/status` as a value (also sent in every `stats` event).
-pub(super) fn status_of(node: &NodeShared) -> Status {
+pub(super) fn status_of(node: &NodeShared) -> NodeStatus {
     let settings = node.settings();
     node.peers.status(node.is_listening(), settings.enabled, &node.identity.pos_id, &node.identity.pos_name)
 }
 
-async fn status(State(api): State<Arc<ApiState>>) -> Json<Status> {
+async fn status(State(api): State<Arc<ApiState>>) -> Json<NodeStatus> {
     Json(status_of(&api.node))
 }
 
@@ -174,7 +174,7 @@ pub struct ToggleBody {
 async fn toggle(
     State(api): State<Arc<ApiState>>,
     ApiJson(body): ApiJson<ToggleBody>,
-) -> Result<Json<Status>, ApiError> {
+) -> Result<Json<NodeStatus>, ApiError> {
     set_setting(&api.node, "p2p_enabled", body.enabled.to_string()).await?;
     // The listener follows the setting at once; wait (briefly) until it has, so the answer
     // and the next `GET /api/status` tell the new state.

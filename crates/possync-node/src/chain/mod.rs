@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::config::{BackboneAuth, BackboneConfig, ChainRole};
-use crate::metrics::{ChainMetrics, Status};
+use crate::metrics::{ChainMetrics, StatusLabel};
 use crate::shared::NodeShared;
 
 /// Why a backbone operation failed (the driver logs it and retries with backoff).
@@ -165,9 +165,9 @@ impl ChainStatus {
         metrics.last_applied.set(seconds(inner.last_applied_ms));
         metrics.connected.set(i64::from(inner.connected));
         metrics.backlog.set(i64::try_from(inner.backlog).unwrap_or(i64::MAX));
-        let count = |family: &Family<Status, Counter>, status: &str, before: u64, after: u64| {
+        let count = |family: &Family<StatusLabel, Counter>, status: &str, before: u64, after: u64| {
             if after > before {
-                family.get_or_create(&Status { status: status.into() }).inc_by(after - before);
+                family.get_or_create(&StatusLabel { status: status.into() }).inc_by(after - before);
             }
         };
         count(&metrics.messages, "published", before.published_messages, inner.published_messages);
