@@ -25,7 +25,6 @@ use serde_json::{Value, json};
 use crate::Outgoing;
 use crate::Store;
 use crate::audit::{ConflictRow, SyncLog, SyncStatus};
-use crate::chain::CopySource;
 use crate::error::{Result, StoreError};
 use crate::keys::{StampEntry, Verified};
 use crate::records;
@@ -56,6 +55,18 @@ pub(crate) enum Accept {
     /// and re-published to every store as copies (`Store::copy_to_stores`, docs/CHAIN.md
     /// "Chain-wide customers").
     FromStore,
+}
+
+/// Who may re-publish other tills' writes to this node (a copy, `data.sync.copyOf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopySource {
+    /// The head office (an origin this till applied from the DOWN stream): accepted.
+    HeadOffice,
+    /// Not known as the head office yet, on a store's till: the copy waits for the DOWN
+    /// stream, which brings it again and says the origin is the head office's.
+    NotKnownYet,
+    /// Anyone, on a node that is not a store's till: refused, like an invalid change.
+    Refused,
 }
 
 /// What applying a batch did.

@@ -24,7 +24,7 @@ use rusqlite::{OptionalExtension, params};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::apply::{Accept, ApplyReport, PeerRef, entries_of, with_stamps};
+use crate::apply::{Accept, ApplyReport, CopySource, PeerRef, entries_of, with_stamps};
 use crate::error::{Result, StoreError};
 use crate::keys::Verified;
 use crate::{Store, StoreReader};
@@ -41,18 +41,6 @@ pub struct ChainRun {
     /// Their signatures, when the task that received them checked them
     /// ([`crate::KeyDirectory::verify`]); `None`: checked by the writer.
     pub verified: Option<Verified>,
-}
-
-/// Who may re-publish other tills' writes to this node (a copy, `data.sync.copyOf`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CopySource {
-    /// The head office (an origin this till applied from the DOWN stream): accepted.
-    HeadOffice,
-    /// Not known as the head office yet, on a store's till: the copy waits for the DOWN
-    /// stream, which brings it again and says the origin is the head office's.
-    NotKnownYet,
-    /// Anyone, on a node that is not a store's till: refused, like an invalid change.
-    Refused,
 }
 
 impl Store {
