@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 
 use crate::Outgoing;
 use crate::Store;
+pub use crate::audit::PeerRef;
 use crate::audit::{ConflictRow, SyncLog, SyncStatus};
 use crate::error::{Result, StoreError};
 use crate::keys::{StampEntry, Verified};
@@ -32,15 +33,6 @@ use crate::sales::sale_state;
 use possync_core::protocol::StampedChange;
 use possync_core::signature::PublicKey;
 use rusqlite::OptionalExtension;
-
-/// Who sent a batch (for the audit rows).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerRef<'a> {
-    /// The peer's posId.
-    pub id: &'a str,
-    /// The peer's name.
-    pub name: &'a str,
-}
 
 /// Which changes a batch may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,9 +11,17 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::apply::PeerRef;
 use crate::error::{Result, StoreError};
 use crate::{Store, records};
+
+/// Who sent a batch (for the audit rows).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRef<'a> {
+    /// The peer's posId.
+    pub id: &'a str,
+    /// The peer's name.
+    pub name: &'a str,
+}
 
 /// The `status` of a sync log row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
