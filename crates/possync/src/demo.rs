@@ -57,10 +57,8 @@ impl Terminal {
     }
 }
 
+/// The shop demo (`possync demo`; `--chain` runs `chain_demo::run` instead).
 pub async fn run(args: DemoArgs) -> Result<()> {
-    if args.chain {
-        return crate::chain_demo::run(args).await;
-    }
     let temp = tempfile_dir(args.data_dir.as_ref())?;
     let root = temp.path.clone();
     let secret = crate::random_hex(16);

@@ -123,6 +123,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init(&args),
         Command::Run(args) => runtime().and_then(|runtime| runtime.block_on(run(args))),
+        Command::Demo(args) if args.chain => {
+            runtime().and_then(|runtime| runtime.block_on(chain_demo::run(args)))
+        }
         Command::Demo(args) => runtime().and_then(|runtime| runtime.block_on(demo::run(args))),
         Command::Status(args) => client::status(&args),
         Command::Stats(args) => client::stats(&args),
