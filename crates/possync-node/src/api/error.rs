@@ -190,9 +190,8 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 
 /// The body's bytes, `None` when empty; checks the content type of a non-empty body.
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Option<Bytes>, ApiError> {
-    let json_type = super::guard::is_json(
-        request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()),
-    );
+    let json_type =
+        is_json(request.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()));
     let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -248,6 +247,13 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
             .map(|Path(value)| PathParam(value))
             .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
     }
+}
+
+/// Is the `Content-Type` JSON (`application/json` or `application/*+json`)?
+pub(super) fn is_json(content_type: Option<&str>) -> bool {
+    let Some(mime) = content_type.and_then(|value| value.split(';').next()) else { return false };
+    let mime = mime.trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
 #[cfg(test)]

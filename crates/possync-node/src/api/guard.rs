@@ -35,7 +35,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
-use super::error::ApiError;
+use super::error::{ApiError, is_json};
 
 /// Which `Host` and `Origin` headers the API answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,13 +98,6 @@ fn split_authority(text: &str) -> Option<(String, u16)> {
 
 fn normalize_name(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
-}
-
-/// Is the `Content-Type` JSON (`application/json` or `application/*+json`)?
-pub(super) fn is_json(content_type: Option<&str>) -> bool {
-    let Some(mime) = content_type.and_then(|value| value.split(';').next()) else { return false };
-    let mime = mime.trim().to_ascii_lowercase();
-    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
 /// The middleware: the three checks of the module doc, in order.
