@@ -172,9 +172,7 @@ impl Store {
         changes: Vec<WireChange>,
         verified: Option<Verified>,
     ) -> Result<ApplyReport> {
-        let stamps: Vec<Option<(PosId, Seq)>> =
-            changes.iter().map(|wire| wire.peek_stamp().map(|stamp| (stamp.origin, stamp.seq))).collect();
-        self.apply_entries(peer, stamps.into_iter().zip(changes).collect(), verified)
+        self.apply_entries(peer, with_stamps(changes), verified)
     }
 
     /// [`Store::apply_batch_verified`] for changes whose stamps the frame parser read
