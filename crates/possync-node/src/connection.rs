@@ -532,6 +532,13 @@ fn drive(
                 }
             }
         }
+        // A frame the channel refused while a frame was being sent: the channel failed the send
+        // too and the session closed before the main loop saw the refusal. Record it the same
+        // way (SPEC 8: an oversized frame leaves an error row, whatever the timing).
+        if let Some(Err(err @ TransportError::FrameTooLarge { .. })) = carried.take() {
+            node.metrics.protocol_violations.inc();
+            log_rejected(&node, peer.as_ref(), address, format!("frame_too_large: {err}")).await;
+        }
         while let Some(frame) = session.poll_transmit() {
             if sender.send(&frame).await.is_err() {
                 break;

@@ -819,7 +819,10 @@ async fn a_peer_flooding_live_changes_is_slowed_to_its_budget_and_shown_nothing_
     assert_eq!(product_count(&a).await, 300, "nothing lost");
     let status = a.shared().peers.status(true, true, &a.pos_id(), "Till A");
     let raw = status.peers.iter().find(|peer| peer.id == "raw-peer").expect("the raw peer is listed");
-    assert!((100..=300).contains(&raw.throttled), "{raw:?}");
+    // About the 100 past the burst are counted as throttled (a change that waited at least
+    // 5 ms); on a loaded machine the node itself may run so late that a few find their token
+    // already there.
+    assert!((50..=300).contains(&raw.throttled), "{raw:?}");
     let metrics = a.shared().metrics.encode();
     assert!(
         metrics.lines().any(|line| line.starts_with("possync_changes_throttled_total{peer=\"raw-peer\"}")),
