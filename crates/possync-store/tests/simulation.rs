@@ -221,6 +221,10 @@ struct Simulation {
     /// With sessions: when the last frame sent on each direction arrives (a connection
     /// delivers in order).
     arrives: BTreeMap<(usize, usize), u64>,
+    /// With sessions: when each link (lower index first) last stopped carrying frames or
+    /// came back (a cut, a stall, a heal): a session may still time out for a heartbeat
+    /// period and the delays after that.
+    troubled_at: BTreeMap<(usize, usize), u64>,
     msgs: Vec<Msg>,
     next_order: u64,
     /// Catch-up streams: (sender, receiver) -> (receiver's summary, cursor).
@@ -315,6 +319,7 @@ impl Simulation {
             cut: vec![vec![false; count]; count],
             stalled: vec![vec![false; count]; count],
             arrives: BTreeMap::new(),
+            troubled_at: BTreeMap::new(),
             msgs: Vec::new(),
             next_order: 0,
             streams: BTreeMap::new(),
@@ -778,7 +783,13 @@ impl Simulation {
                 Event::HeartbeatTimeout => {
                     self.stats.heartbeat_timeouts += 1;
                     self.log(format!("{me}: heartbeat timeout on {peer}"));
-                    if self.healthy(r, n) {
+                    // Silence that a cut or stall explains (until a heartbeat period and a
+                    // ping's and a pong's delays after the link came back) is no phantom.
+                    let settled_after = self.replicas[r].heartbeat_ms
+                        + possync_core::protocol::DEAD_AFTER_EXTRA_MS
+                        + 2 * self.net.max_delay_ms;
+                    let troubled_at = self.troubled_at.get(&(r.min(n), r.max(n))).copied().unwrap_or(0);
+                    if self.healthy(r, n) && self.now() > troubled_at + settled_after {
                         return err(format!(
                             "{me} timed out {peer} on a link whose frames flow both ways (heartbeat {} ms, delays up to {} ms)",
                             self.replicas[r].heartbeat_ms, self.net.max_delay_ms
@@ -892,6 +903,9 @@ impl Simulation {
         }
         for a in 0..n {
             for b in 0..n {
+                if self.stalled[a][b] {
+                    self.troubled_at.insert((a.min(b), a.max(b)), self.now());
+                }
                 self.stalled[a][b] = false;
                 if a < b {
                     self.set_cut(a, b, false);
@@ -990,6 +1004,7 @@ impl Simulation {
         if self.net.sessions {
             // A cut link carries nothing, and says nothing: each side finds out by its
             // heartbeat deadline.
+            self.troubled_at.insert((a.min(b), a.max(b)), self.now());
             self.stalled[a][b] = cut;
             self.stalled[b][a] = cut;
             if !cut {
@@ -1838,6 +1853,8 @@ fn drive(sim: &mut Sim, setup: &mut StdRng) -> Result<(), String> {
             if a != b && sim.topology[a][b] && !sim.cut[a][b] {
                 let stalled = !sim.stalled[a][b];
                 sim.stalled[a][b] = stalled;
+                let now = sim.now();
+                sim.troubled_at.insert((a.min(b), a.max(b)), now);
                 sim.log(format!(
                     "{} {} -> {}",
                     if stalled { "stall" } else { "unstall" },
