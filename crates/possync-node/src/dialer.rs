@@ -10,7 +10,8 @@ use possync_core::protocol::Role;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::connection::{self, Ended};
+use crate::connection;
+use crate::link::Ended;
 use crate::shared::NodeShared;
 use crate::transport::{self, TransportError};
 

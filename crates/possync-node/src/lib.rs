@@ -23,6 +23,7 @@ pub mod config;
 pub mod connection;
 pub mod dialer;
 pub mod discovery;
+pub mod link;
 pub mod metrics;
 pub mod node;
 pub mod peer_rate;

@@ -19,8 +19,9 @@ use tracing::{info, warn};
 
 use crate::admission::{ACCEPT_HANDSHAKE_TIMEOUT, Admission};
 use crate::config::NodeConfig;
-use crate::connection::{self, Ended};
+use crate::connection;
 use crate::dialer;
+use crate::link::Ended;
 use crate::metrics::{Queue, Reason};
 use crate::peers::ConnectionCommand;
 use crate::shared::ReaderPool;
