@@ -272,6 +272,12 @@ impl Link {
         self.peer.as_ref()
     }
 
+    /// The protocol session inside (read-only: what it knows of the peer, for status and
+    /// diagnostics).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
     /// The connection's counters.
     pub fn stats(&self) -> &ConnectionStats {
         self.session.stats()

@@ -28,23 +28,23 @@
 //! conflict rows exactly where edits were concurrent, one sync-log row per change received.
 //!
 //! Replay a failing seed with
-//! `POSSYNC_SIM_SEED=<seed> cargo test -p possync-store --test simulation -- --nocapture --exact <test>`;
+//! `POSSYNC_SIM_SEED=<seed> cargo test -p possync-node --test simulation -- --nocapture --exact <test>`;
 //! run more seeds with `POSSYNC_SIM_SEEDS=<count>`.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use common::ManualClock;
 use possync_core::entity::{MovementType, PaymentMethod};
-use possync_core::protocol::{Event, Role, Session, SessionConfig};
+use possync_core::protocol::Role;
 use possync_core::{EntityId, EntityKind, Hlc, PosId, WireChange};
+use possync_node::link::{Effect, Link, LinkConfig, Metric};
+use possync_node::peers::Registration;
 use possync_store::{
-    ApplyReport, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine, SaleLineRequest, SaleRequest,
-    Store, StoreError, StoreReader,
+    ApplyReport, ConnectionEventKind, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine,
+    SaleLineRequest, SaleRequest, Store, StoreError, StoreReader,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -56,11 +56,28 @@ const DEFAULT_SEEDS: u64 = 150;
 /// Seeds of the simulation through sessions run by default.
 const DEFAULT_SESSION_SEEDS: u64 = 150;
 const START_MS: u64 = 1_700_000_000_000;
+/// How often a link compares what its peer holds with what its store holds (the node's
+/// progress tick).
+const PROGRESS_EVERY_MS: u64 = 5_000;
 /// A gap re-requests catch-up from the same peer only after this long without an answer.
 const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
 type Stamp = (String, u64);
 type Sim = Simulation;
+
+/// The virtual clock every terminal of a run reads (plus its own skew).
+#[derive(Clone, Debug)]
+struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    fn new(start_ms: u64) -> ManualClock {
+        ManualClock(Arc::new(AtomicU64::new(start_ms)))
+    }
+
+    fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Environment: the shared virtual clock, a per-terminal skew that can jump, a seeded RNG.
@@ -115,9 +132,12 @@ struct Replica {
     deliveries: u64,
     /// Outstanding catch-up requests: peer -> (time sent, another gap seen meanwhile).
     requested: BTreeMap<usize, (u64, bool)>,
-    /// With `NetParams::sessions`: this terminal's protocol session with each peer it is
-    /// connected to (the real `Session`, as a node's connection task drives it).
-    sessions: BTreeMap<usize, Session>,
+    /// With `NetParams::sessions`: this terminal's link with each peer it is connected to
+    /// (the node's real `Link` around the real protocol `Session`, pumped as the node's
+    /// connection task pumps it).
+    sessions: BTreeMap<usize, Link>,
+    /// The peers it has been connected to in this run (a registration is then `Returning`).
+    met: BTreeSet<usize>,
     /// `p2p_enabled`: off, it has no connection.
     p2p_enabled: bool,
     /// Its `p2p_heartbeat_interval` (ms), changed on live connections now and then.
@@ -182,6 +202,7 @@ struct Stats {
     frames: u64,
     sessions_opened: u64,
     heartbeat_timeouts: u64,
+    stalls: u64,
     settings_changes: u64,
     records_sequential_only: u64,
     records_same_field_concurrent: u64,
@@ -199,6 +220,7 @@ impl std::ops::AddAssign for Stats {
         self.frames += other.frames;
         self.sessions_opened += other.sessions_opened;
         self.heartbeat_timeouts += other.heartbeat_timeouts;
+        self.stalls += other.stalls;
         self.settings_changes += other.settings_changes;
         self.records_sequential_only += other.records_sequential_only;
         self.records_same_field_concurrent += other.records_same_field_concurrent;
@@ -227,6 +249,8 @@ struct Simulation {
     troubled_at: BTreeMap<(usize, usize), u64>,
     msgs: Vec<Msg>,
     next_order: u64,
+    /// With sessions: when the links next compare progress.
+    next_progress_at: u64,
     /// Catch-up streams: (sender, receiver) -> (receiver's summary, cursor).
     streams: BTreeMap<(usize, usize), (possync_core::VersionVector, u64)>,
     net: NetParams,
@@ -305,6 +329,7 @@ impl Simulation {
                 deliveries: 0,
                 requested: BTreeMap::new(),
                 sessions: BTreeMap::new(),
+                met: BTreeSet::new(),
                 p2p_enabled: true,
                 heartbeat_ms: 30_000,
             });
@@ -322,6 +347,7 @@ impl Simulation {
             troubled_at: BTreeMap::new(),
             msgs: Vec::new(),
             next_order: 0,
+            next_progress_at: 0,
             streams: BTreeMap::new(),
             net,
             writes: BTreeMap::new(),
@@ -567,8 +593,8 @@ impl Simulation {
         match msg.payload {
             Payload::Frame(text) => {
                 let now = self.now();
-                let Some(session) = self.replicas[to].sessions.get_mut(&from) else { return Ok(()) };
-                session.handle_frame(now, &text);
+                let Some(link) = self.replicas[to].sessions.get_mut(&from) else { return Ok(()) };
+                link.handle_frame(now, &text);
                 self.drive_session(to, from)?;
             }
             Payload::Request(since) => {
@@ -703,21 +729,28 @@ impl Simulation {
 
     // --- sessions (NetParams::sessions) -------------------------------------------------------
 
-    /// A connection opens between `a` (dialling) and `b`: a session on each side, as a node
+    /// A connection opens between `a` (dialling) and `b`: a link on each side, as a node
     /// starts one per connection, from its version vector and the heads of its log.
     fn open_sessions(&mut self, a: usize, b: usize) -> Result<(), String> {
         self.log(format!("session {} -> {}", self.replicas[a].name, self.replicas[b].name));
         for (me, peer, role) in [(a, b, Role::Initiator), (b, a, Role::Responder)] {
             let (summary, heads) =
                 self.store(me).summary_with_heads().map_err(|e| format!("summary_with_heads: {e}"))?;
+            let mut settings = self.store(me).settings().clone();
             let replica = &self.replicas[me];
-            let mut config = SessionConfig::new(PosId::parse(replica.name.as_str()).unwrap(), &replica.name);
-            config.heartbeat_interval_ms = replica.heartbeat_ms;
-            config.batch_size = self.net.batch;
-            config.instance = Some(format!("{}-{}", replica.name, replica.incarnation));
-            config.heads = heads;
-            let session = Session::new(config, role, summary, self.now());
-            self.replicas[me].sessions.insert(peer, session);
+            settings.heartbeat_interval_ms = replica.heartbeat_ms;
+            settings.batch_size = self.net.batch;
+            let config = LinkConfig {
+                pos_id: PosId::parse(replica.name.as_str()).map_err(|e| format!("posId: {e}"))?,
+                pos_name: replica.name.clone(),
+                instance: format!("{}-{}", replica.name, replica.incarnation),
+                role,
+                address: SocketAddr::from(([127, 0, 0, 1], 7000 + peer as u16)),
+                summary,
+                heads,
+            };
+            let link = Link::new(config, &settings, self.now());
+            self.replicas[me].sessions.insert(peer, link);
         }
         self.stats.sessions_opened += 1;
         self.drive_session(a, b)?;
@@ -729,9 +762,9 @@ impl Simulation {
     fn push_to_sessions(&mut self, r: usize, outgoing: &[Outgoing]) {
         let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
         for n in peers {
-            if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
+            if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
                 for out in outgoing {
-                    session.send_change(&out.change);
+                    link.local_change(&out.change);
                 }
             }
             self.flush(r, n);
@@ -741,8 +774,8 @@ impl Simulation {
     /// Sends what `r`'s session with `n` has queued.
     fn flush(&mut self, r: usize, n: usize) {
         let mut frames = Vec::new();
-        if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
-            while let Some(frame) = session.poll_transmit() {
+        if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+            while let Some(frame) = link.poll_transmit() {
                 frames.push(frame);
             }
         }
@@ -751,36 +784,80 @@ impl Simulation {
         }
     }
 
-    /// Carries out what `r`'s session with `n` asks, as a node's connection task does:
-    /// select a catch-up batch, apply what arrived (and tell the session how it went),
-    /// close. A protocol violation between honest terminals, or a heartbeat timeout on a
-    /// link whose frames flow both ways, fails the run.
+    /// Carries out what `r`'s link with `n` asks, as a node's connection task does:
+    /// register the peer, select a catch-up batch, apply what arrived (and tell the link how
+    /// it went), record rows; a closed link ends the connection. A protocol violation, an
+    /// identity clash or a fork between honest terminals, or a heartbeat timeout on a link
+    /// whose frames flow both ways, fails the run.
     fn drive_session(&mut self, r: usize, n: usize) -> Result<(), String> {
         loop {
             self.flush(r, n);
-            let Some(session) = self.replicas[r].sessions.get_mut(&n) else { return Ok(()) };
-            let Some(event) = session.poll_event() else { return Ok(()) };
+            let now = self.now();
+            let Some(link) = self.replicas[r].sessions.get_mut(&n) else { return Ok(()) };
+            let mut progressed = link.process_events(now);
+            let mut effects = Vec::new();
+            while let Some(effect) = link.poll_effect() {
+                effects.push(effect);
+            }
             let (me, peer) = (self.replicas[r].name.clone(), self.replicas[n].name.clone());
-            match event {
-                Event::NeedBatch { since, after_cursor, limit } => {
-                    let selection = self
-                        .reader(r)?
-                        .select_changes(&since, after_cursor, limit)
-                        .map_err(|e| format!("select_changes: {e}"))?;
-                    if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
-                        session.provide_batch(selection.changes, selection.next_cursor, selection.has_more);
-                    }
+            for effect in effects {
+                progressed = true;
+                self.carry_out(r, n, effect, &me, &peer)?;
+            }
+            let Some(link) = self.replicas[r].sessions.get_mut(&n) else { return Ok(()) };
+            if link.is_closed() {
+                let reason = link.close_reason().to_string();
+                self.flush(r, n);
+                self.log(format!("{me}: session with {peer} closed: {reason}"));
+                // The peer's side sees the connection end.
+                self.disconnect(r, n);
+                return Ok(());
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One effect of `r`'s link with `n` (see [`Simulation::drive_session`]).
+    fn carry_out(&mut self, r: usize, n: usize, effect: Effect, me: &str, peer: &str) -> Result<(), String> {
+        let now = self.now();
+        match effect {
+            Effect::Register(info) => {
+                let ours = self.store(r).summary().clone();
+                let (summary, heads) = (info.summary.clone(), info.heads.clone());
+                let diverged = self
+                    .reader(r)?
+                    .diverged_heads(&summary, &heads)
+                    .map_err(|e| format!("diverged_heads: {e}"))?;
+                let registration =
+                    if self.replicas[r].met.insert(n) { Registration::New } else { Registration::Returning };
+                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                    link.own_changes_held(&info, &ours);
+                    link.diverged_heads(&info, diverged);
+                    link.registered(now, &info, registration, Arc::new(BTreeSet::new()));
                 }
-                Event::Apply { changes, .. } => {
-                    let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
-                    let report = self.apply_via(n, r, &wires, Some(changes))?;
-                    let summary = self.store(r).summary().clone();
-                    let now = self.now();
-                    if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
-                        session.batch_applied(now, report.into_session_report(summary));
-                    }
+            }
+            Effect::SelectBatch { since, after_cursor, limit } => {
+                let selection = self
+                    .reader(r)?
+                    .select_changes(&since, after_cursor, limit)
+                    .map_err(|e| format!("select_changes: {e}"))?;
+                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                    link.batch_selected(selection.changes, selection.next_cursor, selection.has_more);
                 }
-                Event::HeartbeatTimeout => {
+            }
+            Effect::Admit { .. } | Effect::Behind(_) => {}
+            Effect::Apply { changes, .. } => {
+                let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
+                let report = self.apply_via(n, r, &wires, Some(changes))?;
+                let summary = self.store(r).summary().clone();
+                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                    link.applied(now, Some(report.into_session_report(summary)));
+                }
+            }
+            Effect::Record(row) => match row.kind {
+                ConnectionEventKind::HeartbeatTimeout => {
                     self.stats.heartbeat_timeouts += 1;
                     self.log(format!("{me}: heartbeat timeout on {peer}"));
                     // Silence that a cut or stall explains (until a heartbeat period and a
@@ -796,26 +873,28 @@ impl Simulation {
                         ));
                     }
                 }
-                Event::Closed { reason } => {
-                    self.log(format!("{me}: session with {peer} closed: {reason}"));
-                    // The peer's side sees the connection end.
-                    self.disconnect(r, n);
-                    return Ok(());
+                ConnectionEventKind::SyncFailed => {
+                    let message = row.error_message.unwrap_or_default();
+                    if !message.starts_with("catch-up stalled") {
+                        return err(format!("{me}: sync failed with {peer}: {message}"));
+                    }
+                    self.stats.stalls += 1;
+                    self.log(format!("{me}: {message} ({peer})"));
                 }
-                Event::ProtocolViolation { error, message_type, message_action } => {
-                    return err(format!(
-                        "{me} found a protocol violation from {peer}: {error} ({message_type}/{message_action})"
-                    ));
-                }
-                Event::IdentityClash { instance } => {
-                    return err(format!("{me}: identity clash with {peer} ({instance})"));
-                }
-                Event::PeerError { code, message } => {
-                    self.log(format!("{me}: {peer} reported {code}: {message}"));
-                }
-                Event::Established { .. } | Event::CatchUpCompleted { .. } | Event::Superseded => {}
+                _ => {}
+            },
+            Effect::LogRefused { detail, message_type, message_action, .. } => {
+                return err(format!(
+                    "{me} refused a message from {peer}: {detail} ({message_type}/{message_action})"
+                ));
             }
+            Effect::LogFork { origin, seq } => {
+                return err(format!("{me}: {peer}'s heads show a fork of {origin} at {}", seq.0));
+            }
+            Effect::Count(Metric::IdentityClash) => return err(format!("{me}: identity clash with {peer}")),
+            Effect::Count(_) => {}
         }
+        Ok(())
     }
 
     /// Fires every session deadline that has passed (pings, heartbeat timeouts, retries).
@@ -829,13 +908,32 @@ impl Simulation {
                 replica
                     .sessions
                     .iter()
-                    .filter(|(_, session)| session.poll_timeout().is_some_and(|at| at <= now))
+                    .filter(|(_, link)| link.poll_timeout().is_some_and(|at| at <= now))
                     .map(move |(n, _)| (r, *n))
             })
             .collect();
         for (r, n) in due {
-            if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
-                session.handle_timeout(now);
+            if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                link.handle_timeout(now);
+                self.drive_session(r, n)?;
+            }
+        }
+        // Every few seconds each link compares what its peer holds with what its store
+        // holds, as the connection task's progress tick does (a stall is logged, and asked
+        // again).
+        if now >= self.next_progress_at {
+            self.next_progress_at = now + PROGRESS_EVERY_MS;
+            let links: Vec<(usize, usize)> = self
+                .replicas
+                .iter()
+                .enumerate()
+                .flat_map(|(r, replica)| replica.sessions.keys().map(move |n| (r, *n)))
+                .collect();
+            for (r, n) in links {
+                let ours = self.store(r).summary().clone();
+                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                    link.observe_progress(now, &ours);
+                }
                 self.drive_session(r, n)?;
             }
         }
@@ -868,8 +966,10 @@ impl Simulation {
             if !enabled {
                 let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
                 for n in peers {
-                    if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
-                        session.close("P2P disabled");
+                    let mut settings = self.store(r).settings().clone();
+                    settings.enabled = false;
+                    if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                        link.settings_changed(&settings);
                     }
                     self.drive_session(r, n)?;
                     self.disconnect(r, n);
@@ -880,11 +980,13 @@ impl Simulation {
         let heartbeat = [1_000, 3_000, 10_000, 30_000][self.rng.random_range(0..4)];
         self.log(format!("{}: p2p_heartbeat_interval = {heartbeat} ms", self.replicas[r].name));
         self.replicas[r].heartbeat_ms = heartbeat;
-        let batch = self.net.batch;
+        let mut settings = self.store(r).settings().clone();
+        settings.heartbeat_interval_ms = heartbeat;
+        settings.batch_size = self.net.batch;
         let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
         for n in peers {
-            if let Some(session) = self.replicas[r].sessions.get_mut(&n) {
-                session.update_settings(heartbeat, batch, true);
+            if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+                link.settings_changed(&settings);
             }
             self.drive_session(r, n)?;
         }
@@ -932,7 +1034,8 @@ impl Simulation {
             (0..n).map(|r| format!("{}: {:?}", self.replicas[r].name, self.summary_of(r))).collect();
         let mut sessions = Vec::new();
         for replica in &self.replicas {
-            for (peer, session) in &replica.sessions {
+            for (peer, link) in &replica.sessions {
+                let session = link.session();
                 sessions.push(format!(
                     "{} -> {}: established {} live {} knows {:?}",
                     replica.name,
@@ -1929,7 +2032,7 @@ fn run_seeds(test: &str, sessions: bool, default_seeds: u64) {
     if !failures.is_empty() {
         for seed in &failures {
             eprintln!(
-                "replay with: POSSYNC_SIM_SEED={seed} cargo test -p possync-store --test simulation -- --nocapture --exact {test}"
+                "replay with: POSSYNC_SIM_SEED={seed} cargo test -p possync-node --test simulation -- --nocapture --exact {test}"
             );
         }
         panic!("the simulation failed for seeds {failures:?}");
