@@ -56,6 +56,8 @@ const DEFAULT_SEEDS: u64 = 150;
 /// Seeds of the simulation through sessions run by default.
 const DEFAULT_SESSION_SEEDS: u64 = 150;
 const START_MS: u64 = 1_700_000_000_000;
+/// Longest the writer keeps a link's apply waiting (virtual ms).
+const WRITER_BUSY_MAX_MS: u64 = 300;
 /// How often a link compares what its peer holds with what its store holds (the node's
 /// progress tick).
 const PROGRESS_EVERY_MS: u64 = 5_000;
@@ -138,6 +140,9 @@ struct Replica {
     sessions: BTreeMap<usize, Link>,
     /// The peers it has been connected to in this run (a registration is then `Returning`).
     met: BTreeSet<usize>,
+    /// With sessions: the apply each link has on its way through the writer (its link
+    /// reads on meanwhile): peer -> (when the writer is done, the changes).
+    applying: BTreeMap<usize, (u64, Vec<possync_core::protocol::StampedChange>)>,
     /// `p2p_enabled`: off, it has no connection.
     p2p_enabled: bool,
     /// Its `p2p_heartbeat_interval` (ms), changed on live connections now and then.
@@ -203,6 +208,8 @@ struct Stats {
     sessions_opened: u64,
     heartbeat_timeouts: u64,
     stalls: u64,
+    /// Applies that waited for a busy writer while their link read on.
+    writer_waits: u64,
     settings_changes: u64,
     records_sequential_only: u64,
     records_same_field_concurrent: u64,
@@ -221,6 +228,7 @@ impl std::ops::AddAssign for Stats {
         self.sessions_opened += other.sessions_opened;
         self.heartbeat_timeouts += other.heartbeat_timeouts;
         self.stalls += other.stalls;
+        self.writer_waits += other.writer_waits;
         self.settings_changes += other.settings_changes;
         self.records_sequential_only += other.records_sequential_only;
         self.records_same_field_concurrent += other.records_same_field_concurrent;
@@ -251,6 +259,9 @@ struct Simulation {
     next_order: u64,
     /// With sessions: when the links next compare progress.
     next_progress_at: u64,
+    /// A failure found where no error can be returned (a disconnect), reported at the next
+    /// step.
+    failure: Option<String>,
     /// Catch-up streams: (sender, receiver) -> (receiver's summary, cursor).
     streams: BTreeMap<(usize, usize), (possync_core::VersionVector, u64)>,
     net: NetParams,
@@ -330,6 +341,7 @@ impl Simulation {
                 requested: BTreeMap::new(),
                 sessions: BTreeMap::new(),
                 met: BTreeSet::new(),
+                applying: BTreeMap::new(),
                 p2p_enabled: true,
                 heartbeat_ms: 30_000,
             });
@@ -348,6 +360,7 @@ impl Simulation {
             msgs: Vec::new(),
             next_order: 0,
             next_progress_at: 0,
+            failure: None,
             streams: BTreeMap::new(),
             net,
             writes: BTreeMap::new(),
@@ -527,6 +540,20 @@ impl Simulation {
     fn disconnect(&mut self, a: usize, b: usize) {
         self.replicas[a].sessions.remove(&b);
         self.replicas[b].sessions.remove(&a);
+        // An apply already handed to the writer is committed all the same; its answer goes
+        // nowhere. (A crash drops its terminal's before this: never committed.)
+        for (me, peer) in [(a, b), (b, a)] {
+            if let Some((_, changes)) = self.replicas[me].applying.remove(&peer)
+                && self.up(me)
+            {
+                let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
+                // A failure here fails the run at its next check (the mirror).
+                if let Err(message) = self.apply_via(peer, me, &wires, Some(changes)) {
+                    self.log(format!("in-flight apply on disconnect failed: {message}"));
+                    self.failure.get_or_insert(message);
+                }
+            }
+        }
         self.arrives.remove(&(a, b));
         self.arrives.remove(&(b, a));
         self.msgs.retain(|msg| !((msg.from == a && msg.to == b) || (msg.from == b && msg.to == a)));
@@ -819,6 +846,23 @@ impl Simulation {
         }
     }
 
+    /// Applies what `r`'s link with `n` sent to the writer and answers the link.
+    fn answer_apply(
+        &mut self,
+        r: usize,
+        n: usize,
+        changes: Vec<possync_core::protocol::StampedChange>,
+    ) -> Result<(), String> {
+        let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
+        let report = self.apply_via(n, r, &wires, Some(changes))?;
+        let summary = self.store(r).summary().clone();
+        let now = self.now();
+        if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+            link.applied(now, Some(report.into_session_report(summary)));
+        }
+        Ok(())
+    }
+
     /// One effect of `r`'s link with `n` (see [`Simulation::drive_session`]).
     fn carry_out(&mut self, r: usize, n: usize, effect: Effect, me: &str, peer: &str) -> Result<(), String> {
         let now = self.now();
@@ -849,11 +893,15 @@ impl Simulation {
             }
             Effect::Admit { .. } | Effect::Behind(_) => {}
             Effect::Apply { changes, .. } => {
-                let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
-                let report = self.apply_via(n, r, &wires, Some(changes))?;
-                let summary = self.store(r).summary().clone();
-                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                    link.applied(now, Some(report.into_session_report(summary)));
+                // The writer is busy now and then (other connections, the till's writes, an
+                // fsync): the link reads on while its apply waits, and what arrives meanwhile
+                // queues behind it in the link.
+                if self.rng.random_bool(0.5) {
+                    self.answer_apply(r, n, changes)?;
+                } else {
+                    self.stats.writer_waits += 1;
+                    let due = now + self.rng.random_range(1..=WRITER_BUSY_MAX_MS);
+                    self.replicas[r].applying.insert(n, (due, changes));
                 }
             }
             Effect::Record(row) => match row.kind {
@@ -899,7 +947,24 @@ impl Simulation {
 
     /// Fires every session deadline that has passed (pings, heartbeat timeouts, retries).
     fn tick_sessions(&mut self) -> Result<(), String> {
+        if let Some(failure) = self.failure.take() {
+            return err(failure);
+        }
         let now = self.now();
+        let done: Vec<(usize, usize)> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .flat_map(|(r, replica)| {
+                replica.applying.iter().filter(|(_, (due, _))| *due <= now).map(move |(n, _)| (r, *n))
+            })
+            .collect();
+        for (r, n) in done {
+            if let Some((_, changes)) = self.replicas[r].applying.remove(&n) {
+                self.answer_apply(r, n, changes)?;
+                self.drive_session(r, n)?;
+            }
+        }
         let due: Vec<(usize, usize)> = self
             .replicas
             .iter()
@@ -1061,8 +1126,10 @@ impl Simulation {
         }
         self.log(format!("crash {}", self.replicas[r].name));
         self.stats.crashes += 1;
-        // Whatever the outbox still held is lost with the process.
+        // Whatever the outbox still held is lost with the process, and so is an apply
+        // the writer had not committed.
         self.replicas[r].store = None;
+        self.replicas[r].applying.clear();
         for n in 0..self.replicas.len() {
             if n != r {
                 self.disconnect(r, n);
@@ -1645,6 +1712,9 @@ impl Simulation {
     }
 
     fn check(&mut self) -> Result<(), String> {
+        if let Some(failure) = self.failure.take() {
+            return err(failure);
+        }
         let n = self.replicas.len();
         // Everyone holds everything.
         let vv0 = self.summary_of(0);
