@@ -26,7 +26,8 @@ pub fn backoff_delay(base: Duration, attempt: u32) -> Duration {
 }
 
 /// Why the dialer is waiting.
-enum Wait {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
     /// The peer is connected through another connection: wait until that one ends.
     Connected(possync_core::PosId),
     /// Back off before the next attempt.
@@ -35,12 +36,62 @@ enum Wait {
     GaveUp,
 }
 
+/// What a dialer decides after each attempt, without I/O: how long to wait, and when to
+/// give up. The tokio dialer below and the simulation both run it.
+#[derive(Debug, Clone)]
+pub struct Redial {
+    base: Duration,
+    /// Failed attempts in a row (the backoff position).
+    attempts: u32,
+}
+
+impl Redial {
+    /// A dialer that backs off from `base`.
+    pub fn new(base: Duration) -> Redial {
+        Redial { base, attempts: 0 }
+    }
+
+    /// Failed attempts in a row.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// A manual reconnect, or discovery saw the peer again: the count starts over.
+    pub fn reset(&mut self) {
+        self.attempts = 0;
+    }
+
+    /// The attempt ended (`Err`: it failed before the secure channel was up); what to do
+    /// until the next one. A connection that was established and then ended is redialled
+    /// after the first pause; one that never completed its handshake counts against
+    /// `max_attempts`; a duplicate waits for the connection it lost to.
+    pub fn after(&mut self, outcome: Result<&Ended, &str>, max_attempts: u32) -> Wait {
+        match outcome {
+            Ok(Ended::AfterHandshake { .. }) => {
+                self.attempts = 1;
+                Wait::Backoff(backoff_delay(self.base, self.attempts))
+            }
+            Ok(Ended::Duplicate(peer)) => {
+                self.attempts = 0;
+                Wait::Connected(peer.clone())
+            }
+            Ok(Ended::BeforeHandshake(_)) | Err(_) => {
+                self.attempts = self.attempts.saturating_add(1);
+                if self.attempts > max_attempts {
+                    Wait::GaveUp
+                } else {
+                    Wait::Backoff(backoff_delay(self.base, self.attempts))
+                }
+            }
+        }
+    }
+}
+
 /// Dials `target` (`host:port`) for as long as the node runs.
 pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc<Semaphore>) {
     let mut settings = node.watch_settings();
     let mut shutdown = node.shutdown.subscribe();
-    let base = Duration::from_millis(node.config.backoff_base_ms);
-    let mut attempts: u32 = 0;
+    let mut redial = Redial::new(Duration::from_millis(node.config.backoff_base_ms));
     loop {
         if *shutdown.borrow() {
             return;
@@ -51,29 +102,23 @@ pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc
                 _ = shutdown.changed() => return,
             }
         }
-        node.peers.note_dial(&target, attempts);
-        let wait = match dial_once(&node, &target, &completion).await {
-            Ok(Ended::AfterHandshake { peer, reason }) => {
+        node.peers.note_dial(&target, redial.attempts());
+        let outcome = dial_once(&node, &target, &completion).await;
+        let max = node.settings().reconnect_max_attempts;
+        let wait = redial.after(outcome.as_ref().map_err(String::as_str), max);
+        let attempts = redial.attempts();
+        match (&outcome, &wait) {
+            (Ok(Ended::AfterHandshake { peer, reason }), _) => {
                 debug!(%peer, %reason, "connection ended; redialling");
-                attempts = 1;
-                Wait::Backoff(backoff_delay(base, attempts))
             }
-            Ok(Ended::Duplicate(peer)) => {
-                attempts = 0;
-                Wait::Connected(peer)
+            (_, Wait::GaveUp) => {
+                info!(%target, attempts, "giving up on peer until it is seen again or a reconnect is asked");
             }
-            Ok(Ended::BeforeHandshake(reason)) | Err(reason) => {
-                attempts = attempts.saturating_add(1);
-                let max = node.settings().reconnect_max_attempts;
+            (Ok(Ended::BeforeHandshake(reason)) | Err(reason), _) => {
                 debug!(%target, attempts, max, %reason, "dial failed");
-                if attempts > max {
-                    info!(%target, attempts, "giving up on peer until it is seen again or a reconnect is asked");
-                    Wait::GaveUp
-                } else {
-                    Wait::Backoff(backoff_delay(base, attempts))
-                }
             }
-        };
+            _ => {}
+        }
         node.peers.note_dial_outcome(&target, attempts, matches!(wait, Wait::GaveUp));
         if let Ok(address) = resolve(&target).await {
             node.peers.note_attempt(address, attempts);
@@ -89,8 +134,8 @@ pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc
             tokio::select! {
                 () = &mut pause => break,
                 () = &mut reconnect => {
-                    attempts = 0;
-                    node.peers.note_dial_outcome(&target, attempts, false);
+                    redial.reset();
+                    node.peers.note_dial_outcome(&target, redial.attempts(), false);
                     break;
                 }
                 _ = shutdown.changed() => return,
@@ -150,6 +195,32 @@ async fn dial_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dialer_backs_off_gives_up_after_the_limit_and_starts_over_on_reconnect() {
+        let mut redial = Redial::new(Duration::from_secs(5));
+        let refused = Ended::BeforeHandshake("connection refused".into());
+        let waits: Vec<Wait> = (0..4).map(|_| redial.after(Ok(&refused), 3)).collect();
+        assert_eq!(
+            waits,
+            [
+                Wait::Backoff(Duration::from_secs(5)),
+                Wait::Backoff(Duration::from_secs(10)),
+                Wait::Backoff(Duration::from_secs(20)),
+                Wait::GaveUp
+            ]
+        );
+        redial.reset();
+        assert_eq!(redial.after(Err("unreachable"), 3), Wait::Backoff(Duration::from_secs(5)));
+        // A link that was up and ended is redialled after the first pause, whatever came before.
+        let peer = possync_core::PosId::parse("AAAA").expect("posId");
+        let ended = Ended::AfterHandshake { peer: peer.clone(), reason: "heartbeat timeout".into() };
+        redial.after(Err("unreachable"), 3);
+        assert_eq!(redial.after(Ok(&ended), 3), Wait::Backoff(Duration::from_secs(5)));
+        // A duplicate waits for the connection it lost to, and counts nothing.
+        assert_eq!(redial.after(Ok(&Ended::Duplicate(peer.clone())), 3), Wait::Connected(peer));
+        assert_eq!(redial.attempts(), 0);
+    }
 
     #[test]
     fn backoff_follows_the_spec_schedule() {

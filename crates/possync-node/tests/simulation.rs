@@ -40,7 +40,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use possync_core::entity::{MovementType, PaymentMethod};
 use possync_core::protocol::Role;
 use possync_core::{EntityId, EntityKind, Hlc, PosId, WireChange};
-use possync_node::link::{Effect, Link, LinkConfig, Metric};
+use possync_node::dialer::{Redial, Wait};
+use possync_node::link::{Effect, Ended, Link, LinkConfig, Metric};
 use possync_node::peers::Registration;
 use possync_store::{
     ApplyReport, ConnectionEventKind, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine,
@@ -56,6 +57,9 @@ const DEFAULT_SEEDS: u64 = 150;
 /// Seeds of the simulation through sessions run by default.
 const DEFAULT_SESSION_SEEDS: u64 = 150;
 const START_MS: u64 = 1_700_000_000_000;
+/// The dialers' first pause (the node's `backoff_base_ms`; 5 s by default, shorter here so
+/// that a run sees many redials).
+const BACKOFF_BASE_MS: u64 = 1_000;
 /// Longest the writer keeps a link's apply waiting (virtual ms).
 const WRITER_BUSY_MAX_MS: u64 = 300;
 /// How often a link compares what its peer holds with what its store holds (the node's
@@ -160,6 +164,15 @@ enum Payload {
     Request(possync_core::VersionVector),
 }
 
+/// One link's dialer in the simulation (see `Simulation::dialers`).
+struct DialerState {
+    redial: Redial,
+    due_at: u64,
+    /// A connection of this dialer is open (its end feeds the policy).
+    connected: bool,
+    gave_up: bool,
+}
+
 struct Msg {
     at: u64,
     order: u64,
@@ -208,6 +221,8 @@ struct Stats {
     sessions_opened: u64,
     heartbeat_timeouts: u64,
     stalls: u64,
+    /// Dialers that ran out of attempts (until the peer was seen again).
+    dialers_gave_up: u64,
     /// Applies that waited for a busy writer while their link read on.
     writer_waits: u64,
     settings_changes: u64,
@@ -228,6 +243,7 @@ impl std::ops::AddAssign for Stats {
         self.sessions_opened += other.sessions_opened;
         self.heartbeat_timeouts += other.heartbeat_timeouts;
         self.stalls += other.stalls;
+        self.dialers_gave_up += other.dialers_gave_up;
         self.writer_waits += other.writer_waits;
         self.settings_changes += other.settings_changes;
         self.records_sequential_only += other.records_sequential_only;
@@ -262,6 +278,10 @@ struct Simulation {
     /// A failure found where no error can be returned (a disconnect), reported at the next
     /// step.
     failure: Option<String>,
+    /// With sessions: the dialer of each link (the lower index dials the higher), running
+    /// the node's own redial policy: (policy, next attempt due at, connection up or
+    /// starting, gave up).
+    dialers: BTreeMap<(usize, usize), DialerState>,
     /// Catch-up streams: (sender, receiver) -> (receiver's summary, cursor).
     streams: BTreeMap<(usize, usize), (possync_core::VersionVector, u64)>,
     net: NetParams,
@@ -361,6 +381,7 @@ impl Simulation {
             next_order: 0,
             next_progress_at: 0,
             failure: None,
+            dialers: BTreeMap::new(),
             streams: BTreeMap::new(),
             net,
             writes: BTreeMap::new(),
@@ -523,10 +544,8 @@ impl Simulation {
     /// A session opens between `a` and `b`: each asks the other for what it lacks.
     fn connect(&mut self, a: usize, b: usize) {
         if self.net.sessions {
-            if self.healthy(a, b) && !self.replicas[a].sessions.contains_key(&b) {
-                // Fails only if a store cannot be read; the run then fails at its next step.
-                let _ = self.open_sessions(a, b);
-            }
+            self.rediscover(a, b);
+            self.dial_due();
             return;
         }
         if self.connected(a, b) {
@@ -538,8 +557,13 @@ impl Simulation {
 
     /// Drops what is in flight between `a` and `b` (a closed connection).
     fn disconnect(&mut self, a: usize, b: usize) {
+        let (dialing, dialed) = (a.min(b), a.max(b));
+        let ended = self.replicas[dialing].sessions.get(&dialed).map(Link::ended);
         self.replicas[a].sessions.remove(&b);
         self.replicas[b].sessions.remove(&a);
+        if let Some(ended) = ended {
+            self.dial_ended(dialing, dialed, Ok(&ended));
+        }
         // An apply already handed to the writer is committed all the same; its answer goes
         // nowhere. (A crash drops its terminal's before this: never committed.)
         for (me, peer) in [(a, b), (b, a)] {
@@ -759,6 +783,7 @@ impl Simulation {
     /// A connection opens between `a` (dialling) and `b`: a link on each side, as a node
     /// starts one per connection, from its version vector and the heads of its log.
     fn open_sessions(&mut self, a: usize, b: usize) -> Result<(), String> {
+        let (a, b) = (a.min(b), a.max(b));
         self.log(format!("session {} -> {}", self.replicas[a].name, self.replicas[b].name));
         for (me, peer, role) in [(a, b, Role::Initiator), (b, a, Role::Responder)] {
             let (summary, heads) =
@@ -1005,19 +1030,72 @@ impl Simulation {
         Ok(())
     }
 
-    /// Dials every healthy link that has no connection (a dialer's retry).
-    fn redial(&mut self, probability: f64) {
-        let n = self.replicas.len();
-        for a in 0..n {
-            for b in a + 1..n {
-                if self.healthy(a, b)
-                    && !self.replicas[a].sessions.contains_key(&b)
-                    && (probability >= 1.0 || self.rng.random_bool(probability))
-                {
-                    self.connect(a, b);
+    /// Runs every link's dialer whose pause is over: it dials, and a dial that cannot reach
+    /// the peer (cut, stalled, down, P2P off there) counts as a failed attempt, as a TCP
+    /// connect or a refused handshake does. A dialer whose own node has P2P off waits.
+    fn dial_due(&mut self) {
+        let now = self.now();
+        let due: Vec<(usize, usize)> = self
+            .dialers
+            .iter()
+            .filter(|(_, dialer)| !dialer.connected && !dialer.gave_up && dialer.due_at <= now)
+            .map(|(pair, _)| *pair)
+            .collect();
+        for (a, b) in due {
+            if !self.up(a) || !self.replicas[a].p2p_enabled || self.replicas[a].sessions.contains_key(&b) {
+                continue;
+            }
+            if self.healthy(a, b) {
+                if let Some(dialer) = self.dialers.get_mut(&(a, b)) {
+                    dialer.connected = true;
                 }
+                // Fails only if a store cannot be read; the run then fails at its next step.
+                let _ = self.open_sessions(a, b);
+            } else {
+                self.dial_ended(a, b, Err("unreachable"));
             }
         }
+    }
+
+    /// `a`'s dialer to `b` learns how its attempt ended, and waits as the policy says.
+    fn dial_ended(&mut self, a: usize, b: usize, outcome: Result<&Ended, &str>) {
+        let now = self.now();
+        let max = self.replicas[a].store.as_ref().map(|store| store.settings().reconnect_max_attempts);
+        let Some(dialer) = self.dialers.get_mut(&(a, b)) else { return };
+        dialer.connected = false;
+        // A dialer that crashed with its node starts over when the node does.
+        let Some(max) = max else { return };
+        match dialer.redial.after(outcome, max) {
+            Wait::Backoff(pause) => dialer.due_at = now + pause.as_millis() as u64,
+            // One connection per pair here: a duplicate cannot happen; redial at once.
+            Wait::Connected(_) => dialer.due_at = now,
+            Wait::GaveUp => {
+                dialer.gave_up = true;
+                self.stats.dialers_gave_up += 1;
+                let line = format!("{}: gave up dialling {}", self.replicas[a].name, self.replicas[b].name);
+                self.log(line);
+            }
+        }
+    }
+
+    /// The peer was seen again (discovery) or a reconnect was asked: `a`'s dialer to `b`
+    /// starts over and dials now.
+    fn rediscover(&mut self, a: usize, b: usize) {
+        let (a, b) = (a.min(b), a.max(b));
+        if a == b || !self.topology[a][b] {
+            return;
+        }
+        let now = self.now();
+        let dialer = self.dialers.entry((a, b)).or_insert_with(|| DialerState {
+            redial: Redial::new(std::time::Duration::from_millis(BACKOFF_BASE_MS)),
+            due_at: now,
+            connected: false,
+            gave_up: false,
+        });
+        dialer.redial.reset();
+        dialer.gave_up = false;
+        dialer.due_at = now;
+        dialer.connected = self.replicas[a].sessions.contains_key(&b);
     }
 
     /// A settings change on `r` while it runs: a new heartbeat period (applied to its live
@@ -1080,8 +1158,13 @@ impl Simulation {
             }
         }
         let mut agreed_for = 0;
+        for a in 0..n {
+            for b in a + 1..n {
+                self.rediscover(a, b);
+            }
+        }
         for _ in 0..20_000 {
-            self.redial(1.0);
+            self.dial_due();
             self.clock.advance(50);
             self.deliver_due(0.0)?;
             self.tick_sessions()?;
@@ -2050,7 +2133,7 @@ fn drive(sim: &mut Sim, setup: &mut StdRng) -> Result<(), String> {
         sim.deliver_due(0.002)?;
         if sim.net.sessions {
             sim.tick_sessions()?;
-            sim.redial(0.3);
+            sim.dial_due();
         }
         let tick = sim.rng.random_range(1..800);
         sim.clock.advance(tick);
