@@ -7,7 +7,10 @@
 //! - [`node`] — start and stop a node; the state its tasks share.
 //! - [`writer`] — the single database writer, with priority queues.
 //! - [`transport`] — the secure channel (Noise over WebSocket).
-//! - [`connection`] — one task per peer connection, driving a protocol session.
+//! - [`link`] — the sync engine of one connection, without I/O (decisions, effects).
+//! - [`connection`] — one task per peer connection, pumping its link.
+//! - [`listener`] — the peer port (admission, responders).
+//! - [`upkeep`] — the event logger, checkpoints, metrics and retention.
 //! - [`peers`] — what is known about each peer (status, detailed stats).
 //! - [`dialer`] — redialling with backoff.
 //! - [`discovery`] — mDNS.
@@ -24,12 +27,14 @@ pub mod connection;
 pub mod dialer;
 pub mod discovery;
 pub mod link;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod peer_rate;
 pub mod peers;
 pub mod shared;
 pub mod transport;
+pub mod upkeep;
 pub mod writer;
 
 pub use config::{ConfigFile, NodeConfig};
