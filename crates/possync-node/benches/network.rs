@@ -1039,7 +1039,7 @@ async fn raw_peer(
 }
 
 fn now_ms() -> u64 {
-    possync_node::shared::now_ms()
+    possync_node::clock::now_ms()
 }
 
 /// Child: `warm` raw peers to ADDR, then (after a line on stdin: the parent has read the

@@ -19,11 +19,12 @@ use possync_store::PeerRef;
 use tokio::sync::broadcast;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::clock::now_ms;
 use crate::link::{Effect, Ended, Link, LinkConfig, Metric, PeerName};
 use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, StatusLabel};
 use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, SUPERSEDED_GRACE_MS};
-use crate::shared::{NodeShared, now_ms};
+use crate::shared::NodeShared;
 use crate::transport::{SecureChannel, SecureReceiver, SecureSender, TransportError};
 use crate::writer::Priority;
 

@@ -22,6 +22,7 @@
 pub mod admission;
 pub mod api;
 pub mod chain;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod dialer;

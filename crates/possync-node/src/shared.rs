@@ -11,18 +11,12 @@ use possync_store::{
 };
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::clock::now_ms;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::peers::{ConnectionCommand, PeerTable};
 use crate::transport::ChannelConfig;
 use crate::writer::{Priority, WriterHandle};
-
-/// Unix time in ms, from the system clock (the only place the node reads it).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Read-only connections shared by the API and the catch-up selection.
 pub struct ReaderPool {
@@ -116,7 +110,7 @@ pub struct NodeShared {
     /// terminal's posId (a clone) has another one.
     pub instance: String,
     /// The chain driver's state (idle when the node is in no chain).
-    pub chain: Arc<crate::chain::ChainStatus>,
+    pub chain: Arc<crate::chain::status::ChainStatus>,
     /// The enrolled keys: connection tasks check a batch's signatures with them before the
     /// batch reaches the writer (which has more to do and only one thread to do it on).
     pub keys: possync_store::KeyDirectory,
@@ -138,7 +132,7 @@ impl NodeShared {
     ) -> (NodeShared, mpsc::Receiver<ConnectionEvent>) {
         let (events, events_rx) = mpsc::channel(event_queue);
         let metrics = Metrics::new();
-        let chain = Arc::new(crate::chain::ChainStatus::new(metrics.chain.clone()));
+        let chain = Arc::new(crate::chain::status::ChainStatus::new(metrics.chain.clone()));
         let shared = NodeShared {
             identity,
             config,

@@ -9,8 +9,9 @@ use possync_store::ConnectionEvent;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::clock::now_ms;
 use crate::metrics::Queue;
-use crate::shared::{NodeShared, now_ms};
+use crate::shared::NodeShared;
 use crate::writer::Priority;
 
 /// Writes queued connection events in small transactions, off the sync path.

@@ -512,7 +512,7 @@ async fn two_tills_uploading_the_same_origins_leave_no_gap_and_no_duplicate() {
         .lines()
         .find_map(|line| line.strip_prefix("possync_chain_last_applied_timestamp_seconds "))
         .and_then(|value| value.trim().parse::<u64>().ok());
-    let now_s = possync_node::shared::now_ms() / 1000;
+    let now_s = possync_node::clock::now_ms() / 1000;
     assert!(applied_at.is_some_and(|at| at <= now_s && at + 60 > now_s), "{applied_at:?} vs {now_s}");
     assert!(
         [&a1, &a2].iter().any(|till| till.shared().chain.snapshot()["lastPublishedAt"].is_string()),

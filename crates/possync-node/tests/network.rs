@@ -437,7 +437,7 @@ async fn a_till_with_the_wrong_secret_is_a_rejected_connection_never_a_peer() {
     .await;
     wait_for_metric(&a, "sync_failed", 3).await;
     wait_for_metric(&intruder, "sync_failed", 3).await;
-    let now = possync_node::shared::now_ms();
+    let now = possync_node::clock::now_ms();
     for (node, address) in [(&a, "127.0.0.1".to_string()), (&intruder, a.peer_addr().to_string())] {
         let dashboard = read(node, move |reader| reader.dashboard_rows(now)).await;
         assert!(dashboard.peer_reliability.is_empty(), "{:?}", dashboard.peer_reliability);
@@ -529,7 +529,7 @@ async fn a_catch_up_that_stops_progressing_shows_behind_and_raises_a_stall() {
     let metrics = b.shared().metrics.encode();
     assert!(metrics.contains("sync_stalls_total 1"), "{metrics}");
     assert!(metrics.contains(r#"peer_changes_behind{peer="till-ghost"} 5"#), "{metrics}");
-    let dashboard = read(&b, |reader| reader.dashboard_rows(possync_node::shared::now_ms())).await;
+    let dashboard = read(&b, |reader| reader.dashboard_rows(possync_node::clock::now_ms())).await;
     assert_eq!(dashboard.alert_sync_stalled.len(), 1, "{:?}", dashboard.alert_sync_stalled);
     keep_alive.abort();
     b.shutdown().await;
@@ -584,7 +584,7 @@ async fn two_tills_with_one_identity_are_detected_and_a_restored_till_takes_its_
                 .any(|row| row["errorMessage"].as_str().unwrap_or_default().starts_with("identity clash:")),
             "{clashes:?}"
         );
-        let now = possync_node::shared::now_ms();
+        let now = possync_node::clock::now_ms();
         let dashboard = read(node, move |reader| reader.dashboard_rows(now)).await;
         assert_eq!(dashboard.alert_identity.len(), 1);
         assert!(node.shared().metrics.encode().contains("identity_clashes_total"));
@@ -635,7 +635,7 @@ async fn a_till_restored_from_a_backup_that_wrote_past_its_peers_is_told_at_the_
             .any(|row| row["errorMessage"].as_str().unwrap_or_default().starts_with("own history diverged:")),
         "{rows:?}"
     );
-    let now = possync_node::shared::now_ms();
+    let now = possync_node::clock::now_ms();
     let dashboard = read(&restored, move |reader| reader.dashboard_rows(now)).await;
     assert_eq!(dashboard.alert_identity.len(), 1, "{:?}", dashboard.alert_identity);
     restored.shutdown().await;

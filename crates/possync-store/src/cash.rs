@@ -22,7 +22,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::error::{Result, StoreError};
+use crate::error::{CashSessionError, Result, StoreError};
 use crate::meta::Origins;
 use crate::reader::{DayQuery, paging};
 use crate::{Store, StoreReader, records};
@@ -59,28 +59,6 @@ pub struct CloseCashSession {
     /// Free text (replaces the session's notes when given).
     #[serde(default)]
     pub notes: Option<String>,
-}
-
-/// Why a cash session call is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CashSessionError {
-    /// A sale needs an open session (`pos_require_cash_session`) and this till has none.
-    #[error("no cash session is open on this till: open one before selling (pos_require_cash_session is on)")]
-    NoneOpen,
-    /// This till already has an open session.
-    #[error("cash session {0} is already open on this till: close it first")]
-    AlreadyOpen(EntityId),
-    /// The session was closed already.
-    #[error("cash session {0} is already closed")]
-    Closed(EntityId),
-    /// The session belongs to another till's drawer.
-    #[error("cash session {id} belongs to till {pos_id}: only that till closes it")]
-    OtherTill {
-        /// The session.
-        id: EntityId,
-        /// The till that opened it.
-        pos_id: String,
-    },
 }
 
 /// The figures of a session so far: what its Z report says when it closes now.

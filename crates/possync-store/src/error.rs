@@ -2,8 +2,6 @@
 
 use possync_core::{ChangeError, EntityError, EntityId, EntityKind};
 
-use crate::cash::CashSessionError;
-
 /// Why a store call failed. A failed write leaves nothing behind (its transaction rolls back).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,4 +104,26 @@ impl StoreError {
     pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> StoreError {
         StoreError::Invalid(EntityError::InvalidField { field: field.to_string(), reason: reason.into() })
     }
+}
+
+/// Why a cash session call is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CashSessionError {
+    /// A sale needs an open session (`pos_require_cash_session`) and this till has none.
+    #[error("no cash session is open on this till: open one before selling (pos_require_cash_session is on)")]
+    NoneOpen,
+    /// This till already has an open session.
+    #[error("cash session {0} is already open on this till: close it first")]
+    AlreadyOpen(EntityId),
+    /// The session was closed already.
+    #[error("cash session {0} is already closed")]
+    Closed(EntityId),
+    /// The session belongs to another till's drawer.
+    #[error("cash session {id} belongs to till {pos_id}: only that till closes it")]
+    OtherTill {
+        /// The session.
+        id: EntityId,
+        /// The till that opened it.
+        pos_id: String,
+    },
 }

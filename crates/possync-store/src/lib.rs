@@ -44,8 +44,9 @@ use rusqlite::{Connection, OpenFlags, params};
 
 pub use crate::apply::{ApplyReport, PeerRef};
 pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
-pub use crate::cash::{CashSessionError, CloseCashSession, OpenCashSession, SessionQuery};
+pub use crate::cash::{CloseCashSession, OpenCashSession, SessionQuery};
 pub use crate::chain::ChainRun;
+pub use crate::error::CashSessionError;
 pub use crate::error::{Result, StoreError};
 pub use crate::keys::{KeyDirectory, Verified};
 pub use crate::local::{ProductKey, Upserted};

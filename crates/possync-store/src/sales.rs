@@ -16,7 +16,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::cash::CashSessionError;
+use crate::error::CashSessionError;
 use crate::error::{Result, StoreError};
 use crate::local::local_version;
 use crate::{Store, meta, records};

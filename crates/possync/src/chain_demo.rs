@@ -302,7 +302,7 @@ where
 
 /// The head office's view of each store's uplink (docs/CHAIN.md, "Which stores are online").
 fn uplinks(head: &NodeShared) -> String {
-    let now = possync_node::shared::now_ms();
+    let now = possync_node::clock::now_ms();
     let states = head.chain.store_states(now, 3_000);
     let shown: Vec<String> = states
         .iter()

@@ -172,7 +172,7 @@ async fn list(
 
 async fn current(State(api): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
     let pos_id = api.node.identity.pos_id.to_string();
-    let now = possync_core::time::rfc3339_ms(crate::shared::now_ms());
+    let now = possync_core::time::rfc3339_ms(crate::clock::now_ms());
     read(&api.node, move |reader| reader.current_cash_session(&pos_id, &now))
         .await?
         .map(Json)

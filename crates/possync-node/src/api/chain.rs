@@ -84,7 +84,7 @@ async fn stores(
     if !(1..=MAX_SALES_DAYS).contains(&days) {
         return Err(ApiError::bad_request(format!("days must be 1 to {MAX_SALES_DAYS}, not {days}")));
     }
-    let now_ms = crate::shared::now_ms();
+    let now_ms = crate::clock::now_ms();
     let now_secs = now_ms / 1000;
     // The first day listed: today (UTC) and the `days - 1` before it.
     let first_ms = now_ms.saturating_sub(u64::from(days - 1) * 86_400_000);

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::openapi::{Method, Route, schema_ref};
 use super::{ApiState, read};
-use crate::shared::now_ms;
+use crate::clock::now_ms;
 
 const INDEX_HTML: &str = include_str!("../../assets/dashboard/index.html");
 const APP_JS: &str = include_str!("../../assets/dashboard/app.js");

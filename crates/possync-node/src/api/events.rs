@@ -22,7 +22,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use super::openapi::{Method, Route};
 use super::sync::status_of;
 use super::{ApiState, read};
-use crate::shared::{NodeShared, now_ms};
+use crate::clock::now_ms;
+use crate::shared::NodeShared;
 
 /// Events buffered per stream before it lags.
 const STREAM_BUFFER: usize = 16;

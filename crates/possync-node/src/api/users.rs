@@ -305,7 +305,7 @@ async fn verify(
     };
     api.logins.succeeded(&login.username);
     let id = path_id(EntityKind::User, user["id"].as_str().unwrap_or_default())?;
-    let now = possync_core::time::rfc3339_ms(crate::shared::now_ms());
+    let now = possync_core::time::rfc3339_ms(crate::clock::now_ms());
     let body = json!({"lastLogin": now});
     let user =
         write_change(&api.node, move |store| store.update_record(EntityKind::User, &id, &body)).await?;

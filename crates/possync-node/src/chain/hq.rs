@@ -27,8 +27,9 @@ use tracing::{debug, info, warn};
 
 use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
+use crate::clock::now_ms;
 use crate::config::HqConfig;
-use crate::shared::{NodeShared, now_ms};
+use crate::shared::NodeShared;
 use crate::writer::Priority;
 
 /// The head office's durable consumer on the UP stream.
@@ -273,7 +274,7 @@ async fn handle_group(
             let wait = report
                 .retry_at_ms
                 .map_or(HELD_BACK_RETRY, |at| {
-                    Duration::from_millis(at.saturating_sub(crate::shared::now_ms()))
+                    Duration::from_millis(at.saturating_sub(crate::clock::now_ms()))
                 })
                 .clamp(Duration::from_secs(1), HELD_BACK_RETRY);
             good.message.ack_with(AckKind::Nak(Some(wait))).await.map_err(ack_failed)?;
