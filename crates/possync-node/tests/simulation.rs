@@ -42,7 +42,7 @@ use possync_core::protocol::Role;
 use possync_core::{EntityId, EntityKind, Hlc, PosId, WireChange};
 use possync_node::dialer::{Redial, Wait};
 use possync_node::link::{Effect, Ended, Link, LinkConfig, Metric};
-use possync_node::peers::Registration;
+use possync_node::peers::{Mailbox, PeerTable};
 use possync_store::{
     ApplyReport, ConnectionEventKind, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine,
     SaleLineRequest, SaleRequest, Store, StoreError, StoreReader,
@@ -142,8 +142,12 @@ struct Replica {
     /// (the node's real `Link` around the real protocol `Session`, pumped as the node's
     /// connection task pumps it).
     sessions: BTreeMap<usize, Link>,
-    /// The peers it has been connected to in this run (a registration is then `Returning`).
-    met: BTreeSet<usize>,
+    /// The node's real peer table (registrations, who is online); a restart starts a new one.
+    peers: PeerTable,
+    /// What its audit trail says of each peer's link, from the rows its links asked for:
+    /// true between a `connected`/`reconnected` row and the next `disconnected` row. A
+    /// second "connected" while up, or a "disconnected" while down, is a phantom.
+    link_up: BTreeMap<usize, bool>,
     /// With sessions: the apply each link has on its way through the writer (its link
     /// reads on meanwhile): peer -> (when the writer is done, the changes).
     applying: BTreeMap<usize, (u64, Vec<possync_core::protocol::StampedChange>)>,
@@ -297,6 +301,11 @@ struct Simulation {
     trace: Vec<String>,
 }
 
+/// The id of the connection between `r` and `n` (one per pair at a time).
+fn connection_id(r: usize, n: usize) -> u64 {
+    (r.min(n) * 64 + r.max(n)) as u64
+}
+
 fn err<T>(msg: impl Into<String>) -> Result<T, String> {
     Err(msg.into())
 }
@@ -360,7 +369,8 @@ impl Simulation {
                 deliveries: 0,
                 requested: BTreeMap::new(),
                 sessions: BTreeMap::new(),
-                met: BTreeSet::new(),
+                peers: PeerTable::default(),
+                link_up: BTreeMap::new(),
                 applying: BTreeMap::new(),
                 p2p_enabled: true,
                 heartbeat_ms: 30_000,
@@ -559,6 +569,29 @@ impl Simulation {
     fn disconnect(&mut self, a: usize, b: usize) {
         let (dialing, dialed) = (a.min(b), a.max(b));
         let ended = self.replicas[dialing].sessions.get(&dialed).map(Link::ended);
+        // Each end that is still running unregisters its connection and logs its end, as the
+        // connection task does after its loop.
+        for (me, peer) in [(a, b), (b, a)] {
+            if !self.up(me) {
+                continue;
+            }
+            let Some(link) = self.replicas[me].sessions.get(&peer) else { continue };
+            let Some(peer_name) = link.peer().cloned().filter(|_| link.is_registered()) else { continue };
+            let row = link.disconnected_row(self.now());
+            let superseded_at = link.superseded_at();
+            if self.replicas[me].peers.unregister(&peer_name.id, connection_id(me, peer), superseded_at)
+                && row.is_some()
+            {
+                let was_up = self.replicas[me].link_up.insert(peer, false).unwrap_or(false);
+                if !was_up {
+                    let line = format!(
+                        "{} logged disconnected with {} while its link was not up (phantom)",
+                        self.replicas[me].name, self.replicas[peer].name
+                    );
+                    self.failure.get_or_insert(line);
+                }
+            }
+        }
         self.replicas[a].sessions.remove(&b);
         self.replicas[b].sessions.remove(&a);
         if let Some(ended) = ended {
@@ -899,8 +932,19 @@ impl Simulation {
                     .reader(r)?
                     .diverged_heads(&summary, &heads)
                     .map_err(|e| format!("diverged_heads: {e}"))?;
-                let registration =
-                    if self.replicas[r].met.insert(n) { Registration::New } else { Registration::Returning };
+                let we_initiated = r < n;
+                let own = PosId::parse(me).map_err(|e| format!("posId: {e}"))?;
+                let address = SocketAddr::from(([127, 0, 0, 1], 7000 + n as u16));
+                let registration = self.replicas[r].peers.register(
+                    &own,
+                    &info.pos_id,
+                    &info.pos_name,
+                    address,
+                    connection_id(r, n),
+                    we_initiated,
+                    Arc::new(Mailbox::default()),
+                    now,
+                );
                 if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
                     link.own_changes_held(&info, &ours);
                     link.diverged_heads(&info, diverged);
@@ -930,6 +974,14 @@ impl Simulation {
                 }
             }
             Effect::Record(row) => match row.kind {
+                kind @ (ConnectionEventKind::Connected | ConnectionEventKind::Reconnected) => {
+                    let up = self.replicas[r].link_up.insert(n, true).unwrap_or(false);
+                    if up {
+                        return err(format!(
+                            "{me} logged {kind:?} with {peer} while its link was already up (phantom)"
+                        ));
+                    }
+                }
                 ConnectionEventKind::HeartbeatTimeout => {
                     self.stats.heartbeat_timeouts += 1;
                     self.log(format!("{me}: heartbeat timeout on {peer}"));
@@ -1210,9 +1262,11 @@ impl Simulation {
         self.log(format!("crash {}", self.replicas[r].name));
         self.stats.crashes += 1;
         // Whatever the outbox still held is lost with the process, and so is an apply
-        // the writer had not committed.
+        // the writer had not committed, and the peer table; its audit trail ends there.
         self.replicas[r].store = None;
         self.replicas[r].applying.clear();
+        self.replicas[r].peers = PeerTable::default();
+        self.replicas[r].link_up.clear();
         for n in 0..self.replicas.len() {
             if n != r {
                 self.disconnect(r, n);
