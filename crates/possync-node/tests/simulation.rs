@@ -55,7 +55,7 @@ use serde_json::{Value, json};
 /// Seeds run by default: about 2-3 minutes in debug on a 2-core machine.
 const DEFAULT_SEEDS: u64 = 150;
 /// Seeds of the simulation through sessions run by default.
-const DEFAULT_SESSION_SEEDS: u64 = 150;
+const DEFAULT_SESSION_SEEDS: u64 = 300;
 const START_MS: u64 = 1_700_000_000_000;
 /// The dialers' first pause (the node's `backoff_base_ms`; 5 s by default, shorter here so
 /// that a run sees many redials).
