@@ -77,6 +77,12 @@ impl Mailbox {
         }
     }
 
+    /// The next command if one is waiting (for a caller that polls instead of waiting: a
+    /// simulation).
+    pub fn try_next(&self) -> Option<ConnectionCommand> {
+        self.take()
+    }
+
     fn take(&self) -> Option<ConnectionCommand> {
         let mut queue = self.queue();
         let command = queue.pop_front();
@@ -280,8 +286,15 @@ impl PeerTable {
             connection: None,
             superseded_at: None,
         });
-        let mut continued =
-            entry.superseded_at.take().is_some_and(|at| now_ms.saturating_sub(at) <= SUPERSEDED_GRACE_MS);
+        // A link closed by the tie-break within the grace goes on through this connection
+        // (its mark is taken: no row is owed). Past the grace the link did end: the mark stays
+        // for the check that logs its `disconnected` row, whichever of the two runs first.
+        let within_grace =
+            entry.superseded_at.is_some_and(|at| now_ms.saturating_sub(at) <= SUPERSEDED_GRACE_MS);
+        if within_grace {
+            entry.superseded_at = None;
+        }
+        let mut continued = within_grace;
         if let Some((_, existing, existing_we_initiated)) = &entry.connection {
             // Keep the connection initiated by the smaller posId; both sides compute the same.
             let keep_initiated_by_us = own_id < peer;
@@ -390,12 +403,13 @@ impl PeerTable {
         }
     }
 
-    /// True when the link closed by the tie-break at `at` had no successor: nothing
-    /// registered since. Clears the mark, so only one caller ever learns it.
+    /// True when the link closed by the tie-break at `at` had no successor within the grace
+    /// (a connection registered later starts a new link). Clears the mark, so only one
+    /// caller ever learns it.
     pub fn take_unsucceeded(&self, peer: &PosId, at: u64) -> bool {
         let mut peers = self.lock();
         match peers.get_mut(peer) {
-            Some(entry) if entry.connection.is_none() && entry.superseded_at == Some(at) => {
+            Some(entry) if entry.superseded_at == Some(at) => {
                 entry.superseded_at = None;
                 true
             }
@@ -530,7 +544,35 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{ConnectionCommand, Mailbox};
+    use super::{ConnectionCommand, Mailbox, PeerTable, Registration, SUPERSEDED_GRACE_MS};
+
+    fn register(table: &PeerTable, connection_id: u64, now_ms: u64) -> Registration {
+        let (me, peer) = (possync_core::PosId::parse("AAAA").unwrap(), possync_core::PosId::parse("BBBB").unwrap());
+        let address = "127.0.0.1:7001".parse().unwrap();
+        table.register(&me, &peer, "Till B", address, connection_id, true, Arc::new(Mailbox::default()), now_ms)
+    }
+
+    #[test]
+    fn a_link_closed_by_the_tie_break_continues_within_the_grace_and_ends_after_it() {
+        let peer = possync_core::PosId::parse("BBBB").unwrap();
+        let table = PeerTable::default();
+        assert_eq!(register(&table, 1, 0), Registration::New);
+        // The peer kept its other connection; ours closes at 1 000.
+        assert!(table.unregister(&peer, 1, Some(1_000)));
+        // Its successor comes within the grace: the link goes on, no row is owed.
+        assert_eq!(register(&table, 2, 1_000 + SUPERSEDED_GRACE_MS), Registration::Continued);
+        assert!(!table.take_unsucceeded(&peer, 1_000));
+
+        // Closed again by the tie-break, and the next connection comes only after the grace
+        // (just before the check that logs the end runs): the link did end, so the check
+        // still owes its `disconnected` row, before the `reconnected` one. (It was lost: the
+        // registration took the mark, and the audit trail showed a reconnection of a link
+        // that never went down.)
+        assert!(table.unregister(&peer, 2, Some(20_000)));
+        assert_eq!(register(&table, 3, 20_001 + SUPERSEDED_GRACE_MS), Registration::Returning);
+        assert!(table.take_unsucceeded(&peer, 20_000), "the end of the first link is logged");
+        assert!(!table.take_unsucceeded(&peer, 20_000), "once");
+    }
 
     #[tokio::test]
     async fn mailbox_keeps_order_bounds_and_wakes_a_waiting_task() {

@@ -42,7 +42,7 @@ use possync_core::protocol::Role;
 use possync_core::{EntityId, EntityKind, Hlc, PosId, WireChange};
 use possync_node::dialer::{Redial, Wait};
 use possync_node::link::{Effect, Ended, Link, LinkConfig, Metric};
-use possync_node::peers::{Mailbox, PeerTable};
+use possync_node::peers::{ConnectionCommand, Mailbox, PeerTable, Registration, SUPERSEDED_GRACE_MS};
 use possync_store::{
     ApplyReport, ConnectionEventKind, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine,
     SaleLineRequest, SaleRequest, Store, StoreError, StoreReader,
@@ -141,7 +141,7 @@ struct Replica {
     /// With `NetParams::sessions`: this terminal's link with each peer it is connected to
     /// (the node's real `Link` around the real protocol `Session`, pumped as the node's
     /// connection task pumps it).
-    sessions: BTreeMap<usize, Link>,
+    sessions: BTreeMap<(usize, u64), Conn>,
     /// The node's real peer table (registrations, who is online); a restart starts a new one.
     peers: PeerTable,
     /// What its audit trail says of each peer's link, from the rows its links asked for:
@@ -150,7 +150,7 @@ struct Replica {
     link_up: BTreeMap<usize, bool>,
     /// With sessions: the apply each link has on its way through the writer (its link
     /// reads on meanwhile): peer -> (when the writer is done, the changes).
-    applying: BTreeMap<usize, (u64, Vec<possync_core::protocol::StampedChange>)>,
+    applying: BTreeMap<(usize, u64), (u64, Vec<possync_core::protocol::StampedChange>)>,
     /// `p2p_enabled`: off, it has no connection.
     p2p_enabled: bool,
     /// Its `p2p_heartbeat_interval` (ms), changed on live connections now and then.
@@ -159,7 +159,7 @@ struct Replica {
 
 enum Payload {
     /// A protocol frame between two sessions (`NetParams::sessions`).
-    Frame(String),
+    Frame(u64, String),
     Live(WireChange),
     Batch {
         changes: Vec<WireChange>,
@@ -174,7 +174,15 @@ struct DialerState {
     due_at: u64,
     /// A connection of this dialer is open (its end feeds the policy).
     connected: bool,
+    /// Its last connection was a duplicate: it waits until the peer has no connection.
+    waiting_for_peer: bool,
     gave_up: bool,
+}
+
+/// One end of a connection: the node's link and the mailbox the peer table posts to.
+struct Conn {
+    link: Link,
+    mailbox: Arc<Mailbox>,
 }
 
 struct Msg {
@@ -227,6 +235,10 @@ struct Stats {
     stalls: u64,
     /// Dialers that ran out of attempts (until the peer was seen again).
     dialers_gave_up: u64,
+    /// Registrations the peer table refused as duplicates, and those that continued a link
+    /// whose other connection lost the tie-break.
+    duplicates: u64,
+    continued: u64,
     /// Applies that waited for a busy writer while their link read on.
     writer_waits: u64,
     settings_changes: u64,
@@ -248,6 +260,8 @@ impl std::ops::AddAssign for Stats {
         self.heartbeat_timeouts += other.heartbeat_timeouts;
         self.stalls += other.stalls;
         self.dialers_gave_up += other.dialers_gave_up;
+        self.duplicates += other.duplicates;
+        self.continued += other.continued;
         self.writer_waits += other.writer_waits;
         self.settings_changes += other.settings_changes;
         self.records_sequential_only += other.records_sequential_only;
@@ -270,7 +284,7 @@ struct Simulation {
     stalled: Vec<Vec<bool>>,
     /// With sessions: when the last frame sent on each direction arrives (a connection
     /// delivers in order).
-    arrives: BTreeMap<(usize, usize), u64>,
+    arrives: BTreeMap<(usize, usize, u64), u64>,
     /// With sessions: when each link (lower index first) last stopped carrying frames or
     /// came back (a cut, a stall, a heal): a session may still time out for a heartbeat
     /// period and the delays after that.
@@ -282,10 +296,16 @@ struct Simulation {
     /// A failure found where no error can be returned (a disconnect), reported at the next
     /// step.
     failure: Option<String>,
-    /// With sessions: the dialer of each link (the lower index dials the higher), running
-    /// the node's own redial policy: (policy, next attempt due at, connection up or
-    /// starting, gave up).
+    /// With sessions: the dialer each terminal runs for each neighbour (both ends of a link
+    /// dial, so two connections of one pair meet and the peer table's tie-break keeps one),
+    /// running the node's own redial policy.
     dialers: BTreeMap<(usize, usize), DialerState>,
+    /// With sessions: the next connection id, and who dialled each connection.
+    next_connection: u64,
+    initiators: BTreeMap<u64, usize>,
+    /// With sessions: links closed by the tie-break whose `disconnected` row waits for the
+    /// grace period (as the connection task's spawned check): (due, terminal, peer, when).
+    superseded_checks: Vec<(u64, usize, usize, u64)>,
     /// Catch-up streams: (sender, receiver) -> (receiver's summary, cursor).
     streams: BTreeMap<(usize, usize), (possync_core::VersionVector, u64)>,
     net: NetParams,
@@ -301,9 +321,9 @@ struct Simulation {
     trace: Vec<String>,
 }
 
-/// The id of the connection between `r` and `n` (one per pair at a time).
-fn connection_id(r: usize, n: usize) -> u64 {
-    (r.min(n) * 64 + r.max(n)) as u64
+/// The address a terminal's peers see it at (for rows and the peer table).
+fn address_of(r: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000 + r as u16))
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, String> {
@@ -392,6 +412,9 @@ impl Simulation {
             next_progress_at: 0,
             failure: None,
             dialers: BTreeMap::new(),
+            next_connection: 1,
+            initiators: BTreeMap::new(),
+            superseded_checks: Vec::new(),
             streams: BTreeMap::new(),
             net,
             writes: BTreeMap::new(),
@@ -488,8 +511,13 @@ impl Simulation {
             // the one sent before it.
             let delay =
                 if self.net.max_delay_ms == 0 { 0 } else { self.rng.random_range(0..=self.net.max_delay_ms) };
-            let at = (self.now() + delay).max(self.arrives.get(&(from, to)).copied().unwrap_or(0));
-            self.arrives.insert((from, to), at);
+            let connection = match &payload {
+                Payload::Frame(id, _) => *id,
+                _ => 0,
+            };
+            let key = (from, to, connection);
+            let at = (self.now() + delay).max(self.arrives.get(&key).copied().unwrap_or(0));
+            self.arrives.insert(key, at);
             self.next_order += 1;
             self.stats.frames += 1;
             self.msgs.push(Msg { at, order: self.next_order, from, to, payload });
@@ -565,42 +593,63 @@ impl Simulation {
         }
     }
 
-    /// Drops what is in flight between `a` and `b` (a closed connection).
+    /// Drops what is in flight between `a` and `b`: every connection between them closes.
     fn disconnect(&mut self, a: usize, b: usize) {
-        let (dialing, dialed) = (a.min(b), a.max(b));
-        let ended = self.replicas[dialing].sessions.get(&dialed).map(Link::ended);
-        // Each end that is still running unregisters its connection and logs its end, as the
-        // connection task does after its loop.
+        let mut ids: Vec<u64> = self.conn_ids(a, b);
+        ids.extend(self.conn_ids(b, a));
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.close_connection(a, b, id);
+        }
+        self.streams.retain(|(s, r), _| !((*s == a && *r == b) || (*s == b && *r == a)));
+        self.replicas[a].requested.remove(&b);
+        self.replicas[b].requested.remove(&a);
+    }
+
+    /// The ids of `r`'s connections with `n`.
+    fn conn_ids(&self, r: usize, n: usize) -> Vec<u64> {
+        self.replicas[r].sessions.keys().filter(|(peer, _)| *peer == n).map(|(_, id)| *id).collect()
+    }
+
+    /// Connection `id` between `a` and `b` closes at both ends (the socket is gone). Each
+    /// end still running unregisters it and logs its end as the connection task does after
+    /// its loop (a link the peer closed for the tie-break logs it only if no successor came
+    /// within the grace period); the dialer that opened it learns how it ended; an apply
+    /// already handed to the writer is committed all the same, its answer going nowhere (a
+    /// crash drops its terminal's before this: never committed).
+    fn close_connection(&mut self, a: usize, b: usize, id: u64) {
+        let now = self.now();
         for (me, peer) in [(a, b), (b, a)] {
             if !self.up(me) {
                 continue;
             }
-            let Some(link) = self.replicas[me].sessions.get(&peer) else { continue };
+            let Some(conn) = self.replicas[me].sessions.get(&(peer, id)) else { continue };
+            let link = &conn.link;
             let Some(peer_name) = link.peer().cloned().filter(|_| link.is_registered()) else { continue };
-            let row = link.disconnected_row(self.now());
+            let row = link.disconnected_row(now);
             let superseded_at = link.superseded_at();
-            if self.replicas[me].peers.unregister(&peer_name.id, connection_id(me, peer), superseded_at)
-                && row.is_some()
-            {
-                let was_up = self.replicas[me].link_up.insert(peer, false).unwrap_or(false);
-                if !was_up {
-                    let line = format!(
-                        "{} logged disconnected with {} while its link was not up (phantom)",
-                        self.replicas[me].name, self.replicas[peer].name
-                    );
-                    self.failure.get_or_insert(line);
+            if self.replicas[me].peers.unregister(&peer_name.id, id, superseded_at) && row.is_some() {
+                match superseded_at {
+                    None => self.logged_disconnected(me, peer),
+                    Some(at) => self.superseded_checks.push((now + SUPERSEDED_GRACE_MS, me, peer, at)),
                 }
             }
         }
-        self.replicas[a].sessions.remove(&b);
-        self.replicas[b].sessions.remove(&a);
-        if let Some(ended) = ended {
-            self.dial_ended(dialing, dialed, Ok(&ended));
-        }
-        // An apply already handed to the writer is committed all the same; its answer goes
-        // nowhere. (A crash drops its terminal's before this: never committed.)
+        let initiator = self.initiators.remove(&id);
+        let mut ended = None;
         for (me, peer) in [(a, b), (b, a)] {
-            if let Some((_, changes)) = self.replicas[me].applying.remove(&peer)
+            if let Some(conn) = self.replicas[me].sessions.remove(&(peer, id))
+                && Some(me) == initiator
+            {
+                ended = Some((me, peer, conn.link.ended()));
+            }
+        }
+        if let Some((me, peer, ended)) = ended {
+            self.dial_ended(me, peer, Ok(&ended));
+        }
+        for (me, peer) in [(a, b), (b, a)] {
+            if let Some((_, changes)) = self.replicas[me].applying.remove(&(peer, id))
                 && self.up(me)
             {
                 let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
@@ -611,12 +660,21 @@ impl Simulation {
                 }
             }
         }
-        self.arrives.remove(&(a, b));
-        self.arrives.remove(&(b, a));
-        self.msgs.retain(|msg| !((msg.from == a && msg.to == b) || (msg.from == b && msg.to == a)));
-        self.streams.retain(|(s, r), _| !((*s == a && *r == b) || (*s == b && *r == a)));
-        self.replicas[a].requested.remove(&b);
-        self.replicas[b].requested.remove(&a);
+        self.arrives.remove(&(a, b, id));
+        self.arrives.remove(&(b, a, id));
+        self.msgs.retain(|msg| !matches!(msg.payload, Payload::Frame(frame_id, _) if frame_id == id));
+    }
+
+    /// `me`'s audit trail got a `disconnected` row about `peer`: its link must have been up.
+    fn logged_disconnected(&mut self, me: usize, peer: usize) {
+        let was_up = self.replicas[me].link_up.insert(peer, false).unwrap_or(false);
+        if !was_up {
+            let line = format!(
+                "{} logged disconnected with {} while its link was not up (phantom)",
+                self.replicas[me].name, self.replicas[peer].name
+            );
+            self.failure.get_or_insert(line);
+        }
     }
 
     /// Sends the next batch of every catch-up stream.
@@ -675,11 +733,11 @@ impl Simulation {
     fn receive(&mut self, msg: Msg) -> Result<(), String> {
         let (from, to) = (msg.from, msg.to);
         match msg.payload {
-            Payload::Frame(text) => {
+            Payload::Frame(id, text) => {
                 let now = self.now();
-                let Some(link) = self.replicas[to].sessions.get_mut(&from) else { return Ok(()) };
-                link.handle_frame(now, &text);
-                self.drive_session(to, from)?;
+                let Some(conn) = self.replicas[to].sessions.get_mut(&(from, id)) else { return Ok(()) };
+                conn.link.handle_frame(now, &text);
+                self.drive_session(to, from, id)?;
             }
             Payload::Request(since) => {
                 self.streams.insert((to, from), (since, 0));
@@ -813,11 +871,13 @@ impl Simulation {
 
     // --- sessions (NetParams::sessions) -------------------------------------------------------
 
-    /// A connection opens between `a` (dialling) and `b`: a link on each side, as a node
-    /// starts one per connection, from its version vector and the heads of its log.
-    fn open_sessions(&mut self, a: usize, b: usize) -> Result<(), String> {
-        let (a, b) = (a.min(b), a.max(b));
-        self.log(format!("session {} -> {}", self.replicas[a].name, self.replicas[b].name));
+    /// `a` dials `b`: a connection opens, with a link at each end, as a node starts one per
+    /// connection, from its version vector and the heads of its log.
+    fn open_connection(&mut self, a: usize, b: usize) -> Result<u64, String> {
+        let id = self.next_connection;
+        self.next_connection += 1;
+        self.initiators.insert(id, a);
+        self.log(format!("connection {id}: {} -> {}", self.replicas[a].name, self.replicas[b].name));
         for (me, peer, role) in [(a, b, Role::Initiator), (b, a, Role::Responder)] {
             let (summary, heads) =
                 self.store(me).summary_with_heads().map_err(|e| format!("summary_with_heads: {e}"))?;
@@ -830,72 +890,85 @@ impl Simulation {
                 pos_name: replica.name.clone(),
                 instance: format!("{}-{}", replica.name, replica.incarnation),
                 role,
-                address: SocketAddr::from(([127, 0, 0, 1], 7000 + peer as u16)),
+                address: address_of(peer),
                 summary,
                 heads,
             };
             let link = Link::new(config, &settings, self.now());
-            self.replicas[me].sessions.insert(peer, link);
+            self.replicas[me]
+                .sessions
+                .insert((peer, id), Conn { link, mailbox: Arc::new(Mailbox::default()) });
         }
         self.stats.sessions_opened += 1;
-        self.drive_session(a, b)?;
-        self.drive_session(b, a)
+        self.drive_session(a, b, id)?;
+        self.drive_session(b, a, id)?;
+        Ok(id)
     }
 
     /// Hands changes `r` wrote or learnt to every connection of `r`, as a node's writer
-    /// broadcasts them: each session decides what its peer lacks.
+    /// broadcasts them: each link decides what its peer lacks.
     fn push_to_sessions(&mut self, r: usize, outgoing: &[Outgoing]) {
-        let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
-        for n in peers {
-            if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
+        let keys: Vec<(usize, u64)> = self.replicas[r].sessions.keys().copied().collect();
+        for (n, id) in keys {
+            if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
                 for out in outgoing {
-                    link.local_change(&out.change);
+                    conn.link.local_change(&out.change);
                 }
             }
-            self.flush(r, n);
+            self.flush(r, n, id);
         }
     }
 
-    /// Sends what `r`'s session with `n` has queued.
-    fn flush(&mut self, r: usize, n: usize) {
+    /// Sends what `r`'s end of connection `id` (with `n`) has queued.
+    fn flush(&mut self, r: usize, n: usize, id: u64) {
         let mut frames = Vec::new();
-        if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-            while let Some(frame) = link.poll_transmit() {
+        if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+            while let Some(frame) = conn.link.poll_transmit() {
                 frames.push(frame);
             }
         }
         for frame in frames {
-            self.send(r, n, Payload::Frame(frame));
+            self.send(r, n, Payload::Frame(id, frame));
         }
     }
 
-    /// Carries out what `r`'s link with `n` asks, as a node's connection task does:
-    /// register the peer, select a catch-up batch, apply what arrived (and tell the link how
-    /// it went), record rows; a closed link ends the connection. A protocol violation, an
+    /// Carries out what `r`'s link on connection `id` (with `n`) asks, as a node's
+    /// connection task does: register the peer, select a catch-up batch, apply what arrived
+    /// (and tell the link how it went), record rows, take the node's commands (the peer
+    /// table's "superseded"); a closed link ends the connection. A protocol violation, an
     /// identity clash or a fork between honest terminals, or a heartbeat timeout on a link
     /// whose frames flow both ways, fails the run.
-    fn drive_session(&mut self, r: usize, n: usize) -> Result<(), String> {
+    fn drive_session(&mut self, r: usize, n: usize, id: u64) -> Result<(), String> {
         loop {
-            self.flush(r, n);
+            self.flush(r, n, id);
             let now = self.now();
-            let Some(link) = self.replicas[r].sessions.get_mut(&n) else { return Ok(()) };
-            let mut progressed = link.process_events(now);
+            let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) else { return Ok(()) };
+            let mut progressed = false;
+            while let Some(command) = conn.mailbox.try_next() {
+                progressed = true;
+                match command {
+                    ConnectionCommand::Superseded => conn.link.superseded_here(),
+                    ConnectionCommand::Close(reason) => conn.link.close(&reason),
+                    ConnectionCommand::SyncNow => {}
+                }
+            }
+            progressed |= conn.link.process_events(now);
             let mut effects = Vec::new();
-            while let Some(effect) = link.poll_effect() {
+            while let Some(effect) = conn.link.poll_effect() {
                 effects.push(effect);
             }
             let (me, peer) = (self.replicas[r].name.clone(), self.replicas[n].name.clone());
             for effect in effects {
                 progressed = true;
-                self.carry_out(r, n, effect, &me, &peer)?;
+                self.carry_out(r, n, id, effect, &me, &peer)?;
             }
-            let Some(link) = self.replicas[r].sessions.get_mut(&n) else { return Ok(()) };
-            if link.is_closed() {
-                let reason = link.close_reason().to_string();
-                self.flush(r, n);
-                self.log(format!("{me}: session with {peer} closed: {reason}"));
-                // The peer's side sees the connection end.
-                self.disconnect(r, n);
+            let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) else { return Ok(()) };
+            if conn.link.is_closed() {
+                let reason = conn.link.close_reason().to_string();
+                self.flush(r, n, id);
+                self.log(format!("{me}: connection {id} with {peer} closed: {reason}"));
+                // The peer's end sees the connection end.
+                self.close_connection(r, n, id);
                 return Ok(());
             }
             if !progressed {
@@ -904,25 +977,34 @@ impl Simulation {
         }
     }
 
-    /// Applies what `r`'s link with `n` sent to the writer and answers the link.
+    /// Applies what `r`'s link on connection `id` sent to the writer and answers the link.
     fn answer_apply(
         &mut self,
         r: usize,
         n: usize,
+        id: u64,
         changes: Vec<possync_core::protocol::StampedChange>,
     ) -> Result<(), String> {
         let wires: Vec<WireChange> = changes.iter().map(|change| change.wire.clone()).collect();
         let report = self.apply_via(n, r, &wires, Some(changes))?;
         let summary = self.store(r).summary().clone();
         let now = self.now();
-        if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-            link.applied(now, Some(report.into_session_report(summary)));
+        if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+            conn.link.applied(now, Some(report.into_session_report(summary)));
         }
         Ok(())
     }
 
-    /// One effect of `r`'s link with `n` (see [`Simulation::drive_session`]).
-    fn carry_out(&mut self, r: usize, n: usize, effect: Effect, me: &str, peer: &str) -> Result<(), String> {
+    /// One effect of `r`'s link on connection `id` (see [`Simulation::drive_session`]).
+    fn carry_out(
+        &mut self,
+        r: usize,
+        n: usize,
+        id: u64,
+        effect: Effect,
+        me: &str,
+        peer: &str,
+    ) -> Result<(), String> {
         let now = self.now();
         match effect {
             Effect::Register(info) => {
@@ -932,23 +1014,39 @@ impl Simulation {
                     .reader(r)?
                     .diverged_heads(&summary, &heads)
                     .map_err(|e| format!("diverged_heads: {e}"))?;
-                let we_initiated = r < n;
+                let we_initiated = self.initiators.get(&id) == Some(&r);
                 let own = PosId::parse(me).map_err(|e| format!("posId: {e}"))?;
-                let address = SocketAddr::from(([127, 0, 0, 1], 7000 + n as u16));
+                let Some(mailbox) =
+                    self.replicas[r].sessions.get(&(n, id)).map(|conn| Arc::clone(&conn.mailbox))
+                else {
+                    return Ok(());
+                };
                 let registration = self.replicas[r].peers.register(
                     &own,
                     &info.pos_id,
                     &info.pos_name,
-                    address,
-                    connection_id(r, n),
+                    address_of(n),
+                    id,
                     we_initiated,
-                    Arc::new(Mailbox::default()),
+                    mailbox,
                     now,
                 );
-                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                    link.own_changes_held(&info, &ours);
-                    link.diverged_heads(&info, diverged);
-                    link.registered(now, &info, registration, Arc::new(BTreeSet::new()));
+                self.log(format!("{me}: connection {id} with {peer} registered: {registration:?}"));
+                match registration {
+                    Registration::Duplicate => self.stats.duplicates += 1,
+                    Registration::Continued => self.stats.continued += 1,
+                    Registration::New | Registration::Returning => {}
+                }
+                if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+                    conn.link.own_changes_held(&info, &ours);
+                    conn.link.diverged_heads(&info, diverged);
+                    conn.link.registered(now, &info, registration, Arc::new(BTreeSet::new()));
+                }
+                // The connection that lost the tie-break hears it through its mailbox.
+                for other in self.conn_ids(r, n) {
+                    if other != id {
+                        self.drive_session(r, n, other)?;
+                    }
                 }
             }
             Effect::SelectBatch { since, after_cursor, limit } => {
@@ -956,8 +1054,8 @@ impl Simulation {
                     .reader(r)?
                     .select_changes(&since, after_cursor, limit)
                     .map_err(|e| format!("select_changes: {e}"))?;
-                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                    link.batch_selected(selection.changes, selection.next_cursor, selection.has_more);
+                if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+                    conn.link.batch_selected(selection.changes, selection.next_cursor, selection.has_more);
                 }
             }
             Effect::Admit { .. } | Effect::Behind(_) => {}
@@ -966,11 +1064,11 @@ impl Simulation {
                 // fsync): the link reads on while its apply waits, and what arrives meanwhile
                 // queues behind it in the link.
                 if self.rng.random_bool(0.5) {
-                    self.answer_apply(r, n, changes)?;
+                    self.answer_apply(r, n, id, changes)?;
                 } else {
                     self.stats.writer_waits += 1;
                     let due = now + self.rng.random_range(1..=WRITER_BUSY_MAX_MS);
-                    self.replicas[r].applying.insert(n, (due, changes));
+                    self.replicas[r].applying.insert((n, id), (due, changes));
                 }
             }
             Effect::Record(row) => match row.kind {
@@ -1022,42 +1120,71 @@ impl Simulation {
         Ok(())
     }
 
-    /// Fires every session deadline that has passed (pings, heartbeat timeouts, retries).
+    /// Every connection end of every terminal: (terminal, peer, connection).
+    fn all_conns(&self) -> Vec<(usize, usize, u64)> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .flat_map(|(r, replica)| replica.sessions.keys().map(move |(n, id)| (r, *n, *id)))
+            .collect()
+    }
+
+    /// Fires every deadline that has passed: writes the busy writer finished, the links'
+    /// timers (pings, heartbeat timeouts, retries), the tie-break's grace periods, the
+    /// progress ticks.
     fn tick_sessions(&mut self) -> Result<(), String> {
         if let Some(failure) = self.failure.take() {
             return err(failure);
         }
         let now = self.now();
-        let done: Vec<(usize, usize)> = self
-            .replicas
-            .iter()
-            .enumerate()
-            .flat_map(|(r, replica)| {
-                replica.applying.iter().filter(|(_, (due, _))| *due <= now).map(move |(n, _)| (r, *n))
-            })
-            .collect();
-        for (r, n) in done {
-            if let Some((_, changes)) = self.replicas[r].applying.remove(&n) {
-                self.answer_apply(r, n, changes)?;
-                self.drive_session(r, n)?;
-            }
-        }
-        let due: Vec<(usize, usize)> = self
+        let done: Vec<(usize, usize, u64)> = self
             .replicas
             .iter()
             .enumerate()
             .flat_map(|(r, replica)| {
                 replica
-                    .sessions
+                    .applying
                     .iter()
-                    .filter(|(_, link)| link.poll_timeout().is_some_and(|at| at <= now))
-                    .map(move |(n, _)| (r, *n))
+                    .filter(|(_, (due, _))| *due <= now)
+                    .map(move |((n, id), _)| (r, *n, *id))
             })
             .collect();
-        for (r, n) in due {
-            if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                link.handle_timeout(now);
-                self.drive_session(r, n)?;
+        for (r, n, id) in done {
+            if let Some((_, changes)) = self.replicas[r].applying.remove(&(n, id)) {
+                self.answer_apply(r, n, id, changes)?;
+                self.drive_session(r, n, id)?;
+            }
+        }
+        let due: Vec<(usize, usize, u64)> = self
+            .all_conns()
+            .into_iter()
+            .filter(|(r, n, id)| {
+                self.replicas[*r]
+                    .sessions
+                    .get(&(*n, *id))
+                    .and_then(|conn| conn.link.poll_timeout())
+                    .is_some_and(|at| at <= now)
+            })
+            .collect();
+        for (r, n, id) in due {
+            if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+                conn.link.handle_timeout(now);
+                self.drive_session(r, n, id)?;
+            }
+        }
+        // A link closed by the tie-break logs its end once the grace period is over with no
+        // successor registered (the connection task's spawned check).
+        let (expired, pending): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.superseded_checks).into_iter().partition(|(due, ..)| *due <= now);
+        self.superseded_checks = pending;
+        for (_, me, peer, at) in expired {
+            if !self.up(me) {
+                continue;
+            }
+            let peer_id =
+                PosId::parse(self.replicas[peer].name.as_str()).map_err(|e| format!("posId: {e}"))?;
+            if self.replicas[me].peers.take_unsucceeded(&peer_id, at) {
+                self.logged_disconnected(me, peer);
             }
         }
         // Every few seconds each link compares what its peer holds with what its store
@@ -1065,26 +1192,21 @@ impl Simulation {
         // again).
         if now >= self.next_progress_at {
             self.next_progress_at = now + PROGRESS_EVERY_MS;
-            let links: Vec<(usize, usize)> = self
-                .replicas
-                .iter()
-                .enumerate()
-                .flat_map(|(r, replica)| replica.sessions.keys().map(move |n| (r, *n)))
-                .collect();
-            for (r, n) in links {
+            for (r, n, id) in self.all_conns() {
                 let ours = self.store(r).summary().clone();
-                if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                    link.observe_progress(now, &ours);
+                if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+                    conn.link.observe_progress(now, &ours);
                 }
-                self.drive_session(r, n)?;
+                self.drive_session(r, n, id)?;
             }
         }
         Ok(())
     }
 
-    /// Runs every link's dialer whose pause is over: it dials, and a dial that cannot reach
-    /// the peer (cut, stalled, down, P2P off there) counts as a failed attempt, as a TCP
-    /// connect or a refused handshake does. A dialer whose own node has P2P off waits.
+    /// Runs every dialer whose pause is over: it dials, and a dial that cannot reach the
+    /// peer (cut, stalled, down, P2P off there) counts as a failed attempt, as a TCP connect
+    /// or a refused handshake does. A dialer whose own node has P2P off waits; one whose
+    /// last connection was a duplicate waits until the peer has no connection.
     fn dial_due(&mut self) {
         let now = self.now();
         let due: Vec<(usize, usize)> = self
@@ -1094,15 +1216,24 @@ impl Simulation {
             .map(|(pair, _)| *pair)
             .collect();
         for (a, b) in due {
-            if !self.up(a) || !self.replicas[a].p2p_enabled || self.replicas[a].sessions.contains_key(&b) {
+            if !self.up(a) || !self.replicas[a].p2p_enabled {
                 continue;
+            }
+            if self.dialers.get(&(a, b)).is_some_and(|dialer| dialer.waiting_for_peer) {
+                let Ok(peer_id) = PosId::parse(self.replicas[b].name.as_str()) else { continue };
+                if self.replicas[a].peers.is_connected(&peer_id) {
+                    continue;
+                }
+                if let Some(dialer) = self.dialers.get_mut(&(a, b)) {
+                    dialer.waiting_for_peer = false;
+                }
             }
             if self.healthy(a, b) {
                 if let Some(dialer) = self.dialers.get_mut(&(a, b)) {
                     dialer.connected = true;
                 }
                 // Fails only if a store cannot be read; the run then fails at its next step.
-                let _ = self.open_sessions(a, b);
+                let _ = self.open_connection(a, b);
             } else {
                 self.dial_ended(a, b, Err("unreachable"));
             }
@@ -1119,8 +1250,10 @@ impl Simulation {
         let Some(max) = max else { return };
         match dialer.redial.after(outcome, max) {
             Wait::Backoff(pause) => dialer.due_at = now + pause.as_millis() as u64,
-            // One connection per pair here: a duplicate cannot happen; redial at once.
-            Wait::Connected(_) => dialer.due_at = now,
+            Wait::Connected(_) => {
+                dialer.waiting_for_peer = true;
+                dialer.due_at = now;
+            }
             Wait::GaveUp => {
                 dialer.gave_up = true;
                 self.stats.dialers_gave_up += 1;
@@ -1130,44 +1263,50 @@ impl Simulation {
         }
     }
 
-    /// The peer was seen again (discovery) or a reconnect was asked: `a`'s dialer to `b`
-    /// starts over and dials now.
+    /// The peer was seen again (discovery) or a reconnect was asked: both ends' dialers of
+    /// the link between `a` and `b` start over and dial now.
     fn rediscover(&mut self, a: usize, b: usize) {
-        let (a, b) = (a.min(b), a.max(b));
         if a == b || !self.topology[a][b] {
             return;
         }
         let now = self.now();
-        let dialer = self.dialers.entry((a, b)).or_insert_with(|| DialerState {
-            redial: Redial::new(std::time::Duration::from_millis(BACKOFF_BASE_MS)),
-            due_at: now,
-            connected: false,
-            gave_up: false,
-        });
-        dialer.redial.reset();
-        dialer.gave_up = false;
-        dialer.due_at = now;
-        dialer.connected = self.replicas[a].sessions.contains_key(&b);
+        for (me, peer) in [(a, b), (b, a)] {
+            let open = self.replicas[me]
+                .sessions
+                .keys()
+                .any(|(n, id)| *n == peer && self.initiators.get(id) == Some(&me));
+            let dialer = self.dialers.entry((me, peer)).or_insert_with(|| DialerState {
+                redial: Redial::new(std::time::Duration::from_millis(BACKOFF_BASE_MS)),
+                due_at: now,
+                connected: false,
+                waiting_for_peer: false,
+                gave_up: false,
+            });
+            dialer.redial.reset();
+            dialer.gave_up = false;
+            dialer.due_at = now;
+            dialer.connected = open;
+        }
     }
 
     /// A settings change on `r` while it runs: a new heartbeat period (applied to its live
     /// connections, which must not drop for it), or P2P switched off or back on.
     fn change_settings(&mut self, r: usize) -> Result<(), String> {
         self.stats.settings_changes += 1;
+        let mut settings = self.store(r).settings().clone();
+        settings.batch_size = self.net.batch;
         if self.rng.random_bool(0.25) {
             let enabled = !self.replicas[r].p2p_enabled;
             self.log(format!("{}: p2p_enabled = {enabled}", self.replicas[r].name));
             self.replicas[r].p2p_enabled = enabled;
             if !enabled {
-                let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
-                for n in peers {
-                    let mut settings = self.store(r).settings().clone();
-                    settings.enabled = false;
-                    if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                        link.settings_changed(&settings);
+                settings.enabled = false;
+                let keys: Vec<(usize, u64)> = self.replicas[r].sessions.keys().copied().collect();
+                for (n, id) in keys {
+                    if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+                        conn.link.settings_changed(&settings);
                     }
-                    self.drive_session(r, n)?;
-                    self.disconnect(r, n);
+                    self.drive_session(r, n, id)?;
                 }
             }
             return Ok(());
@@ -1175,15 +1314,13 @@ impl Simulation {
         let heartbeat = [1_000, 3_000, 10_000, 30_000][self.rng.random_range(0..4)];
         self.log(format!("{}: p2p_heartbeat_interval = {heartbeat} ms", self.replicas[r].name));
         self.replicas[r].heartbeat_ms = heartbeat;
-        let mut settings = self.store(r).settings().clone();
         settings.heartbeat_interval_ms = heartbeat;
-        settings.batch_size = self.net.batch;
-        let peers: Vec<usize> = self.replicas[r].sessions.keys().copied().collect();
-        for n in peers {
-            if let Some(link) = self.replicas[r].sessions.get_mut(&n) {
-                link.settings_changed(&settings);
+        let keys: Vec<(usize, u64)> = self.replicas[r].sessions.keys().copied().collect();
+        for (n, id) in keys {
+            if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
+                conn.link.settings_changed(&settings);
             }
-            self.drive_session(r, n)?;
+            self.drive_session(r, n, id)?;
         }
         Ok(())
     }
@@ -1234,10 +1371,10 @@ impl Simulation {
             (0..n).map(|r| format!("{}: {:?}", self.replicas[r].name, self.summary_of(r))).collect();
         let mut sessions = Vec::new();
         for replica in &self.replicas {
-            for (peer, link) in &replica.sessions {
-                let session = link.session();
+            for ((peer, id), conn) in &replica.sessions {
+                let session = conn.link.session();
                 sessions.push(format!(
-                    "{} -> {}: established {} live {} knows {:?}",
+                    "{} -> {} (connection {id}): established {} live {} knows {:?}",
                     replica.name,
                     self.replicas[*peer].name,
                     session.is_established(),
@@ -2018,7 +2155,7 @@ fn clone_payload(payload: &Payload) -> Payload {
             Payload::Batch { changes: changes.clone(), has_more: *has_more }
         }
         Payload::Request(since) => Payload::Request(since.clone()),
-        Payload::Frame(text) => Payload::Frame(text.clone()),
+        Payload::Frame(id, text) => Payload::Frame(*id, text.clone()),
     }
 }
 
