@@ -335,6 +335,17 @@ impl Store {
         report.displaced = displaced.len() as u32;
         self.rebuild_by_replay()?;
 
+        // The numbers of the peer's sales count as taken even where a copy cannot apply yet
+        // (it waits for a change of another origin): they arrive with their numbers.
+        let copied_numbers: Vec<(String, String)> = copies
+            .iter()
+            .filter_map(|copy| match Change::from_wire(&copy.wire) {
+                Ok(Change { id, body: ChangeBody::Sale(sale), .. }) => {
+                    Some((sale.ticket_number, id.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
         self.note_terminal(peer.id, peer.name)?;
         let key = self.till_key.public();
         for copy in copies {
@@ -345,6 +356,9 @@ impl Store {
         self.switch_writing_origin(k, new_origin.clone())?;
         self.enroll()?;
         let mut numbers = self.own_ticket_numbers()?;
+        for (number, ticket) in copied_numbers {
+            numbers.entry(number).or_insert(ticket);
+        }
         let displaced_numbers: Vec<String> = displaced
             .iter()
             .filter_map(|set_aside| match Change::from_wire(&set_aside.wire) {
@@ -390,7 +404,6 @@ impl Store {
                 .prepare_cached("UPDATE displaced_changes SET reissued_seq = ?2, outcome = ?3 WHERE id = ?1")?
                 .execute(params![set_aside.row, seq, outcome])?;
         }
-        let numbers = self.own_ticket_numbers()?;
         self.move_ticket_counter_past(numbers.keys())?;
         self.held_back.remove(origin);
         self.refused.remove(origin);
@@ -556,7 +569,8 @@ impl Store {
         Ok(())
     }
 
-    /// The ticket numbers of this till's tickets, with the ticket holding each.
+    /// The ticket numbers of this till's tickets, with the ticket holding each (numbers
+    /// carry the till's prefix, so another till's tickets cannot hold one).
     fn own_ticket_numbers(&self) -> Result<HashMap<String, String>> {
         let mut statement =
             self.conn.prepare_cached("SELECT ticket_number, id FROM tickets WHERE pos_id = ?1")?;
