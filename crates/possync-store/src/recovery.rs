@@ -218,6 +218,19 @@ pub(crate) fn load_own_origins(conn: &Connection, pos_id: &PosId) -> Result<(Pos
     Ok((writing, own))
 }
 
+impl crate::StoreReader {
+    /// The origin this till writes as now and every origin it has written as (its posId
+    /// first), as [`Store::writing_origin`] and [`Store::own_origins`] say, for readers
+    /// (a connection comparing a peer's summary with this till's own changes).
+    pub fn own_origins(&self) -> Result<(PosId, Vec<PosId>)> {
+        let pos_id = meta::node_value(&self.conn, "pos_id")?
+            .ok_or_else(|| StoreError::Corrupt("node_meta.pos_id is missing".into()))?;
+        let pos_id =
+            PosId::parse(pos_id).map_err(|err| StoreError::Corrupt(format!("node_meta.pos_id: {err}")))?;
+        load_own_origins(&self.conn, &pos_id)
+    }
+}
+
 /// A wire change as the change log stores it (`sync_changes.payload`).
 fn payload_of(wire: &WireChange) -> Result<String> {
     serde_json::to_string(wire).map_err(|err| StoreError::Corrupt(err.to_string()))

@@ -321,6 +321,8 @@ fn a_restored_till_that_sold_in_between_recovers_and_every_sale_ends_on_both_til
     let mut t = open(name, path, &clock, 3);
     assert_eq!(t.store.writing_origin(), &pos("t-r1"));
     assert_eq!(t.store.own_origins(), &[pos("t"), pos("t-r1")]);
+    assert_eq!(t.store.reader().unwrap().own_origins().unwrap(), (pos("t-r1"), vec![pos("t"), pos("t-r1")]));
+    assert_eq!(p.store.reader().unwrap().own_origins().unwrap(), (pos("p"), vec![pos("p")]));
     let after = sell(&mut t, &clock, "tea");
     assert_eq!((held(&t, "t"), held(&t, "t-r1")), (150, 22));
     exchange(&mut t, &mut p);
