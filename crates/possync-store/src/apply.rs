@@ -126,7 +126,7 @@ impl ApplyReport {
 }
 
 /// The outcome of one change, for its log row.
-struct Logged {
+pub(crate) struct Logged {
     status: SyncStatus,
     reason: Option<String>,
     conflict: Option<ConflictRow>,
@@ -580,7 +580,7 @@ impl Store {
     }
 
     /// Merges one decoded change into the entity tables.
-    fn merge_change(&mut self, change: &Change) -> Result<Logged> {
+    pub(crate) fn merge_change(&mut self, change: &Change) -> Result<Logged> {
         let version = change.version();
         match &change.body {
             ChangeBody::Upsert { fields, .. } => self.merge_fields(change, Some(fields), &version),

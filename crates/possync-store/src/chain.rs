@@ -148,7 +148,7 @@ impl Store {
         if !self.is_enrolled() {
             self.enroll()?;
         }
-        let own = self.identity.pos_id.clone();
+        let own = self.writing_origin.clone();
         let seq = self.vv.get(&own).next();
         let copy = Change {
             origin: own,

@@ -83,6 +83,9 @@ pub enum StoreError {
     /// Unknown setting, or a value of the wrong type.
     #[error("{0}")]
     BadSetting(String),
+    /// A recovery of the till's own history was refused ([`crate::recovery`]); nothing changed.
+    #[error(transparent)]
+    Recovery(#[from] crate::recovery::RecoveryError),
 }
 
 /// Shorthand for store results.

@@ -257,12 +257,13 @@ impl Store {
 
     /// Whether this till's key is enrolled (its enroll change is held).
     pub(crate) fn is_enrolled(&self) -> bool {
-        self.keyring.key(&self.identity.pos_id, &self.vv).is_some()
+        self.keyring.key(&self.writing_origin, &self.vv).is_some()
     }
 
-    /// Writes this till's enroll change (inside the caller's transaction).
+    /// Writes this till's enroll change of the origin it writes as (inside the caller's
+    /// transaction).
     pub(crate) fn enroll(&mut self) -> Result<()> {
-        let own = self.identity.pos_id.clone();
+        let own = self.writing_origin.clone();
         let id = EntityId::parse(own.as_str()).map_err(|err| StoreError::Corrupt(err.to_string()))?;
         let public_key = self.till_key.public_text();
         let change = self.emit_local(
@@ -377,7 +378,7 @@ impl Store {
         }
     }
 
-    fn record_key(&mut self, pos_id: &PosId, key: PublicKey, since: Seq) -> Result<()> {
+    pub(crate) fn record_key(&mut self, pos_id: &PosId, key: PublicKey, since: Seq) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT INTO terminal_keys (pos_id, public_key, since_seq, enrolled_at) VALUES (?1, ?2, ?3, ?4)
@@ -390,7 +391,7 @@ impl Store {
         Ok(())
     }
 
-    fn record_revocation(
+    pub(crate) fn record_revocation(
         &mut self,
         revoked: &PosId,
         until: Seq,
@@ -420,7 +421,7 @@ impl Store {
     /// Revokes till `pos_id` (lost or stolen): every till refuses its changes after the last
     /// one this till holds. Returns the revocation as the API shows it.
     pub fn revoke_terminal(&mut self, pos_id: &PosId, reason: Option<&str>) -> Result<Value> {
-        if pos_id == &self.identity.pos_id {
+        if self.is_own_origin(pos_id) {
             return Err(StoreError::InvalidState("a till cannot revoke itself".into()));
         }
         if let Some(reason) = reason {
@@ -432,7 +433,7 @@ impl Store {
             let until = store.vv.get(pos_id);
             let body = ChangeBody::Revoke { until_seq: until, reason: reason.map(str::to_string) };
             let change = store.emit_local(EntityKind::Terminal, &id, body, &Default::default(), None)?;
-            let own = store.identity.pos_id.clone();
+            let own = store.writing_origin.clone();
             store.record_revocation(pos_id, until, &own, change.seq, reason)?;
             Ok(json!({"posId": pos_id.as_str(), "untilSeq": until.0, "reason": reason}))
         })

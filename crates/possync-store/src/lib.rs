@@ -27,6 +27,7 @@ pub mod local;
 mod meta;
 pub mod reader;
 mod records;
+pub mod recovery;
 pub mod sales;
 mod schema;
 pub mod select;
@@ -51,6 +52,7 @@ pub use crate::error::{Result, StoreError};
 pub use crate::keys::{KeyDirectory, Verified};
 pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;
+pub use crate::recovery::{OwnHistoryRecovery, RecoveryError};
 pub use crate::sales::{
     HistoricalSale, PaymentRequest, RefundLine, SaleLineRequest, SaleOutcome, SaleRequest,
 };
@@ -126,6 +128,12 @@ pub struct Store {
     path: PathBuf,
     /// This terminal.
     identity: NodeIdentity,
+    /// The origin this till writes its new changes as: its posId, or `<posId>-r<k>` after
+    /// its k-th recovery of its own history ([`recovery`]).
+    writing_origin: PosId,
+    /// Every origin this till has written as (its posId first, then each `<posId>-r<k>`):
+    /// a change claiming one of them claims to be this till's own.
+    own_origins: Vec<PosId>,
     /// Local numbering of origins (cached).
     origins: Origins,
     /// The clock that stamps local writes.
@@ -316,6 +324,7 @@ impl Store {
             ticket_prefix: meta::node_value(&conn, "ticket_prefix")?.unwrap_or_default(),
             chain_store: None,
         };
+        let (writing_origin, own_origins) = recovery::load_own_origins(&conn, &identity.pos_id)?;
         let origins = Origins::load(&conn)?;
         let vv = reader::load_vv(&conn, &origins)?;
         let last_hlc: Option<i64> =
@@ -342,6 +351,8 @@ impl Store {
             conn,
             path: path.to_path_buf(),
             identity,
+            writing_origin,
+            own_origins,
             origins,
             clock: HybridClock::new(restored.unwrap_or_default()),
             env,
@@ -384,6 +395,23 @@ impl Store {
     /// This terminal's identity.
     pub fn identity(&self) -> &NodeIdentity {
         &self.identity
+    }
+
+    /// The origin this till writes its new changes as: its posId, or `<posId>-r<k>` once it
+    /// has recovered its own history ([`Store::recover_own_history`]).
+    pub fn writing_origin(&self) -> &PosId {
+        &self.writing_origin
+    }
+
+    /// Every origin this till has written as (its posId first): a change of any of them is
+    /// one of its own.
+    pub fn own_origins(&self) -> &[PosId] {
+        &self.own_origins
+    }
+
+    /// Whether `origin` is one this till has written as.
+    pub fn is_own_origin(&self, origin: &PosId) -> bool {
+        self.own_origins.contains(origin)
     }
 
     /// The database file.
@@ -795,7 +823,7 @@ impl Store {
         if !matches!(body, ChangeBody::Enroll { .. }) && !self.is_enrolled() {
             self.enroll()?;
         }
-        let seq = self.vv.get(&self.identity.pos_id).next();
+        let seq = self.vv.get(&self.writing_origin).next();
         let mut hlc = self.clock.tick(self.env.now_ms());
         if let Some(floor) = newest.and_then(|version| version.hlc)
             && hlc <= floor
@@ -807,9 +835,9 @@ impl Store {
             })?;
         }
         let mut ctx = ctx_before.clone();
-        ctx.observe(&self.identity.pos_id, seq);
+        ctx.observe(&self.writing_origin, seq);
         let change = Change {
-            origin: self.identity.pos_id.clone(),
+            origin: self.writing_origin.clone(),
             seq,
             hlc: Some(hlc),
             ctx,

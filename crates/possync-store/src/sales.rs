@@ -315,6 +315,8 @@ impl Store {
                 state.values.insert(name, value);
                 state.versions.insert(name, version.clone());
             }
+            // As the merge records it on every other till: every write sets the existence.
+            state.existence = Some(version);
             state.ctx = change.ctx;
             records::save(&store.conn, &mut store.origins, EntityKind::Ticket, &id, &state)?;
             Ok(true)
@@ -500,6 +502,8 @@ impl Store {
                 state.values.insert(name, value);
                 state.versions.insert(name, version.clone());
             }
+            // As the merge records it on every other till: every write sets the existence.
+            state.existence = Some(version);
             state.ctx = change.ctx;
             records::save(&store.conn, &mut store.origins, EntityKind::Ticket, id, &state)?;
             for movement in &returns {
@@ -670,7 +674,7 @@ impl Store {
         })
     }
 
-    fn next_ticket_number(&mut self) -> Result<String> {
+    pub(crate) fn next_ticket_number(&mut self) -> Result<String> {
         let counter: u64 =
             meta::node_value(&self.conn, "ticket_counter")?.and_then(|raw| raw.parse().ok()).unwrap_or(0) + 1;
         meta::set_node_value(&self.conn, "ticket_counter", &counter.to_string())?;
@@ -691,7 +695,7 @@ impl Store {
     }
 
     /// Quantity sold minus quantity already returned, per product, for a ticket.
-    fn refundable(&self, id: &EntityId) -> Result<BTreeMap<EntityId, Decimal>> {
+    pub(crate) fn refundable(&self, id: &EntityId) -> Result<BTreeMap<EntityId, Decimal>> {
         let mut left: BTreeMap<EntityId, Decimal> = BTreeMap::new();
         let mut statement = self.conn.prepare_cached(
             "SELECT product_id, quantity FROM stock_movements WHERE reference = ?1 AND type IN ('sale', 'return')",

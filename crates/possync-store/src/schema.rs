@@ -19,6 +19,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_KEYS),
         M::up(V_STORE_PRICES),
         M::up(V_CHAIN_COPIES),
+        M::up(V_DISPLACED),
     ])
 }
 
@@ -516,6 +517,29 @@ CREATE TABLE chain_copied (
     pos_id TEXT PRIMARY KEY,
     seq    INTEGER NOT NULL
 ) WITHOUT ROWID;
+"#;
+
+/// A till's own changes set aside when it recovered its history from a peer's copies
+/// (`recovery.rs`, docs/DESIGN.md "Two tills with one identity"): the exact wire text of each,
+/// which recovery set it aside (`recovery`, the k of the origin `<posId>-r<k>` it was re-issued
+/// under), from which peer, and what became of it (`reissued_seq`: its number under the new
+/// origin; `outcome`: why it was not re-issued, or `reissued`).
+const V_DISPLACED: &str = r#"
+CREATE TABLE displaced_changes (
+    id           INTEGER PRIMARY KEY,
+    recovery     INTEGER NOT NULL,
+    origin       TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    entity_type  TEXT NOT NULL,
+    entity_id    TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    displaced_by TEXT NOT NULL,
+    displaced_at TEXT NOT NULL,
+    new_origin   TEXT NOT NULL,
+    reissued_seq INTEGER,
+    outcome      TEXT NOT NULL
+);
+CREATE INDEX displaced_changes_origin ON displaced_changes(origin, seq);
 "#;
 
 #[cfg(test)]

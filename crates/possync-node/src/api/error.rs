@@ -112,6 +112,9 @@ impl From<StoreError> for ApiError {
             StoreError::BadSetting(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_setting", err.to_string())
             }
+            StoreError::Recovery(_) => {
+                ApiError::new(StatusCode::CONFLICT, "recovery_refused", err.to_string())
+            }
             StoreError::Sqlite(_) if err.is_storage_full() => {
                 tracing::error!(%err, "API write refused: the disk is full");
                 ApiError::storage_full()
