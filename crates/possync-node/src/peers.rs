@@ -547,9 +547,19 @@ mod tests {
     use super::{ConnectionCommand, Mailbox, PeerTable, Registration, SUPERSEDED_GRACE_MS};
 
     fn register(table: &PeerTable, connection_id: u64, now_ms: u64) -> Registration {
-        let (me, peer) = (possync_core::PosId::parse("AAAA").unwrap(), possync_core::PosId::parse("BBBB").unwrap());
+        let (me, peer) =
+            (possync_core::PosId::parse("AAAA").unwrap(), possync_core::PosId::parse("BBBB").unwrap());
         let address = "127.0.0.1:7001".parse().unwrap();
-        table.register(&me, &peer, "Till B", address, connection_id, true, Arc::new(Mailbox::default()), now_ms)
+        table.register(
+            &me,
+            &peer,
+            "Till B",
+            address,
+            connection_id,
+            true,
+            Arc::new(Mailbox::default()),
+            now_ms,
+        )
     }
 
     #[test]
