@@ -68,15 +68,18 @@ fn drive(
         // `hello`'s `heads`, which let the peer tell a second history of an origin at once).
         let heads = node
             .writer
-            .call(Priority::Sync, |store| match store.summary_with_heads() {
-                Ok(pair) => pair,
-                Err(err) => {
-                    warn!(%err, "could not read the heads of the change log; the hello goes without them");
-                    (store.summary().clone(), Default::default())
+            .call(Priority::Sync, |store| {
+                let own_origins = store.own_origins().to_vec();
+                match store.summary_with_heads() {
+                    Ok((summary, heads)) => (summary, heads, own_origins),
+                    Err(err) => {
+                        warn!(%err, "could not read the heads of the change log; the hello goes without them");
+                        (store.summary().clone(), Default::default(), own_origins)
+                    }
                 }
             })
             .await;
-        let Ok((summary, heads)) = heads else {
+        let Ok((summary, heads, own_origins)) = heads else {
             return Ended::BeforeHandshake("node stopping".into());
         };
         let mut settings_watch = node.watch_settings();
@@ -94,6 +97,7 @@ fn drive(
             address,
             summary,
             heads,
+            own_origins,
         };
         let mut link = Link::new(config, &settings, now_ms());
         let mut live_budget = LiveChangeBudget::new(settings.peer_max_changes_per_second);
@@ -193,6 +197,17 @@ fn drive(
                     | Effect::LogFork { .. }
                     | Effect::Count(_)) => {
                         record(&node, address, link.peer(), effect).await;
+                    }
+                    Effect::FetchOwnHistory { origin } => {
+                        if let Some(ours) = node.summary().await {
+                            let lowered = ours
+                                .iter()
+                                .filter(|(held, _)| **held != origin)
+                                .map(|(o, seq)| (o.clone(), seq))
+                                .collect();
+                            info!(%origin, "asking the peer for its copies of this till's own history");
+                            link.request_sync(lowered);
+                        }
                     }
                     Effect::Behind(behind) => {
                         if let Some(peer) = link.peer() {
@@ -535,6 +550,12 @@ async fn apply(
             "two different changes with one origin and number: refused (see p2p_sync_logs)"
         );
         node.metrics.forks.inc_by(u64::from(report.forks));
+    }
+    if report.recovered > 0 {
+        warn!(
+            changes = report.recovered,
+            "this till's own history was taken back from the peer; its changes made in between are re-issued under a new origin (see p2p_sync_logs, displaced_changes)"
+        );
     }
     if report.forged > 0 {
         warn!(

@@ -77,6 +77,9 @@ pub struct LinkConfig {
     pub summary: VersionVector,
     /// The fingerprint of the change held at each of the summary's numbers.
     pub heads: std::collections::BTreeMap<PosId, String>,
+    /// Every origin this till has written as: its posId, and the `<posId>-r<k>` of a
+    /// recovered history (empty: the posId alone).
+    pub own_origins: Vec<PosId>,
 }
 
 /// A node metric an event moves.
@@ -159,6 +162,15 @@ pub enum Effect {
         /// The number with two contents.
         seq: Seq,
     },
+    /// Ask the peer for its copies of this till's own `origin`, all of them: this till's
+    /// history of it diverged from the peer's or fell behind it (restored from a backup,
+    /// copied). The carrier sends a `sync_request` with this node's summary lowered to
+    /// nothing for `origin` ([`Link::request_sync`]); the copies that differ from what the
+    /// till holds recover its history when they are applied (`Store::apply_stamped`).
+    FetchOwnHistory {
+        /// The own origin.
+        origin: PosId,
+    },
     /// Move a node metric.
     Count(Metric),
     /// How many changes the peer holds that this node lacks (status and gauge).
@@ -179,6 +191,7 @@ struct PendingApply {
 pub struct Link {
     session: Session,
     pos_id: PosId,
+    own_origins: Vec<PosId>,
     address: SocketAddr,
     auto_sync: bool,
     catch_up: CatchUpWatch,
@@ -210,6 +223,11 @@ impl Link {
         session_config.heads = config.heads;
         Link {
             session: Session::new(session_config, config.role, config.summary, now_ms),
+            own_origins: if config.own_origins.is_empty() {
+                vec![config.pos_id.clone()]
+            } else {
+                config.own_origins
+            },
             pos_id: config.pos_id,
             address: config.address,
             auto_sync: settings.auto_sync,
@@ -435,10 +453,12 @@ impl Link {
     /// a backup or copied. Its missing changes come back in the catch-up that follows; any
     /// change it wrote since it fell behind reuses numbers the peers already hold.
     pub fn own_changes_held(&mut self, info: &PeerInfo, ours: &VersionVector) {
-        let (theirs, mine) = (info.summary.get(&self.pos_id), ours.get(&self.pos_id));
-        if theirs <= mine {
+        let Some(origin) =
+            self.own_origins.iter().find(|origin| info.summary.get(origin) > ours.get(origin)).cloned()
+        else {
             return;
-        }
+        };
+        let (theirs, mine) = (info.summary.get(&origin), ours.get(&origin));
         tracing::warn!(
             theirs = theirs.0,
             ours = mine.0,
@@ -448,10 +468,11 @@ impl Link {
         let peer = PeerName { id: info.pos_id.clone(), name: info.pos_name.clone() };
         let mut row = self.row(&peer, ConnectionEventKind::SyncFailed, self.now);
         row.error_message = Some(format!(
-            "own changes behind: {} holds this till's changes up to {}, this till only up to {}: it was restored from a backup or its data directory was copied. Its missing changes are taken back from the peers; see docs/DESIGN.md",
+            "own changes behind: {} holds this till's changes up to {}, this till only up to {}: it was restored from a backup or its data directory was copied. Its history is taken back from the peer; changes it made in between are re-issued under a new origin; see docs/DESIGN.md",
             info.pos_name, theirs.0, mine.0
         ));
         self.effects.push_back(Effect::Record(row));
+        self.effects.push_back(Effect::FetchOwnHistory { origin });
     }
 
     /// The numbers at which the peer's `heads` differ from this node's log (answering
@@ -462,7 +483,7 @@ impl Link {
     /// ever send the other the changes concerned.
     pub fn diverged_heads(&mut self, info: &PeerInfo, diverged: Vec<(PosId, Seq)>) {
         for (origin, seq) in diverged {
-            if origin == self.pos_id {
+            if self.own_origins.contains(&origin) {
                 tracing::warn!(
                     seq = seq.0,
                     "a peer holds another change with this till's own origin and number"
@@ -471,10 +492,13 @@ impl Link {
                 let peer = PeerName { id: info.pos_id.clone(), name: info.pos_name.clone() };
                 let mut row = self.row(&peer, ConnectionEventKind::SyncFailed, self.now);
                 row.error_message = Some(format!(
-                    "own history diverged: {} holds another change numbered {seq} of this till than this till does: it was restored from a backup or its data directory was copied, and wrote changes under numbers the peers hold with other content. Those changes stay on this till; see docs/DESIGN.md",
+                    "own history diverged: {} holds another change numbered {seq} of this till than this till does: it was restored from a backup or its data directory was copied, and wrote changes under numbers the peers hold with other content. Its history is taken back from the peer and those changes are re-issued under a new origin; see docs/DESIGN.md",
                     info.pos_name
                 ));
                 self.effects.push_back(Effect::Record(row));
+                if !self.effects.iter().any(|effect| matches!(effect, Effect::FetchOwnHistory { .. })) {
+                    self.effects.push_back(Effect::FetchOwnHistory { origin });
+                }
             } else {
                 tracing::warn!(%origin, seq = seq.0, "a peer holds another change with this origin and number (a fork)");
                 self.effects.push_back(Effect::Count(Metric::Fork));

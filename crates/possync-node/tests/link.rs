@@ -49,6 +49,8 @@ struct End {
     /// Each apply asked for: (changes, live).
     applies: Vec<(usize, bool)>,
     registration: Registration,
+    /// The link asked the peer for this till's own history.
+    fetched_own_history: bool,
 }
 
 struct Pair {
@@ -75,6 +77,7 @@ fn end(dir: &tempfile::TempDir, now: &Arc<AtomicU64>, id: &str, role: Role, seed
         address,
         summary,
         heads,
+        own_origins: Vec::new(),
     };
     (store, config)
 }
@@ -92,6 +95,7 @@ impl End {
             hold_applies: false,
             applies: Vec::new(),
             registration: Registration::New,
+            fetched_own_history: false,
         }
     }
 
@@ -108,6 +112,13 @@ impl End {
                 Effect::Register(info) => {
                     let ours = self.store.summary().clone();
                     self.link.own_changes_held(&info, &ours);
+                    let diverged = self
+                        .store
+                        .reader()
+                        .expect("reader")
+                        .diverged_heads(&info.summary, &info.heads)
+                        .expect("heads");
+                    self.link.diverged_heads(&info, diverged);
                     let neighbors = Arc::new(BTreeSet::new());
                     self.link.registered(now, &info, self.registration.clone(), neighbors);
                 }
@@ -128,6 +139,17 @@ impl End {
                         self.answer_apply(now);
                     }
                 }
+                Effect::FetchOwnHistory { origin } => {
+                    let lowered = self
+                        .store
+                        .summary()
+                        .iter()
+                        .filter(|(held, _)| **held != origin)
+                        .map(|(held, seq)| (held.clone(), seq))
+                        .collect();
+                    self.fetched_own_history = true;
+                    self.link.request_sync(lowered);
+                }
                 Effect::Record(row) => self.rows.push(row),
                 Effect::Count(metric) => self.metrics.push(metric),
                 Effect::LogRefused { .. } | Effect::LogFork { .. } | Effect::Behind(_) => {}
@@ -145,8 +167,10 @@ impl End {
             .apply_stamped(PeerRef { id: peer.id.as_str(), name: &peer.name }, changes, None)
             .expect("apply");
         let summary = self.store.summary().clone();
-        self.store.drain_outbox();
         self.link.applied(now, Some(report.into_session_report(summary)));
+        // What the apply wrote goes to every connection, as the writer broadcasts it (the
+        // session drops what the peer holds already).
+        self.broadcast();
     }
 
     /// Sends what this till wrote since the last call on the link, as the writer's
@@ -182,6 +206,7 @@ impl Pair {
             address: "127.0.0.1:7777".parse().expect("address"),
             summary,
             heads,
+            own_origins: Vec::new(),
         };
         let (store_b, config_b) = end(&dir, &now, "BBBB", Role::Responder, 2);
         Pair { a: End::new(store_a, config_a, T0), b: End::new(store_b, config_b, T0), now, _dir: dir }
@@ -393,4 +418,122 @@ fn a_restored_till_is_told_a_peer_holds_more_of_its_own_changes() {
     pair.b.link.own_changes_held(&info, &level);
     pair.b.carry_out(pair.now());
     assert!(pair.b.metrics.is_empty());
+}
+
+/// The link's configuration for `store`'s till, from its current summary and heads.
+fn config_for(store: &Store, role: Role) -> LinkConfig {
+    let (summary, heads) = store.summary_with_heads().expect("heads");
+    let identity = store.identity().clone();
+    LinkConfig {
+        pos_name: format!("Till {}", identity.pos_id),
+        instance: format!("instance-{}-{}", identity.pos_id, summary.get(&identity.pos_id).0),
+        pos_id: identity.pos_id,
+        role,
+        address: "127.0.0.1:7777".parse().expect("address"),
+        summary,
+        heads,
+        own_origins: store.own_origins().to_vec(),
+    }
+}
+
+/// Connects `a` (dialling) and `b` with a pair of links, runs them until quiet, and gives
+/// the stores back with what each end saw.
+fn connect(now: &Arc<AtomicU64>, dir: tempfile::TempDir, a: Store, b: Store) -> Pair {
+    let t = now.load(Ordering::SeqCst);
+    let (config_a, config_b) = (config_for(&a, Role::Initiator), config_for(&b, Role::Responder));
+    let mut pair =
+        Pair { a: End::new(a, config_a, t), b: End::new(b, config_b, t), now: Arc::clone(now), _dir: dir };
+    pair.settle(2_000);
+    pair
+}
+
+fn product(store: &mut Store, sku: &str) {
+    store
+        .create_record(EntityKind::Product, &json!({"sku": sku, "name": sku, "price": "3.00"}))
+        .expect("product");
+}
+
+fn skus(store: &Store) -> Vec<String> {
+    let rows =
+        store.reader().expect("reader").query_json("SELECT sku FROM products ORDER BY sku").expect("query");
+    rows.iter().filter_map(|row| row["sku"].as_str().map(str::to_string)).collect()
+}
+
+#[test]
+fn a_till_restored_from_a_backup_that_sold_in_between_takes_its_history_back_and_keeps_its_sales() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = Arc::new(AtomicU64::new(T0));
+    let env = |seed| Box::new(VirtualEnv { now: Arc::clone(&now), seed });
+    let path_a = dir.path().join("AAAA.db");
+    let mut a = Store::init(&path_a, Some(pos("AAAA")), "AAAA", env(1)).expect("init A");
+    let b = Store::init(&dir.path().join("BBBB.db"), Some(pos("BBBB")), "BBBB", env(2)).expect("init B");
+    for sku in ["P1", "P2", "P3"] {
+        product(&mut a, sku);
+    }
+    a.drain_outbox();
+    let pair = connect(&now, dir, a, b);
+    let (a, b, dir) = (pair.a.store, pair.b.store, pair._dir);
+    assert_eq!(b.summary().get(&pos("AAAA")), possync_core::Seq(4), "B took A's enrollment and 3 products");
+
+    // The backup, taken now.
+    drop(a);
+    let backup = dir.path().join("AAAA-backup.db");
+    std::fs::copy(&path_a, &backup).expect("backup");
+    let mut a = Store::open(&path_a, env(3)).expect("reopen A");
+    now.fetch_add(60_000, Ordering::SeqCst);
+    for sku in ["P4", "P5"] {
+        product(&mut a, sku);
+    }
+    a.drain_outbox();
+    let pair = connect(&now, dir, a, b);
+    let (a, b, dir) = (pair.a.store, pair.b.store, pair._dir);
+    assert_eq!(b.summary().get(&pos("AAAA")), possync_core::Seq(6));
+
+    // The disk dies; the backup comes back; the till sells before it meets a peer: its
+    // changes 5 and 6 again, with other content.
+    drop(a);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path_a.display()));
+    }
+    std::fs::copy(&backup, &path_a).expect("restore");
+    let mut a = Store::open(&path_a, env(4)).expect("reopen restored A");
+    assert_eq!(a.summary().get(&pos("AAAA")), possync_core::Seq(4));
+    now.fetch_add(60_000, Ordering::SeqCst);
+    for sku in ["X1", "X2"] {
+        product(&mut a, sku);
+    }
+    a.drain_outbox();
+
+    let mut pair = connect(&now, dir, a, b);
+    pair.a.broadcast();
+    pair.settle(2_000);
+    assert!(pair.a.fetched_own_history, "the link asked the peer for the till's own history");
+    let diverged = pair.a.rows.iter().filter_map(|row| row.error_message.as_deref()).any(|message| {
+        message.starts_with("own history diverged") || message.starts_with("own changes behind")
+    });
+    assert!(diverged, "{:?}", pair.a.rows);
+    assert_eq!(pair.a.store.writing_origin().as_str(), "AAAA-r1", "the till writes as a new origin");
+    let everything = ["P1", "P2", "P3", "P4", "P5", "X1", "X2"].map(str::to_string).to_vec();
+    assert_eq!(skus(&pair.a.store), everything, "the till has the peer's originals and kept its sales");
+    assert_eq!(skus(&pair.b.store), everything, "the peer has the sales made in between");
+    assert_eq!(
+        pair.a.store.reader().expect("reader").canonical_dump().expect("dump"),
+        pair.b.store.reader().expect("reader").canonical_dump().expect("dump"),
+        "every till ends identical"
+    );
+    assert!(pair.a.link.is_registered() && !pair.a.link.is_closed());
+
+    // Connected again later: one history of every origin on both sides, nothing to fetch.
+    let (a, b, dir) = (pair.a.store, pair.b.store, pair._dir);
+    now.fetch_add(60_000, Ordering::SeqCst);
+    let pair = connect(&now, dir, a, b);
+    assert!(!pair.a.fetched_own_history && !pair.b.fetched_own_history);
+    for end in [&pair.a, &pair.b] {
+        assert!(
+            end.metrics.iter().all(|metric| matches!(metric, Metric::CatchUp { .. })),
+            "{:?}",
+            end.metrics
+        );
+    }
+    assert_eq!(skus(&pair.b.store), everything);
 }

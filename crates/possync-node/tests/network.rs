@@ -597,7 +597,7 @@ async fn two_tills_with_one_identity_are_detected_and_a_restored_till_takes_its_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_till_restored_from_a_backup_that_wrote_past_its_peers_is_told_at_the_handshake() {
+async fn a_till_restored_from_a_backup_that_wrote_past_its_peers_is_told_at_the_handshake_and_recovers() {
     // Issue 13, item 2: a restored till that numbered past what its peers hold compares no
     // version vector lower than theirs, so only the content tells it (the hello's heads).
     let b = start(Options::new("Till B")).await;
@@ -638,6 +638,15 @@ async fn a_till_restored_from_a_backup_that_wrote_past_its_peers_is_told_at_the_
     let now = possync_node::clock::now_ms();
     let dashboard = read(&restored, move |reader| reader.dashboard_rows(now)).await;
     assert_eq!(dashboard.alert_identity.len(), 1, "{:?}", dashboard.alert_identity);
+    // And it recovers: it asks B for its own history, takes B's copy of p-1 back, and
+    // re-issues what it wrote in between under a new origin; both end identical, with
+    // every product.
+    wait_converged(&[&restored, &b]).await;
+    assert_eq!(product_count(&restored).await, 4);
+    assert_eq!(product_count(&b).await, 4);
+    let (writing, own) = read(&restored, |reader| reader.own_origins()).await;
+    assert_eq!(writing.as_str(), format!("{me}-r1"), "the restored till writes as a new origin");
+    assert!(own.contains(&me) && own.contains(&writing));
     restored.shutdown().await;
     b.shutdown().await;
 }

@@ -893,6 +893,7 @@ impl Simulation {
                 address: address_of(peer),
                 summary,
                 heads,
+                own_origins: Vec::new(),
             };
             let link = Link::new(config, &settings, self.now());
             self.replicas[me]
@@ -1115,6 +1116,9 @@ impl Simulation {
                 return err(format!("{me}: {peer}'s heads show a fork of {origin} at {}", seq.0));
             }
             Effect::Count(Metric::IdentityClash) => return err(format!("{me}: identity clash with {peer}")),
+            Effect::FetchOwnHistory { origin } => {
+                return err(format!("{me}: its own history of {origin} diverged from {peer}'s"));
+            }
             Effect::Count(_) => {}
         }
         Ok(())

@@ -101,9 +101,35 @@ pub struct ApplyReport {
     /// till in its name), or because their origin is revoked. Not held: the real change can
     /// still come.
     pub forged: u32,
+    /// This till's own changes set aside because the batch carried a peer's copies of its
+    /// own history that differ from it (it was restored from a backup, or copied, and
+    /// wrote in between): recovered from them, re-issued under a new origin
+    /// (docs/DESIGN.md, "Two tills with one identity").
+    pub recovered: u32,
 }
 
 impl ApplyReport {
+    /// Adds what `other` counted (a batch applied in two parts).
+    pub fn absorb(&mut self, other: ApplyReport) {
+        self.applied += other.applied;
+        self.conflicts += other.conflicts;
+        self.skipped += other.skipped;
+        self.errors += other.errors;
+        self.gap |= other.gap;
+        self.conflict_kinds.extend(other.conflict_kinds);
+        self.rejections.extend(other.rejections);
+        self.forks += other.forks;
+        self.clock_ahead += other.clock_ahead;
+        self.held_back += other.held_back;
+        self.waiting += other.waiting;
+        self.retry_at_ms = match (self.retry_at_ms, other.retry_at_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.forged += other.forged;
+        self.recovered += other.recovered;
+    }
+
     /// True when changes were held back or wait behind one: a transport that acknowledges
     /// what was applied (the chain's streams) must deliver them again later.
     pub fn must_retry(&self) -> bool {
@@ -177,18 +203,25 @@ impl Store {
 
     /// [`Store::apply_batch_verified`] for changes whose stamps the frame parser read
     /// already ([`possync_core::protocol::Event::Apply`]): they are not read again.
+    ///
+    /// A batch that carries a peer's copies of this till's own changes that differ from the
+    /// ones it holds (a till restored from a backup asked the peer for its history) recovers
+    /// that history first ([`Store::recover_own_history`]); the rest applies as usual.
     pub fn apply_stamped(
         &mut self,
         peer: PeerRef<'_>,
         changes: Vec<StampedChange>,
         verified: Option<Verified>,
     ) -> Result<ApplyReport> {
+        if let Some(origin) = self.forked_own_origin(&changes)? {
+            return self.recover_then_apply(peer, &origin, changes);
+        }
         let entries =
             changes.into_iter().map(|change| (Some((change.origin, change.seq)), change.wire)).collect();
         self.apply_entries(peer, entries, verified)
     }
 
-    fn apply_entries(
+    pub(crate) fn apply_entries(
         &mut self,
         peer: PeerRef<'_>,
         changes: Vec<(Option<(PosId, Seq)>, WireChange)>,

@@ -324,6 +324,55 @@ impl Store {
         result
     }
 
+    /// The own origin of which `changes` carry a copy that differs from the change this till
+    /// holds at its number, if any (peers send changes below a till's head only when it
+    /// asked for them: its own history after a restore, `docs/DESIGN.md`).
+    pub(crate) fn forked_own_origin(&self, changes: &[StampedChange]) -> Result<Option<PosId>> {
+        for change in changes {
+            if !self.is_own_origin(&change.origin) || change.seq > self.vv.get(&change.origin) {
+                continue;
+            }
+            if self.held_own_payload(&change.origin, change.seq)? != Some(payload_of(&change.wire)?) {
+                return Ok(Some(change.origin.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Recovers `origin`'s history from the copies of it in `changes`, then applies the
+    /// other changes. When the recovery is refused (copies not signed by this till's key,
+    /// not one run), nothing is recovered and the whole batch applies as usual: the
+    /// differing copies are then refused as forks, logged and alerted.
+    pub(crate) fn recover_then_apply(
+        &mut self,
+        peer: PeerRef<'_>,
+        origin: &PosId,
+        changes: Vec<StampedChange>,
+    ) -> Result<ApplyReport> {
+        let (run, rest): (Vec<StampedChange>, Vec<StampedChange>) =
+            changes.iter().cloned().partition(|change| &change.origin == origin);
+        match self.recover_own_history(peer, run) {
+            Ok(recovery) => {
+                let mut report = recovery.applied;
+                report.recovered = recovery.displaced;
+                if !rest.is_empty() {
+                    report.absorb(self.apply_stamped(peer, rest, None)?);
+                }
+                Ok(report)
+            }
+            Err(StoreError::Recovery(refused)) => {
+                let entries = changes
+                    .into_iter()
+                    .map(|change| (Some((change.origin, change.seq)), change.wire))
+                    .collect();
+                let mut report = self.apply_entries(peer, entries, None)?;
+                report.rejections.push(format!("recovery of {origin} refused: {refused}"));
+                Ok(report)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     /// The recovery's transaction: `copies` are the peer's, from the first that differs.
     fn recover_from(
         &mut self,

@@ -81,10 +81,21 @@ pub(crate) async fn run(
                 }
             }
         }
-        let own = node.identity.pos_id.clone();
+        // The head office publishes every origin it has written as (its posId, and the
+        // `<posId>-r<k>` of a recovered history).
+        let own = match lane {
+            Lane::Up { .. } => Vec::new(),
+            Lane::Down => match node.readers.with(|reader| reader.own_origins()).await {
+                Ok((_, own)) => own,
+                Err(err) => {
+                    warn!(%err, "cannot read this node's own origins; publishing its posId's");
+                    vec![node.identity.pos_id.clone()]
+                }
+            },
+        };
         let uploads = |origin: &PosId| match lane {
             Lane::Up { .. } => !excluded.contains(origin),
-            Lane::Down => *origin == own,
+            Lane::Down => own.contains(origin),
         };
         let backlog = planner.backlog(&local, uploads);
         // How old the backlog is: the clock time of its oldest change (one indexed read per
