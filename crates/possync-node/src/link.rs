@@ -464,15 +464,28 @@ impl Link {
             ours = mine.0,
             "a peer holds more of this till's own changes than it does"
         );
+        let message = format!(
+            "own changes behind: {} holds this till's changes up to {}, this till only up to {}: it was restored from a backup or its data directory was copied. Its history is taken back from the peer; changes it made in between are re-issued under a new origin; see docs/DESIGN.md",
+            info.pos_name, theirs.0, mine.0
+        );
+        self.own_history_differs(info, origin, message);
+    }
+
+    /// This till's history of its own `origin` differs from the peer's: alerted like an
+    /// identity clash (a row, the metric), and the peer's copies asked for once.
+    fn own_history_differs(&mut self, info: &PeerInfo, origin: PosId, message: String) {
         self.effects.push_back(Effect::Count(Metric::IdentityClash));
         let peer = PeerName { id: info.pos_id.clone(), name: info.pos_name.clone() };
         let mut row = self.row(&peer, ConnectionEventKind::SyncFailed, self.now);
-        row.error_message = Some(format!(
-            "own changes behind: {} holds this till's changes up to {}, this till only up to {}: it was restored from a backup or its data directory was copied. Its history is taken back from the peer; changes it made in between are re-issued under a new origin; see docs/DESIGN.md",
-            info.pos_name, theirs.0, mine.0
-        ));
+        row.error_message = Some(message);
         self.effects.push_back(Effect::Record(row));
-        self.effects.push_back(Effect::FetchOwnHistory { origin });
+        let asked = self
+            .effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::FetchOwnHistory { origin: asked } if *asked == origin));
+        if !asked {
+            self.effects.push_back(Effect::FetchOwnHistory { origin });
+        }
     }
 
     /// The numbers at which the peer's `heads` differ from this node's log (answering
@@ -488,17 +501,11 @@ impl Link {
                     seq = seq.0,
                     "a peer holds another change with this till's own origin and number"
                 );
-                self.effects.push_back(Effect::Count(Metric::IdentityClash));
-                let peer = PeerName { id: info.pos_id.clone(), name: info.pos_name.clone() };
-                let mut row = self.row(&peer, ConnectionEventKind::SyncFailed, self.now);
-                row.error_message = Some(format!(
+                let message = format!(
                     "own history diverged: {} holds another change numbered {seq} of this till than this till does: it was restored from a backup or its data directory was copied, and wrote changes under numbers the peers hold with other content. Its history is taken back from the peer and those changes are re-issued under a new origin; see docs/DESIGN.md",
                     info.pos_name
-                ));
-                self.effects.push_back(Effect::Record(row));
-                if !self.effects.iter().any(|effect| matches!(effect, Effect::FetchOwnHistory { .. })) {
-                    self.effects.push_back(Effect::FetchOwnHistory { origin });
-                }
+                );
+                self.own_history_differs(info, origin, message);
             } else {
                 tracing::warn!(%origin, seq = seq.0, "a peer holds another change with this origin and number (a fork)");
                 self.effects.push_back(Effect::Count(Metric::Fork));
