@@ -324,7 +324,12 @@ async fn check(
         return Ok(Err(("backbone".into(), format!("{subject} is not an UP subject"))));
     };
     let peer = format!("store:{store}");
-    if parsed.origin == node.identity.pos_id {
+    // Every origin the head office has written as (its posId, a recovered `<posId>-r<k>`).
+    let own = match node.readers.with(|reader| reader.own_origins()).await {
+        Ok((_, own)) => own,
+        Err(_) => vec![node.identity.pos_id.clone()],
+    };
+    if own.contains(&parsed.origin) {
         return Ok(Err((peer, format!("store {store} uploaded the head office's own origin"))));
     }
     let header =
