@@ -1,6 +1,6 @@
 //! The store's errors: one enum, one doc line per variant, mapped to HTTP statuses by the API.
 
-use possync_core::{ChangeError, EntityError, EntityId, EntityKind};
+use possync_core::{ChangeError, EntityError, EntityId, EntityKind, PosId, Seq};
 
 /// Why a store call failed. A failed write leaves nothing behind (its transaction rolls back).
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ pub enum StoreError {
     BadSetting(String),
     /// A recovery of the till's own history was refused ([`crate::recovery`]); nothing changed.
     #[error(transparent)]
-    Recovery(#[from] crate::recovery::RecoveryError),
+    Recovery(#[from] RecoveryError),
 }
 
 /// Shorthand for store results.
@@ -129,4 +129,57 @@ pub enum CashSessionError {
         /// The till that opened it.
         pos_id: String,
     },
+}
+
+/// Why a recovery of the till's own history was refused. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    /// A recovery runs alone: not inside a group of writes, nor while changes are signed in
+    /// the background.
+    #[error("a recovery of the till's own history cannot run inside a group of writes")]
+    Busy,
+    /// The copies are not of an origin this till has written as.
+    #[error("change {seq} of {origin} is not one of this till's own changes")]
+    NotOwnOrigin {
+        /// The origin they claim.
+        origin: PosId,
+        /// The first seq.
+        seq: Seq,
+    },
+    /// The copies are not one run of one origin, numbered without a gap, with the stamps
+    /// their data carries.
+    #[error(
+        "the peer's copies are not one contiguous run of {origin}: expected change {expected}, found {found}"
+    )]
+    NotContiguous {
+        /// The run's origin.
+        origin: PosId,
+        /// The seq expected at that place.
+        expected: Seq,
+        /// What was there (origin and seq, as stamped and as read from its data).
+        found: String,
+    },
+    /// A copy that differs from the till's own history, or comes after such a copy, is not
+    /// signed by this till's key: a forgery, not the till's own change.
+    #[error("forged: the peer's change {seq} of {origin} is not signed by this till's key ({reason})")]
+    NotSigned {
+        /// The origin.
+        origin: PosId,
+        /// The copy's seq.
+        seq: Seq,
+        /// What the signature check said.
+        reason: String,
+    },
+    /// A change to set aside is a head office's copy of a store's write: re-issued under a
+    /// new origin it would be a copy the stores cannot place (not supported).
+    #[error("change {seq} of {origin} is a head office's copy: a head office's copies cannot be re-issued")]
+    HeadOfficeCopy {
+        /// The origin.
+        origin: PosId,
+        /// Its seq.
+        seq: Seq,
+    },
+    /// `<posId>-r<k>` is not a valid posId (the posId is too long to take the suffix).
+    #[error("no new origin can be made from this till's posId: {0}")]
+    NoNewOrigin(String),
 }

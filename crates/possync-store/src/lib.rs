@@ -48,11 +48,12 @@ pub use crate::audit::{ConnectionEvent, ConnectionEventKind, Resolution};
 pub use crate::cash::{CloseCashSession, OpenCashSession, SessionQuery};
 pub use crate::chain::ChainRun;
 pub use crate::error::CashSessionError;
+pub use crate::error::RecoveryError;
 pub use crate::error::{Result, StoreError};
 pub use crate::keys::{KeyDirectory, Verified};
 pub use crate::local::{ProductKey, Upserted};
 pub use crate::reader::StoreReader;
-pub use crate::recovery::{OwnHistoryRecovery, RecoveryError};
+pub use crate::recovery::OwnHistoryRecovery;
 pub use crate::sales::{
     HistoricalSale, PaymentRequest, RefundLine, SaleLineRequest, SaleOutcome, SaleRequest,
 };

@@ -51,7 +51,7 @@ use serde_json::json;
 
 use crate::apply::{Accept, ApplyReport, PeerRef};
 use crate::audit::{SyncLog, SyncStatus};
-use crate::error::{Result, StoreError};
+use crate::error::{RecoveryError, Result, StoreError};
 use crate::{Store, keys, meta, records};
 
 /// `node_meta` key: the origin this till writes as (absent: its posId).
@@ -74,59 +74,6 @@ const DERIVED_TABLES: [&str; 10] = [
     "cash_sessions",
     "z_reports",
 ];
-
-/// Why a recovery of the till's own history was refused. Nothing was changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecoveryError {
-    /// A recovery runs alone: not inside a group of writes, nor while changes are signed in
-    /// the background.
-    #[error("a recovery of the till's own history cannot run inside a group of writes")]
-    Busy,
-    /// The copies are not of an origin this till has written as.
-    #[error("change {seq} of {origin} is not one of this till's own changes")]
-    NotOwnOrigin {
-        /// The origin they claim.
-        origin: PosId,
-        /// The first seq.
-        seq: Seq,
-    },
-    /// The copies are not one run of one origin, numbered without a gap, with the stamps
-    /// their data carries.
-    #[error(
-        "the peer's copies are not one contiguous run of {origin}: expected change {expected}, found {found}"
-    )]
-    NotContiguous {
-        /// The run's origin.
-        origin: PosId,
-        /// The seq expected at that place.
-        expected: Seq,
-        /// What was there (origin and seq, as stamped and as read from its data).
-        found: String,
-    },
-    /// A copy that differs from the till's own history, or comes after such a copy, is not
-    /// signed by this till's key: a forgery, not the till's own change.
-    #[error("forged: the peer's change {seq} of {origin} is not signed by this till's key ({reason})")]
-    NotSigned {
-        /// The origin.
-        origin: PosId,
-        /// The copy's seq.
-        seq: Seq,
-        /// What the signature check said.
-        reason: String,
-    },
-    /// A change to set aside is a head office's copy of a store's write: re-issued under a
-    /// new origin it would be a copy the stores cannot place (not supported).
-    #[error("change {seq} of {origin} is a head office's copy: a head office's copies cannot be re-issued")]
-    HeadOfficeCopy {
-        /// The origin.
-        origin: PosId,
-        /// Its seq.
-        seq: Seq,
-    },
-    /// `<posId>-r<k>` is not a valid posId (the posId is too long to take the suffix).
-    #[error("no new origin can be made from this till's posId: {0}")]
-    NoNewOrigin(String),
-}
 
 /// What [`Store::recover_own_history`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
