@@ -667,18 +667,24 @@ async fn durable_writes(settings: &Settings) {
     const HTTP_CALLERS: [usize; 2] = [8, 32];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CALLERS.len()];
     let mut http_rates: Vec<Vec<f64>> = vec![Vec::new(); HTTP_CALLERS.len()];
+    // CPU time of the whole process per write, µs (node threads, and the HTTP clients).
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); CALLERS.len()];
+    let mut http_cpus: Vec<Vec<f64>> = vec![Vec::new(); HTTP_CALLERS.len()];
     let mut raw_rates = Vec::new();
     for run in 0..settings.runs {
         for (slot, callers) in CALLERS.iter().copied().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");
             let node = start(dir.path(), new_store(dir.path(), "A"), &[]).await;
             create_products(&node.shared, 0..PRODUCTS).await;
+            let cpu_before = process_cpu_ms();
             let started = Instant::now();
             update_prices_concurrently(&node.shared, callers, updates, PRODUCTS).await;
             let rate = updates as f64 / started.elapsed().as_secs_f64();
+            let cpu = (process_cpu_ms() - cpu_before) * 1000.0 / updates as f64;
             node.shutdown().await;
-            eprintln!("  run {run}: {callers} callers {rate:.0}/s");
+            eprintln!("  run {run}: {callers} callers {rate:.0}/s, {cpu:.0} µs of CPU a write");
             rates[slot].push(rate);
+            cpus[slot].push(cpu);
         }
         for (slot, callers) in HTTP_CALLERS.iter().copied().enumerate() {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -687,6 +693,7 @@ async fn durable_writes(settings: &Settings) {
             let node = Node::start_with_store(config, new_store(dir.path(), "A")).await.expect("start node");
             create_products(&node.shared, 0..PRODUCTS).await;
             let api = node.api_addr.expect("the API is served");
+            let cpu_before = process_cpu_ms();
             let started = Instant::now();
             let clients: Vec<_> = (0..callers)
                 .map(|caller| {
@@ -697,9 +704,13 @@ async fn durable_writes(settings: &Settings) {
                 client.await.expect("join");
             }
             let rate = updates as f64 / started.elapsed().as_secs_f64();
+            let cpu = (process_cpu_ms() - cpu_before) * 1000.0 / updates as f64;
             node.shutdown().await;
-            eprintln!("  run {run}: {callers} HTTP clients {rate:.0}/s");
+            eprintln!(
+                "  run {run}: {callers} HTTP clients {rate:.0}/s, {cpu:.0} µs of CPU a write (clients included)"
+            );
             http_rates[slot].push(rate);
+            http_cpus[slot].push(cpu);
         }
         let raw =
             tokio::task::spawn_blocking(move || raw_durable_updates(updates, PRODUCTS)).await.expect("join");
@@ -708,25 +719,30 @@ async fn durable_writes(settings: &Settings) {
     }
     let raw = spread(&raw_rates);
     println!(
-        "| callers | possync, writes/s | raw SQLite, one durable transaction per update | ratio | target | met? |"
+        "| callers | possync, writes/s | raw SQLite, one durable transaction per update | ratio | CPU a write (µs, process) | target | met? |"
     );
-    println!("|---|---|---|---|---|---|");
-    let row = |label: String, rates: &[f64]| {
+    println!("|---|---|---|---|---|---|---|");
+    let row = |label: String, rates: &[f64], cpus: &[f64]| {
         let rate = spread(rates);
         let ratios: Vec<f64> = rates.iter().zip(&raw_rates).map(|(rate, raw)| rate / raw).collect();
         println!(
-            "| {label} | {} | {} | {} | ≥ 20,000/s | {} |",
+            "| {label} | {} | {} | {} | {} | ≥ 20,000/s | {} |",
             rate.show(0),
             raw.show(0),
             spread(&ratios).show(2),
+            spread(cpus).show(0),
             met(rate.median >= 20_000.0)
         );
     };
     for (slot, callers) in CALLERS.iter().enumerate() {
-        row(callers.to_string(), &rates[slot]);
+        row(callers.to_string(), &rates[slot], &cpus[slot]);
     }
     for (slot, callers) in HTTP_CALLERS.iter().enumerate() {
-        row(format!("{callers} HTTP clients (`PATCH /api/products/{{id}}`, keep-alive)"), &http_rates[slot]);
+        row(
+            format!("{callers} HTTP clients (`PATCH /api/products/{{id}}`, keep-alive)"),
+            &http_rates[slot],
+            &http_cpus[slot],
+        );
     }
 }
 
@@ -738,9 +754,12 @@ fn http_updates(api: SocketAddr, caller: usize, callers: usize, updates: usize, 
     while index < updates {
         let url = format!("http://{api}/api/products/{}", product_id(index % products).as_str());
         let body = json!({"price": format!("{}.{:02}", 1 + index / 100 % 1000, index % 100)}).to_string();
-        let answer =
+        let mut answer =
             agent.patch(&url).content_type("application/json").send(&body).expect("the update is answered");
         assert_eq!(answer.status(), 200, "the update is accepted");
+        // Read the answer to its end: ureq puts a connection back in its pool only then, so
+        // a client that drops it unread opens a new TCP connection for every request.
+        answer.body_mut().read_to_string().expect("the answer is read");
         index += callers;
     }
 }
@@ -959,6 +978,17 @@ async fn catch_up(settings: &Settings) {
 }
 
 // --- memory -----------------------------------------------------------------------------
+
+/// This process's CPU time so far (user + system, all threads), ms: `/proc/self/stat`'s
+/// `utime` and `stime`, in clock ticks of 10 ms (Linux's `USER_HZ`, 100).
+fn process_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The fields after the command name (which is in parentheses and may hold spaces):
+    // state is the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) * 10.0
+}
 
 fn rss_of(pid: &str) -> u64 {
     status_field(pid, "VmRSS:") * 1024

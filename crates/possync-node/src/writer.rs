@@ -19,6 +19,10 @@
 //! its origin could lose (catch-ups read the log only up to [`WriterHandle::durable_position`]).
 //! Without the pipeline, the writer sat idle for every fsync (about 0.25 ms here) and the
 //! till's writes were bound to one group per fsync (docs/BENCHMARKS.md, "Durable till writes").
+//!
+//! The changes of a group are signed on a third thread ([`Store::sign_in_background`]) while
+//! the writer runs the group's next writes: the signature was half of the writer's work per
+//! write.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,6 +51,11 @@ type Answer = Box<dyn FnOnce(Result<(), WriterError>) + Send>;
 
 /// Most of the till's waiting writes committed together.
 const GROUP_MAX: usize = 64;
+
+/// From this many writes, a group's changes are signed on the signing thread while the
+/// writer runs the next ones; a smaller group signs in place (the hand-over's thread
+/// wake-ups cost more than they save: docs/BENCHMARKS.md, "Durable till writes").
+const SIGN_ASIDE_FROM: usize = 8;
 
 /// Why a writer call has no result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,6 +134,13 @@ impl WriterHandle {
         };
         durable.store(position, Ordering::Release);
         store.defer_fsync();
+        // With a core to spare, a group's changes are signed on a thread of their own while
+        // the writer runs the group's next writes (`possync_store`'s `bulk` module).
+        if std::thread::available_parallelism().is_ok_and(|cores| cores.get() > 1)
+            && let Err(err) = store.sign_in_background(true)
+        {
+            tracing::warn!(%err, "changes are signed on the writer thread");
+        }
         let (done, done_rx) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         let failed = Arc::new(AtomicBool::new(false));
         let syncer = Syncer { wal, publish: changes, durable, failed: Arc::clone(&failed) };
@@ -198,6 +214,9 @@ fn run_jobs(store: &mut Store, jobs: Vec<Job>) -> (Vec<Answer>, Result<(), Write
         return (answers, Ok(()));
     }
     let mut answers = Vec::with_capacity(jobs.len());
+    if let Err(err) = store.set_sign_aside(jobs.len() >= SIGN_ASIDE_FROM) {
+        tracing::error!(%err, "could not choose where the group's changes are signed");
+    }
     let committed = store.group_commit(|store| {
         for job in jobs {
             answers.push(job(store));
@@ -470,11 +489,16 @@ mod tests {
     async fn waiting_local_writes_are_committed_together_each_rolled_back_alone_on_error() {
         let dir = tempfile::tempdir().unwrap();
         let (writer, release) = held_writer(&dir).await;
-        let jobs = (0..10)
+        let mut published = writer.subscribe();
+        // More than `SIGN_ASIDE_FROM`: the group's changes are signed on the signing thread.
+        let jobs = (0..12)
             .map(|i| {
-                // Number 5 is refused (a name must not be empty).
+                // Number 5 is refused (a name must not be empty), number 9 too (c3 exists).
+                // (A write refused after its change went to the signing thread: the store's
+                // `bulk` tests.)
                 let name = if i == 5 { String::new() } else { format!("Category {i}") };
-                let body = category(&format!("c{i}"), &name);
+                let id = if i == 9 { "c3".to_string() } else { format!("c{i}") };
+                let body = category(&id, &name);
                 Box::new(move |store: &mut Store| {
                     store.create_record(EntityKind::Category, &body).map(|_| ())
                 }) as TestJob<_>
@@ -482,28 +506,49 @@ mod tests {
             .collect();
         let results = run_queued(&writer, release, jobs).await;
         for (i, result) in results.iter().enumerate() {
-            assert_eq!(result.as_ref().map(Result::is_ok), Ok(i != 5), "write {i}: {result:?}");
+            assert_eq!(result.as_ref().map(Result::is_ok), Ok(i != 5 && i != 9), "write {i}: {result:?}");
         }
-        let seqs = writer
+        let (key, rows) = writer
             .call(Priority::Local, |store| {
-                store.reader().unwrap().query_json("SELECT seq FROM sync_changes ORDER BY seq").unwrap()
+                let rows = store
+                    .reader()
+                    .unwrap()
+                    .query_json("SELECT seq, entity_id, payload FROM sync_changes ORDER BY seq")
+                    .unwrap();
+                (store.public_key(), rows)
             })
             .await
             .unwrap();
-        // The till's key enrollment, then the nine writes.
-        let expected: Vec<_> = (1..=10).map(|seq| json!({"seq": seq})).collect();
-        assert_eq!(seqs, expected, "nine writes, no gap where the refused one was");
+        // The till's key enrollment, then the ten writes that stand, in order, each signed.
+        let seqs: Vec<u64> = rows.iter().map(|row| row["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=11).collect::<Vec<_>>(), "ten writes, no gap where the refused ones were");
+        let ids: Vec<&str> = rows.iter().skip(1).map(|row| row["entityId"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["c0", "c1", "c2", "c3", "c4", "c6", "c7", "c8", "c10", "c11"]);
+        let key = possync_core::signature::PublicKey::parse(&key).unwrap();
+        let mut logged = Vec::new();
+        for row in &rows {
+            let wire: possync_core::WireChange =
+                serde_json::from_str(row["payload"].as_str().unwrap()).unwrap();
+            assert_eq!(key.verify(&wire), Ok(()), "change {} carries the till's signature", row["seq"]);
+            logged.push(serde_json::to_string(&wire).unwrap());
+        }
+        let sent: Vec<String> = std::iter::from_fn(|| published.try_recv().ok())
+            .map(|outgoing| serde_json::to_string(&outgoing.change).unwrap())
+            .collect();
+        assert_eq!(sent, logged, "the peers are sent exactly the logged changes, in log order");
     }
 
     #[tokio::test]
     async fn a_panic_in_a_group_keeps_nothing_of_the_group_and_answers_every_caller() {
         let dir = tempfile::tempdir().unwrap();
         let (writer, release) = held_writer(&dir).await;
-        let jobs = (0..4)
+        // Signed aside (more than `SIGN_ASIDE_FROM`): the panic comes while earlier writes'
+        // changes are still with the signing thread.
+        let jobs = (0..12)
             .map(|i| {
                 let body = category(&format!("c{i}"), "Grouped");
                 Box::new(move |store: &mut Store| {
-                    assert_ne!(i, 2, "a bug in a job");
+                    assert_ne!(i, 9, "a bug in a job");
                     store.create_record(EntityKind::Category, &body).map(|_| ())
                 }) as TestJob<_>
             })

@@ -29,7 +29,9 @@
 //!
 //! Replay a failing seed with
 //! `POSSYNC_SIM_SEED=<seed> cargo test -p possync-node --test simulation -- --nocapture --exact <test>`;
-//! run more seeds with `POSSYNC_SIM_SEEDS=<count>`.
+//! run more seeds with `POSSYNC_SIM_SEEDS=<count>`, from `POSSYNC_SIM_FIRST_SEED` (0 unless
+//! set: a long run can be split into ranges, and a release build, `cargo test --release`,
+//! runs seeds about four times faster).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -2354,11 +2356,10 @@ fn run_seeds(test: &str, sessions: bool, default_seeds: u64) {
     let seeds: Vec<u64> = match std::env::var("POSSYNC_SIM_SEED") {
         Ok(seed) => vec![seed.trim().parse().expect("POSSYNC_SIM_SEED is a number")],
         Err(_) => {
-            let count = std::env::var("POSSYNC_SIM_SEEDS")
-                .ok()
-                .and_then(|raw| raw.trim().parse().ok())
-                .unwrap_or(default_seeds);
-            (0..count).collect()
+            let number = |name: &str| std::env::var(name).ok().and_then(|raw| raw.trim().parse::<u64>().ok());
+            let count = number("POSSYNC_SIM_SEEDS").unwrap_or(default_seeds);
+            let first = number("POSSYNC_SIM_FIRST_SEED").unwrap_or(0);
+            (first..first.saturating_add(count)).collect()
         }
     };
     let started = std::time::Instant::now();

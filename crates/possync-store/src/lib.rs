@@ -183,6 +183,10 @@ pub struct Store {
     fsync: Fsync,
     /// The signing thread of [`Store::sign_in_background`], if asked for.
     signer: Option<bulk::BackgroundSigner>,
+    /// How many writes' savepoints are open inside the group (a write can call another).
+    open_writes: usize,
+    /// Whether groups hand their changes to [`Store::signer`] ([`Store::set_sign_aside`]).
+    sign_aside: bool,
 }
 
 /// A batch of writes inside a group: one savepoint for all of them, and what to restore in
@@ -373,6 +377,8 @@ impl Store {
             fsync: Fsync::AtCommit,
             batch: None,
             signer: None,
+            open_writes: 0,
+            sign_aside: true,
         })
     }
 
@@ -475,6 +481,7 @@ impl Store {
     pub fn recover(&mut self) -> Result<()> {
         self.in_group = false;
         self.batch = None;
+        self.open_writes = 0;
         self.discard_signing();
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("ROLLBACK")?;
@@ -502,42 +509,7 @@ impl Store {
         if self.in_group {
             return Ok(body(self));
         }
-        self.begin_durable()?;
-        if let Err(err) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            self.end_durable(false)?;
-            return Err(err.into());
-        }
-        let outbox_before = self.outbox.len();
-        self.vv_dirty.clear();
-        self.in_group = true;
-        let value = body(self);
-        let closed = self.close_forgotten_batch();
-        self.in_group = false;
-        let committed = if let Err(err) = closed {
-            Err(err)
-        } else if self.conn.is_autocommit() {
-            // A failed write can make SQLite roll back the whole transaction (disk full, I/O
-            // error); the writes after it then refused to run, see `write`.
-            Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
-        } else {
-            self.flush_vv()
-                .and_then(|()| {
-                    meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())
-                })
-                .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?))
-        };
-        if committed.is_err() {
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-            self.vv_dirty.clear();
-            self.outbox.truncate(outbox_before);
-            self.origins = Origins::load(&self.conn)?;
-            self.vv = reader::load_vv(&self.conn, &self.origins)?;
-            self.settings = Settings::load(&self.conn)?;
-        }
-        self.end_durable(committed.is_ok())?;
-        committed.map(|()| value)
+        self.run_grouped(body, |_| true)
     }
 
     /// Runs `body` like [`Store::group_commit`] (each write a savepoint that sees the ones
@@ -588,15 +560,20 @@ impl Store {
         } else if !keep {
             Ok(())
         } else if self.conn.is_autocommit() {
+            // A failed write can make SQLite roll back the whole transaction (disk full, I/O
+            // error); the writes after it then refused to run, see `write_in_group`.
             Err(StoreError::InvalidState("the group's transaction was rolled back".into()))
         } else {
-            self.flush_vv()
+            // The changes still being signed are logged before the commit (`bulk`).
+            self.log_signed(true)
+                .and_then(|()| self.flush_vv())
                 .and_then(|()| {
                     meta::set_node_value(&self.conn, "clock", &self.clock.last().to_i64().to_string())
                 })
                 .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?))
         };
         if !keep || committed.is_err() {
+            self.discard_signing();
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
@@ -712,12 +689,16 @@ impl Store {
     /// whole batch: the writes after it in the batch are refused, and `end_batch` rolls
     /// them all back; the caller then redoes them one by one (each in its own savepoint).
     pub fn begin_batch(&mut self) -> Result<()> {
-        if !self.in_group || self.batch.is_some() {
-            return Err(StoreError::InvalidState("a batch runs inside a group, one at a time".into()));
+        if !self.in_group || self.batch.is_some() || self.open_writes > 0 {
+            return Err(StoreError::InvalidState(
+                "a batch runs inside a group, between its writes, one at a time".into(),
+            ));
         }
         if self.conn.is_autocommit() {
             return Err(StoreError::InvalidState("the group's transaction was rolled back".into()));
         }
+        // A batch starts with no row of an earlier write pending (`bulk`).
+        self.log_pending_between_writes(true)?;
         self.conn.prepare_cached("SAVEPOINT group_batch")?.execute([])?;
         self.batch = Some(Batch {
             vv_before: self.vv.clone(),
@@ -781,12 +762,20 @@ impl Store {
             }
             return result;
         }
+        if self.open_writes == 0 {
+            // The earlier writes' rows whose signature is back are logged here, between two
+            // writes, never inside a write's savepoint (`bulk`).
+            self.log_pending_between_writes(false)?;
+        }
         // Prepared once: a group can hold thousands of writes.
         self.conn.prepare_cached("SAVEPOINT group_write")?.execute([])?;
         let vv_before = self.vv.clone();
         let dirty_before = self.vv_dirty.clone();
         let outbox_before = self.outbox.len();
+        let signing_before = self.signing_pending();
+        self.open_writes += 1;
         let result = body(self);
+        self.open_writes -= 1;
         match &result {
             Ok(_) => {
                 self.conn.prepare_cached("RELEASE group_write")?.execute([])?;
@@ -800,11 +789,27 @@ impl Store {
                 self.vv = vv_before;
                 self.vv_dirty = dirty_before;
                 self.outbox.truncate(outbox_before);
+                self.drop_signing_after(signing_before);
                 self.origins = Origins::load(&self.conn)?;
                 rolled_back?;
             }
         }
         result
+    }
+
+    /// Logs the rows of a group's earlier writes whose signature is back (all of them,
+    /// waiting, when `wait`). Those writes stand, so a row that cannot be logged fails the
+    /// whole group: its transaction is rolled back (what a failed commit does), and every
+    /// later write of the group, and its commit, are refused.
+    fn log_pending_between_writes(&mut self, wait: bool) -> Result<()> {
+        let logged = self.log_signed(wait);
+        if logged.is_err() {
+            self.discard_signing();
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+        }
+        logged
     }
 
     /// Stamps and logs a local write; returns the change (also queued in the outbox).
@@ -856,7 +861,7 @@ impl Store {
             return Err(StoreError::TooLarge { kind, bytes, limit: MAX_CHANGE_BYTES });
         }
         if self.signs_in_background() {
-            // Logged once signed (`bulk`), inside this batch; the version vector moves now.
+            // Logged once signed (`bulk`); the version vector moves now.
             let origin_idx = self.origins.idx(&self.conn, &change.origin)?;
             let row = bulk::PendingRow {
                 origin_idx,
@@ -867,7 +872,10 @@ impl Store {
             };
             self.submit_for_signing(wire, row)?;
             self.advance_vv(origin_idx, &change.origin, seq);
-            self.log_signed(false)?;
+            if self.batch.is_some() {
+                // Inside a batch's one savepoint, every pending row is the batch's own.
+                self.log_signed(false)?;
+            }
             return Ok(change);
         }
         self.sign(&mut wire);
