@@ -211,6 +211,10 @@ pub struct ConflictReport {
     pub final_data: Value,
     /// True when a person must still resolve it (`manual`).
     pub open: bool,
+    /// The fields whose values clashed (empty for a pure delete conflict or a field merge).
+    /// An open conflict is superseded only by a later write that sets all of them: until
+    /// then the till keeps a value the others may not hold.
+    pub contested: Vec<&'static str>,
     /// A readable explanation.
     pub notes: String,
 }
@@ -351,6 +355,7 @@ pub fn merge_record(
         final_data: state.to_json(remote.id),
         open: strategy == Strategy::Manual && (existence_contested || !contested.is_empty()),
         notes,
+        contested,
     };
     MergeOutcome { state, changed, verdict: Verdict::Conflict(Box::new(report)) }
 }

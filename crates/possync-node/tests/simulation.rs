@@ -40,13 +40,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use possync_core::entity::{MovementType, PaymentMethod};
+use possync_core::merge::Strategy;
 use possync_core::protocol::Role;
 use possync_core::{EntityId, EntityKind, Hlc, PosId, WireChange};
 use possync_node::dialer::{Redial, Wait};
 use possync_node::link::{Effect, Ended, Link, LinkConfig, Metric};
 use possync_node::peers::{ConnectionCommand, Mailbox, PeerTable, Registration, SUPERSEDED_GRACE_MS};
 use possync_store::{
-    ApplyReport, ConnectionEventKind, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine,
+    ApplyReport, ConnectionEventKind, Environment, Outgoing, PaymentRequest, PeerRef, RefundLine, Resolution,
     SaleLineRequest, SaleRequest, Store, StoreError, StoreReader,
 };
 use rand::rngs::StdRng;
@@ -249,6 +250,9 @@ struct Stats {
     /// Applies that waited for a busy writer while their link read on.
     writer_waits: u64,
     settings_changes: u64,
+    /// Strategy switches to `manual` (and back), and the open conflicts decided at the end.
+    manual_periods: u64,
+    decisions: u64,
     records_sequential_only: u64,
     records_same_field_concurrent: u64,
 }
@@ -271,6 +275,8 @@ impl std::ops::AddAssign for Stats {
         self.continued += other.continued;
         self.writer_waits += other.writer_waits;
         self.settings_changes += other.settings_changes;
+        self.manual_periods += other.manual_periods;
+        self.decisions += other.decisions;
         self.records_sequential_only += other.records_sequential_only;
         self.records_same_field_concurrent += other.records_same_field_concurrent;
     }
@@ -1306,11 +1312,21 @@ impl Simulation {
     }
 
     /// A settings change on `r` while it runs: a new heartbeat period (applied to its live
-    /// connections, which must not drop for it), or P2P switched off or back on.
+    /// connections, which must not drop for it), P2P switched off or back on, or the conflict
+    /// strategy switched to `manual` (a clash then keeps the local version and stays open for
+    /// a person, decided at the end of the run) or back to `last_write_wins`.
     fn change_settings(&mut self, r: usize) -> Result<(), String> {
         self.stats.settings_changes += 1;
         let mut settings = self.store(r).settings().clone();
         settings.batch_size = self.net.batch;
+        if self.rng.random_bool(0.2) {
+            let manual = settings.strategy != Strategy::Manual;
+            let value = if manual { "manual" } else { "last_write_wins" };
+            self.log(format!("{}: p2p_conflict_resolution = {value}", self.replicas[r].name));
+            self.stats.manual_periods += u64::from(manual);
+            self.store(r).set_setting("p2p_conflict_resolution", value).map_err(|e| e.to_string())?;
+            return Ok(());
+        }
         if self.rng.random_bool(0.25) {
             let enabled = !self.replicas[r].p2p_enabled;
             self.log(format!("{}: p2p_enabled = {enabled}", self.replicas[r].name));
@@ -1362,12 +1378,79 @@ impl Simulation {
                 }
             }
         }
-        let mut agreed_for = 0;
         for a in 0..n {
             for b in a + 1..n {
                 self.rediscover(a, b);
             }
         }
+        self.run_until_agreed()?;
+        self.decide_open_conflicts()
+    }
+
+    /// A person decides every conflict a `manual` period left open, one at a time, on the
+    /// till that holds it (every till back on `last_write_wins` first), each decision
+    /// carried by the sessions before the next: the decision must close the conflict on
+    /// every till that holds a copy of it, and the tills must end identical.
+    fn decide_open_conflicts(&mut self) -> Result<(), String> {
+        let n = self.replicas.len();
+        for r in 0..n {
+            self.store(r)
+                .set_setting("p2p_conflict_resolution", "last_write_wins")
+                .map_err(|e| e.to_string())?;
+        }
+        for _ in 0..200 {
+            let mut open = None;
+            for r in 0..n {
+                let rows = self
+                    .query(r, "SELECT id FROM p2p_conflicts WHERE resolved_by IS NULL ORDER BY id LIMIT 1")?;
+                if let Some(id) = rows.first().and_then(|row| row["id"].as_i64()) {
+                    open = Some((r, id));
+                    break;
+                }
+            }
+            let Some((r, conflict)) = open else { return Ok(()) };
+            let resolution = if self.rng.random_bool(0.5) { Resolution::Local } else { Resolution::Remote };
+            let name = self.replicas[r].name.clone();
+            let decided = self.store(r).resolve_conflict(conflict, &resolution, "sim-manager");
+            self.log(format!("{name}: conflict {conflict} decided {resolution:?} -> {decided:?}"));
+            let decided = decided.map_err(|e| format!("{name}: deciding open conflict {conflict}: {e}"))?;
+            if decided["resolvedBy"] != json!("sim-manager") {
+                return err(format!("{name}: conflict {conflict} decided, but reads {decided}"));
+            }
+            self.stats.decisions += 1;
+            let outgoing = self.store(r).drain_outbox();
+            self.push_to_sessions(r, &outgoing);
+            for out in &outgoing {
+                let wire = out.change.clone();
+                let (origin, seq) = stamp_of(&wire);
+                let own = self.replicas[r].held.get(&name).copied().unwrap_or(0);
+                if origin != name || seq != own + 1 {
+                    return err(format!(
+                        "{name}: decision stamped {origin}:{seq}, expected {name}:{}",
+                        own + 1
+                    ));
+                }
+                self.record_write(r, &wire);
+                self.replicas[r].held.insert(name.clone(), seq);
+                self.replicas[r].max_hlc = self.replicas[r].max_hlc.max(hlc_of(&wire));
+            }
+            self.check_mirror(r, "after a decision")?;
+            self.run_until_agreed()?;
+        }
+        let left: Vec<String> = (0..n)
+            .map(|r| {
+                let open = self.query(r, "SELECT COUNT(*) AS n FROM p2p_conflicts WHERE resolved_by IS NULL");
+                format!("{}: {:?}", self.replicas[r].name, open)
+            })
+            .collect();
+        err(format!("200 decisions and conflicts still open: {}", left.join("; ")))
+    }
+
+    /// Sessions only: runs the network until every terminal holds the same version vector
+    /// (for a while), the sessions alone carrying the changes.
+    fn run_until_agreed(&mut self) -> Result<(), String> {
+        let n = self.replicas.len();
+        let mut agreed_for = 0;
         for _ in 0..20_000 {
             self.dial_due();
             self.clock.advance(50);

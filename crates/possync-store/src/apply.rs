@@ -506,7 +506,12 @@ impl Store {
             let edited_on = change.copy_of.as_ref().map_or(&origin, |copy_of| &copy_of.origin);
             self.log_conflict(edited_on, peer, &conflict)?;
         }
-        if self.open_decidable && matches!(change.body, ChangeBody::Upsert { .. } | ChangeBody::Delete) {
+        if self.open_decidable
+            && matches!(
+                change.body,
+                ChangeBody::Upsert { .. } | ChangeBody::Delete | ChangeBody::TicketStatus { .. }
+            )
+        {
             let origin_name =
                 if origin.as_str() == peer.id { peer.name.to_string() } else { origin.to_string() };
             self.close_decided_conflicts(&change, decided_by.as_deref(), &origin_name)?;

@@ -244,11 +244,13 @@ impl Store {
             ])?;
         if report.open {
             let ctx = serde_json::to_string(&row.ctx).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            let fields = serde_json::to_string(&report.contested)
+                .map_err(|err| StoreError::Corrupt(err.to_string()))?;
             self.conn
                 .prepare_cached(
-                    "INSERT INTO conflict_sides (conflict_id, ctx) VALUES (last_insert_rowid(), ?1)",
+                    "INSERT INTO conflict_sides (conflict_id, ctx, fields) VALUES (last_insert_rowid(), ?1, ?2)",
                 )?
-                .execute([ctx])?;
+                .execute([ctx, fields])?;
             self.open_decidable = true;
         }
         Ok(())
@@ -257,23 +259,31 @@ impl Store {
     /// Closes the open conflicts on a record that `change` (remote, just merged) decides: it
     /// was written having seen both sides. With `decided_by` (a person's decision on another
     /// till) the conflict is closed in that person's name; otherwise it was superseded by a
-    /// later edit. Returns how many were closed.
+    /// later edit, but only if that edit writes every field the conflict contests: the value
+    /// this till kept for a field the edit leaves alone may not be the one the other tills
+    /// hold (they followed their own strategy), so the conflict stays open for a person.
+    /// Returns how many were closed.
     pub(crate) fn close_decided_conflicts(
         &mut self,
         change: &possync_core::Change,
         decided_by: Option<&str>,
         origin_name: &str,
     ) -> Result<usize> {
-        let open: Vec<(i64, String)> = self
+        let open: Vec<(i64, String, Option<String>)> = self
             .conn
             .prepare_cached(
-                "SELECT c.id, s.ctx FROM p2p_conflicts c JOIN conflict_sides s ON s.conflict_id = c.id
+                "SELECT c.id, s.ctx, s.fields FROM p2p_conflicts c JOIN conflict_sides s ON s.conflict_id = c.id
                  WHERE c.entity_type = ?1 AND c.entity_id = ?2 AND c.resolved_by IS NULL",
             )?
             .query_map(params![change.entity.as_str(), change.id.as_str()], |row| {
-                Ok((row.get(0)?, row.get(1)?))
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
+        let written: Vec<&str> = match &change.body {
+            possync_core::ChangeBody::Upsert { fields, .. }
+            | possync_core::ChangeBody::TicketStatus { fields, .. } => fields.keys().copied().collect(),
+            _ => Vec::new(),
+        };
         if open.is_empty() {
             return Ok(0);
         }
@@ -290,10 +300,20 @@ impl Store {
         };
         let now = self.now_sqlite();
         let mut closed = 0;
-        for (conflict_id, sides) in open {
+        for (conflict_id, sides, contested) in open {
             let sides: possync_core::VersionVector = serde_json::from_str(&sides)
                 .map_err(|err| StoreError::Corrupt(format!("conflict_sides {conflict_id}: {err}")))?;
             if !change.ctx.dominates(&sides) {
+                continue;
+            }
+            // (A row from before the `fields` column: closed as before.)
+            let contested: Vec<String> = match contested {
+                Some(raw) => serde_json::from_str(&raw).map_err(|err| {
+                    StoreError::Corrupt(format!("conflict_sides {conflict_id} fields: {err}"))
+                })?,
+                None => Vec::new(),
+            };
+            if decided_by.is_none() && !contested.iter().all(|field| written.contains(&field.as_str())) {
                 continue;
             }
             let final_data = records::snapshot_json(change.entity, &final_data);
@@ -382,6 +402,21 @@ impl Store {
                 .ok_or_else(|| StoreError::not_found(kind, &id))?;
             let wants_deleted = chosen.get("deleted").and_then(Value::as_bool).unwrap_or(false);
             let final_data = if wants_deleted {
+                // The other tills may hold other values in this record's fields (each kept
+                // what its own strategy chose), and a tombstone keeps its fields (a later
+                // concurrent edit can bring the record back with them): the decision first
+                // writes the fields as this till holds them, so that every till holds the
+                // same, then the delete.
+                let mut state = state;
+                let held: possync_core::FieldMap = state.values.iter().map(|(name, value)| (*name, value.clone())).collect();
+                if !held.is_empty() {
+                    store.decided_by = Some(user.to_string());
+                    let written = store.write_fields(kind, &id, state, held, false);
+                    store.decided_by = None;
+                    written?;
+                    state = records::load(&store.conn, &store.origins, kind, &id)?
+                        .ok_or_else(|| StoreError::not_found(kind, &id))?;
+                }
                 if !state.deleted {
                     let newest = state.newest().cloned();
                     store.decided_by = Some(user.to_string());
@@ -409,7 +444,13 @@ impl Store {
                     return Err(StoreError::invalid("data", "the chosen version holds no field"));
                 }
                 store.decided_by = Some(user.to_string());
-                let written = store.write_fields(kind, &id, state, fields, false);
+                let written = if kind == EntityKind::Ticket {
+                    // A ticket takes no plain update after its sale (every till would refuse
+                    // one): its status travels as a status change.
+                    store.decide_ticket_status(&id, state, fields)
+                } else {
+                    store.write_fields(kind, &id, state, fields, false)
+                };
                 store.decided_by = None;
                 written?
             };

@@ -412,6 +412,36 @@ impl Store {
         self.change_ticket(id, TicketAction::Cancel, None, reason)
     }
 
+    /// A person's decision on a ticket's status conflict (`resolve_conflict`): the chosen
+    /// `status` (and `notes`) written as a status change without returns, the only kind of
+    /// change a ticket takes after its sale (the stock both sides moved stays moved: those
+    /// movements are facts). Labelled `cancel` when the chosen status is `cancelled`, else
+    /// `refund`; a receiving till merges its fields like any status change. Runs inside the
+    /// caller's write.
+    pub(crate) fn decide_ticket_status(
+        &mut self,
+        id: &EntityId,
+        state: RecordState,
+        fields: possync_core::FieldMap,
+    ) -> Result<Value> {
+        let cancelled =
+            fields.get("status").and_then(Value::as_str) == Some(TicketStatus::Cancelled.as_str());
+        let action = if cancelled { TicketAction::Cancel } else { TicketAction::Refund };
+        let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: Vec::new() };
+        let newest = state.newest().cloned();
+        let change = self.emit_local(EntityKind::Ticket, id, body, &state.ctx, newest.as_ref())?;
+        let version = local_version(&change);
+        let mut state = state;
+        for (name, value) in fields {
+            state.values.insert(name, value);
+            state.versions.insert(name, version.clone());
+        }
+        state.existence = Some(version);
+        state.ctx = change.ctx;
+        records::save(&self.conn, &mut self.origins, EntityKind::Ticket, id, &state)?;
+        self.ticket_json(id)
+    }
+
     fn change_ticket(
         &mut self,
         id: &EntityId,

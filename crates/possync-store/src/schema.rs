@@ -20,6 +20,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_STORE_PRICES),
         M::up(V_CHAIN_COPIES),
         M::up(V_DISPLACED),
+        M::up(V_CONFLICT_FIELDS),
     ])
 }
 
@@ -540,6 +541,13 @@ CREATE TABLE displaced_changes (
     outcome      TEXT NOT NULL
 );
 CREATE INDEX displaced_changes_origin ON displaced_changes(origin, seq);
+"#;
+
+/// The fields an open (`manual`) conflict contests (a JSON array of names; NULL for a row
+/// written before this column): a later edit supersedes the conflict only if it writes all
+/// of them (docs/DESIGN.md, "A decision is a fact of the shop").
+const V_CONFLICT_FIELDS: &str = r#"
+ALTER TABLE conflict_sides ADD COLUMN fields TEXT;
 "#;
 
 #[cfg(test)]

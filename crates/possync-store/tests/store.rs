@@ -1092,3 +1092,105 @@ fn a_deferred_fsync_is_owed_after_a_durable_write_and_catch_up_stops_at_the_posi
     );
     assert_eq!(reader.changes_after(0, 100, u64::MAX).unwrap().len(), 3);
 }
+
+// --- found by the whole-node simulation with `manual` periods (session 11) -------------------
+
+/// Two tills, B on `manual`; a product whose price both edit while apart (B keeps its own,
+/// open conflict; A takes the newer). Returns (a, b, the conflict id on B).
+fn a_price_conflict_open_on_b(
+    dir: &tempfile::TempDir,
+    clock: &ManualClock,
+) -> (common::Terminal, common::Terminal, i64) {
+    let mut a = terminal(dir, "a", clock, 0);
+    let mut b = terminal(dir, "b", clock, 0);
+    b.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    sync(&mut a, &mut b, 100);
+    clock.advance(10);
+    b.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 3})).unwrap();
+    clock.advance(10);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    let open = b.query("SELECT id FROM p2p_conflicts WHERE resolved_by IS NULL");
+    assert_eq!(open.len(), 1, "{open:?}");
+    (a, b, open[0]["id"].as_i64().unwrap())
+}
+
+#[test]
+fn a_later_edit_of_another_field_does_not_close_a_manual_conflict_it_leaves_unsettled() {
+    // Seed 30025 of the simulation: a later edit made with both versions in view closed B's
+    // open conflict as "superseded" though it did not write the contested field: B kept its
+    // price, A the other, and nothing said so any more.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let (mut a, mut b, conflict) = a_price_conflict_open_on_b(&dir, &clock);
+    let open = |t: &common::Terminal| t.count("SELECT COUNT(*) FROM p2p_conflicts WHERE resolved_by IS NULL");
+    clock.advance(10);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"name": "Green tea"})).unwrap();
+    sync(&mut a, &mut b, 100);
+    assert_eq!(open(&b), 1, "the name edit leaves the prices apart: still open");
+    clock.advance(10);
+    a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 4})).unwrap();
+    sync(&mut a, &mut b, 100);
+    assert_eq!(open(&b), 0, "a later price settles it");
+    let row = &b.query(&format!("SELECT resolved_by FROM p2p_conflicts WHERE id = {conflict}"))[0];
+    assert_eq!(row["resolvedBy"], json!("superseded"));
+    assert_eq!(a.dump(), b.dump());
+}
+
+#[test]
+fn deciding_a_conflict_for_the_deleted_version_leaves_every_till_with_the_same_record() {
+    // Seed 30073: deciding "keep it deleted" on a record already deleted wrote nothing, and
+    // the tombstone's fields (which a later concurrent edit can bring back) stayed different
+    // on the deciding till.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let (mut a, mut b, _) = a_price_conflict_open_on_b(&dir, &clock);
+    assert_ne!(a.dump(), b.dump(), "the prices differ while the conflict is open");
+    // A deletes the product, having seen both prices; B keeps its conflict open (the delete
+    // writes no price).
+    clock.advance(10);
+    a.store.delete_record(EntityKind::Product, &id("tea")).unwrap();
+    sync(&mut a, &mut b, 100);
+    let open = b.query("SELECT id FROM p2p_conflicts WHERE resolved_by IS NULL");
+    assert_eq!(open.len(), 1, "{open:?}");
+    b.store.resolve_conflict(open[0]["id"].as_i64().unwrap(), &Resolution::Local, "manager").unwrap();
+    sync(&mut b, &mut a, 100);
+    assert_eq!(a.dump(), b.dump(), "one record, deleted, with the same fields on both tills");
+}
+
+#[test]
+fn deciding_a_ticket_status_conflict_travels_as_a_status_change_every_till_accepts() {
+    // Seed 30019: the decision on a ticket's status went out as a plain ticket update, which
+    // every other till refused ("unsupported change ticket/update").
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let mut a = terminal(&dir, "a", &clock, 0);
+    let mut b = terminal(&dir, "b", &clock, 0);
+    for t in [&mut a, &mut b] {
+        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    }
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    let ticket = a.store.record_sale(&sale("tea", "2", "2")).unwrap()["id"].as_str().unwrap().to_string();
+    sync(&mut a, &mut b, 100);
+    clock.advance(10);
+    a.store.cancel_ticket(&id(&ticket), None).unwrap();
+    clock.advance(10);
+    b.store.refund_ticket(&id(&ticket), None, Some("returned")).unwrap();
+    sync(&mut a, &mut b, 100);
+    sync(&mut b, &mut a, 100);
+    let on_a = a.query("SELECT id FROM p2p_conflicts WHERE resolved_by IS NULL");
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+    a.store.resolve_conflict(on_a[0]["id"].as_i64().unwrap(), &Resolution::Remote, "manager").unwrap();
+    let report = sync(&mut a, &mut b, 100);
+    assert_eq!(report.errors, 0, "B accepts the decision: {report:?}");
+    assert_eq!(b.count("SELECT COUNT(*) FROM p2p_conflicts WHERE resolved_by IS NULL"), 0, "B's copy closed");
+    assert_eq!(a.dump(), b.dump());
+    let status = b.query(&format!("SELECT status FROM tickets WHERE id = '{ticket}'"));
+    assert_eq!(status[0]["status"], json!("refunded"));
+}
