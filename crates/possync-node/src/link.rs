@@ -197,6 +197,10 @@ pub struct Link {
     catch_up: CatchUpWatch,
     peer: Option<PeerName>,
     registered: bool,
+    /// This till's own origins whose history differs from the peer's (restored from a
+    /// backup, or copied): their changes are never served to this peer (see
+    /// [`Link::poll_effect`]).
+    withheld: BTreeSet<PosId>,
     /// Set when the way the connection ends is known before it closes.
     outcome: Option<Ended>,
     close_reason: String,
@@ -234,6 +238,7 @@ impl Link {
             catch_up: CatchUpWatch::new(now_ms, stalled_after_ms(settings.heartbeat_interval_ms)),
             peer: None,
             registered: false,
+            withheld: BTreeSet::new(),
             outcome: None,
             close_reason: String::from("closed"),
             superseded_at: None,
@@ -266,8 +271,22 @@ impl Link {
     }
 
     /// The next effect to carry out.
+    ///
+    /// A catch-up selection leaves out this till's own origins whose history differs from
+    /// the peer's: what it wrote under those numbers since it was restored is on a branch the
+    /// peer does not hold (a peer that took those changes before the originals would keep a
+    /// fork). They are re-issued under a new origin once the till has taken its history back
+    /// from the peer (`Effect::FetchOwnHistory`), and served then. Applied when the effect is
+    /// taken, not when it was queued: the comparison that finds the difference runs while the
+    /// registration is carried out, which can come after the peer's catch-up request.
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        let mut effect = self.effects.pop_front()?;
+        if let Effect::SelectBatch { since, .. } = &mut effect {
+            for origin in &self.withheld {
+                since.observe(origin, Seq(i64::MAX as u64));
+            }
+        }
+        Some(effect)
     }
 
     /// When [`Link::handle_timeout`] is next due.
@@ -474,6 +493,7 @@ impl Link {
     /// This till's history of its own `origin` differs from the peer's: alerted like an
     /// identity clash (a row, the metric), and the peer's copies asked for once.
     fn own_history_differs(&mut self, info: &PeerInfo, origin: PosId, message: String) {
+        self.withheld.insert(origin.clone());
         self.effects.push_back(Effect::Count(Metric::IdentityClash));
         let peer = PeerName { id: info.pos_id.clone(), name: info.pos_name.clone() };
         let mut row = self.row(&peer, ConnectionEventKind::SyncFailed, self.now);

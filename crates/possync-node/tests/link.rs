@@ -461,6 +461,22 @@ fn skus(store: &Store) -> Vec<String> {
 
 #[test]
 fn a_till_restored_from_a_backup_that_sold_in_between_takes_its_history_back_and_keeps_its_sales() {
+    restored_till_recovers(&["X1", "X2"]);
+}
+
+#[test]
+fn a_restored_till_that_wrote_past_the_peer_serves_none_of_its_branch_under_its_old_origin() {
+    // Found by `network.rs`'s restored-till test on a loaded machine: the restored till had
+    // written past what the peer held (its change 7 on the new branch, where the peer holds
+    // 6 on the old one), and the peer's catch-up request was answered before the till took
+    // its history back: the peer received the branch's 7 under the old origin and kept it (a
+    // fork the tills never agreed on). Here the catch-up request is always answered first.
+    restored_till_recovers(&["X1", "X2", "X3"]);
+}
+
+/// A till with 3 products, backed up, 2 more products seen by the peer, then restored from
+/// the backup and selling `in_between` before it meets the peer again.
+fn restored_till_recovers(in_between: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let now = Arc::new(AtomicU64::new(T0));
     let env = |seed| Box::new(VirtualEnv { now: Arc::clone(&now), seed });
@@ -499,7 +515,7 @@ fn a_till_restored_from_a_backup_that_sold_in_between_takes_its_history_back_and
     let mut a = Store::open(&path_a, env(4)).expect("reopen restored A");
     assert_eq!(a.summary().get(&pos("AAAA")), possync_core::Seq(4));
     now.fetch_add(60_000, Ordering::SeqCst);
-    for sku in ["X1", "X2"] {
+    for sku in in_between {
         product(&mut a, sku);
     }
     a.drain_outbox();
@@ -513,13 +529,21 @@ fn a_till_restored_from_a_backup_that_sold_in_between_takes_its_history_back_and
     });
     assert!(diverged, "{:?}", pair.a.rows);
     assert_eq!(pair.a.store.writing_origin().as_str(), "AAAA-r1", "the till writes as a new origin");
-    let everything = ["P1", "P2", "P3", "P4", "P5", "X1", "X2"].map(str::to_string).to_vec();
+    let mut everything: Vec<String> = ["P1", "P2", "P3", "P4", "P5"].map(str::to_string).to_vec();
+    everything.extend(in_between.iter().map(|sku| sku.to_string()));
     assert_eq!(skus(&pair.a.store), everything, "the till has the peer's originals and kept its sales");
     assert_eq!(skus(&pair.b.store), everything, "the peer has the sales made in between");
     assert_eq!(
         pair.a.store.reader().expect("reader").canonical_dump().expect("dump"),
         pair.b.store.reader().expect("reader").canonical_dump().expect("dump"),
         "every till ends identical"
+    );
+    let (on_a, on_b) = pair.summaries();
+    assert_eq!(on_a, on_b, "one history of every origin");
+    assert_eq!(
+        on_b.get(&pos("AAAA")),
+        possync_core::Seq(6),
+        "the peer holds nothing of the branch under AAAA"
     );
     assert!(pair.a.link.is_registered() && !pair.a.link.is_closed());
 
