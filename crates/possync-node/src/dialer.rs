@@ -189,7 +189,7 @@ async fn dial_once(
         }
     };
     let _permit = Arc::clone(completion).try_acquire_owned().map_err(|_| "node stopping".to_string())?;
-    Ok(connection::run(Arc::clone(node), channel, Role::Initiator).await)
+    Ok(connection::run(Arc::new(node.connection_handle()), channel, Role::Initiator).await)
 }
 
 #[cfg(test)]

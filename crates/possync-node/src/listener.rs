@@ -26,6 +26,7 @@ pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Ar
         ChannelConfig { handshake_timeout: ACCEPT_HANDSHAKE_TIMEOUT, ..node.channel.clone() };
     let mut settings = node.watch_settings();
     let mut shutdown = node.shutdown.subscribe();
+    let connections = Arc::new(node.connection_handle());
     loop {
         let enabled = settings.borrow_and_update().enabled;
         node.set_listening(enabled);
@@ -66,6 +67,7 @@ pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Ar
                 };
                 let Ok(permit) = Arc::clone(&completion).try_acquire_owned() else { continue };
                 let node = Arc::clone(&node);
+                let connections = Arc::clone(&connections);
                 let accept_channel = accept_channel.clone();
                 let admission = Arc::clone(&admission);
                 tokio::spawn(async move {
@@ -89,7 +91,7 @@ pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Ar
                             return;
                         }
                     };
-                    let ended = connection::run(Arc::clone(&node), channel, Role::Responder).await;
+                    let ended = connection::run(connections, channel, Role::Responder).await;
                     if let Ended::BeforeHandshake(reason) = ended {
                         tracing::debug!(%address, %reason, "inbound connection ended before handshake");
                     }
