@@ -92,18 +92,19 @@ impl Node {
             .await
             .map_err(|source| StartError::Bind { address: config.peer_listen, source })?;
         let peer_addr = listener.local_addr().ok();
-        tasks.spawn(crate::listener::listen(Arc::clone(&shared), listener, Arc::clone(&completion)));
+        tasks.spawn(crate::listener::listen(shared.listener_handle(), listener, Arc::clone(&completion)));
 
         let logger_permit = Arc::clone(&completion).acquire_owned().await.ok();
         tasks.spawn(crate::upkeep::log_events(Arc::clone(&shared), events_rx, logger_permit));
         tasks.spawn(crate::upkeep::housekeeping(Arc::clone(&shared)));
         tasks.spawn(crate::upkeep::checkpoints(Arc::clone(&shared)));
+        let dialers = shared.dialer_handle();
         for target in &config.static_peers {
-            tasks.spawn(dialer::dial_forever(Arc::clone(&shared), target.clone(), Arc::clone(&completion)));
+            tasks.spawn(dialer::dial_forever(dialers.clone(), target.clone(), Arc::clone(&completion)));
         }
         crate::chain::spawn(&shared, &mut tasks);
         if config.discovery {
-            tasks.spawn(crate::discovery::run(Arc::clone(&shared), peer_addr, Arc::clone(&completion)));
+            tasks.spawn(crate::discovery::run(shared.discovery_handle(), peer_addr, Arc::clone(&completion)));
         }
         let api_addr = match config.api_listen {
             Some(address) => {

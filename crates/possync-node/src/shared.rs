@@ -5,12 +5,15 @@
 //! API) depend on it and not on `node.rs`, which starts them: the dependencies point one way.
 //!
 //! The node holds the whole [`NodeShared`]; a task gets a handle built from it
-//! ([`NodeShared::connection_handle`]) that holds only what the task touches, so that its
-//! signature tells what it can reach: a connection cannot write settings or shut the node
-//! down. Every field of a handle is a cheap clone (an `Arc`, a channel end, a small copy of
-//! configuration made once per task).
+//! ([`NodeShared::connection_handle`], [`NodeShared::listener_handle`],
+//! [`NodeShared::dialer_handle`], [`NodeShared::discovery_handle`]) that holds only what the
+//! task touches, so that its signature tells what it can reach: a connection cannot write
+//! settings or shut the node down, a dialer cannot touch the writer except through the
+//! connections it runs. Every field of a handle is a cheap clone (an `Arc`, a channel end, a
+//! small copy of configuration made once per task).
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use possync_core::{PosId, VersionVector};
 use possync_store::{
@@ -161,11 +164,6 @@ impl NodeShared {
         (shared, events_rx)
     }
 
-    /// Tells whether the peer listener runs (set by the listener task).
-    pub(crate) fn set_listening(&self, listening: bool) {
-        self.listening.send_replace(listening);
-    }
-
     /// The current settings.
     pub fn settings(&self) -> Settings {
         self.settings.borrow().clone()
@@ -236,6 +234,45 @@ impl NodeShared {
             metrics: Arc::clone(&self.metrics),
             events: self.events.clone(),
             settings: self.settings_watch(),
+            shutdown: self.shutdown_signal(),
+        }
+    }
+
+    /// What the peer listener touches ([`crate::listener::listen`]).
+    pub fn listener_handle(&self) -> ListenerHandle {
+        ListenerHandle {
+            connections: Arc::new(self.connection_handle()),
+            channel: self.channel.clone(),
+            max_connections: self.config.max_connections,
+            peers: Arc::clone(&self.peers),
+            metrics: Arc::clone(&self.metrics),
+            events: self.events.clone(),
+            settings: self.settings_watch(),
+            shutdown: self.shutdown_signal(),
+            listening: self.listening.clone(),
+        }
+    }
+
+    /// What a dialer touches ([`crate::dialer::dial_forever`]); clone it for each target.
+    pub fn dialer_handle(&self) -> DialerHandle {
+        DialerHandle {
+            connections: Arc::new(self.connection_handle()),
+            channel: self.channel.clone(),
+            backoff_base: Duration::from_millis(self.config.backoff_base_ms),
+            peers: Arc::clone(&self.peers),
+            events: self.events.clone(),
+            settings: self.settings_watch(),
+            reconnect: Arc::clone(&self.reconnect),
+            shutdown: self.shutdown_signal(),
+        }
+    }
+
+    /// What mDNS discovery touches ([`crate::discovery::run`]).
+    pub fn discovery_handle(&self) -> DiscoveryHandle {
+        DiscoveryHandle {
+            pos_id: self.identity.pos_id.clone(),
+            dialers: self.dialer_handle(),
+            reconnect: Arc::clone(&self.reconnect),
             shutdown: self.shutdown_signal(),
         }
     }
@@ -396,4 +433,75 @@ impl ConnectionHandle {
     ) -> Result<Selection, StoreError> {
         select_durable_changes(&self.writer, &self.readers, since, after, limit).await
     }
+}
+
+/// What the peer listener touches ([`crate::listener::listen`]): the connections it runs get
+/// [`ListenerHandle::connections`]; itself it only admits and refuses, so besides the
+/// settings and shutdown it watches it needs the channel's settings, the connection cap, the
+/// peer table (to close every peer when P2P is turned off) and the means to count and log a
+/// refusal. It alone says whether the peer port serves.
+pub struct ListenerHandle {
+    /// Handed to each connection it accepts.
+    pub connections: Arc<ConnectionHandle>,
+    /// The secure channel's settings (the listener shortens the handshake deadline).
+    pub channel: ChannelConfig,
+    /// Most authenticated peers at once (`max_connections`).
+    pub max_connections: usize,
+    /// Closes every connection when P2P is turned off.
+    pub peers: Arc<PeerTable>,
+    /// Counts connections refused before they authenticate.
+    pub metrics: Arc<Metrics>,
+    /// Logs a connection that failed the secure channel.
+    pub events: EventLog,
+    /// P2P on or off.
+    pub settings: SettingsWatch,
+    /// Stops accepting when the node stops.
+    pub shutdown: ShutdownSignal,
+    /// Whether the peer port serves, read by the API ([`NodeShared::is_listening`]).
+    listening: watch::Sender<bool>,
+}
+
+impl ListenerHandle {
+    /// Tells whether the peer listener serves.
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.send_replace(listening);
+    }
+}
+
+/// What a dialer touches ([`crate::dialer::dial_forever`]): it connects, runs the connection
+/// with [`DialerHandle::connections`], and between attempts keeps its dial state in the
+/// peer table and waits for a backoff, a manual reconnect, P2P turned on, or shutdown.
+#[derive(Clone)]
+pub struct DialerHandle {
+    /// Handed to each connection it establishes.
+    pub connections: Arc<ConnectionHandle>,
+    /// The secure channel's settings.
+    pub channel: ChannelConfig,
+    /// The first pause between redials (`backoff_base_ms`).
+    pub backoff_base: Duration,
+    /// The dial states and attempts shown by the API; waits for a duplicate's connection to
+    /// end.
+    pub peers: Arc<PeerTable>,
+    /// Logs a secure channel the peer refused.
+    pub events: EventLog,
+    /// P2P on or off, and the most attempts before giving up.
+    pub settings: SettingsWatch,
+    /// A manual reconnect or a rediscovery: attempts start over.
+    pub reconnect: Arc<Notify>,
+    /// Stops dialling when the node stops.
+    pub shutdown: ShutdownSignal,
+}
+
+/// What mDNS discovery touches ([`crate::discovery::run`]): it announces this terminal,
+/// starts a dialer ([`DiscoveryHandle::dialers`]) for each terminal it finds, and wakes the
+/// dialers when one is seen again.
+pub struct DiscoveryHandle {
+    /// This terminal's posId, announced, and skipped when it is seen.
+    pub pos_id: PosId,
+    /// Cloned for each dialer it starts.
+    pub dialers: DialerHandle,
+    /// A terminal seen again: a dialer that gave up starts over.
+    pub reconnect: Arc<Notify>,
+    /// Stops browsing when the node stops.
+    pub shutdown: ShutdownSignal,
 }
