@@ -95,9 +95,10 @@ impl Node {
         tasks.spawn(crate::listener::listen(shared.listener_handle(), listener, Arc::clone(&completion)));
 
         let logger_permit = Arc::clone(&completion).acquire_owned().await.ok();
-        tasks.spawn(crate::upkeep::log_events(Arc::clone(&shared), events_rx, logger_permit));
-        tasks.spawn(crate::upkeep::housekeeping(Arc::clone(&shared)));
-        tasks.spawn(crate::upkeep::checkpoints(Arc::clone(&shared)));
+        let upkeep = shared.upkeep_handle();
+        tasks.spawn(crate::upkeep::log_events(upkeep.clone(), events_rx, logger_permit));
+        tasks.spawn(crate::upkeep::housekeeping(upkeep.clone()));
+        tasks.spawn(crate::upkeep::checkpoints(upkeep));
         let dialers = shared.dialer_handle();
         for target in &config.static_peers {
             tasks.spawn(dialer::dial_forever(dialers.clone(), target.clone(), Arc::clone(&completion)));

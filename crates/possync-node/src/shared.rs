@@ -6,11 +6,16 @@
 //!
 //! The node holds the whole [`NodeShared`]; a task gets a handle built from it
 //! ([`NodeShared::connection_handle`], [`NodeShared::listener_handle`],
-//! [`NodeShared::dialer_handle`], [`NodeShared::discovery_handle`]) that holds only what the
-//! task touches, so that its signature tells what it can reach: a connection cannot write
-//! settings or shut the node down, a dialer cannot touch the writer except through the
-//! connections it runs. Every field of a handle is a cheap clone (an `Arc`, a channel end, a
-//! small copy of configuration made once per task).
+//! [`NodeShared::dialer_handle`], [`NodeShared::discovery_handle`],
+//! [`NodeShared::upkeep_handle`], [`NodeShared::chain_handle`]) that holds only what the task
+//! touches, so that its signature tells what it can reach: a connection cannot write settings
+//! or shut the node down, a dialer reaches the writer only through the connections it runs,
+//! the upkeep and the chain drivers never see the peer table. Every field of a handle is a
+//! cheap clone (an `Arc`, a channel end, a small copy of configuration made once per task).
+//!
+//! The API is the exception: between them its handlers use nearly every part of the node
+//! (writer, readers, peers, metrics, settings, reconnect, chain status, configuration), so
+//! [`crate::api::ApiState`] keeps the whole `Arc<NodeShared>`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -277,6 +282,29 @@ impl NodeShared {
         }
     }
 
+    /// What the background upkeep touches ([`crate::upkeep`]); clone it for each of its tasks.
+    pub fn upkeep_handle(&self) -> UpkeepHandle {
+        UpkeepHandle {
+            writer: self.writer.clone(),
+            db_path: self.config.db_path(),
+            metrics: Arc::clone(&self.metrics),
+            settings: self.settings_watch(),
+            shutdown: self.shutdown_signal(),
+        }
+    }
+
+    /// What the chain drivers touch ([`crate::chain`]); clone it for each of their tasks.
+    pub fn chain_handle(&self) -> ChainHandle {
+        ChainHandle {
+            pos_id: self.identity.pos_id.clone(),
+            writer: self.writer.clone(),
+            readers: Arc::clone(&self.readers),
+            keys: self.keys.clone(),
+            status: Arc::clone(&self.chain),
+            shutdown: self.shutdown_signal(),
+        }
+    }
+
     fn settings_watch(&self) -> SettingsWatch {
         SettingsWatch(self.settings.clone())
     }
@@ -504,4 +532,49 @@ pub struct DiscoveryHandle {
     pub reconnect: Arc<Notify>,
     /// Stops browsing when the node stops.
     pub shutdown: ShutdownSignal,
+}
+
+/// What the background upkeep touches ([`crate::upkeep`]: the event logger, the WAL
+/// checkpoints, the periodic metrics and log retention): the writer's housekeeping queue, the
+/// database file, the metrics it refreshes, and the settings (log retention) and shutdown it
+/// watches.
+#[derive(Clone)]
+pub struct UpkeepHandle {
+    /// Event rows and log retention, at housekeeping priority; its queue depths.
+    pub writer: WriterHandle,
+    /// The database file (the checkpoint connection, its size for the metrics).
+    pub db_path: std::path::PathBuf,
+    /// Queue depths and the database's size.
+    pub metrics: Arc<Metrics>,
+    /// `log_retention_days`.
+    pub settings: SettingsWatch,
+    /// Stops the upkeep (the event logger drains its queue first).
+    pub shutdown: ShutdownSignal,
+}
+
+/// What the chain drivers touch ([`crate::chain`]: a store's uplink, the head office): the
+/// writer (applies from the backbone, cursors, refused messages), the readers (what to
+/// upload, own origins, reports), the enrolled keys (signatures are checked before the
+/// writer), the chain status they report to, and shutdown.
+#[derive(Clone)]
+pub struct ChainHandle {
+    /// This terminal's posId (the client's name, the status subject, own origins).
+    pub pos_id: PosId,
+    /// Applies what the backbone brings; its change feed wakes the publisher.
+    pub writer: WriterHandle,
+    /// Selections to upload, origins, conflict summaries.
+    pub readers: Arc<ReaderPool>,
+    /// The enrolled keys, to check a batch's signatures before it reaches the writer.
+    pub keys: KeyDirectory,
+    /// What the drivers report (`GET /api/chain/status`, the chain metrics).
+    pub status: Arc<crate::chain::status::ChainStatus>,
+    /// Stops the drivers when the node stops.
+    pub shutdown: ShutdownSignal,
+}
+
+impl ChainHandle {
+    /// The node's version vector (what it holds).
+    pub async fn summary(&self) -> Option<VersionVector> {
+        summary(&self.writer).await
+    }
 }
