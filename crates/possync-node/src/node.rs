@@ -1,6 +1,8 @@
 //! The node: starts and stops everything a terminal runs (writer, peer listener, dialers,
 //! discovery, upkeep, chain drivers, API); it only wires them. What they share is
-//! [`crate::shared`]; each task lives in its own module (`listener`, `dialer`, `upkeep`...).
+//! [`crate::shared`], and each task is started with the narrow handle of it that it needs
+//! (`shared.listener_handle()`...); each task lives in its own module (`listener`, `dialer`,
+//! `upkeep`...).
 //!
 //! Lifecycle (as in mini-redis): one shutdown signal (`watch`) every task listens to, and a
 //! completion count: [`Node::shutdown`] signals, then waits for every connection task to log

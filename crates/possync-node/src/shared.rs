@@ -96,7 +96,8 @@ impl ReaderPool {
     }
 }
 
-/// What every task of a node shares.
+/// What the node holds: everything its tasks share. The long-running tasks get a narrow
+/// handle built from it (see the [module doc](self)); the API takes it whole.
 pub struct NodeShared {
     /// This terminal.
     pub identity: NodeIdentity,
