@@ -1131,7 +1131,8 @@ async fn future_sizes() -> (usize, usize) {
     let (_dialled, accepted) = (dialled.expect("connect"), accepted.expect("accept"));
     let (stream, _) = tokio::join!(TcpStream::connect(addr), listener.accept());
     let accept_size = std::mem::size_of_val(&transport::accept(stream.expect("tcp"), &config));
-    let run = possync_node::connection::run(Arc::clone(&node.shared), accepted, Role::Responder);
+    let run =
+        possync_node::connection::run(Arc::new(node.shared.connection_handle()), accepted, Role::Responder);
     let run_size = std::mem::size_of_val(&run);
     drop(run);
     node.shutdown().await;

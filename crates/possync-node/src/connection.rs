@@ -1,7 +1,8 @@
 //! One task per peer connection: it owns the secure channel and pumps the sans-IO [`Link`]
 //! (the protocol session and the node's decisions about this connection) with frames, timer
 //! ticks, the node's changes and commands, and carries out the link's effects against the
-//! node: the writer thread, the peer table, the metrics.
+//! node: the writer thread, the peer table, the metrics. What it can touch is its
+//! [`ConnectionHandle`], one per listener or dialer, shared by their connections.
 //!
 //! The loop, each turn: send every queued frame; turn the session's events into effects and
 //! carry them out; publish the counters; then wait for the first of: a frame from the peer,
@@ -24,7 +25,7 @@ use crate::link::{Effect, Ended, Link, LinkConfig, Metric, PeerName};
 use crate::metrics::{ConflictLabels, PeerDirection, PeerLabel, StatusLabel};
 use crate::peer_rate::LiveChangeBudget;
 use crate::peers::{ConnectionCommand, Mailbox, SUPERSEDED_GRACE_MS};
-use crate::shared::NodeShared;
+use crate::shared::ConnectionHandle;
 use crate::transport::{SecureChannel, SecureReceiver, SecureSender, TransportError};
 use crate::writer::Priority;
 
@@ -46,14 +47,18 @@ const THROTTLE_NOTICED: std::time::Duration = std::time::Duration::from_millis(5
 /// Plain functions returning `async move` blocks rather than `async fn`s: the future of
 /// an `async fn` keeps its arguments next to the locals moved out of them, so the channel
 /// was held four times over in every connection's task; a block holds each capture once.
-pub fn run(node: Arc<NodeShared>, channel: SecureChannel, role: Role) -> impl Future<Output = Ended> + Send {
+pub fn run(
+    node: Arc<ConnectionHandle>,
+    channel: SecureChannel,
+    role: Role,
+) -> impl Future<Output = Ended> + Send {
     let address = channel.peer_addr();
     let span = info_span!("peer", %address, role = ?role, peer = tracing::field::Empty);
     drive(node, channel, role, address).instrument(span)
 }
 
 fn drive(
-    node: Arc<NodeShared>,
+    node: Arc<ConnectionHandle>,
     channel: SecureChannel,
     role: Role,
     address: SocketAddr,
@@ -82,7 +87,7 @@ fn drive(
         let Ok((summary, heads, own_origins)) = heads else {
             return Ended::BeforeHandshake("node stopping".into());
         };
-        let mut settings_watch = node.watch_settings();
+        let mut settings_watch = node.settings.subscribe();
         // This node's other connections, told to the peer so it does not relay their changes.
         let mut neighbors = node.peers.watch_connected();
         let settings = settings_watch.borrow_and_update().clone();
@@ -90,8 +95,8 @@ fn drive(
             return Ended::BeforeHandshake("P2P disabled".into());
         }
         let config = LinkConfig {
-            pos_id: node.identity.pos_id.clone(),
-            pos_name: node.identity.pos_name.clone(),
+            pos_id: node.pos_id.clone(),
+            pos_name: node.pos_name.clone(),
             instance: node.instance.clone(),
             role,
             address,
@@ -142,7 +147,7 @@ fn drive(
                             }
                         }
                         let registration = node.peers.register(
-                            &node.identity.pos_id,
+                            &node.pos_id,
                             &info.pos_id,
                             &info.pos_name,
                             address,
@@ -186,10 +191,10 @@ fn drive(
                         }
                     }
                     Effect::Apply { changes, live } => {
-                        let from = link.peer().cloned().unwrap_or_else(|| PeerName {
-                            id: node.identity.pos_id.clone(),
-                            name: String::new(),
-                        });
+                        let from = link
+                            .peer()
+                            .cloned()
+                            .unwrap_or_else(|| PeerName { id: node.pos_id.clone(), name: String::new() });
                         applying = Some(start_apply(&node, from, changes, !live));
                     }
                     effect @ (Effect::Record(_)
@@ -344,7 +349,7 @@ fn drive(
                     match superseded_at {
                         None => {
                             info!(reason = %link.close_reason(), "peer disconnected");
-                            node.record_event(row);
+                            node.events.record(row);
                         }
                         Some(at) => {
                             // The connection that won the tie-break continues the link when it
@@ -356,7 +361,7 @@ fn drive(
                                     .await;
                                 if node.peers.take_unsucceeded(&id, at) {
                                     info!(peer = %id, "peer disconnected (its other connection never came)");
-                                    node.record_event(row);
+                                    node.events.record(row);
                                 }
                             });
                         }
@@ -370,12 +375,12 @@ fn drive(
 
 /// Carries out an effect that only records what happened (an audit row, a metric); any
 /// other effect is dropped (the connection is over when this is called with one).
-async fn record(node: &NodeShared, address: SocketAddr, peer: Option<&PeerName>, effect: Effect) {
+async fn record(node: &ConnectionHandle, address: SocketAddr, peer: Option<&PeerName>, effect: Effect) {
     match effect {
-        Effect::Record(row) => node.record_event(row),
+        Effect::Record(row) => node.events.record(row),
         Effect::LogRefused { peer_id, peer_name, message_type, message_action, detail, before_handshake } => {
             if before_handshake {
-                node.record_rejected(address.ip().to_string(), "protocol handshake refused", &detail);
+                node.events.record_rejected(address.ip().to_string(), "protocol handshake refused", &detail);
             }
             let logged = node
                 .writer
@@ -415,7 +420,7 @@ async fn record(node: &NodeShared, address: SocketAddr, peer: Option<&PeerName>,
 }
 
 /// Moves the node metric a link event counts.
-fn count(node: &NodeShared, metric: Metric) {
+fn count(node: &ConnectionHandle, metric: Metric) {
     match metric {
         Metric::ProtocolViolation => {
             node.metrics.protocol_violations.inc();
@@ -494,7 +499,7 @@ type ApplyInFlight =
 
 /// Starts applying changes from `peer` (see [`apply`]).
 fn start_apply(
-    node: &Arc<NodeShared>,
+    node: &Arc<ConnectionHandle>,
     peer: PeerName,
     changes: Vec<StampedChange>,
     from_batch: bool,
@@ -505,7 +510,7 @@ fn start_apply(
 
 /// Applies changes from a peer through the writer, with metrics.
 async fn apply(
-    node: &Arc<NodeShared>,
+    node: &Arc<ConnectionHandle>,
     peer_id: &PosId,
     peer_name: &str,
     changes: Vec<StampedChange>,
@@ -614,7 +619,7 @@ fn change_ms(change: &WireChange) -> Option<u64> {
 }
 
 fn count_frames(
-    node: &NodeShared,
+    node: &ConnectionHandle,
     peer: &PosId,
     before: &protocol::ConnectionStats,
     after: &protocol::ConnectionStats,

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::connection;
 use crate::link::Ended;
-use crate::shared::NodeShared;
+use crate::shared::DialerHandle;
 use crate::transport::{self, TransportError};
 
 /// Largest pause between redials (SPEC section 4).
@@ -88,10 +88,10 @@ impl Redial {
 }
 
 /// Dials `target` (`host:port`) for as long as the node runs.
-pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc<Semaphore>) {
-    let mut settings = node.watch_settings();
+pub async fn dial_forever(node: DialerHandle, target: String, completion: Arc<Semaphore>) {
+    let mut settings = node.settings.subscribe();
     let mut shutdown = node.shutdown.subscribe();
-    let mut redial = Redial::new(Duration::from_millis(node.config.backoff_base_ms));
+    let mut redial = Redial::new(node.backoff_base);
     loop {
         if *shutdown.borrow() {
             return;
@@ -104,7 +104,7 @@ pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc
         }
         node.peers.note_dial(&target, redial.attempts());
         let outcome = dial_once(&node, &target, &completion).await;
-        let max = node.settings().reconnect_max_attempts;
+        let max = node.settings.current().reconnect_max_attempts;
         let wait = redial.after(outcome.as_ref().map_err(String::as_str), max);
         let attempts = redial.attempts();
         match (&outcome, &wait) {
@@ -155,7 +155,7 @@ pub async fn dial_forever(node: Arc<NodeShared>, target: String, completion: Arc
 }
 
 /// Sleeps as long as `wait` says.
-async fn pause(node: &NodeShared, wait: &Wait) {
+async fn pause(node: &DialerHandle, wait: &Wait) {
     match wait {
         // The other connection may be replaced by this dialer's next one: redial once it ends
         // rather than every second (a handshake each time) while it lives.
@@ -172,24 +172,20 @@ async fn resolve(target: &str) -> Result<SocketAddr, String> {
 }
 
 /// One attempt: connect, secure, run until closed.
-async fn dial_once(
-    node: &Arc<NodeShared>,
-    target: &str,
-    completion: &Arc<Semaphore>,
-) -> Result<Ended, String> {
+async fn dial_once(node: &DialerHandle, target: &str, completion: &Arc<Semaphore>) -> Result<Ended, String> {
     let address = resolve(target).await?;
     let channel = match transport::connect(address, &node.channel).await {
         Ok(channel) => channel,
         Err(err) => {
             if matches!(err, TransportError::HandshakeFailed { .. }) {
                 warn!(%address, %err, "peer refused the secure channel (different shop secret?)");
-                node.record_rejected(address.to_string(), err.rejection_label(), &err.to_string());
+                node.events.record_rejected(address.to_string(), err.rejection_label(), &err.to_string());
             }
             return Err(err.to_string());
         }
     };
     let _permit = Arc::clone(completion).try_acquire_owned().map_err(|_| "node stopping".to_string())?;
-    Ok(connection::run(Arc::clone(node), channel, Role::Initiator).await)
+    Ok(connection::run(Arc::clone(&node.connections), channel, Role::Initiator).await)
 }
 
 #[cfg(test)]

@@ -13,13 +13,13 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::dialer;
-use crate::shared::NodeShared;
+use crate::shared::DiscoveryHandle;
 
 /// The DNS-SD service type of possync (and of the seed's POSPlus terminals).
 pub const SERVICE_TYPE: &str = "_posplus-p2p._tcp.local.";
 
 /// Announces this node and dials the terminals it finds, until shutdown.
-pub async fn run(node: Arc<NodeShared>, peer_addr: Option<SocketAddr>, completion: Arc<Semaphore>) {
+pub async fn run(node: DiscoveryHandle, peer_addr: Option<SocketAddr>, completion: Arc<Semaphore>) {
     let daemon = match ServiceDaemon::new() {
         Ok(daemon) => daemon,
         Err(err) => {
@@ -27,7 +27,7 @@ pub async fn run(node: Arc<NodeShared>, peer_addr: Option<SocketAddr>, completio
             return;
         }
     };
-    let own_id = node.identity.pos_id.to_string();
+    let own_id = node.pos_id.to_string();
     if let Some(address) = peer_addr {
         let host = format!(
             "possync-{}.local.",
@@ -77,7 +77,7 @@ pub async fn run(node: Arc<NodeShared>, peer_addr: Option<SocketAddr>, completio
         let target = SocketAddr::new(*ip, service.port).to_string();
         if dialing.insert(target.clone()) {
             info!(%peer_id, %target, "discovered a terminal");
-            tokio::spawn(dialer::dial_forever(Arc::clone(&node), target, Arc::clone(&completion)));
+            tokio::spawn(dialer::dial_forever(node.dialers.clone(), target, Arc::clone(&completion)));
         } else {
             // Seen again: a dialer that gave up starts over (SPEC section 4).
             debug!(%peer_id, "terminal seen again");

@@ -4,7 +4,8 @@
 //! `possync-core` with real sockets and timers, and the `possync-store` database through a
 //! single writer thread.
 //!
-//! - [`node`] — start and stop a node; the state its tasks share.
+//! - [`node`] — start and stop a node (wiring only).
+//! - [`shared`] — the state the node's tasks share, and each task's narrow handle of it.
 //! - [`writer`] — the single database writer, with priority queues.
 //! - [`transport`] — the secure channel (Noise over WebSocket).
 //! - [`link`] — the sync engine of one connection, without I/O (decisions, effects).

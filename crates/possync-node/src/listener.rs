@@ -15,16 +15,16 @@ use crate::connection;
 use crate::link::Ended;
 use crate::metrics::Reason;
 use crate::peers::ConnectionCommand;
-use crate::shared::NodeShared;
+use crate::shared::ListenerHandle;
 use crate::transport::{self, ChannelConfig};
 
 /// Accepts peers while P2P is enabled: at most `max_connections` authenticated peers, and
 /// connections still proving the secret within their own budget ([`crate::admission`]).
-pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Arc<Semaphore>) {
-    let admission = Arc::new(Admission::new(node.config.max_connections));
+pub async fn listen(node: ListenerHandle, listener: TcpListener, completion: Arc<Semaphore>) {
+    let admission = Arc::new(Admission::new(node.max_connections));
     let accept_channel =
         ChannelConfig { handshake_timeout: ACCEPT_HANDSHAKE_TIMEOUT, ..node.channel.clone() };
-    let mut settings = node.watch_settings();
+    let mut settings = node.settings.subscribe();
     let mut shutdown = node.shutdown.subscribe();
     loop {
         let enabled = settings.borrow_and_update().enabled;
@@ -65,7 +65,9 @@ pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Ar
                     }
                 };
                 let Ok(permit) = Arc::clone(&completion).try_acquire_owned() else { continue };
-                let node = Arc::clone(&node);
+                let events = node.events.clone();
+                let metrics = Arc::clone(&node.metrics);
+                let connections = Arc::clone(&node.connections);
                 let accept_channel = accept_channel.clone();
                 let admission = Arc::clone(&admission);
                 tokio::spawn(async move {
@@ -77,7 +79,7 @@ pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Ar
                         Ok(channel) => channel,
                         Err(err) => {
                             warn!(%address, %err, "inbound secure channel failed");
-                            node.record_rejected(address.ip().to_string(), err.rejection_label(), &err.to_string());
+                            events.record_rejected(address.ip().to_string(), err.rejection_label(), &err.to_string());
                             return;
                         }
                     };
@@ -85,11 +87,11 @@ pub async fn listen(node: Arc<NodeShared>, listener: TcpListener, completion: Ar
                         Ok(peer_seat) => peer_seat,
                         Err(refusal) => {
                             warn!(%address, "peer connection cap reached, refusing a peer");
-                            node.metrics.connections_rejected.get_or_create(&Reason { reason: refusal.label() }).inc();
+                            metrics.connections_rejected.get_or_create(&Reason { reason: refusal.label() }).inc();
                             return;
                         }
                     };
-                    let ended = connection::run(Arc::clone(&node), channel, Role::Responder).await;
+                    let ended = connection::run(connections, channel, Role::Responder).await;
                     if let Ended::BeforeHandshake(reason) = ended {
                         tracing::debug!(%address, %reason, "inbound connection ended before handshake");
                     }

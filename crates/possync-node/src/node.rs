@@ -1,6 +1,8 @@
 //! The node: starts and stops everything a terminal runs (writer, peer listener, dialers,
 //! discovery, upkeep, chain drivers, API); it only wires them. What they share is
-//! [`crate::shared`]; each task lives in its own module (`listener`, `dialer`, `upkeep`...).
+//! [`crate::shared`], and each task is started with the narrow handle of it that it needs
+//! (`shared.listener_handle()`...); each task lives in its own module (`listener`, `dialer`,
+//! `upkeep`...).
 //!
 //! Lifecycle (as in mini-redis): one shutdown signal (`watch`) every task listens to, and a
 //! completion count: [`Node::shutdown`] signals, then waits for every connection task to log
@@ -92,18 +94,20 @@ impl Node {
             .await
             .map_err(|source| StartError::Bind { address: config.peer_listen, source })?;
         let peer_addr = listener.local_addr().ok();
-        tasks.spawn(crate::listener::listen(Arc::clone(&shared), listener, Arc::clone(&completion)));
+        tasks.spawn(crate::listener::listen(shared.listener_handle(), listener, Arc::clone(&completion)));
 
         let logger_permit = Arc::clone(&completion).acquire_owned().await.ok();
-        tasks.spawn(crate::upkeep::log_events(Arc::clone(&shared), events_rx, logger_permit));
-        tasks.spawn(crate::upkeep::housekeeping(Arc::clone(&shared)));
-        tasks.spawn(crate::upkeep::checkpoints(Arc::clone(&shared)));
+        let upkeep = shared.upkeep_handle();
+        tasks.spawn(crate::upkeep::log_events(upkeep.clone(), events_rx, logger_permit));
+        tasks.spawn(crate::upkeep::housekeeping(upkeep.clone()));
+        tasks.spawn(crate::upkeep::checkpoints(upkeep));
+        let dialers = shared.dialer_handle();
         for target in &config.static_peers {
-            tasks.spawn(dialer::dial_forever(Arc::clone(&shared), target.clone(), Arc::clone(&completion)));
+            tasks.spawn(dialer::dial_forever(dialers.clone(), target.clone(), Arc::clone(&completion)));
         }
         crate::chain::spawn(&shared, &mut tasks);
         if config.discovery {
-            tasks.spawn(crate::discovery::run(Arc::clone(&shared), peer_addr, Arc::clone(&completion)));
+            tasks.spawn(crate::discovery::run(shared.discovery_handle(), peer_addr, Arc::clone(&completion)));
         }
         let api_addr = match config.api_listen {
             Some(address) => {

@@ -1,6 +1,7 @@
 //! The node's background upkeep, off the sync path: the connection-event logger (rows
 //! queued by the connections, written in small transactions at housekeeping priority), WAL
 //! checkpoints from a connection of their own, and the periodic metrics and log retention.
+//! Each task gets a clone of the node's [`UpkeepHandle`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,12 +12,12 @@ use tracing::{info, warn};
 
 use crate::clock::now_ms;
 use crate::metrics::Queue;
-use crate::shared::NodeShared;
+use crate::shared::UpkeepHandle;
 use crate::writer::Priority;
 
 /// Writes queued connection events in small transactions, off the sync path.
 pub async fn log_events(
-    node: Arc<NodeShared>,
+    node: UpkeepHandle,
     mut events: mpsc::Receiver<ConnectionEvent>,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
@@ -48,7 +49,7 @@ pub async fn log_events(
                 warn!(%err, "could not write connection events");
             }
         }
-        if stopping && *node.shutdown.borrow() {
+        if stopping && node.shutdown.is_set() {
             return;
         }
     }
@@ -56,8 +57,8 @@ pub async fn log_events(
 
 /// Checkpoints the WAL every second from a connection of its own (see
 /// [`possync_store::Checkpointer`]), so that the writer's commits never pay for them.
-pub async fn checkpoints(node: Arc<NodeShared>) {
-    let path = node.config.db_path();
+pub async fn checkpoints(node: UpkeepHandle) {
+    let path = node.db_path.clone();
     let checkpointer =
         match tokio::task::spawn_blocking(move || possync_store::Checkpointer::open(&path)).await {
             Ok(Ok(checkpointer)) => Arc::new(Mutex::new(checkpointer)),
@@ -86,7 +87,7 @@ pub async fn checkpoints(node: Arc<NodeShared>) {
 }
 
 /// Periodic work: queue depths and database size for the metrics, log retention.
-pub async fn housekeeping(node: Arc<NodeShared>) {
+pub async fn housekeeping(node: UpkeepHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut last_cleanup = 0u64;
     loop {
@@ -97,14 +98,14 @@ pub async fn housekeeping(node: Arc<NodeShared>) {
         {
             node.metrics.queue_depth.get_or_create(&Queue { queue }).set(depth as i64);
         }
-        let db = node.config.db_path();
+        let db = &node.db_path;
         let size = |suffix: &str| {
             std::fs::metadata(format!("{}{suffix}", db.display())).map_or(0, |meta| meta.len())
         };
         node.metrics.database_bytes.set((size("") + size("-wal")) as i64);
         if now_ms().saturating_sub(last_cleanup) > 3_600_000 {
             last_cleanup = now_ms();
-            let days = node.settings().log_retention_days;
+            let days = node.settings.current().log_retention_days;
             let removed =
                 node.writer.call(Priority::Housekeeping, move |store| store.cleanup_logs(days)).await;
             if let Ok(Ok(removed)) = removed

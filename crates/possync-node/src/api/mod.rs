@@ -50,7 +50,11 @@ use crate::writer::Priority;
 
 /// What every handler shares.
 pub struct ApiState {
-    /// The node.
+    /// The node, whole: unlike the other tasks, which get a narrow handle
+    /// ([`crate::shared`]), the API between its handlers uses nearly every part of it (the
+    /// writer, the readers, the peer table, the metrics, the settings and their writes, the
+    /// reconnect notice, the chain status, the configuration, shutdown), so a handle of its
+    /// own would repeat [`NodeShared`].
     pub node: Arc<NodeShared>,
     /// Who may call.
     pub auth: AuthPolicy,

@@ -29,7 +29,7 @@ use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::clock::now_ms;
 use crate::config::HqConfig;
-use crate::shared::NodeShared;
+use crate::shared::ChainHandle;
 use crate::writer::Priority;
 
 /// The head office's durable consumer on the UP stream.
@@ -45,9 +45,9 @@ const HELD_BACK_RETRY: Duration = Duration::from_secs(60);
 const GAP_DELIVERIES: i64 = 120;
 
 /// Runs the head office's side of the backbone until the node shuts down.
-pub(crate) async fn run(node: Arc<NodeShared>, config: HqConfig) {
-    let status = Arc::clone(&node.chain);
-    let name = format!("possync head office {}", node.identity.pos_id);
+pub(crate) async fn run(node: ChainHandle, config: HqConfig) {
+    let status = Arc::clone(&node.status);
+    let name = format!("possync head office {}", node.pos_id);
     let mut attempt = 0;
     let client = loop {
         match connect(&config.backbone, name.clone()).await {
@@ -73,9 +73,9 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: HqConfig) {
         }
     }
     let mut tasks = JoinSet::new();
-    tasks.spawn(ingest_forever(Arc::clone(&node), js.clone(), subjects.clone(), Arc::clone(&status)));
-    tasks.spawn(listen_to_reports(Arc::clone(&node), client.clone(), subjects.clone()));
-    tasks.spawn(publisher::run(Arc::clone(&node), js, subjects, Lane::Down, Arc::clone(&status)));
+    tasks.spawn(ingest_forever(node.clone(), js.clone(), subjects.clone(), Arc::clone(&status)));
+    tasks.spawn(listen_to_reports(node.clone(), client.clone(), subjects.clone()));
+    tasks.spawn(publisher::run(node.clone(), js, subjects, Lane::Down, Arc::clone(&status)));
     info!(chain = config.backbone.chain.as_str(), "head office backbone started");
     super::uplink::watch_connection(&node, &client, &status).await;
     tasks.abort_all();
@@ -83,8 +83,8 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: HqConfig) {
 }
 
 /// Takes the stores' uplink reports (docs/CHAIN.md, "Which stores are online") for ever.
-async fn listen_to_reports(node: Arc<NodeShared>, client: async_nats::Client, subjects: Subjects) {
-    let status = Arc::clone(&node.chain);
+async fn listen_to_reports(node: ChainHandle, client: async_nats::Client, subjects: Subjects) {
+    let status = Arc::clone(&node.status);
     retry_until_shutdown(&node, &status, "listening to the stores' reports", || async {
         let mut reports = client
             .subscribe(subjects.status_wildcard())
@@ -103,7 +103,7 @@ async fn listen_to_reports(node: Arc<NodeShared>, client: async_nats::Client, su
             // store that sends none is shown offline, which is what it looks like.
             match (subjects.parse_status(&message.subject), UplinkReport::decode(&message.payload)) {
                 (Ok((store, till)), Ok(report)) => {
-                    if !node.chain.store_reported(&store, &till, report, now_ms()) {
+                    if !node.status.store_reported(&store, &till, report, now_ms()) {
                         debug!(%store, %till, "too many tills report: this one is not tracked");
                     }
                 }
@@ -147,7 +147,7 @@ pub(crate) async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects)
 }
 
 async fn ingest_forever(
-    node: Arc<NodeShared>,
+    node: ChainHandle,
     js: jetstream::Context,
     subjects: Subjects,
     status: Arc<ChainStatus>,
@@ -158,7 +158,7 @@ async fn ingest_forever(
 
 /// Creates the streams and the durable consumer, then applies messages until shutdown.
 async fn ingest(
-    node: &Arc<NodeShared>,
+    node: &ChainHandle,
     js: &jetstream::Context,
     subjects: &Subjects,
     status: &ChainStatus,
@@ -224,7 +224,7 @@ struct Checked {
 /// Checks each message (refusing the bad ones), applies the good ones together, and acks
 /// each after the commit (or asks for it again when it met a gap).
 async fn handle_group(
-    node: &Arc<NodeShared>,
+    node: &ChainHandle,
     up: &stream::Stream,
     subjects: &Subjects,
     status: &ChainStatus,
@@ -310,7 +310,7 @@ async fn handle_group(
 
 /// The checks of one message: `Ok(Err((peer, reason)))` refuses it.
 async fn check(
-    node: &Arc<NodeShared>,
+    node: &ChainHandle,
     subjects: &Subjects,
     message: &jetstream::Message,
     new_owners: &mut std::collections::HashMap<possync_core::PosId, String>,
@@ -327,7 +327,7 @@ async fn check(
     // Every origin the head office has written as (its posId, a recovered `<posId>-r<k>`).
     let own = match node.readers.with(|reader| reader.own_origins()).await {
         Ok((_, own)) => own,
-        Err(_) => vec![node.identity.pos_id.clone()],
+        Err(_) => vec![node.pos_id.clone()],
     };
     if own.contains(&parsed.origin) {
         return Ok(Err((peer, format!("store {store} uploaded the head office's own origin"))));
@@ -360,7 +360,7 @@ async fn check(
 
 /// Logs a refused message, terminates it (never redelivered) and counts it.
 async fn reject(
-    node: &Arc<NodeShared>,
+    node: &ChainHandle,
     status: &ChainStatus,
     message: jetstream::Message,
     peer: &str,

@@ -9,7 +9,8 @@
 //!
 //! Nothing here decides a merge or keeps a second log: changes go through the node's single
 //! writer (`apply_batch`'s rules, by (origin, seq)), uploads are read from the change log
-//! (the buffer while the WAN is down), and the LAN spreads whatever arrives as usual.
+//! (the buffer while the WAN is down), and the LAN spreads whatever arrives as usual. What the
+//! drivers touch of the node is their [`ChainHandle`]: never the peer table nor the settings.
 //! See docs/CHAIN.md for the layout and what happens at each failure.
 
 mod hq;
@@ -19,13 +20,12 @@ mod uplink;
 
 pub use status::ChainStatus;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 
 use crate::config::{BackboneAuth, BackboneConfig, ChainRole};
-use crate::shared::NodeShared;
+use crate::shared::{ChainHandle, NodeShared};
 
 /// Why a backbone operation failed (the driver logs it and retries with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +47,15 @@ pub enum ChainError {
     Writer(#[from] crate::writer::WriterError),
 }
 
-/// Starts the chain tasks this node's configuration asks for.
-pub(crate) fn spawn(node: &Arc<NodeShared>, tasks: &mut JoinSet<()>) {
+/// Starts the chain tasks this node's configuration asks for, each with the node's
+/// [`ChainHandle`].
+pub(crate) fn spawn(node: &NodeShared, tasks: &mut JoinSet<()>) {
     match node.config.chain.clone() {
         Some(ChainRole::Uplink(config)) => {
-            tasks.spawn(uplink::run(Arc::clone(node), config));
+            tasks.spawn(uplink::run(node.chain_handle(), config));
         }
         Some(ChainRole::Hq(config)) => {
-            tasks.spawn(hq::run(Arc::clone(node), config));
+            tasks.spawn(hq::run(node.chain_handle(), config));
         }
         None => {}
     }
@@ -89,7 +90,7 @@ async fn connect(backbone: &BackboneConfig, name: String) -> Result<async_nats::
 }
 
 /// Waits `delay`, or less if the node shuts down; false when it does.
-async fn pause(node: &NodeShared, delay: Duration) -> bool {
+async fn pause(node: &ChainHandle, delay: Duration) -> bool {
     let mut shutdown = node.shutdown.subscribe();
     if *shutdown.borrow() {
         return false;
@@ -104,7 +105,7 @@ async fn pause(node: &NodeShared, delay: Duration) -> bool {
 /// shuts down during a back-off; each failure is logged (`what` says which task), kept as
 /// the status's last error, and followed by a growing pause.
 async fn retry_until_shutdown<Attempt, Running>(
-    node: &NodeShared,
+    node: &ChainHandle,
     status: &ChainStatus,
     what: &str,
     mut attempt: Attempt,
@@ -134,7 +135,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// Logs a message refused from the backbone as an error row of `p2p_sync_logs`.
-async fn log_rejected(node: &NodeShared, peer_id: &str, peer_name: &str, reason: &str) {
+async fn log_rejected(node: &ChainHandle, peer_id: &str, peer_name: &str, reason: &str) {
     let (peer_id, peer_name, reason) = (peer_id.to_string(), peer_name.to_string(), reason.to_string());
     let logged = node
         .writer

@@ -24,7 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, warn};
 
 use super::{ChainError, ChainStatus, backoff, pause};
-use crate::shared::NodeShared;
+use crate::shared::ChainHandle;
 
 /// Most changes in one message (a message is also kept under `MAX_MESSAGE_BYTES`).
 pub(crate) const MAX_CHANGES_PER_MESSAGE: usize = 200;
@@ -43,7 +43,7 @@ pub(crate) enum Lane {
 
 /// Publishes until the node shuts down.
 pub(crate) async fn run(
-    node: Arc<NodeShared>,
+    node: ChainHandle,
     js: jetstream::Context,
     subjects: Subjects,
     lane: Lane,
@@ -89,7 +89,7 @@ pub(crate) async fn run(
                 Ok((_, own)) => own,
                 Err(err) => {
                     warn!(%err, "cannot read this node's own origins; publishing its posId's");
-                    vec![node.identity.pos_id.clone()]
+                    vec![node.pos_id.clone()]
                 }
             },
         };
@@ -164,7 +164,7 @@ pub(crate) async fn run(
 /// database lists (seen on the DOWN stream) or that have a subject on the DOWN stream: a till
 /// may hold them through the LAN before its own downlink has read them.
 async fn classify(
-    node: &NodeShared,
+    node: &ChainHandle,
     js: &jetstream::Context,
     subjects: &Subjects,
     local: &possync_core::VersionVector,
@@ -242,7 +242,7 @@ async fn read_last(
 /// Publishes `origin`'s changes `range` (or a prefix small enough for one message).
 #[allow(clippy::too_many_arguments)]
 async fn publish(
-    node: &NodeShared,
+    node: &ChainHandle,
     js: &jetstream::Context,
     subject: &str,
     origin: &PosId,

@@ -19,13 +19,13 @@ use tracing::{debug, info, warn};
 use super::publisher::{self, Lane};
 use super::{ChainError, ChainStatus, backoff, connect, log_rejected, pause, retry_until_shutdown};
 use crate::config::UplinkConfig;
-use crate::shared::NodeShared;
+use crate::shared::ChainHandle;
 use crate::writer::Priority;
 
 /// Runs the till's uplink until the node shuts down.
-pub(crate) async fn run(node: Arc<NodeShared>, config: UplinkConfig) {
-    let status = Arc::clone(&node.chain);
-    let name = format!("possync till {} of store {}", node.identity.pos_id, config.store);
+pub(crate) async fn run(node: ChainHandle, config: UplinkConfig) {
+    let status = Arc::clone(&node.status);
+    let name = format!("possync till {} of store {}", node.pos_id, config.store);
     let mut attempt = 0;
     let client = loop {
         match connect(&config.backbone, name.clone()).await {
@@ -45,22 +45,22 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: UplinkConfig) {
     let subjects = Subjects::new(config.backbone.chain.clone());
     let mut tasks = JoinSet::new();
     tasks.spawn(publisher::run(
-        Arc::clone(&node),
+        node.clone(),
         js.clone(),
         subjects.clone(),
         Lane::Up { store: config.store.clone() },
         Arc::clone(&status),
     ));
-    match subjects.status(&config.store, &node.identity.pos_id) {
+    match subjects.status(&config.store, &node.pos_id) {
         Ok(subject) => {
             let every = Duration::from_secs(config.report_every_secs.max(1));
-            tasks.spawn(report(Arc::clone(&node), client.clone(), subject, every));
+            tasks.spawn(report(node.clone(), client.clone(), subject, every));
         }
         Err(err) => {
             warn!(%err, "uplink: this till's posId cannot name a status subject; it sends no reports")
         }
     }
-    tasks.spawn(downlink(Arc::clone(&node), js, subjects, Arc::clone(&status)));
+    tasks.spawn(downlink(node.clone(), js, subjects, Arc::clone(&status)));
     watch_connection(&node, &client, &status).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -69,9 +69,9 @@ pub(crate) async fn run(node: Arc<NodeShared>, config: UplinkConfig) {
 /// Reports the till's uplink to the head office every `every` (docs/CHAIN.md, "Which stores
 /// are online"): plain NATS, nothing kept; a report lost while the WAN is down is what tells
 /// the head office that the store is offline.
-async fn report(node: Arc<NodeShared>, client: async_nats::Client, subject: String, every: Duration) {
+async fn report(node: ChainHandle, client: async_nats::Client, subject: String, every: Duration) {
     loop {
-        let mut report = node.chain.uplink_report();
+        let mut report = node.status.uplink_report();
         // The store's conflicts summary: two counts over the audit trail.
         report.conflicts = node
             .readers
@@ -89,7 +89,7 @@ async fn report(node: Arc<NodeShared>, client: async_nats::Client, subject: Stri
 }
 
 /// Mirrors the client's connection state into the status until shutdown.
-pub(super) async fn watch_connection(node: &NodeShared, client: &async_nats::Client, status: &ChainStatus) {
+pub(super) async fn watch_connection(node: &ChainHandle, client: &async_nats::Client, status: &ChainStatus) {
     loop {
         let connected = client.connection_state() == async_nats::connection::State::Connected;
         status.update(|status| status.connected = connected);
@@ -100,12 +100,7 @@ pub(super) async fn watch_connection(node: &NodeShared, client: &async_nats::Cli
 }
 
 /// Applies the DOWN stream from the till's cursor, for ever.
-async fn downlink(
-    node: Arc<NodeShared>,
-    js: jetstream::Context,
-    subjects: Subjects,
-    status: Arc<ChainStatus>,
-) {
+async fn downlink(node: ChainHandle, js: jetstream::Context, subjects: Subjects, status: Arc<ChainStatus>) {
     retry_until_shutdown(&node, &status, "downlink (reading again from the cursor)", || {
         consume(&node, &js, &subjects, &status)
     })
@@ -116,7 +111,7 @@ async fn downlink(
 /// stream order, and the client recreates the consumer after a gap or a reconnect); returns
 /// `Ok` on shutdown.
 async fn consume(
-    node: &Arc<NodeShared>,
+    node: &ChainHandle,
     js: &jetstream::Context,
     subjects: &Subjects,
     status: &ChainStatus,
