@@ -427,19 +427,32 @@ impl Store {
         let cancelled =
             fields.get("status").and_then(Value::as_str) == Some(TicketStatus::Cancelled.as_str());
         let action = if cancelled { TicketAction::Cancel } else { TicketAction::Refund };
-        let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: Vec::new() };
+        self.emit_ticket_status(id, state, action, fields, Vec::new())?;
+        self.ticket_json(id)
+    }
+
+    /// Emits a ticket's status change (`fields`: `status`, maybe `notes`; `returns`: the
+    /// stock coming back) and records it in the ticket's state, as the merge records it on
+    /// every other till: the fields and, since every write sets it, the existence.
+    fn emit_ticket_status(
+        &mut self,
+        id: &EntityId,
+        mut state: RecordState,
+        action: TicketAction,
+        fields: possync_core::FieldMap,
+        returns: Vec<StockMovement>,
+    ) -> Result<()> {
+        let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns };
         let newest = state.newest().cloned();
         let change = self.emit_local(EntityKind::Ticket, id, body, &state.ctx, newest.as_ref())?;
         let version = local_version(&change);
-        let mut state = state;
         for (name, value) in fields {
             state.values.insert(name, value);
             state.versions.insert(name, version.clone());
         }
         state.existence = Some(version);
         state.ctx = change.ctx;
-        records::save(&self.conn, &mut self.origins, EntityKind::Ticket, id, &state)?;
-        self.ticket_json(id)
+        records::save(&self.conn, &mut self.origins, EntityKind::Ticket, id, &state)
     }
 
     fn change_ticket(
@@ -523,19 +536,7 @@ impl Store {
             if let Some(reason) = reason {
                 fields.insert("notes", json!(reason));
             }
-            let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: returns.clone() };
-            let newest = state.newest().cloned();
-            let change = store.emit_local(EntityKind::Ticket, id, body, &state.ctx, newest.as_ref())?;
-            let version = local_version(&change);
-            let mut state = state;
-            for (name, value) in fields {
-                state.values.insert(name, value);
-                state.versions.insert(name, version.clone());
-            }
-            // As the merge records it on every other till: every write sets the existence.
-            state.existence = Some(version);
-            state.ctx = change.ctx;
-            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, id, &state)?;
+            store.emit_ticket_status(id, state, action, fields, returns.clone())?;
             for movement in &returns {
                 store.insert_movement(movement)?;
             }
