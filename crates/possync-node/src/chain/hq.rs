@@ -324,12 +324,25 @@ async fn check(
         return Ok(Err(("backbone".into(), format!("{subject} is not an UP subject"))));
     };
     let peer = format!("store:{store}");
-    // Every origin the head office has written as (its posId, a recovered `<posId>-r<k>`).
-    let own = match node.readers.with(|reader| reader.own_origins()).await {
-        Ok((_, own)) => own,
-        Err(_) => vec![node.pos_id.clone()],
-    };
-    if own.contains(&parsed.origin) {
+    let origin = parsed.origin.clone();
+    // One read for both checks: every origin the head office has written as (its posId, a
+    // recovered `<posId>-r<k>`), and the store this origin belongs to when it is not one
+    // this round has just met. A failed read ends the round with the message unacked (it
+    // comes again), never checks it against less than the truth.
+    let known_owner = new_owners.get(&origin).cloned();
+    let lookup = known_owner.is_none().then(|| origin.clone());
+    let (own, found_owner) = node
+        .readers
+        .with(move |reader| {
+            let (_, own) = reader.own_origins()?;
+            let owner = match lookup {
+                Some(origin) => reader.chain_origin_store(&origin)?,
+                None => None,
+            };
+            Ok((own, owner))
+        })
+        .await?;
+    if own.contains(&origin) {
         return Ok(Err((peer, format!("store {store} uploaded the head office's own origin"))));
     }
     let header =
@@ -338,14 +351,7 @@ async fn check(
         Ok(batch) => batch,
         Err(err) => return Ok(Err((peer, format!("{subject}: {err}")))),
     };
-    let origin = batch.origin().clone();
-    let owner = match new_owners.get(&origin) {
-        Some(owner) => Some(owner.clone()),
-        None => {
-            let lookup = origin.clone();
-            node.readers.with(move |reader| reader.chain_origin_store(&lookup)).await?
-        }
-    };
+    let owner = known_owner.or(found_owner);
     match owner {
         Some(owner) if owner != store.as_str() => {
             return Ok(Err((peer, format!("origin {origin} belongs to store {owner}, not {store}"))));
