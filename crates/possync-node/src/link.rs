@@ -375,6 +375,20 @@ impl Link {
                 self.refused_frame(format!("frame_too_large: {err}"));
                 self.session.close(&format!("transport: {err}"));
             }
+            TransportError::Decrypt | TransportError::WebSocket(_) => {
+                // The stream was changed on its way (tampered, bytes duplicated, reordered or
+                // lost by something between the tills) or the peer is broken: nothing more is
+                // read from it, and the audit trail says why the link ended (SPEC 4).
+                if let Some(peer) = self.peer.clone() {
+                    let mut row = self.row(&peer, ConnectionEventKind::SyncFailed, now_ms);
+                    row.error_message = Some(format!(
+                        "the secure channel refused the peer's stream ({}): the connection is closed, nothing after the last good frame is applied",
+                        error_chain(err)
+                    ));
+                    self.effects.push_back(Effect::Record(row));
+                }
+                self.session.close(&format!("transport: {err}"));
+            }
             _ => self.session.close(&format!("transport: {err}")),
         }
     }
@@ -759,4 +773,16 @@ impl Link {
             at_ms: now_ms,
         }
     }
+}
+
+/// An error and its sources, as one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }

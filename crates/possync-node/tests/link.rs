@@ -12,6 +12,7 @@ use possync_core::protocol::Role;
 use possync_core::{EntityKind, PosId, VersionVector};
 use possync_node::link::{Effect, Ended, Link, LinkConfig, Metric};
 use possync_node::peers::Registration;
+use possync_node::transport::TransportError;
 use possync_store::{ConnectionEvent, ConnectionEventKind, Environment, PeerRef, Store};
 use serde_json::json;
 
@@ -367,6 +368,40 @@ fn a_stalled_catch_up_is_logged_once_and_asked_again() {
     assert!(message.starts_with("catch-up stalled: 6 changes"), "{message}");
     assert_eq!(pair.b.metrics.iter().filter(|metric| **metric == Metric::SyncStall).count(), 1);
     assert!(pair.b.link.poll_transmit().is_some(), "the stall asks the peer again");
+}
+
+#[test]
+fn a_stream_the_secure_channel_refuses_ends_the_link_with_a_sync_failed_row_saying_why() {
+    let mut pair = Pair::new(2);
+    pair.settle(200);
+    assert!(pair.b.link.is_registered());
+    let rows_before = pair.b.rows.len();
+    // A chunk of A's stream duplicated on the way: the next transport message fails to
+    // authenticate.
+    pair.b.link.receive_failed(pair.now(), &TransportError::Decrypt);
+    pair.b.carry_out(pair.now());
+    assert!(pair.b.link.is_closed());
+    let refused: Vec<&ConnectionEvent> =
+        pair.b.rows[rows_before..].iter().filter(|row| row.kind == ConnectionEventKind::SyncFailed).collect();
+    assert_eq!(refused.len(), 1, "{:?}", pair.b.kinds());
+    assert_eq!(refused[0].peer_id, "AAAA");
+    let message = refused[0].error_message.as_deref().unwrap_or_default();
+    assert!(
+        message.starts_with("the secure channel refused the peer's stream (transport message rejected"),
+        "{message}"
+    );
+    // A connection that only ends (reset, closed) is a disconnection, not a failure.
+    let mut other = Pair::new(2);
+    other.settle(200);
+    let rows_before = other.b.rows.len();
+    other.b.link.receive_failed(other.now(), &TransportError::Io(std::io::ErrorKind::ConnectionReset.into()));
+    other.b.carry_out(other.now());
+    assert!(other.b.link.is_closed());
+    assert!(
+        other.b.rows[rows_before..].iter().all(|row| row.kind != ConnectionEventKind::SyncFailed),
+        "{:?}",
+        other.b.kinds()
+    );
 }
 
 #[test]
