@@ -12,12 +12,23 @@
 //! 3. a one-way cut (till 1 hears nothing from till 0, till 0 still hears till 1);
 //! 4. till 1 killed with SIGKILL while selling, restarted;
 //! 5. till 2 running with its wall clock 20 minutes ahead throughout (libfaketime), when
-//!    libfaketime is installed.
+//!    libfaketime is installed;
+//! 6. latency and jitter, 150 to 500 ms on every link (the fault proxy, below);
+//! 7. a one-way stall: the proxy stops carrying till 0's bytes to till 2, the TCP
+//!    connection staying up, past the heartbeat timeout;
+//! 8. a mangled stream: now and then a chunk sent twice or swapped with the next one;
+//! 9. till 1 killed with SIGKILL in the middle of its catch-up (links to it slowed so that
+//!    the catch-up lasts), restarted.
+//!
+//! Every connection between two tills goes through a fault-injecting TCP proxy in the hub's
+//! namespace (`support/fault_proxy.rs`: this kernel has no `sch_netem`), which makes 6 to 8.
 //!
 //! Then every link heals, and the test asserts: every acknowledged sale is on every till
 //! exactly once, the tills' canonical dumps are identical, stock is exact (each sale sells
-//! one), and the connection events happened where they should (timeouts for the cut till,
-//! a reconnection after the heal). It prints the figures that docs/RELIABILITY.md reports.
+//! one), and the connection events happened where they should (timeouts for the cut till
+//! and the stalled direction, a reconnection after the heal, none under latency alone, the
+//! mangled streams refused and recorded). It prints the figures that docs/RELIABILITY.md
+//! reports.
 //!
 //! Needs root, `ip` (iproute2), `iptables` and `curl`; without them it prints a loud
 //! `SKIPPED` line and passes (`.ci/run` installs them). `POSSYNC_SOAK_SECONDS` lengthens each
@@ -30,6 +41,11 @@ use std::time::{Duration, Instant};
 
 use possync_store::StoreReader;
 use serde_json::{Value, json};
+
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
+
+use fault_proxy::{Addressing, DirectionFaults, FaultProxy};
 
 const SECRET: &str = "broken-network-secret-7c1e94b2d05a";
 const TILLS: usize = 3;
@@ -45,10 +61,13 @@ struct Lab {
     dirs: Vec<PathBuf>,
     processes: Vec<Option<Child>>,
     skewed: bool,
+    proxy: Option<FaultProxy>,
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The proxy's thread lives in the hub: stopped before the hub goes.
+        self.proxy.take();
         for child in self.processes.iter_mut().flatten() {
             let _ = child.kill();
             let _ = child.wait();
@@ -76,6 +95,18 @@ fn address(till: usize) -> String {
     format!("10.232.0.{}", till + 1)
 }
 
+fn till_ip(till: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 232, 0, till as u8 + 1)
+}
+
+/// The hub's address standing for `till`: the others reach it there, through the proxy,
+/// and it sees them from their own aliases.
+fn alias_ip(till: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 232, 0, till as u8 + 101)
+}
+
+const ADDRESSING: Addressing = Addressing { tills: TILLS, port: PEER_PORT, till: till_ip, alias: alias_ip };
+
 impl Lab {
     /// The hub with its bridge, one namespace per till joined to it.
     fn build(tag: &str, root: &Path) -> Result<Lab, String> {
@@ -85,6 +116,7 @@ impl Lab {
             dirs: Vec::new(),
             processes: Vec::new(),
             skewed: false,
+            proxy: None,
         };
         ip(&["netns", "add", &lab.hub])?;
         ip(&["-n", &lab.hub, "link", "add", "br0", "type", "bridge"])?;
@@ -105,9 +137,14 @@ impl Lab {
             lab.dirs.push(root.join(format!("till-{till}")));
             lab.processes.push(None);
         }
+        for till in 0..TILLS {
+            ip(&["-n", &lab.hub, "addr", "add", &format!("{}/24", alias_ip(till)), "dev", "br0"])?;
+        }
         // iptables must work inside a namespace (the loss and the cuts are rules).
         lab.iptables(0, &["-L", "INPUT"])?;
         run_ok(Command::new("curl").arg("--version"))?;
+        let seed = u64::from(std::process::id());
+        lab.proxy = Some(FaultProxy::start(&lab.hub, ADDRESSING, seed)?);
         Ok(lab)
     }
 
@@ -115,9 +152,16 @@ impl Lab {
         run_ok(Command::new("ip").args(["netns", "exec", &self.tills[till], "iptables"]).args(args))
     }
 
-    /// Drops what `till` receives from `from` (one way).
+    /// Drops what `till` receives from `from` (one way): from its address and from its
+    /// alias, which is where the proxy carries its connections from.
     fn cut(&self, till: usize, from: usize) {
-        self.iptables(till, &["-A", "INPUT", "-i", "eth0", "-s", &address(from), "-j", "DROP"]).expect("cut");
+        for source in [address(from), alias_ip(from).to_string()] {
+            self.iptables(till, &["-A", "INPUT", "-i", "eth0", "-s", &source, "-j", "DROP"]).expect("cut");
+        }
+    }
+
+    fn proxy(&self) -> &FaultProxy {
+        self.proxy.as_ref().expect("the proxy runs while the lab stands")
     }
 
     /// Drops `percent` % of what `till` receives from the network.
@@ -178,7 +222,8 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(log);
         for other in (0..TILLS).filter(|other| *other != till) {
-            command.args(["--peer", &format!("{}:{PEER_PORT}", address(other))]);
+            // Through the proxy: the other till's alias.
+            command.args(["--peer", &format!("{}:{PEER_PORT}", alias_ip(other))]);
         }
         if till == 2 && Path::new(FAKETIME_LIB).exists() {
             command
@@ -245,6 +290,61 @@ impl Lab {
 
     fn rows(&self, till: usize, sql: &str) -> Vec<Value> {
         StoreReader::open(&self.db(till)).expect("reader").query_json(sql).expect("query")
+    }
+
+    fn count(&self, till: usize, sql: &str) -> u64 {
+        self.rows(till, sql).first().and_then(|row| row["n"].as_u64()).unwrap_or(0)
+    }
+
+    fn ticket_count(&self, till: usize) -> u64 {
+        self.count(till, "SELECT COUNT(*) AS n FROM tickets")
+    }
+
+    /// `event` rows `till` logged about till `peer`.
+    fn count_events(&self, till: usize, peer: usize, event: &str) -> u64 {
+        self.count(
+            till,
+            &format!(
+                "SELECT COUNT(*) AS n FROM p2p_connection_metrics WHERE peer_name = 'Till {peer}' AND event_type = '{event}'"
+            ),
+        )
+    }
+
+    fn count_events_everywhere(&self, event: &str) -> u64 {
+        (0..TILLS)
+            .map(|till| {
+                self.count(
+                    till,
+                    &format!("SELECT COUNT(*) AS n FROM p2p_connection_metrics WHERE event_type = '{event}'"),
+                )
+            })
+            .sum()
+    }
+
+    /// Links ended because the secure channel refused the peer's stream, on every till.
+    fn count_channel_refusals(&self) -> u64 {
+        (0..TILLS)
+            .map(|till| {
+                self.count(
+                    till,
+                    "SELECT COUNT(*) AS n FROM p2p_connection_metrics
+                     WHERE event_type = 'sync_failed' AND error_message LIKE 'the secure channel refused%'",
+                )
+            })
+            .sum()
+    }
+
+    fn mangled(&self) -> u64 {
+        let stats = self.proxy().stats();
+        stats.duplicated.load(std::sync::atomic::Ordering::Relaxed)
+            + stats.reordered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every till sees both others (after a fault, before the next).
+    fn wait_until_all_connected(&self) {
+        wait_for("every till sees both others", Duration::from_secs(90), || {
+            (0..TILLS).all(|till| self.connected_peers(till) == 2)
+        });
     }
 }
 
@@ -372,6 +472,77 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     });
     seller.sell_for(&lab, phase / 2, &all);
 
+    // 5. Latency and jitter on every link, 150 to 500 ms: slow, never silent for a heartbeat
+    //    timeout, so none may be logged.
+    lab.wait_until_all_connected();
+    let timeouts_before = lab.count_events_everywhere("heartbeat_timeout");
+    lab.proxy().set_all(TILLS, DirectionFaults { latency_ms: 150, jitter_ms: 350, ..Default::default() });
+    faults.push("latency 150 ms + jitter up to 350 ms on every link");
+    seller.sell_for(&lab, phase, &all);
+    lab.proxy().heal();
+    assert_eq!(
+        lab.count_events_everywhere("heartbeat_timeout"),
+        timeouts_before,
+        "a heartbeat timeout under latency alone is a phantom"
+    );
+
+    // 6. One-way stall: the proxy stops carrying till 0's bytes to till 2 (TCP stays up),
+    //    past the heartbeat timeout: till 2 must time till 0 out.
+    lab.wait_until_all_connected();
+    let stalled_before = lab.count_events(2, 0, "heartbeat_timeout");
+    lab.proxy().set(0, 2, DirectionFaults { stalled: true, ..Default::default() });
+    faults.push("one-way stall 0 -> 2 at the proxy");
+    seller.sell_for(&lab, phase + Duration::from_secs(12), &all);
+    lab.proxy().heal();
+    assert!(
+        lab.count_events(2, 0, "heartbeat_timeout") > stalled_before,
+        "till 2 did not time out the till it heard nothing from"
+    );
+
+    // 7. A mangled stream: now and then a chunk sent twice or swapped with the next one.
+    //    The secure channel must refuse it (a `sync_failed` row naming it) and the tills
+    //    reconnect; nothing of it is applied (the final checks).
+    lab.wait_until_all_connected();
+    let refused_before = lab.count_channel_refusals();
+    let mangled_before = lab.mangled();
+    lab.proxy().set_all(TILLS, DirectionFaults { mangle_per_mille: 5, ..Default::default() });
+    faults.push("mangled streams (chunks duplicated or swapped, 5 in 1000)");
+    seller.sell_for(&lab, phase, &all);
+    lab.proxy().heal();
+    let mangled = lab.mangled() - mangled_before;
+    assert!(mangled > 0, "the proxy mangled nothing: the phase tested nothing");
+    let refusals = lab.count_channel_refusals() - refused_before;
+    assert!(refusals > 0, "{mangled} chunks mangled and no till recorded its channel refusing a stream");
+
+    // 8. Till 1 killed with SIGKILL during its catch-up: the others sell while it is down,
+    //    then it comes back over links slowed to 400 ms each way (its catch-up lasts several
+    //    seconds), and is killed again as soon as the first caught-up sales are committed.
+    lab.wait_until_all_connected();
+    lab.kill(1);
+    seller.sell_for(&lab, phase, &[0, 2]);
+    for other in [0, 2] {
+        lab.proxy().set(other, 1, DirectionFaults { latency_ms: 400, ..Default::default() });
+        lab.proxy().set(1, other, DirectionFaults { latency_ms: 400, ..Default::default() });
+    }
+    let before_restart = lab.ticket_count(1);
+    lab.start(1);
+    let started = Instant::now();
+    while lab.ticket_count(1) <= before_restart {
+        assert!(started.elapsed() < Duration::from_secs(60), "till 1's catch-up did not start");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    lab.kill(1);
+    let at_kill = lab.ticket_count(1);
+    let behind = lab.ticket_count(0).saturating_sub(at_kill);
+    assert!(behind > 0, "till 1 was killed after its catch-up, not during it");
+    faults.push("till 1 killed (SIGKILL) during its catch-up, restarted");
+    lab.start(1);
+    lab.proxy().heal();
+    wait_for("till 1 answers again", Duration::from_secs(30), || {
+        lab.api(1, "GET", "/api/status", None).is_some()
+    });
+    seller.sell_for(&lab, phase / 2, &all);
+
     // Everything healed: the tills agree.
     let converged_in = wait_for("identical dumps on every till", Duration::from_secs(120), || {
         let dumps: Vec<Option<String>> = (0..TILLS).map(|till| lab.dump(till)).collect();
@@ -446,10 +617,17 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
         let minutes = skew[0]["minutes"].as_f64().unwrap_or(0.0);
         assert!((15.0..25.0).contains(&minutes), "till 2's clock was not skewed: {skew:?}");
     }
+    let stats = lab.proxy().stats();
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "broken network: faults [{}]; clock of till 2 {}; sales acknowledged {acknowledged}, unanswered {}, lost {lost}; converged {:.1} s after the last heal",
+        "broken network: faults [{}]; clock of till 2 {}; proxy: {} connections, {} chunks, {} delayed, {} duplicated, {} swapped; {refusals} streams refused by the channel; till 1 killed {behind} tickets behind in its catch-up; sales acknowledged {acknowledged}, unanswered {}, lost {lost}; converged {:.1} s after the last heal",
         faults.join("; "),
         if lab.skewed { "20 min ahead" } else { "not skewed (no libfaketime)" },
+        load(&stats.connections),
+        load(&stats.chunks),
+        load(&stats.delayed),
+        load(&stats.duplicated),
+        load(&stats.reordered),
         seller.unanswered,
         converged_in.as_secs_f64(),
     );
