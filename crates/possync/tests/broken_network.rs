@@ -49,7 +49,10 @@ mod fault_proxy;
 use fault_proxy::{Addressing, DirectionFaults, FaultProxy};
 
 const SECRET: &str = "broken-network-secret-7c1e94b2d05a";
-const TILLS: usize = 3;
+/// Tills in the run: 3 by default (CI), up to 5 with `POSSYNC_BN_TILLS`.
+fn till_count() -> usize {
+    std::env::var("POSSYNC_BN_TILLS").ok().and_then(|n| n.parse().ok()).unwrap_or(3).clamp(3, 5)
+}
 const PEER_PORT: u16 = 7700;
 const API_PORT: u16 = 3031;
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
@@ -106,8 +109,6 @@ fn alias_ip(till: usize) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(10, 232, 0, till as u8 + 101)
 }
 
-const ADDRESSING: Addressing = Addressing { tills: TILLS, port: PEER_PORT, till: till_ip, alias: alias_ip };
-
 impl Lab {
     /// The hub with its bridge, one namespace per till joined to it.
     fn build(tag: &str, root: &Path) -> Result<Lab, String> {
@@ -122,7 +123,7 @@ impl Lab {
         ip(&["netns", "add", &lab.hub])?;
         ip(&["-n", &lab.hub, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lab.hub, "link", "set", "br0", "up"])?;
-        for till in 0..TILLS {
+        for till in 0..till_count() {
             let namespace = format!("pbn-{tag}-{till}");
             ip(&["netns", "add", &namespace])?;
             lab.tills.push(namespace.clone());
@@ -138,14 +139,15 @@ impl Lab {
             lab.dirs.push(root.join(format!("till-{till}")));
             lab.processes.push(None);
         }
-        for till in 0..TILLS {
+        for till in 0..lab.count() {
             ip(&["-n", &lab.hub, "addr", "add", &format!("{}/24", alias_ip(till)), "dev", "br0"])?;
         }
         // iptables must work inside a namespace (the loss and the cuts are rules).
         lab.iptables(0, &["-L", "INPUT"])?;
         run_ok(Command::new("curl").arg("--version"))?;
         let seed = u64::from(std::process::id());
-        lab.proxy = Some(FaultProxy::start(&lab.hub, ADDRESSING, seed)?);
+        let addressing = Addressing { tills: lab.count(), port: PEER_PORT, till: till_ip, alias: alias_ip };
+        lab.proxy = Some(FaultProxy::start(&lab.hub, addressing, seed)?);
         Ok(lab)
     }
 
@@ -159,6 +161,15 @@ impl Lab {
         for source in [address(from), alias_ip(from).to_string()] {
             self.iptables(till, &["-A", "INPUT", "-i", "eth0", "-s", &source, "-j", "DROP"]).expect("cut");
         }
+    }
+
+    fn count(&self) -> usize {
+        self.tills.len()
+    }
+
+    /// Every till but `till`.
+    fn all_but(&self, till: usize) -> Vec<usize> {
+        (0..self.count()).filter(|other| *other != till).collect()
     }
 
     fn proxy(&self) -> &FaultProxy {
@@ -189,7 +200,7 @@ impl Lab {
     }
 
     fn heal(&self) {
-        for till in 0..TILLS {
+        for till in 0..self.count() {
             self.iptables(till, &["-F", "INPUT"]).expect("flush");
         }
     }
@@ -222,7 +233,7 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        for other in (0..TILLS).filter(|other| *other != till) {
+        for other in (0..self.count()).filter(|other| *other != till) {
             // Through the proxy: the other till's alias.
             command.args(["--peer", &format!("{}:{PEER_PORT}", alias_ip(other))]);
         }
@@ -293,17 +304,17 @@ impl Lab {
         StoreReader::open(&self.db(till)).expect("reader").query_json(sql).expect("query")
     }
 
-    fn count(&self, till: usize, sql: &str) -> u64 {
+    fn count_rows(&self, till: usize, sql: &str) -> u64 {
         self.rows(till, sql).first().and_then(|row| row["n"].as_u64()).unwrap_or(0)
     }
 
     fn ticket_count(&self, till: usize) -> u64 {
-        self.count(till, "SELECT COUNT(*) AS n FROM tickets")
+        self.count_rows(till, "SELECT COUNT(*) AS n FROM tickets")
     }
 
     /// `event` rows `till` logged about till `peer`.
     fn count_events(&self, till: usize, peer: usize, event: &str) -> u64 {
-        self.count(
+        self.count_rows(
             till,
             &format!(
                 "SELECT COUNT(*) AS n FROM p2p_connection_metrics WHERE peer_name = 'Till {peer}' AND event_type = '{event}'"
@@ -312,9 +323,9 @@ impl Lab {
     }
 
     fn count_events_everywhere(&self, event: &str) -> u64 {
-        (0..TILLS)
+        (0..self.count())
             .map(|till| {
-                self.count(
+                self.count_rows(
                     till,
                     &format!("SELECT COUNT(*) AS n FROM p2p_connection_metrics WHERE event_type = '{event}'"),
                 )
@@ -324,9 +335,9 @@ impl Lab {
 
     /// Links ended because the secure channel refused the peer's stream, on every till.
     fn count_channel_refusals(&self) -> u64 {
-        (0..TILLS)
+        (0..self.count())
             .map(|till| {
-                self.count(
+                self.count_rows(
                     till,
                     "SELECT COUNT(*) AS n FROM p2p_connection_metrics
                      WHERE event_type = 'sync_failed' AND error_message LIKE 'the secure channel refused%'",
@@ -341,10 +352,10 @@ impl Lab {
             + stats.reordered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Every till sees both others (after a fault, before the next).
+    /// Every till sees every other (at the start, after a fault, before the next).
     fn wait_until_all_connected(&self) {
-        wait_for("every till sees both others", Duration::from_secs(90), || {
-            (0..TILLS).all(|till| self.connected_peers(till) == 2)
+        wait_for("every till sees every other", Duration::from_secs(90), || {
+            (0..self.count()).all(|till| self.connected_peers(till) == self.count() as u64 - 1)
         });
     }
 }
@@ -413,17 +424,15 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     let phase = Duration::from_secs(
         std::env::var("POSSYNC_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8),
     );
-    for till in 0..TILLS {
+    for till in 0..lab.count() {
         lab.init(till);
         lab.start(till);
     }
-    wait_for("every till answers and sees both others", Duration::from_secs(60), || {
-        (0..TILLS).all(|till| lab.connected_peers(till) == 2)
-    });
+    lab.wait_until_all_connected();
     // A short heartbeat, so that a cut link times out within the phase (interval + 10 s);
     // stamps accepted up to 6 hours ahead, so that till 2's clock, 3 hours ahead, is merged
     // rather than held back (the default limit is 1 hour).
-    for till in 0..TILLS {
+    for till in 0..lab.count() {
         for (setting, value) in [("p2p_heartbeat_interval", 1000), ("p2p_max_clock_ahead", 6 * 3_600_000)] {
             let (status, body) = lab
                 .api(till, "PUT", &format!("/api/settings/{setting}"), Some(&json!({"value": value})))
@@ -436,15 +445,16 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
         .expect("product answer");
     assert_eq!(status, 201, "{body}");
     wait_for("the product on every till", Duration::from_secs(30), || {
-        (0..TILLS).all(|till| lab.api(till, "GET", "/api/products/tea", None).is_some_and(|(s, _)| s == 200))
+        (0..lab.count())
+            .all(|till| lab.api(till, "GET", "/api/products/tea", None).is_some_and(|(s, _)| s == 200))
     });
 
     let mut seller = Seller { next: 0, acknowledged: BTreeSet::new(), unanswered: 0 };
     let mut faults = Vec::new();
-    let all = [0, 1, 2];
+    let all: Vec<usize> = (0..lab.count()).collect();
 
     // 1. 30 % loss on every till's input.
-    for till in 0..TILLS {
+    for till in 0..lab.count() {
         lab.lose(till, 30);
     }
     faults.push("30 % loss on every till, both ways");
@@ -452,11 +462,11 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     lab.heal();
 
     // 2. Till 2 cut off from the others, both ways, past the heartbeat timeout.
-    for other in [0, 1] {
+    for other in lab.all_but(2) {
         lab.cut(2, other);
         lab.cut(other, 2);
     }
-    faults.push("till 2 partitioned from tills 0 and 1");
+    faults.push("till 2 partitioned from every other till");
     seller.sell_for(&lab, phase + Duration::from_secs(12), &all);
     lab.heal();
 
@@ -470,7 +480,7 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     seller.sell_for(&lab, Duration::from_secs(1), &all);
     lab.kill(1);
     faults.push("till 1 killed (SIGKILL) while selling, restarted");
-    seller.sell_for(&lab, phase / 2, &[0, 2]);
+    seller.sell_for(&lab, phase / 2, &lab.all_but(1));
     lab.start(1);
     wait_for("till 1 answers again", Duration::from_secs(30), || {
         lab.api(1, "GET", "/api/status", None).is_some()
@@ -481,7 +491,8 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     //    timeout, so none may be logged.
     lab.wait_until_all_connected();
     let timeouts_before = lab.count_events_everywhere("heartbeat_timeout");
-    lab.proxy().set_all(TILLS, DirectionFaults { latency_ms: 150, jitter_ms: 350, ..Default::default() });
+    lab.proxy()
+        .set_all(lab.count(), DirectionFaults { latency_ms: 150, jitter_ms: 350, ..Default::default() });
     faults.push("latency 150 ms + jitter up to 350 ms on every link");
     seller.sell_for(&lab, phase, &all);
     lab.proxy().heal();
@@ -510,10 +521,15 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     lab.wait_until_all_connected();
     let refused_before = lab.count_channel_refusals();
     let mangled_before = lab.mangled();
-    lab.proxy().set_all(TILLS, DirectionFaults { mangle_per_mille: 5, ..Default::default() });
+    lab.proxy().set_all(lab.count(), DirectionFaults { mangle_per_mille: 5, ..Default::default() });
     faults.push("mangled streams (chunks duplicated or swapped, 5 in 1000)");
     seller.sell_for(&lab, phase, &all);
     lab.proxy().heal();
+    // A mangled stream must not go on: every connection mangled is closed, by the channel's
+    // refusal or, at the latest, by the heartbeat timeout.
+    wait_for("every mangled connection closed", Duration::from_secs(30), || {
+        lab.proxy().stats().mangled_open() == 0
+    });
     let mangled = lab.mangled() - mangled_before;
     assert!(mangled > 0, "the proxy mangled nothing: the phase tested nothing");
     let refusals = lab.count_channel_refusals() - refused_before;
@@ -524,8 +540,8 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     //    seconds), and is killed again as soon as the first caught-up sales are committed.
     lab.wait_until_all_connected();
     lab.kill(1);
-    seller.sell_for(&lab, phase, &[0, 2]);
-    for other in [0, 2] {
+    seller.sell_for(&lab, phase, &lab.all_but(1));
+    for other in lab.all_but(1) {
         lab.proxy().set(other, 1, DirectionFaults { latency_ms: 400, ..Default::default() });
         lab.proxy().set(1, other, DirectionFaults { latency_ms: 400, ..Default::default() });
     }
@@ -550,14 +566,14 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
 
     // Everything healed: the tills agree.
     let converged_in = wait_for("identical dumps on every till", Duration::from_secs(120), || {
-        let dumps: Vec<Option<String>> = (0..TILLS).map(|till| lab.dump(till)).collect();
+        let dumps: Vec<Option<String>> = (0..lab.count()).map(|till| lab.dump(till)).collect();
         dumps.iter().all(|dump| dump.is_some() && *dump == dumps[0])
     });
 
     let acknowledged = seller.acknowledged.len();
     assert!(acknowledged > 50, "too few sales acknowledged to mean anything: {acknowledged}");
     let mut lost = 0;
-    for till in 0..TILLS {
+    for till in 0..lab.count() {
         let tickets: BTreeSet<String> = lab
             .rows(till, "SELECT id FROM tickets")
             .iter()
@@ -589,7 +605,7 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
         .filter_map(|row| row["eventType"].as_str().map(str::to_string))
         .collect()
     };
-    for till in [0, 1] {
+    for till in lab.all_but(2) {
         let seen = events(till, 2);
         let timeout = seen.iter().position(|event| event == "heartbeat_timeout");
         assert!(
@@ -625,7 +641,8 @@ fn tills_on_a_lossy_cut_and_crashing_network_end_identical_with_every_acknowledg
     let stats = lab.proxy().stats();
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "broken network: faults [{}]; clock of till 2 {}; proxy: {} connections, {} chunks, {} delayed, {} duplicated, {} swapped; {refusals} streams refused by the channel; till 1 killed {behind} tickets behind in its catch-up; sales acknowledged {acknowledged}, unanswered {}, lost {lost}; converged {:.1} s after the last heal",
+        "broken network, {} tills: faults [{}]; clock of till 2 {}; proxy: {} connections, {} chunks, {} delayed, {} duplicated, {} swapped; {refusals} streams refused by the channel; till 1 killed {behind} tickets behind in its catch-up; sales acknowledged {acknowledged}, unanswered {}, lost {lost}; converged {:.1} s after the last heal",
+        lab.count(),
         faults.join("; "),
         if lab.skewed { "3 h ahead" } else { "not skewed (no libfaketime)" },
         load(&stats.connections),

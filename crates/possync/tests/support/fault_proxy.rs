@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +61,17 @@ pub struct ProxyStats {
     pub duplicated: AtomicU64,
     /// Chunks swapped with the next one.
     pub reordered: AtomicU64,
+    /// Connections mangled at least once.
+    pub mangled_connections: AtomicU64,
+    /// Of those, the ones that ended (a mangled stream must not go on).
+    pub mangled_closed: AtomicU64,
+}
+
+impl ProxyStats {
+    /// Mangled connections still carried.
+    pub fn mangled_open(&self) -> u64 {
+        self.mangled_connections.load(Ordering::Acquire) - self.mangled_closed.load(Ordering::Acquire)
+    }
 }
 
 /// Where the tills and their aliases live.
@@ -236,98 +247,105 @@ async fn carry(
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let other_seed = rng.random();
-    let forth = pump(sender, receiver, client_read, server_write, &faults, &stats, rng);
-    let back = pump(
-        receiver,
-        sender,
-        server_read,
-        client_write,
-        &faults,
-        &stats,
-        SmallRng::seed_from_u64(other_seed),
-    );
+    let connection = Connection { faults: &faults, stats: &stats, mangled: AtomicBool::new(false) };
+    let forth = connection.pump((sender, receiver), client_read, server_write, rng);
+    let back =
+        connection.pump((receiver, sender), server_read, client_write, SmallRng::seed_from_u64(other_seed));
     // Either direction ending (a close, a reset) ends the connection.
     tokio::select! {
         () = forth => {}
         () = back => {}
     }
+    if connection.mangled.load(Ordering::Acquire) {
+        stats.mangled_closed.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
-/// One direction: reads chunks, holds them by the direction's faults, writes them in order.
-async fn pump(
-    sender: usize,
-    receiver: usize,
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    faults: &FaultTable,
-    stats: &ProxyStats,
-    mut rng: SmallRng,
-) {
-    let current = || {
-        faults
-            .lock()
-            .map(|table| table.get(&(sender, receiver)).copied().unwrap_or_default())
-            .unwrap_or_default()
-    };
-    let (queue, mut queued) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let read = async move {
-        let mut buffer = vec![0u8; 16 * 1024];
-        let mut last_release = Instant::now();
-        let mut held: Option<Vec<u8>> = None;
-        loop {
-            while current().stalled {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let read = match from.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(read) => read,
-            };
-            let faults = current();
-            let delay = faults.latency_ms
-                + if faults.jitter_ms > 0 { rng.random_range(0..=faults.jitter_ms) } else { 0 };
-            if delay > 0 {
-                stats.delayed.fetch_add(1, Ordering::Relaxed);
-            }
-            // In order: a chunk is never released before the one read before it.
-            last_release = last_release.max(Instant::now() + Duration::from_millis(delay));
-            let chunk = buffer[..read].to_vec();
-            let mut out = Vec::with_capacity(3);
-            if faults.mangle_per_mille > 0 && rng.random_range(0..1000) < faults.mangle_per_mille {
-                if rng.random_bool(0.5) {
-                    stats.duplicated.fetch_add(1, Ordering::Relaxed);
-                    out.push(chunk.clone());
-                    out.push(chunk);
-                } else if held.is_none() {
-                    // Swapped with the next chunk: sent after it.
-                    stats.reordered.fetch_add(1, Ordering::Relaxed);
-                    held = Some(chunk);
+/// What both directions of one carried connection share.
+struct Connection<'a> {
+    faults: &'a FaultTable,
+    stats: &'a ProxyStats,
+    /// Either direction was mangled.
+    mangled: AtomicBool,
+}
+
+impl Connection<'_> {
+    /// One direction, (sender, receiver): reads chunks, holds them by the direction's faults,
+    /// writes them in order.
+    async fn pump(
+        &self,
+        direction: (usize, usize),
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut rng: SmallRng,
+    ) {
+        let Connection { faults, stats, mangled } = self;
+        let current = || {
+            faults.lock().map(|table| table.get(&direction).copied().unwrap_or_default()).unwrap_or_default()
+        };
+        let (queue, mut queued) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let read = async move {
+            let mut buffer = vec![0u8; 16 * 1024];
+            let mut last_release = Instant::now();
+            let mut held: Option<Vec<u8>> = None;
+            loop {
+                while current().stalled {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let read = match from.read(&mut buffer).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => read,
+                };
+                let faults = current();
+                let delay = faults.latency_ms
+                    + if faults.jitter_ms > 0 { rng.random_range(0..=faults.jitter_ms) } else { 0 };
+                if delay > 0 {
+                    stats.delayed.fetch_add(1, Ordering::Relaxed);
+                }
+                // In order: a chunk is never released before the one read before it.
+                last_release = last_release.max(Instant::now() + Duration::from_millis(delay));
+                let chunk = buffer[..read].to_vec();
+                let mut out = Vec::with_capacity(3);
+                if faults.mangle_per_mille > 0 && rng.random_range(0..1000) < faults.mangle_per_mille {
+                    if !mangled.swap(true, Ordering::AcqRel) {
+                        stats.mangled_connections.fetch_add(1, Ordering::AcqRel);
+                    }
+                    if rng.random_bool(0.5) {
+                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                        out.push(chunk.clone());
+                        out.push(chunk);
+                    } else if held.is_none() {
+                        // Swapped with the next chunk: sent after it.
+                        stats.reordered.fetch_add(1, Ordering::Relaxed);
+                        held = Some(chunk);
+                    } else {
+                        out.push(chunk);
+                    }
                 } else {
                     out.push(chunk);
+                    out.extend(held.take());
                 }
-            } else {
-                out.push(chunk);
-                out.extend(held.take());
+                for chunk in out {
+                    if queue.send((last_release, chunk)).is_err() {
+                        return;
+                    }
+                }
             }
-            for chunk in out {
-                if queue.send((last_release, chunk)).is_err() {
+        };
+        let write = async move {
+            while let Some((release, chunk)) = queued.recv().await {
+                tokio::time::sleep_until(release).await;
+                while current().stalled {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if to.write_all(&chunk).await.is_err() {
                     return;
                 }
+                stats.chunks.fetch_add(1, Ordering::Relaxed);
             }
-        }
-    };
-    let write = async move {
-        while let Some((release, chunk)) = queued.recv().await {
-            tokio::time::sleep_until(release).await;
-            while current().stalled {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if to.write_all(&chunk).await.is_err() {
-                return;
-            }
-            stats.chunks.fetch_add(1, Ordering::Relaxed);
-        }
-        let _ = to.shutdown().await;
-    };
-    // The writer drains what was read before the reader's end, then closes its side.
-    tokio::join!(read, write);
+            let _ = to.shutdown().await;
+        };
+        // The writer drains what was read before the reader's end, then closes its side.
+        tokio::join!(read, write);
+    }
 }
