@@ -562,6 +562,30 @@ fn rejected(err: StoreError) -> Result<String, PosplusError> {
 }
 
 impl Importer<'_> {
+    /// Writes one POSPlus row as a possync record: counted in `table`'s summary when
+    /// written, skipped with the store's reason when refused (`None`); a database failure
+    /// stops the import.
+    fn upsert(
+        &mut self,
+        table: &'static str,
+        posplus_id: i64,
+        kind: possync_core::EntityKind,
+        target: &EntityId,
+        body: Map<String, Value>,
+    ) -> Result<Option<Upserted>, PosplusError> {
+        match self.store.upsert_record(kind, target, &Value::Object(body)) {
+            Ok(outcome) => {
+                self.summary.count(table, outcome);
+                Ok(Some(outcome))
+            }
+            Err(err) => {
+                let reason = rejected(err)?;
+                self.summary.skip(table, posplus_id, reason);
+                Ok(None)
+            }
+        }
+    }
+
     fn step(&mut self, message: &'static str) {
         self.rows += 1;
         if self.rows.is_multiple_of(256) {
@@ -672,16 +696,9 @@ impl Importer<'_> {
             body.insert("isActive".into(), json!(flag(&row.active)));
             body.insert("displayOrder".into(), json!(integer(&row.order).unwrap_or(0)));
             self.created_at(&mut body, "categories", row.id, row.created_at.as_deref());
-            match self.store.upsert_record(possync_core::EntityKind::Category, &id, &Value::Object(body)) {
-                Ok(outcome) => {
-                    self.summary.count("categories", outcome);
-                    first_of_path.insert(path, row.id);
-                    self.categories.insert(row.id, id);
-                }
-                Err(err) => {
-                    let reason = rejected(err)?;
-                    self.summary.skip("categories", row.id, reason);
-                }
+            if self.upsert("categories", row.id, possync_core::EntityKind::Category, &id, body)?.is_some() {
+                first_of_path.insert(path, row.id);
+                self.categories.insert(row.id, id);
             }
         }
         Ok(())
@@ -803,19 +820,10 @@ impl Importer<'_> {
             }
             .unwrap_or_else(|| product_id_for_sku(&sku)),
         };
-        let outcome = match self.store.upsert_record(
-            possync_core::EntityKind::Product,
-            &target,
-            &Value::Object(body),
-        ) {
-            Ok(outcome) => outcome,
-            Err(err) => {
-                let reason = rejected(err)?;
-                self.summary.skip("products", id, reason);
-                return Ok(());
-            }
+        let Some(outcome) = self.upsert("products", id, possync_core::EntityKind::Product, &target, body)?
+        else {
+            return Ok(());
         };
-        self.summary.count("products", outcome);
         self.first_of_sku.insert(sku, (id, target.clone()));
         self.products.insert(id, target.clone());
         if outcome == Upserted::Deleted {
@@ -923,15 +931,8 @@ impl Importer<'_> {
         body.insert("phone".into(), json!(field(6)));
         body.insert("notes".into(), json!((!notes.is_empty()).then(|| notes.join("\n"))));
         self.created_at(&mut body, "customers", id, field(12).as_deref());
-        match self.store.upsert_record(possync_core::EntityKind::Customer, &target, &Value::Object(body)) {
-            Ok(outcome) => {
-                self.summary.count("customers", outcome);
-                self.customers.insert(id, target);
-            }
-            Err(err) => {
-                let reason = rejected(err)?;
-                self.summary.skip("customers", id, reason);
-            }
+        if self.upsert("customers", id, possync_core::EntityKind::Customer, &target, body)?.is_some() {
+            self.customers.insert(id, target);
         }
         Ok(())
     }
@@ -972,15 +973,8 @@ impl Importer<'_> {
             body.insert("lastLogin".into(), json!(field(8).and_then(|raw| rfc3339(&raw))));
             self.created_at(&mut body, "users", id, field(9).as_deref());
             let target = derived_id(&format!("user:username:{}", username.trim()));
-            match self.store.upsert_record(possync_core::EntityKind::User, &target, &Value::Object(body)) {
-                Ok(outcome) => {
-                    self.summary.count("users", outcome);
-                    self.users.insert(id, target);
-                }
-                Err(err) => {
-                    let reason = rejected(err)?;
-                    self.summary.skip("users", id, reason);
-                }
+            if self.upsert("users", id, possync_core::EntityKind::User, &target, body)?.is_some() {
+                self.users.insert(id, target);
             }
         }
         Ok(())
