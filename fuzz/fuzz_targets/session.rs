@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use possync_core::entity::{EntityKind, FieldMap};
-use possync_core::protocol::{ApplyReport, Event, Role, Session, SessionConfig, StampedChange};
+use possync_core::protocol::{BatchApplied, Event, Role, Session, SessionConfig, StampedChange};
 use possync_core::{Change, ChangeBody, EntityId, Hlc, PosId, Seq, VersionVector, WireChange};
 
 const T0: u64 = 1_763_892_300_000;
@@ -148,7 +148,7 @@ impl Node {
                         }
                     }
                     let report =
-                        ApplyReport { gap, local_summary: self.vv.clone(), ..ApplyReport::default() };
+                        BatchApplied { gap, local_summary: self.vv.clone(), ..BatchApplied::default() };
                     self.session.batch_applied(now, report);
                 }
                 Event::Closed { .. } => {

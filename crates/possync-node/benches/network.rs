@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use possync_core::protocol::{
-    ApplyReport, Body, Event, Message, Role, Session, SessionConfig, StampedChange, SyncBatch,
+    BatchApplied, Body, Event, Message, Role, Session, SessionConfig, StampedChange, SyncBatch,
 };
 use possync_core::{EntityId, EntityKind, PosId, VersionVector, WireChange};
 use possync_node::config::NodeConfig;
@@ -1047,7 +1047,7 @@ async fn raw_peer(
             progressed = true;
             match event {
                 Event::NeedBatch { .. } => session.provide_batch(Vec::new(), 0, false),
-                Event::Apply { .. } => session.batch_applied(now_ms(), ApplyReport::default()),
+                Event::Apply { .. } => session.batch_applied(now_ms(), BatchApplied::default()),
                 Event::CatchUpCompleted { .. } => caught_up = true,
                 Event::Closed { reason } => panic!("raw peer closed: {reason}"),
                 _ => {}

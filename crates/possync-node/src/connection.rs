@@ -495,7 +495,7 @@ async fn send_frame(
 
 /// An apply on its way through the writer.
 type ApplyInFlight =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Option<protocol::ApplyReport>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<protocol::BatchApplied>> + Send>>;
 
 /// Starts applying changes from `peer` (see [`apply`]).
 fn start_apply(
@@ -515,7 +515,7 @@ async fn apply(
     peer_name: &str,
     changes: Vec<StampedChange>,
     from_batch: bool,
-) -> Option<protocol::ApplyReport> {
+) -> Option<protocol::BatchApplied> {
     let id = peer_id.to_string();
     let name = peer_name.to_string();
     let live_ages: Vec<u64> = if from_batch {
@@ -546,7 +546,7 @@ async fn apply(
         Err(err) => {
             // A database failure, not bad input: nothing was applied; ask again later.
             warn!(%err, "applying a batch failed");
-            return Some(protocol::ApplyReport { gap: true, local_summary: summary, ..Default::default() });
+            return Some(protocol::BatchApplied { gap: true, local_summary: summary, ..Default::default() });
         }
     };
     if report.forks > 0 {
@@ -610,7 +610,7 @@ async fn apply(
             })
             .inc();
     }
-    Some(report.into_session_report(summary))
+    Some(report.into_batch_applied(summary))
 }
 
 /// The origin clock time of a wire change, in ms.

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use possync_core::protocol::{
-    ApplyReport, CatchUpWatch, ConnectionStats, Event, PeerInfo, Role, Session, SessionConfig, StampedChange,
+    BatchApplied, CatchUpWatch, ConnectionStats, Event, PeerInfo, Role, Session, SessionConfig, StampedChange,
 };
 use possync_core::{PosId, Seq, VersionVector, WireChange};
 use possync_store::{ConnectionEvent, ConnectionEventKind, Settings};
@@ -607,7 +607,7 @@ impl Link {
 
     /// The writer applied the changes of the last [`Effect::Apply`] (`None`: the node is
     /// stopping). The next run waiting, if any, goes next.
-    pub fn applied(&mut self, now_ms: u64, report: Option<ApplyReport>) {
+    pub fn applied(&mut self, now_ms: u64, report: Option<BatchApplied>) {
         self.now = now_ms;
         let answers = self.in_flight.take().unwrap_or(0);
         let Some(report) = report else {
@@ -616,7 +616,7 @@ impl Link {
         };
         // The session expects one answer per `Apply`, in order; the refusals are reported once.
         for _ in 1..answers {
-            let quiet = ApplyReport { rejections: Vec::new(), ..report.clone() };
+            let quiet = BatchApplied { rejections: Vec::new(), ..report.clone() };
             self.session.batch_applied(now_ms, quiet);
         }
         if answers > 0 {

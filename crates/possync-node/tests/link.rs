@@ -168,7 +168,7 @@ impl End {
             .apply_stamped(PeerRef { id: peer.id.as_str(), name: &peer.name }, changes, None)
             .expect("apply");
         let summary = self.store.summary().clone();
-        self.link.applied(now, Some(report.into_session_report(summary)));
+        self.link.applied(now, Some(report.into_batch_applied(summary)));
         // What the apply wrote goes to every connection, as the writer broadcasts it (the
         // session drops what the peer holds already).
         self.broadcast();

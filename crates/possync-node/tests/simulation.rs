@@ -15,7 +15,7 @@
 //! - `sessions_simulation_converges`: the whole sync path. Each connection is a pair of real
 //!   protocol `Session`s (handshake with heads, catch-up, live pushes and relay, heartbeats)
 //!   driven the way a node's connection task drives them (`drive_session`: select a batch,
-//!   apply what arrives, answer with `ApplyReport::into_session_report`), over ordered
+//!   apply what arrives, answer with `ApplyReport::into_batch_applied`), over ordered
 //!   connections that delay, stall one way or both (the sessions find out by their heartbeat
 //!   deadlines), drop and are dialled again; plus crashes, clock skew and jumps, and settings
 //!   changed on live connections (heartbeat period, P2P off and on). A heartbeat timeout on a
@@ -1009,7 +1009,7 @@ impl Simulation {
         let summary = self.store(r).summary().clone();
         let now = self.now();
         if let Some(conn) = self.replicas[r].sessions.get_mut(&(n, id)) {
-            conn.link.applied(now, Some(report.into_session_report(summary)));
+            conn.link.applied(now, Some(report.into_batch_applied(summary)));
         }
         Ok(())
     }

@@ -141,8 +141,8 @@ impl ApplyReport {
     /// changes, at `retry_at_ms`) with `local_summary`, and the refusals to report to it.
     /// The summary is only read on a gap or a retry, so callers may pass an empty one
     /// otherwise.
-    pub fn into_session_report(self, local_summary: VersionVector) -> possync_core::protocol::ApplyReport {
-        possync_core::protocol::ApplyReport {
+    pub fn into_batch_applied(self, local_summary: VersionVector) -> possync_core::protocol::BatchApplied {
+        possync_core::protocol::BatchApplied {
             gap: self.gap,
             local_summary,
             rejections: self.rejections,

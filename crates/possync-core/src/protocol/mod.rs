@@ -66,6 +66,6 @@ pub use message::{
 };
 pub use progress::{CatchUpWatch, Stall, changes_behind};
 pub use session::{
-    ApplyReport, ConnectionStats, DEAD_AFTER_EXTRA_MS, Event, MAX_BUFFERED_CHANGES, PeerInfo, Role, Session,
+    BatchApplied, ConnectionStats, DEAD_AFTER_EXTRA_MS, Event, MAX_BUFFERED_CHANGES, PeerInfo, Role, Session,
     SessionConfig,
 };

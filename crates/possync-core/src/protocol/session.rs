@@ -83,9 +83,11 @@ pub struct PeerInfo {
     pub heads: BTreeMap<PosId, String>,
 }
 
-/// What the driver answers to an [`Event::Apply`] once the store has applied it.
+/// What the driver answers to an [`Event::Apply`] once the store has applied it
+/// ([`Session::batch_applied`]): only what the session acts on. The store's own, fuller
+/// account is `possync_store::ApplyReport`, which makes this with `into_batch_applied`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ApplyReport {
+pub struct BatchApplied {
     /// True when the store refused a change because an earlier change from the same origin
     /// is missing; the session then asks the peer for what is missing.
     pub gap: bool,
@@ -325,7 +327,7 @@ struct Incoming {
     /// A `sync_request` was sent and its catch-up has not finished.
     request_outstanding: bool,
     /// When to ask the peer again for changes held back for their clock stamp, and the
-    /// summary to ask with ([`ApplyReport::retry_at_ms`]).
+    /// summary to ask with ([`BatchApplied::retry_at_ms`]).
     retry: Option<(u64, VersionVector)>,
 }
 
@@ -559,7 +561,7 @@ impl Session {
 
     /// The answer to [`Event::Apply`], once per `Apply`, in order. Acknowledges a batch,
     /// reports a finished catch-up, and asks the peer for what is missing after a gap.
-    pub fn batch_applied(&mut self, now_ms: u64, report: ApplyReport) {
+    pub fn batch_applied(&mut self, now_ms: u64, report: BatchApplied) {
         if self.state != State::Established {
             return;
         }
@@ -1334,7 +1336,7 @@ mod tests {
         let rejections = vec!["product/update p1: invalid price: must not be negative".to_string()];
         session.batch_applied(
             T0,
-            ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), rejections, retry_at_ms: None },
+            BatchApplied { gap: false, local_summary: vv(&[("a", 1)]), rejections, retry_at_ms: None },
         );
         let (frames, events) = drain(&mut session);
         let errors: Vec<&Value> = frames.iter().filter(|frame| frame["type"] == "error").collect();
@@ -1607,7 +1609,7 @@ mod tests {
         assert_eq!(session.peer_known(), &vv(&[("a", 1)]));
         session.batch_applied(
             T0,
-            ApplyReport { gap: false, local_summary: vv(&[("a", 1)]), ..ApplyReport::default() },
+            BatchApplied { gap: false, local_summary: vv(&[("a", 1)]), ..BatchApplied::default() },
         );
         assert_eq!(drain(&mut session).0, Vec::<Value>::new());
     }
@@ -1617,7 +1619,7 @@ mod tests {
         let mut session = established();
         // The catch-up asked for on connect ends empty.
         session.handle_frame(T0, &frame("sync_batch", "push", json!({"changes": [], "hasMore": false}), "a"));
-        session.batch_applied(T0, ApplyReport::default());
+        session.batch_applied(T0, BatchApplied::default());
         assert_eq!(catch_ups(&drain(&mut session).1), [0]);
         let ahead = change("a", 1);
         session.handle_frame(T0, &frame("category", "create", data_json(&ahead), "a"));
@@ -1625,10 +1627,10 @@ mod tests {
         let retry_at = T0 + 20_000; // Within the heartbeat window: the peer is not dead yet.
         session.batch_applied(
             T0,
-            ApplyReport {
+            BatchApplied {
                 local_summary: vv(&[("b", 3)]),
                 retry_at_ms: Some(retry_at),
-                ..ApplyReport::default()
+                ..BatchApplied::default()
             },
         );
         assert_eq!(drain(&mut session).0, Vec::<Value>::new(), "no request before the clock catches up");
@@ -1660,7 +1662,7 @@ mod tests {
         session.request_sync(VersionVector::new());
         session.handle_timeout(T0 + 1_000_000);
         session.provide_batch(vec![], 0, false);
-        session.batch_applied(T0, ApplyReport { gap: true, ..ApplyReport::default() });
+        session.batch_applied(T0, BatchApplied { gap: true, ..BatchApplied::default() });
         assert_eq!(drain(&mut session), (vec![], vec![]));
         assert_eq!(session.stats().messages_received, received);
         assert_eq!(session.poll_timeout(), None);

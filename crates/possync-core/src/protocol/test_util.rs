@@ -18,7 +18,7 @@ use crate::ids::{EntityId, PosId, Seq};
 use crate::vv::VersionVector;
 
 use super::message::{StampedChange, peek_type_action};
-use super::session::{ApplyReport, Event, Role, Session, SessionConfig};
+use super::session::{BatchApplied, Event, Role, Session, SessionConfig};
 
 /// Start of virtual time (2025-11-23T10:05:00Z), so timestamps look real.
 pub(crate) const T0: u64 = 1_763_892_300_000;
@@ -353,7 +353,7 @@ impl Net {
                     }
                     Event::Apply { changes, .. } => {
                         let (applied, gap) = self.nodes[node].store.apply(changes);
-                        let report = ApplyReport {
+                        let report = BatchApplied {
                             gap,
                             local_summary: self.nodes[node].store.vv.clone(),
                             rejections: Vec::new(),
