@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::entities::path_id;
 use super::error::{ApiError, ApiJson, ApiQuery, PathParam};
-use super::openapi::{Method, Route, amount_input, array_of, schema_ref};
+use super::openapi::{Method, Route, amount_input, array_of, record_schemas, schema_ref};
 use super::sales::DayParams;
 use super::{ApiState, check_amount, check_paging, read, write};
 
@@ -94,7 +94,7 @@ pub(super) fn routes() -> Vec<Route> {
 
 /// The `CashSession`, `ZReport`, `CashSessionOpen`, `CashSessionClose` and
 /// `CashSessionClosed` schemas.
-pub(super) fn schemas(record_schemas: impl Fn(EntityKind) -> (Value, Value, Value)) -> Vec<(String, Value)> {
+pub(super) fn schemas() -> Vec<(String, Value)> {
     let (mut session, ..) = record_schemas(EntityKind::CashSession);
     let (report, ..) = record_schemas(EntityKind::ZReport);
     if let Some(properties) = session["properties"].as_object_mut() {

@@ -99,7 +99,7 @@ pub fn router_with(node: Arc<NodeShared>, auth: AuthPolicy, guard: BrowserGuard)
         node,
         auth,
         guard,
-        openapi: openapi::document(&table),
+        openapi: openapi::document(&table, schemas()),
         hub: events::Hub::default(),
         logins: users::LoginGuard::default(),
     });
@@ -137,7 +137,16 @@ pub fn route_list() -> Vec<(Method, &'static str)> {
 
 /// The OpenAPI document of the route table (what `GET /api/openapi.json` answers).
 pub fn routes_document() -> Value {
-    openapi::document(&routes())
+    openapi::document(&routes(), schemas())
+}
+
+/// Every schema the route table refers to: the shared ones and each module's own.
+fn schemas() -> serde_json::Map<String, Value> {
+    let mut schemas = openapi::shared_schemas();
+    schemas.extend(users::schemas());
+    schemas.extend(cash::schemas());
+    schemas.extend(terminals::schemas());
+    schemas
 }
 
 async fn no_route(uri: Uri) -> ApiError {

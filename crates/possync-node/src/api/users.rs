@@ -30,7 +30,7 @@ use serde_json::{Map, Value, json};
 
 use super::entities::{ListParams, path_id};
 use super::error::{ApiError, ApiJson, ApiQuery, PathParam};
-use super::openapi::{Method, Route, array_of, schema_ref};
+use super::openapi::{Method, Route, array_of, record_schemas, schema_ref};
 use super::{ApiState, check_paging, read, write_change};
 
 /// Failed logins of one username allowed within [`FAILURE_WINDOW`].
@@ -85,7 +85,7 @@ pub(super) fn routes() -> Vec<Route> {
 }
 
 /// The `User`, `UserCreate`, `UserPatch` and `UserVerify` schemas.
-pub(super) fn schemas(record_schemas: impl Fn(EntityKind) -> (Value, Value, Value)) -> Vec<(String, Value)> {
+pub(super) fn schemas() -> Vec<(String, Value)> {
     let (mut answer, mut create, mut patch) = record_schemas(EntityKind::User);
     let secret = |what: &str| json!({"type": "string", "maxLength": MAX_SECRET_CHARS, "description": what});
     if let Some(properties) = answer["properties"].as_object_mut() {
