@@ -553,6 +553,9 @@ struct Importer<'a> {
     rows: u64,
 }
 
+/// One POSPlus row written as a record (what it did), or the reason it is skipped.
+type RowOutcome = Result<Upserted, String>;
+
 /// A row the store refused is skipped; SQLite failing is the end of the import.
 fn rejected(err: StoreError) -> Result<String, PosplusError> {
     match err {
@@ -984,28 +987,47 @@ impl Importer<'_> {
     /// An open one is imported only when this till has no open session of its own: a till
     /// holds one open session at a time.
     fn cash_sessions(&mut self) -> Result<(), PosplusError> {
-        let mut statement = self.source.conn.prepare(
+        self.import_rows(
+            "cash_sessions",
+            "cash sessions",
             "SELECT s.id, s.user_id, s.opening_cash, s.closing_cash, s.expected_cash, s.difference, s.started_at,
                     s.closed_at, s.status, s.notes, (SELECT MIN(z.id) FROM z_reports z WHERE z.session_id = s.id)
              FROM cash_sessions s ORDER BY s.id",
-        )?;
-        let rows = statement
-            .query_map([], |row| (0..11).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>())?
+            11,
+            Self::cash_session,
+        )
+    }
+
+    /// Imports every row of `sql` (its first `columns` columns, the POSPlus id first) with
+    /// `import`, counting each in `table`'s summary or skipping it with its reason.
+    fn import_rows(
+        &mut self,
+        table: &'static str,
+        progress: &'static str,
+        sql: &str,
+        columns: usize,
+        import: fn(&mut Self, i64, &[Sql]) -> Result<RowOutcome, PosplusError>,
+    ) -> Result<(), PosplusError> {
+        let rows = self
+            .source
+            .conn
+            .prepare(sql)?
+            .query_map([], |row| (0..columns).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>())?
             .collect::<Result<Vec<_>, _>>()?;
         for values in rows {
-            self.step("cash sessions");
+            self.step(progress);
             let id = integer(&values[0]).unwrap_or_default();
-            self.summary.table("cash_sessions").read += 1;
-            match self.cash_session(id, &values)? {
-                Ok(outcome) => self.summary.count("cash_sessions", outcome),
-                Err(reason) => self.summary.skip("cash_sessions", id, reason),
+            self.summary.table(table).read += 1;
+            match import(self, id, &values)? {
+                Ok(outcome) => self.summary.count(table, outcome),
+                Err(reason) => self.summary.skip(table, id, reason),
             }
         }
         Ok(())
     }
 
     /// One cash session: `Ok(Ok(outcome))`, or `Ok(Err(reason))` when it is skipped.
-    fn cash_session(&mut self, id: i64, values: &[Sql]) -> Result<Result<Upserted, String>, PosplusError> {
+    fn cash_session(&mut self, id: i64, values: &[Sql]) -> Result<RowOutcome, PosplusError> {
         let status = match text(values[8].clone()).as_deref() {
             Some("open") => "open",
             Some("closed") => "closed",
@@ -1067,29 +1089,20 @@ impl Importer<'_> {
     /// refund total: it is imported as 0). A report is never edited: importing a changed
     /// copy of one skips it with the reason.
     fn z_reports(&mut self) -> Result<(), PosplusError> {
-        let mut statement = self.source.conn.prepare(
+        self.import_rows(
+            "z_reports",
+            "z reports",
             "SELECT z.id, z.session_id, z.user_id, z.total_sales, z.total_discount, z.total_cash, z.total_card,
                     z.total_transfer, z.total_check, z.total_other, z.ticket_count, z.report_date, z.created_at,
                     s.opening_cash, s.closing_cash, s.expected_cash, s.difference
              FROM z_reports z LEFT JOIN cash_sessions s ON s.id = z.session_id ORDER BY z.id",
-        )?;
-        let rows = statement
-            .query_map([], |row| (0..17).map(|i| row.get(i)).collect::<Result<Vec<Sql>, _>>())?
-            .collect::<Result<Vec<_>, _>>()?;
-        for values in rows {
-            self.step("z reports");
-            let id = integer(&values[0]).unwrap_or_default();
-            self.summary.table("z_reports").read += 1;
-            match self.z_report(id, &values)? {
-                Ok(outcome) => self.summary.count("z_reports", outcome),
-                Err(reason) => self.summary.skip("z_reports", id, reason),
-            }
-        }
-        Ok(())
+            17,
+            Self::z_report,
+        )
     }
 
     /// One Z report: `Ok(Ok(outcome))`, or `Ok(Err(reason))` when it is skipped.
-    fn z_report(&mut self, id: i64, values: &[Sql]) -> Result<Result<Upserted, String>, PosplusError> {
+    fn z_report(&mut self, id: i64, values: &[Sql]) -> Result<RowOutcome, PosplusError> {
         let session = integer(&values[1]);
         let Some(session_id) = session.and_then(|session| self.sessions.get(&session)).cloned() else {
             let session = session.map_or_else(|| "null".into(), |session| session.to_string());
