@@ -298,7 +298,7 @@ impl Store {
             let ChangeBody::Sale(sale) = &change.body else {
                 return Err(StoreError::InvalidState("a sale change without its sale".into()));
             };
-            let mut state = sale_state(sale, local_version(&change), change.ctx.clone());
+            let state = sale_state(sale, local_version(&change), change.ctx.clone());
             store.insert_sale(sale, &state)?;
             let action = match status {
                 TicketStatus::Completed => return Ok(true),
@@ -307,18 +307,7 @@ impl Store {
             };
             let mut fields = FieldMap::new();
             fields.insert("status", json!(status.as_str()));
-            let body = ChangeBody::TicketStatus { action, fields: fields.clone(), returns: Vec::new() };
-            let newest = state.newest().cloned();
-            let change = store.emit_local(EntityKind::Ticket, &id, body, &state.ctx, newest.as_ref())?;
-            let version = local_version(&change);
-            for (name, value) in fields {
-                state.values.insert(name, value);
-                state.versions.insert(name, version.clone());
-            }
-            // As the merge records it on every other till: every write sets the existence.
-            state.existence = Some(version);
-            state.ctx = change.ctx;
-            records::save(&store.conn, &mut store.origins, EntityKind::Ticket, &id, &state)?;
+            store.emit_ticket_status(&id, state, action, fields, Vec::new())?;
             Ok(true)
         })
     }
