@@ -716,14 +716,7 @@ fn a_manual_decision_on_one_till_closes_the_conflict_on_every_till() {
     // decider's name; deciding it again on B is refused.
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_700_000_000_000);
-    let mut a = terminal(&dir, "a", &clock, 0);
-    let mut b = terminal(&dir, "b", &clock, 0);
-    for t in [&mut a, &mut b] {
-        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
-    }
-    a.store
-        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
-        .unwrap();
+    let (mut a, mut b) = two_manual_tills_with_tea(&dir, &clock);
     sync(&mut a, &mut b, 100);
     clock.advance(1000);
     a.store.update_record(EntityKind::Product, &id("tea"), &json!({"price": 5})).unwrap();
@@ -1095,6 +1088,22 @@ fn a_deferred_fsync_is_owed_after_a_durable_write_and_catch_up_stops_at_the_posi
 
 // --- found by the whole-node simulation with `manual` periods (session 11) -------------------
 
+/// Two tills, both on `manual`, and a product "tea" created on A (not synced yet).
+fn two_manual_tills_with_tea(
+    dir: &tempfile::TempDir,
+    clock: &ManualClock,
+) -> (common::Terminal, common::Terminal) {
+    let mut a = terminal(dir, "a", clock, 0);
+    let mut b = terminal(dir, "b", clock, 0);
+    for t in [&mut a, &mut b] {
+        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
+    }
+    a.store
+        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
+        .unwrap();
+    (a, b)
+}
+
 /// Two tills, B on `manual`; a product whose price both edit while apart (B keeps its own,
 /// open conflict; A takes the newer). Returns (a, b, the conflict id on B).
 fn a_price_conflict_open_on_b(
@@ -1168,14 +1177,7 @@ fn deciding_a_ticket_status_conflict_travels_as_a_status_change_every_till_accep
     // every other till refused ("unsupported change ticket/update").
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_700_000_000_000);
-    let mut a = terminal(&dir, "a", &clock, 0);
-    let mut b = terminal(&dir, "b", &clock, 0);
-    for t in [&mut a, &mut b] {
-        t.store.set_setting("p2p_conflict_resolution", "manual").unwrap();
-    }
-    a.store
-        .create_record(EntityKind::Product, &json!({"id": "tea", "sku": "T1", "name": "Tea", "price": 1}))
-        .unwrap();
+    let (mut a, mut b) = two_manual_tills_with_tea(&dir, &clock);
     let ticket = a.store.record_sale(&sale("tea", "2", "2")).unwrap()["id"].as_str().unwrap().to_string();
     sync(&mut a, &mut b, 100);
     clock.advance(10);
