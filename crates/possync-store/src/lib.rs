@@ -2,7 +2,7 @@
 //!
 //! The terminal's SQLite database, and the only crate that knows SQL. It owns:
 //!
-//! - the entity tables (SPEC section 1) and their sync metadata ([`meta`]);
+//! - the entity tables (SPEC section 1) and their sync metadata (`meta`);
 //! - local writes as a library API: records, sales, refunds, stock ([`local`], [`sales`]);
 //! - the merge of remote change batches, one transaction per batch, with the audit rows
 //!   ([`apply`]);

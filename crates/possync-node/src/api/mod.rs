@@ -3,7 +3,7 @@
 //!
 //! - [`routes`] is the one route table: the router and the OpenAPI document
 //!   (`GET /api/openapi.json`) are both built from it, so they list the same routes.
-//! - Every write goes through the single writer's local queue ([`write_change`]), which also
+//! - Every write goes through the single writer's local queue (`write_change`), which also
 //!   publishes the change to the peers; reads use the reader pool.
 //! - Every error, axum's own rejections included, is `{"error": {"code", "message"}}`
 //!   ([`error`]). Access: open on loopback, a bearer token elsewhere ([`auth`]); web pages

@@ -1,10 +1,10 @@
 //! The chain of stores over NATS JetStream: the tokio driver of `possync-chain`'s rules.
 //!
-//! A node with `[uplink]` (a store's till) runs [`uplink`]: it publishes its store's origins'
+//! A node with `[uplink]` (a store's till) runs `uplink`: it publishes its store's origins'
 //! changes on the UP stream and applies the head office's changes from the DOWN stream. A
-//! node with `[hq]` runs [`hq`]: it creates the streams, ingests every store's changes from
+//! node with `[hq]` runs `hq`: it creates the streams, ingests every store's changes from
 //! the UP stream with a durable consumer, and publishes its own origin's changes on the DOWN
-//! stream. Both publish with the same loop ([`publisher`]), which follows the sans-IO
+//! stream. Both publish with the same loop (`publisher`), which follows the sans-IO
 //! [`possync_chain::Planner`].
 //!
 //! Nothing here decides a merge or keeps a second log: changes go through the node's single
