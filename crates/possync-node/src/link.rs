@@ -369,12 +369,10 @@ impl Link {
             TransportError::NotUtf8(_) => {
                 // The channel goes on; the frame is refused like malformed JSON.
                 self.refused_frame(format!("bad_json: {err}"));
+                return;
             }
-            TransportError::FrameTooLarge { .. } => {
-                // The secure channel refused it and is closed: record why (SPEC 8).
-                self.refused_frame(format!("frame_too_large: {err}"));
-                self.session.close(&format!("transport: {err}"));
-            }
+            // The secure channel refused it and is closed: record why (SPEC 8).
+            TransportError::FrameTooLarge { .. } => self.refused_frame(format!("frame_too_large: {err}")),
             TransportError::Decrypt | TransportError::WebSocket(_) => {
                 // The stream was changed on its way (tampered, bytes duplicated, reordered or
                 // lost by something between the tills) or the peer is broken: nothing more is
@@ -387,10 +385,10 @@ impl Link {
                     ));
                     self.effects.push_back(Effect::Record(row));
                 }
-                self.session.close(&format!("transport: {err}"));
             }
-            _ => self.session.close(&format!("transport: {err}")),
+            _ => {}
         }
+        self.session.close(&format!("transport: {err}"));
     }
 
     /// The peer closed the channel.

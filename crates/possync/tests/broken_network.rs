@@ -322,28 +322,23 @@ impl Lab {
         )
     }
 
+    /// `sql` (a `COUNT(*) AS n`) summed over every till.
+    fn count_rows_everywhere(&self, sql: &str) -> u64 {
+        (0..self.count()).map(|till| self.count_rows(till, sql)).sum()
+    }
+
     fn count_events_everywhere(&self, event: &str) -> u64 {
-        (0..self.count())
-            .map(|till| {
-                self.count_rows(
-                    till,
-                    &format!("SELECT COUNT(*) AS n FROM p2p_connection_metrics WHERE event_type = '{event}'"),
-                )
-            })
-            .sum()
+        self.count_rows_everywhere(&format!(
+            "SELECT COUNT(*) AS n FROM p2p_connection_metrics WHERE event_type = '{event}'"
+        ))
     }
 
     /// Links ended because the secure channel refused the peer's stream, on every till.
     fn count_channel_refusals(&self) -> u64 {
-        (0..self.count())
-            .map(|till| {
-                self.count_rows(
-                    till,
-                    "SELECT COUNT(*) AS n FROM p2p_connection_metrics
-                     WHERE event_type = 'sync_failed' AND error_message LIKE 'the secure channel refused%'",
-                )
-            })
-            .sum()
+        self.count_rows_everywhere(
+            "SELECT COUNT(*) AS n FROM p2p_connection_metrics
+             WHERE event_type = 'sync_failed' AND error_message LIKE 'the secure channel refused%'",
+        )
     }
 
     fn mangled(&self) -> u64 {
